@@ -53,6 +53,7 @@ class CacheConfig:
     recent_window: int = 10     # the newest tokens, never evicted where the strategy protects them
     prompt_compression: str = "own"  # a strategy name whose prefill rule cuts long prompts, or "own"
     params: dict = field(default_factory=dict)  # strategy hyperparameters (each class's `defaults`)
+    checkpoint_dir: str = ""    # where strategies with learned parts (spotlight) find their weights
 
 
 @register
