@@ -1,0 +1,296 @@
+"""Generate with a compressed static KV cache: `python generate.py --cache_strategy lsh`.
+
+Runs on the default model (SmolLM2-135M-Instruct) with no arguments. Prefill is eager and chunked
+(model.prefill); the decode step is compiled with fullgraph=True (CUDA graphs on GPU) and never
+syncs with the host except every `STOP_CHECK` steps to see whether every sequence has stopped.
+Every run prints the numbers the README reports from this one code path.
+"""
+import argparse
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import cache as kv
+from model import load_model
+
+DEFAULT_CHECKPOINT = "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
+PREPARE_DEFAULT = "bash scripts/prepare_default.sh"
+DEFAULT_PROMPT = "Explain in a few sentences why a language model's KV cache grows with the length of the text."
+STOP_CHECK = 32  # decode steps between host syncs that test whether every sequence hit a stop token
+
+
+class UserError(Exception):
+    """Bad input: reported as one line and a non-zero exit, never a traceback."""
+
+
+@dataclass
+class Result:
+    tokens: list            # generated token ids per sequence, cut at the first stop token
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    cache_bytes: int
+    compression_ratio: float
+    compile_s: float = 0.0
+
+
+def load(checkpoint_dir, device, dtype):
+    """Model and tokenizer from a converted checkpoint, with a one-line error for every failure."""
+    from tokenizer import load_tokenizer
+    path = Path(checkpoint_dir)
+    if not (path / "model.safetensors").exists() or not (path / "config.json").exists():
+        hint = PREPARE_DEFAULT if path == Path(DEFAULT_CHECKPOINT) else "bash scripts/prepare.sh <hf_repo_id>"
+        raise UserError(f"no checkpoint at {path}; prepare it with: {hint}")
+    try:
+        model = load_model(path, device=device, dtype=dtype)
+        tokenizer = load_tokenizer(path)
+    except Exception as e:  # safetensors, JSON and tokenizer errors all mean the same thing here
+        raise UserError(f"checkpoint at {path} is unreadable or corrupt ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); re-run {PREPARE_DEFAULT} "
+                        f"or scripts/prepare.sh") from None
+    return model, tokenizer
+
+
+def pad_batch(prompts: list[list[int]], device):
+    """Left-pad token lists into tokens [B, T] and positions [B, T] (-1 marks padding)."""
+    T = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), T, dtype=torch.long)
+    pos = torch.full((len(prompts), T), -1, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, T - len(p):] = torch.tensor(p)
+        pos[i, T - len(p):] = torch.arange(len(p))
+    return tokens.to(device), pos.to(device)
+
+
+def sample(logits, temperature: float = 0.0, top_k: int | None = None):
+    """logits [B, vocab] -> [B, 1]. Greedy at temperature 0; no host sync either way."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    probs = logits.softmax(dim=-1)
+    # Gumbel-style sampling via exponential noise: multinomial without a device-to-host copy
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1, keepdim=True)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def compile_decode(model, device):
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+    return torch.compile(model.forward, fullgraph=True, mode=mode)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, temperature=0.0, top_k=None,
+             stop_ids=(), decode_step=None, device="cpu", on_caches=None) -> Result:
+    """Prefill a batch of prompts (token lists of any lengths), then decode max_new_tokens steps."""
+    B = len(prompts)
+    max_len = max(len(p) for p in prompts) + max_new_tokens
+    if max_len > model.args.block_size:
+        raise UserError(f"prompt of {max_len - max_new_tokens} tokens + {max_new_tokens} new tokens exceeds "
+                        f"the model's maximum context of {model.args.block_size}")
+    dtype = model.tok_embeddings.weight.dtype
+    try:
+        caches = kv.make_caches(model.args, cache_cfg, B, max_len, max_new_tokens, device, dtype)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    model.setup_caches(caches)
+    if on_caches:
+        on_caches(caches)
+    step = decode_step or model.forward
+    tokens, pos = pad_batch(prompts, device)
+
+    sync(device)
+    t0 = time.perf_counter()
+    logits = model.prefill(tokens, pos)
+    next_tok = sample(logits, temperature, top_k)
+    sync(device)
+    prefill_s = time.perf_counter() - t0
+
+    input_pos = pos[:, -1] + 1
+    stops = torch.tensor(list(stop_ids) or [-1], device=device)
+    done = torch.isin(next_tok[:, 0], stops)
+    out = [next_tok]
+    compile_s, t0, steps = 0.0, time.perf_counter(), 0
+    for i in range(max_new_tokens - 1):
+        logits = step(next_tok, input_pos)
+        next_tok = sample(logits[:, -1].clone(), temperature, top_k)
+        input_pos = input_pos + 1
+        done = done | torch.isin(next_tok[:, 0], stops)
+        out.append(next_tok)
+        steps += 1
+        if i == 0:  # the first call compiles (or captures a CUDA graph): time it apart from decoding
+            sync(device)
+            compile_s, t0, steps = time.perf_counter() - t0, time.perf_counter(), 0
+        if (i + 1) % STOP_CHECK == 0 and bool(done.all()):
+            break
+    sync(device)
+    decode_s = time.perf_counter() - t0
+    generated = torch.cat(out, dim=1).tolist()
+    seen = torch.tensor([len(p) for p in prompts], device=device) + len(out) - 1
+    return Result([cut_at_stop(g, stop_ids) for g in generated], prefill_s, decode_s, steps,
+                  kv.cache_bytes(caches), kv.compression_ratio(caches, seen), compile_s)
+
+
+def cut_at_stop(tokens, stop_ids):
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i]
+    return tokens
+
+
+def strategy_flags(parser):
+    """Every hyperparameter of every registered strategy becomes a --flag (its class default)."""
+    seen = {}
+    for cls in kv.REGISTRY.values():
+        for key, default in cls.defaults.items():
+            if key in seen:
+                continue
+            seen[key] = default
+            if isinstance(default, bool):
+                parser.add_argument(f"--{key}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
+                                    help=f"{cls.name} (default {default})")
+            elif isinstance(default, (list, tuple)):
+                parser.add_argument(f"--{key}", nargs="*", type=type(default[0]) if default else int, default=None,
+                                    help=f"{cls.name} (default {default})")
+            else:
+                parser.add_argument(f"--{key}", type=type(default), default=None,
+                                    help=f"{cls.name} (default {default})")
+    return list(seen)
+
+
+def add_cache_args(parser):
+    """The cache flags shared by generate.py and eval.py."""
+    g = parser.add_argument_group("cache")
+    g.add_argument("--cache_strategy", default="full", help=f"one of: {', '.join(sorted(kv.REGISTRY))}")
+    g.add_argument("--max_cache_length", nargs="+", default=["1.0"],
+                   help="fraction (<= 1) of prompt + max_new_tokens, or tokens; one value or one per layer")
+    g.add_argument("--global_tokens", type=int, default=4, help="attention sinks kept")
+    g.add_argument("--recent_window", type=int, default=10, help="most recent tokens kept")
+    g.add_argument("--prompt_compression", default="own",
+                   help="strategy whose rule cuts prompts longer than the budget ('own' = the strategy's)")
+    g.add_argument("--cache_config", help="YAML file (see cache_configs/); the command line overrides it")
+    return strategy_flags(g)
+
+
+def parse_with_config(parser, argv=None):
+    """Parse argv; values from --cache_config fill in only what the command line did not set."""
+    args = parser.parse_args(argv)
+    if args.cache_config:
+        import yaml
+        path = Path(args.cache_config)
+        if not path.exists():
+            path = Path("cache_configs") / f"{args.cache_config}.yaml"
+        if not path.exists():
+            parser.error(f"no cache config {args.cache_config} (looked in cache_configs/)")
+        conf = yaml.safe_load(path.read_text()) or {}
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(conf) - known)
+        if unknown:
+            parser.error(f"{path}: unknown keys {', '.join(unknown)}")
+        if "max_cache_length" in conf and not isinstance(conf["max_cache_length"], list):
+            conf["max_cache_length"] = [conf["max_cache_length"]]
+        parser.set_defaults(**conf)
+        args = parser.parse_args(argv)  # the command line wins over the YAML
+    return args
+
+
+def cache_config_from_args(args, param_keys, checkpoint_dir="") -> kv.CacheConfig:
+    if args.cache_strategy not in kv.REGISTRY:
+        raise UserError(f"unknown cache strategy {args.cache_strategy!r}; known: {', '.join(sorted(kv.REGISTRY))}")
+    params = {k: getattr(args, k) for k in param_keys if getattr(args, k, None) is not None}
+    return kv.CacheConfig(strategy=args.cache_strategy, max_cache_length=[str(v) for v in args.max_cache_length],
+                          global_tokens=args.global_tokens, recent_window=args.recent_window,
+                          prompt_compression=args.prompt_compression, params=params,
+                          checkpoint_dir=str(checkpoint_dir))
+
+
+def read_prompts(values):
+    prompts = []
+    for p in values or [DEFAULT_PROMPT]:
+        if p.endswith(".txt"):
+            if not Path(p).exists():
+                raise UserError(f"prompt file {p} does not exist")
+            p = Path(p).read_text()
+        prompts.append(p)
+    return prompts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt", action="append", help="text or a .txt path; repeat for a batch")
+    parser.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--num_samples", type=int, default=1, help="generations per prompt batch")
+    parser.add_argument("--batch_size", type=int, default=None, help="sequences per batch (prompts are cycled)")
+    parser.add_argument("--no_chat", action="store_true", help="do not apply the chat template")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (fullgraph)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    param_keys = add_cache_args(parser)
+    args = parse_with_config(parser, argv)
+
+    torch.manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if "cuda" in args.device else "float32"), None)
+    if not isinstance(dtype, torch.dtype):
+        raise UserError(f"unknown --dtype {args.dtype}")
+    if args.max_new_tokens < 1:
+        raise UserError("--max_new_tokens must be at least 1")
+    cfg = cache_config_from_args(args, param_keys, args.checkpoint_path)
+    model, tokenizer = load(args.checkpoint_path, args.device, dtype)
+    texts = read_prompts(args.prompt)
+    batch = args.batch_size or len(texts)
+    texts = [texts[i % len(texts)] for i in range(batch)]
+    prompts = [tokenizer.encode_prompt(t, chat=not args.no_chat) for t in texts]
+    step = compile_decode(model, args.device) if args.compile else None
+    for n in range(args.num_samples):
+        res = generate(model, prompts, args.max_new_tokens, cfg, temperature=args.temperature, top_k=args.top_k,
+                       stop_ids=tokenizer.stop_ids, decode_step=step, device=args.device)
+        for i, toks in enumerate(res.tokens):
+            print(f"--- sample {n} sequence {i} ({len(prompts[i])} prompt tokens) ---")
+            print(tokenizer.decode(toks))
+        report(res, model, prompts, args)
+
+
+def report(res: Result, model, prompts, args):
+    B = len(prompts)
+    tok_s = res.decode_steps / res.decode_s if res.decode_s > 0 else float("nan")
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "tok_embeddings" not in n)
+    if model.args.tie_embeddings:  # the tied output projection is streamed every step even so
+        weights += model.output.weight.numel() * model.output.weight.element_size()
+    print(f"prefill: {res.prefill_s * 1000:.1f} ms for {sum(map(len, prompts))} tokens | "
+          f"compile/first step: {res.compile_s:.1f} s")
+    print(f"decode: {tok_s:.1f} tok/s per sequence, {tok_s * B:.1f} tok/s total (batch {B}, {res.decode_steps} steps)")
+    print(f"cache: {res.cache_bytes / 2**20:.2f} MiB allocated ({args.cache_strategy}), "
+          f"compression ratio {res.compression_ratio:.3f} (1 - slots used / tokens seen)")
+    if "cuda" in args.device:
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; weights streamed per step: "
+              f"{weights / 1e9:.3f} GB")
+    else:
+        print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; "
+              f"weights streamed per step: {weights / 1e9:.3f} GB")
+
+
+def cli(fn, argv=None):
+    """Run fn, turning bad input into one line on stderr and exit status 2."""
+    try:
+        fn(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli(main)
