@@ -112,15 +112,20 @@ class KVCache(nn.Module):
         room = self.n_slots - (self.max_new_tokens if self.prefill_only else 0)
         tok_pos = pos[:, None, :].expand(B, H, T)
         if T <= room and bool((self.limit >= T).all()):
-            keep = torch.arange(T, device=k.device).expand(B, H, T)
+            # everything fits: slot = position (padding dropped), so a cache that never evicts keeps
+            # the invariant and its decode writes go straight to slot input_pos
+            pad = (pos < 0).sum(dim=1)
+            keep = (torch.arange(T, device=k.device) + pad[:, None]).clamp(max=T - 1)[:, None, :].expand(B, H, T)
+            beyond = (torch.arange(T, device=k.device) >= T - pad[:, None])[:, None, :]  # slots past the prompt
         else:
             scorer = self if self.cfg.prompt_compression == "own" else self.prompt_scorer()
             scores = scorer.prefill_scores(q, k, v, pos).float()
             now = pos.max(dim=1).values
             scores = scores.masked_fill(self.protected(tok_pos, now), math.inf).masked_fill(tok_pos < 0, -math.inf)
             keep = scores.topk(min(room, T), dim=-1).indices.sort(dim=-1).values
+            beyond = torch.zeros_like(keep, dtype=torch.bool)
         n = keep.shape[-1]
-        kept_pos = tok_pos.gather(-1, keep)
+        kept_pos = tok_pos.gather(-1, keep).masked_fill(beyond, -1)
         rank_ok = torch.arange(n, device=k.device) < self.limit[:, None]  # per-head budgets
         self.pos.fill_(-1)
         self.pos[:, :, :n] = kept_pos.masked_fill(~rank_ok, -1)
@@ -173,17 +178,13 @@ class KVCache(nn.Module):
         else:
             if self.evicts:
                 slot = self.choose_slot(self.decode_scores(qg, k_new, input_pos), input_pos)
-            else:  # no eviction: the first empty slot (a full cache never fills; lengths are validated)
-                slot = self.choose_slot(self.first_empty_scores(), input_pos)
+            else:  # no eviction: slot = position (prefill set it up so; lengths are validated)
+                slot = input_pos[:, None].expand(B, H // self.n_group)
             self.write(slot, k_new, v_new, input_pos)
             mask = self.attend_mask(qg, input_pos)
             out = F.scaled_dot_product_attention(qg, self.k, self.v, attn_mask=mask[:, :, None, :])
         self.on_write(slot, qg, k_new, v_new, input_pos)
         return out.view(B, H, 1, D)
-
-    def first_empty_scores(self):
-        filled = (self.pos >= 0).float()
-        return torch.cat([filled, torch.full_like(filled[..., :1], math.inf)], dim=-1)
 
 
 def attend_with_new(qg, k, v, filled, k_new, v_new):
