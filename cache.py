@@ -181,10 +181,35 @@ class KVCache(nn.Module):
             else:  # no eviction: slot = position (prefill set it up so; lengths are validated)
                 slot = input_pos[:, None].expand(B, H // self.n_group)
             self.write(slot, k_new, v_new, input_pos)
-            mask = self.attend_mask(qg, input_pos)
-            out = F.scaled_dot_product_attention(qg, self.k, self.v, attn_mask=mask[:, :, None, :])
+            out = attend(qg, self.k, self.v, self.attend_mask(qg, input_pos))
         self.on_write(slot, qg, k_new, v_new, input_pos)
         return out.view(B, H, 1, D)
+
+
+def attend(qg, k, v, valid):
+    """Decode attention of qg [B, H_kv, G, D] over the slots where valid [B, H_kv, S] holds.
+    Compiled on CUDA it is FlexAttention with a block mask built from `valid`, so empty or unselected
+    128-slot blocks are never read (PERFORMANCE.md: always pass a block mask; GQA folded into the
+    query axis keeps per-KV-head masks on the fast kernel). Elsewhere, SDPA with a boolean mask."""
+    if not (qg.is_cuda and torch.compiler.is_compiling()):
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, :, None, :])
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    S, blk = valid.shape[-1], FLEX_BLOCK
+    nb = -(-S // blk)
+    blocks = F.pad(valid, (0, nb * blk - S)).view(*valid.shape[:2], nb, blk)
+    full, partial = blocks.all(-1), blocks.any(-1) & ~blocks.all(-1)
+
+    def kv_blocks(sel):  # count and indices (selected blocks first) per (B, H_kv)
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return sel.sum(-1, dtype=torch.int32)[:, :, None], order[:, :, None, :]
+
+    (pn, pi), (fn, fi) = kv_blocks(partial), kv_blocks(full)
+    mask = BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=(blk, blk), seq_lengths=(qg.shape[2], S),
+                                    mask_mod=lambda b, h, q_idx, kv_idx: valid[b, h, kv_idx])
+    return flex_attention(qg, k, v, block_mask=mask)
+
+
+FLEX_BLOCK = 128
 
 
 def attend_with_new(qg, k, v, filled, k_new, v_new):
