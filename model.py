@@ -227,6 +227,7 @@ def load_model(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Transforme
     model.load_state_dict(state, assign=True, strict=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
+    model.rope = torch.empty(0)  # the meta-device table cannot be moved; the real one is set below
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     model.rope = rope_frequencies(args, args.block_size).to(device)  # stays fp32 whatever the dtype
     return model
