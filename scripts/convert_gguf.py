@@ -1,0 +1,128 @@
+"""Convert a llama.cpp GGUF of architecture "llama" (e.g. SmolLM2-135M-Instruct.Q4_1) into our layout.
+
+    python scripts/convert_gguf.py model.gguf checkpoints/<name> [--name NAME]
+
+Every tensor is dequantized to float32, which holds Q4_1/Q8_0 values exactly. No q/k permutation:
+llama.cpp's converter already permuted HF's rotate-half rows into Meta's interleaved pairs, the layout
+model.py wants (tests/test_convert.py checks this against transformers' own GGUF loader). The byte-level
+BPE vocabulary is written as a tiktoken file, by tokenizer.byte_level_bpe_ranks.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # convert_hf, when imported from elsewhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokenizer.py
+import tokenizer as tk  # noqa: E402
+from convert_hf import default_system, save_checkpoint  # noqa: E402
+
+# llama.cpp name within blk.N. -> ours within layers.N. (q/k/v are fused separately)
+LAYER_NAMES = {"attn_norm": "attention_norm", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+               "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2"}
+PRE_TOKENIZERS = {"smollm": tk.SMOLLM_PATTERN, "llama-bpe": tk.LLAMA3_PATTERN}
+CONTROL = 3  # llama.cpp's token type for control tokens (<|im_start|>, <|endoftext|>, ...)
+
+
+def read_gguf(path):
+    """(metadata, tensors as float32 torch tensors [out, in]); any read error becomes one line."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    try:
+        reader = GGUFReader(path)
+        meta = {k: f.contents() for k, f in reader.fields.items()}
+        # numpy shapes are already [out, in]: GGUF lists ne0 (the inner, `in` axis) first.
+        tensors = {t.name: torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+                   for t in reader.tensors}
+    except Exception as e:  # truncated or corrupt files fail in numpy/struct with long tracebacks
+        raise ValueError(f"cannot read GGUF {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    return meta, tensors
+
+
+def _f32(x) -> float:
+    """GGUF stores floats as float32 (1e-5 -> 9.9999997e-06); keep the short decimal it came from."""
+    return float(str(np.float32(x)))
+
+
+def gguf_config(meta: dict, tensors: dict, name: str) -> dict:
+    if meta.get("general.architecture") != "llama":
+        raise ValueError(f"architecture {meta.get('general.architecture')!r} is not 'llama' "
+                         "(other architectures keep HF's rotate-half q/k layout in GGUF)")
+    g = lambda key, default=None: meta.get(f"llama.{key}", default)
+    n_head, dim = g("attention.head_count"), g("embedding_length")
+    head_dim = g("attention.key_length", dim // n_head)
+    if g("rope.dimension_count", head_dim) != head_dim:
+        raise ValueError("partial rotary embeddings are not supported")
+    if g("rope.scaling.type", "none") != "none" or "rope_freqs.weight" in tensors:
+        raise ValueError("rope scaling in GGUF (rope_freqs) is not supported; convert the HF checkpoint instead")
+    return dict(name=name, block_size=g("context_length"), vocab_size=tensors["token_embd.weight"].shape[0],
+                n_layer=g("block_count"), n_head=n_head, n_local_heads=g("attention.head_count_kv", n_head),
+                dim=dim, intermediate_size=g("feed_forward_length"), head_dim=head_dim,
+                rope_base=_f32(g("rope.freq_base", 10000.0)), norm_eps=_f32(g("attention.layer_norm_rms_epsilon")),
+                rope_scaling=None, tie_embeddings="output.weight" not in tensors,
+                qkv_bias="blk.0.attn_q.bias" in tensors)
+
+
+def gguf_weights(t: dict, cfg: dict) -> dict[str, torch.Tensor]:
+    t = dict(t)
+    out = {"tok_embeddings.weight": t.pop("token_embd.weight"), "norm.weight": t.pop("output_norm.weight")}
+    if not cfg["tie_embeddings"]:
+        out["output.weight"] = t.pop("output.weight")
+    for i in range(cfg["n_layer"]):
+        p, q = f"blk.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias") if cfg["qkv_bias"] else ("weight",):
+            out[f"{q}attention.wqkv.{kind}"] = torch.cat([t.pop(f"{p}attn_{x}.{kind}") for x in "qkv"])
+        out |= {f"{q}{ours}.weight": t.pop(f"{p}{theirs}.weight") for theirs, ours in LAYER_NAMES.items()}
+    if t:
+        raise ValueError(f"{len(t)} tensors not understood, e.g. {next(iter(t))}")
+    return out
+
+
+def gguf_tokenizer(meta: dict, out_dir: Path) -> dict:
+    """Write the vocabulary as a tiktoken file and return config.json's "tokenizer" entry."""
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"tokenizer {meta.get('tokenizer.ggml.model')!r} is not byte-level BPE ('gpt2')")
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre not in PRE_TOKENIZERS:
+        raise ValueError(f"pre-tokenizer {pre!r} is not supported (known: {sorted(PRE_TOKENIZERS)})")
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    special = {tok: i for i, (tok, ty) in enumerate(zip(tokens, types)) if ty == CONTROL}
+    vocab = {tok: i for i, (tok, ty) in enumerate(zip(tokens, types)) if ty != CONTROL}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tk.write_tiktoken_file(out_dir / "tokenizer.model", tk.byte_level_bpe_ranks(vocab, meta["tokenizer.ggml.merges"]))
+    template = meta.get("tokenizer.chat_template", "")
+    chatml = "<|im_start|>" in template
+    stops = [meta.get("tokenizer.ggml.eos_token_id"), special.get("<|im_end|>"), special.get("<|endoftext|>")]
+    return dict(kind="tiktoken", file="tokenizer.model", pattern=PRE_TOKENIZERS[pre], special_tokens=special,
+                bos_id=meta.get("tokenizer.ggml.bos_token_id"), add_bos=bool(meta.get("tokenizer.ggml.add_bos_token")),
+                stop_ids=sorted({s for s in stops if s is not None}),
+                chat_format="chatml" if chatml else "llama3" if "<|start_header_id|>" in template else "none",
+                default_system=default_system(template) if chatml else None)
+
+
+def convert(gguf_path, out_dir, name: str | None = None) -> dict:
+    out_dir = Path(out_dir)
+    meta, tensors = read_gguf(gguf_path)
+    # "SmolLM2-135M-Instruct.Q4_1.gguf" -> "smollm2-135m-instruct"
+    cfg = gguf_config(meta, tensors, name or Path(gguf_path).name.split(".")[0].lower())
+    cfg["tokenizer"] = gguf_tokenizer(meta, out_dir)
+    save_checkpoint(out_dir, gguf_weights(tensors, cfg), cfg)
+    return cfg
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("gguf")
+    ap.add_argument("out_dir")
+    ap.add_argument("--name", help="config.json's name (default: the file name before its first dot, lower case)")
+    args = ap.parse_args()
+    try:
+        convert(args.gguf, args.out_dir, args.name)
+    except (ValueError, KeyError, OSError) as e:
+        sys.exit(f"convert_gguf: {type(e).__name__ + ': ' if isinstance(e, KeyError) else ''}{e}")
+
+
+if __name__ == "__main__":
+    main()
