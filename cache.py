@@ -26,12 +26,15 @@ Kinds of strategy (class flags):
 - prefill-only (`prefill_only = True`, SnapKV, PyramidKV): the prompt is compressed to
   S - max_new_tokens and generated tokens fill the reserved slots.
 - retrieval (`retrieves = True`): S covers the whole sequence; each step attends only to the slots
-  `select_scores` ranks highest (plus sinks and the recent window).
+  `select(q, input_pos)` returns (static-K indices + validity; sinks and the recent window included);
+  on CUDA kernels.gather_attend reads just those rows.
 Per-layer budgets are per-layer S; per-head budgets are the `limit` buffer [H_kv] (slots at or past a
 head's limit are never used). Each sequence of a batch evicts on its own.
 """
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -50,10 +53,11 @@ class CacheConfig:
     strategy: str = "full"
     max_cache_length: list = field(default_factory=lambda: [1.0])  # fraction (<= 1) or tokens, one or per layer
     global_tokens: int = 4      # sinks: never evicted where the strategy protects them
-    recent_window: int = 10     # the newest tokens, never evicted where the strategy protects them
+    recent_window: float = 10   # the newest tokens (or, if < 1, a fraction of each layer's slots), protected
     prompt_compression: str = "own"  # a strategy name whose prefill rule cuts long prompts, or "own"
     params: dict = field(default_factory=dict)  # strategy hyperparameters (each class's `defaults`)
     checkpoint_dir: str = ""    # where strategies with learned parts (spotlight) find their weights
+    budget_pattern: str = "uniform"  # per-layer shape of one budget: uniform, pyramid or funnel (budget_slots)
 
 
 @register
@@ -72,7 +76,8 @@ class KVCache(nn.Module):
         super().__init__()
         self.layer, self.n_layer, self.n_group, self.cfg = layer, n_layer, n_group, cfg
         self.max_new_tokens = max_new_tokens
-        self.p = {**self.defaults, **{k: v for k, v in cfg.params.items() if k in self.defaults}}
+        self.p = self.hparams(cfg)
+        self.recent = recent_slots(cfg.recent_window, n_slots)
         self.register_buffer("k", torch.zeros(batch, n_kv, n_slots, head_dim, dtype=dtype))
         self.register_buffer("v", torch.zeros(batch, n_kv, n_slots, head_dim, dtype=dtype))
         self.register_buffer("pos", torch.full((batch, n_kv, n_slots), -1, dtype=torch.long))
@@ -81,6 +86,18 @@ class KVCache(nn.Module):
     @property
     def n_slots(self):
         return self.k.shape[2]
+
+    @classmethod
+    def hparams(cls, cfg: CacheConfig) -> dict:
+        return {**cls.defaults, **{k: v for k, v in cfg.params.items() if k in cls.defaults}}
+
+    @classmethod
+    def layer_slots(cls, cfg: CacheConfig, n_layer, max_seq_length, max_new_tokens) -> list[int]:
+        """Slots per layer (make_caches): the whole sequence unless the strategy evicts or compresses the
+        prompt, else the budget (budget_slots). A strategy with its own per-layer rule overrides this."""
+        if not (cls.evicts or cls.prefill_only):
+            return [max_seq_length] * n_layer
+        return budget_slots(cfg, n_layer, max_seq_length, max_new_tokens, cls.protects, cls.prefill_only)
 
     # ---- the scoring rules a strategy overrides -------------------------------------------------
     def prefill_scores(self, q, k, v, pos):
@@ -102,7 +119,7 @@ class KVCache(nn.Module):
         """Sinks and the recent window, for positions pos [B, H, N] at current positions now [B]."""
         if not self.protects:
             return torch.zeros_like(pos, dtype=torch.bool)
-        recent = pos > now[:, None, None] - self.cfg.recent_window
+        recent = pos > now[:, None, None] - self.recent
         return (pos < self.cfg.global_tokens) | recent
 
     def prefill(self, q, k, v, pos):
@@ -122,7 +139,9 @@ class KVCache(nn.Module):
             scores = scorer.prefill_scores(q, k, v, pos).float()
             now = pos.max(dim=1).values
             scores = scores.masked_fill(self.protected(tok_pos, now), math.inf).masked_fill(tok_pos < 0, -math.inf)
-            keep = scores.topk(min(room, T), dim=-1).indices.sort(dim=-1).values
+            # top `room` by score; ties keep the newer token (stable sort of the reversed prompt)
+            order = scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :min(room, T)]
+            keep = (T - 1 - order).sort(dim=-1).values
             beyond = torch.zeros_like(keep, dtype=torch.bool)
         n = keep.shape[-1]
         kept_pos = tok_pos.gather(-1, keep).masked_fill(beyond, -1)
@@ -150,22 +169,45 @@ class KVCache(nn.Module):
         usable[:, S] = True
         keep = keep.float().masked_fill(self.protected(all_pos, input_pos), math.inf)
         keep = keep.masked_fill(all_pos < 0, -math.inf).masked_fill(~usable, math.inf)
-        return keep.argmin(dim=-1)
+        # ties (integer scores: Hamming distances, indicator counts) evict the oldest; empty slots first
+        tied = keep == keep.min(dim=-1, keepdim=True).values
+        return all_pos.masked_fill(~tied, torch.iinfo(torch.long).max).argmin(dim=-1)
 
     def write(self, slot, k_new, v_new, input_pos):
-        """Put the new token in `slot` [B, H_kv]; slot == S means it was evicted on arrival."""
-        S = self.n_slots
-        keep_old = (slot == S)
-        idx = slot.clamp(max=S - 1)[..., None]
-        old_pos = self.pos.gather(-1, idx)
-        self.pos.scatter_(-1, idx, torch.where(keep_old[..., None], old_pos, input_pos[:, None, None]))
-        for buf, new in ((self.k, k_new), (self.v, v_new)):
-            i4 = idx[..., None].expand(-1, -1, -1, buf.shape[-1])
-            buf.scatter_(2, i4, torch.where(keep_old[..., None, None], buf.gather(2, i4), new))
+        """Put the new token in `slot` [B, H_kv]; slot == S means it was evicted on arrival.
+        index_put_ (not scatter_) so that inductor updates the buffers in place: a scatter_ into a
+        graph input can be functionalised into a full copy of the cache every step."""
+        B, H = slot.shape
+        keep_old = slot == self.n_slots
+        s = slot.clamp(max=self.n_slots - 1)
+        b, h = torch.arange(B, device=s.device)[:, None], torch.arange(H, device=s.device)[None, :]
+        self.pos[b, h, s] = torch.where(keep_old, self.pos[b, h, s], input_pos[:, None])
+        for buf, new in ((self.k, k_new[:, :, 0]), (self.v, v_new[:, :, 0])):
+            buf[b, h, s] = torch.where(keep_old[..., None], buf[b, h, s], new)
+
+    def select(self, qg, input_pos):
+        """Retrieval strategies: the slots this decode step reads, as (idx [B, H_kv, K], ok [B, H_kv, K])
+        with K static, or None to read every filled slot (dense layers)."""
+        return None
 
     def attend_mask(self, q, input_pos):
         """Which slots the decode query reads: [B, H_kv, S] bool. Retrieval strategies narrow it."""
-        return self.pos >= 0
+        sel = self.select(q, input_pos) if self.retrieves else None
+        if sel is None:
+            return self.pos >= 0
+        idx, ok = sel
+        S = self.n_slots
+        mask = torch.zeros(*idx.shape[:2], S + 1, dtype=torch.bool, device=idx.device)
+        return mask.scatter(-1, idx.masked_fill(~ok, S), True)[..., :S] & (self.pos >= 0)
+
+    def attend_selected(self, qg, input_pos):
+        """Retrieval decode attention. On CUDA a gather kernel reads only the selected rows of K and V
+        (token-level selections are not block-aligned, so a block mask would save nothing)."""
+        sel = self.select(qg, input_pos) if qg.is_cuda else None
+        if sel is None:
+            return attend(qg, self.k, self.v, self.attend_mask(qg, input_pos))
+        from kernels import gather_attend  # Triton: imported only on CUDA
+        return gather_attend(qg, self.k, self.v, *sel)
 
     def decode(self, q, k_new, v_new, input_pos):
         """One decode step. q [B, H, 1, D], k/v_new [B, H_kv, 1, D], input_pos [B] -> [B, H, 1, D]."""
@@ -175,15 +217,432 @@ class KVCache(nn.Module):
             out, probs = attend_with_new(qg, self.k, self.v, self.pos >= 0, k_new, v_new)
             slot = self.choose_slot(self.decode_scores(qg, k_new, input_pos, probs=probs), input_pos)
             self.write(slot, k_new, v_new, input_pos)
+        elif self.retrieves:  # every token kept: store it, index it (codes, page bounds), read a sliver
+            slot = input_pos[:, None].expand(B, H // self.n_group)
+            self.write(slot, k_new, v_new, input_pos)
+            self.on_write(slot, qg, k_new, v_new, input_pos)
+            return self.attend_selected(qg, input_pos).view(B, H, 1, D)
         else:
             if self.evicts:
                 slot = self.choose_slot(self.decode_scores(qg, k_new, input_pos), input_pos)
+            elif self.prefill_only:  # generated tokens fill the reserved (empty) slots, first one first
+                slot = self.choose_slot(self.pos.new_zeros(B, H // self.n_group, self.n_slots + 1), input_pos)
             else:  # no eviction: slot = position (prefill set it up so; lengths are validated)
                 slot = input_pos[:, None].expand(B, H // self.n_group)
             self.write(slot, k_new, v_new, input_pos)
             out = attend(qg, self.k, self.v, self.attend_mask(qg, input_pos))
         self.on_write(slot, qg, k_new, v_new, input_pos)
         return out.view(B, H, 1, D)
+
+
+# ---- eviction strategies ----
+# S = the budget: memory is really saved. Each class only scores (higher = keep); KVCache's prefill,
+# choose_slot and write do the rest, per (sequence, KV head). Ties evict the oldest token.
+
+@register
+class StreamingLLM(KVCache):
+    """StreamingLLM, Xiao et al. 2023: `global_tokens` attention sinks (paper: 4) + the most recent
+    tokens; the base's default score (the position) is exactly that rule. Departure: keys are cached
+    after RoPE, so kept tokens keep their original positions; the paper re-numbers positions inside
+    the cache (kvpress does not either)."""
+    # follows arXiv 2309.17453; departs: original positions instead of cache-relative ones
+    name = "streamingllm"
+    evicts = True
+
+
+def hash_uniform(*keys, device=None):
+    """Counter-based hash of integer keys (ints or broadcastable int64 tensors) -> int64 in [0, 2^24):
+    seeded, stateless, identical on every device and under torch.compile (no Generator in the graph).
+    Every product stays below 2^63, so nothing overflows."""
+    x = torch.zeros((), dtype=torch.long, device=device)
+    for key in keys:
+        x = (x * 0x27D4EB2F + key) & 0xFFFFFFFF
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+        x = (x >> 16) ^ x
+    return x >> 8  # 24 bits: exact in fp32
+
+
+@register
+class Random(KVCache):
+    """Uniform random eviction, the floor: at every step each candidate gets a fresh uniform score,
+    hash(random_seed, layer, sequence, KV head, current position, token position), and the lowest
+    goes. Sinks and the recent window are protected."""
+    # the floor every method must beat (ALGORITHMS.md); no paper
+    name = "random"
+    evicts = True
+    defaults = {"random_seed": 0}
+
+    def scores(self, pos, now):  # pos [B, H_kv, N], now [B]
+        b = torch.arange(pos.shape[0], device=pos.device)[:, None, None]
+        h = torch.arange(pos.shape[1], device=pos.device)[None, :, None]
+        return hash_uniform(self.p["random_seed"], self.layer, b, h, now[:, None, None], pos, device=pos.device).float()
+
+    def prefill_scores(self, q, k, v, pos):
+        return self.scores(pos[:, None, :].expand(*k.shape[:3]), pos.max(dim=1).values)
+
+    def decode_scores(self, q, k_new, input_pos, probs=None):
+        new = input_pos[:, None, None].expand(*self.pos.shape[:2], 1)
+        return self.scores(torch.cat([self.pos, new], -1), input_pos)
+
+
+@register
+class L2(KVCache):
+    """L2 norm, Devoto et al. 2024: keep the keys of LOWEST norm (RoPE rotates, so post-RoPE norms are
+    the pre-RoPE ones). Default: cold-compress's continuous variant (the one LSH-E compares against):
+    each step the highest-norm unprotected key makes room; sinks (4) and recent window (10) protected.
+    `l2_one_shot`: the authors' code: compress the prompt once after prefill to the budget, no sinks or
+    window, layers `l2_skip_layers` (default [0, 1]) keep everything (full-size buffers), and generated
+    tokens are appended in reserved slots. Paper: lossless at 50% (LM, needle), 90% on passkey."""
+    # follows arXiv 2406.11430; departs: continuous eviction by default (cold-compress), one-shot by flag
+    name = "l2"
+    evicts = True
+    defaults = {"l2_one_shot": False, "l2_skip_layers": [0, 1]}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.p["l2_one_shot"]:
+            self.evicts, self.prefill_only, self.protects = False, True, False
+
+    @classmethod
+    def layer_slots(cls, cfg, n_layer, max_seq_length, max_new_tokens):
+        p = cls.hparams(cfg)
+        if not p["l2_one_shot"]:
+            return super().layer_slots(cfg, n_layer, max_seq_length, max_new_tokens)
+        slots = budget_slots(cfg, n_layer, max_seq_length, max_new_tokens, protects=False, prefill_only=True)
+        return [max_seq_length if i in p["l2_skip_layers"] else s for i, s in enumerate(slots)]
+
+    def prefill_scores(self, q, k, v, pos):
+        return -k.float().norm(dim=-1)
+
+    def decode_scores(self, q, k_new, input_pos, probs=None):
+        return -torch.cat([self.k.float().norm(dim=-1), k_new.float().norm(dim=-1)], -1)
+
+
+@register
+class LSH(KVCache):
+    """LSH-E / HashEvict (arXiv 2412.16187): SimHash codes, bits of x R >= 0 with one Gaussian
+    R [head_dim, lsh_dim] per layer (seeded, shared by heads), packed lsh_dim bits to an int16/32/64
+    per slot, stored when a key enters. Each step the new token's vector is hashed and the cached token
+    at the LARGEST Hamming distance (most cosine-dissimilar: lowest expected attention) is replaced,
+    per KV head; empty slots first; 4 sinks + 10 recent protected. Default lsh_dim 16 (ablation 4-64).
+    The paper hashes the current query (here the group's mean query); `lsh_hash_key` hashes the new key
+    as the authors' code does. Prompts over the budget: cut to sinks + recent (their default)."""
+    # follows arXiv 2412.16187; departs: GQA group-mean query, codes bit-packed (authors: a bool per bit)
+    name = "lsh"
+    evicts = True
+    defaults = {"lsh_dim": 16, "lsh_hash_key": False, "lsh_seed": 0}
+
+    def __init__(self, batch, n_kv, n_slots, head_dim, *args, **kwargs):
+        super().__init__(batch, n_kv, n_slots, head_dim, *args, **kwargs)
+        L = self.p["lsh_dim"]
+        if not 1 <= L <= 64:
+            raise ValueError(f"--lsh_dim {L} must be in 1..64 (codes are packed into one integer)")
+        g = torch.Generator().manual_seed(self.p["lsh_seed"] * 100003 + self.layer)
+        self.register_buffer("R", torch.randn(head_dim, L, generator=g))
+        self.bits = 16 if L <= 16 else 32 if L <= 32 else 64  # the container; unused high bits stay 0
+        dtype = {16: torch.int16, 32: torch.int32, 64: torch.int64}[self.bits]
+        self.register_buffer("codes", torch.zeros(batch, n_kv, n_slots, dtype=dtype))
+
+    def hash(self, x):
+        """x [..., head_dim] -> packed codes [...]: bit i = (x R)_i >= 0; the container's top bit
+        weighs -2^(bits-1), so every value is exact in its signed type."""
+        L = self.R.shape[1]
+        w = [-(1 << i) if i == self.bits - 1 else 1 << i for i in range(L)]
+        bits = (x.float() @ self.R) >= 0
+        return (bits.long() * torch.tensor(w, device=x.device)).sum(-1).to(self.codes.dtype)
+
+    def hamming(self, a, b):
+        x = (a ^ b).long()
+        return popcount64(x & ((1 << self.bits) - 1) if self.bits < 64 else x)
+
+    def on_prefill(self, q, k, v, pos, keep):
+        self.codes.zero_()
+        self.codes[:, :, :keep.shape[-1]] = self.hash(k).gather(-1, keep)
+
+    def decode_scores(self, q, k_new, input_pos, probs=None):
+        x = k_new[:, :, 0] if self.p["lsh_hash_key"] else q.mean(dim=2)  # [B, H_kv, D]
+        far = self.hamming(self.codes, self.hash(x)[..., None]).float()
+        return torch.cat([-far, torch.full_like(far[..., :1], math.inf)], -1)  # the new token always enters
+
+    def on_write(self, slot, q, k_new, v_new, input_pos):
+        S = self.n_slots
+        idx = slot.clamp(max=S - 1)[..., None]
+        new = self.hash(k_new[:, :, 0])[..., None]
+        self.codes.scatter_(-1, idx, torch.where((slot < S)[..., None], new, self.codes.gather(-1, idx)))
+
+
+@register
+class H2O(KVCache):
+    """H2O, Zhang et al. 2023: S_j = sum over all queries so far of the softmax attention token j got
+    (un-normalised: early tokens are favoured, that is the method), group-mean over a KV head's query
+    heads (as cold-compress). Prefill: S = the prompt's column sums (in query chunks). Each step keep
+    the recent window + the top-S others; the refilled slot's S restarts at the new token's own
+    attention. Paper scripts: heavy 10% + recent 10% of the prompt, i.e. recent_window 0.5 of the
+    budget and no sinks (cache_configs/h2o.yaml). Reported: 5x KV reduction at 20% budget."""
+    # follows arXiv 2306.14048; departs: GQA group mean (the paper is MHA)
+    name = "h2o"
+    evicts = True
+    needs_attn = True
+
+    def __init__(self, batch, n_kv, n_slots, *args, **kwargs):
+        super().__init__(batch, n_kv, n_slots, *args, **kwargs)
+        self.register_buffer("score", torch.zeros(batch, n_kv, n_slots))  # accumulated attention per slot
+        self.register_buffer("new_score", torch.zeros(batch, n_kv))        # the new token's, for on_write
+        self.prompt_sums = None
+
+    def prefill_scores(self, q, k, v, pos):
+        self.prompt_sums = prompt_attention(q, k, pos)
+        return self.prompt_sums
+
+    def on_prefill(self, q, k, v, pos, keep):
+        sums = self.prompt_sums if self.prompt_sums is not None else prompt_attention(q, k, pos)
+        self.prompt_sums = None
+        self.score.zero_()
+        self.score[:, :, :keep.shape[-1]] = sums.gather(-1, keep)
+
+    def decode_scores(self, q, k_new, input_pos, probs=None):
+        self.score += probs[..., :-1]  # empty slots get 0
+        self.new_score.copy_(probs[..., -1])
+        return torch.cat([self.score, self.new_score[..., None]], -1)
+
+    def on_write(self, slot, q, k_new, v_new, input_pos):
+        S = self.n_slots
+        idx = slot.clamp(max=S - 1)[..., None]
+        new = torch.where((slot < S)[..., None], self.new_score[..., None], self.score.gather(-1, idx))
+        self.score.scatter_(-1, idx, new)
+
+
+@register
+class TOVA(KVCache):
+    """TOVA, Oren et al. 2024: once full, drop the token (the new one included) with the lowest
+    attention weight from the current query. The paper found averaging over the layer's heads better
+    than per-head policies, so by default every head of a layer drops the same token (layer-mean
+    probabilities); `tova_per_head` selects per KV head (group mean) instead. Prefill: the last prompt
+    token's attention. No sinks or window in the paper (cache_configs/tova.yaml sets both to 0)."""
+    # follows arXiv 2401.06104; departs: none at the defaults (per-KV-head selection is a flag)
+    name = "tova"
+    evicts = True
+    needs_attn = True
+    defaults = {"tova_per_head": False}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.cfg  # the layer mean is per slot: every head must hold the same positions in the same slots
+        if cfg.strategy == self.name and not self.p["tova_per_head"] and cfg.prompt_compression not in ("own", self.name):
+            raise ValueError("layer-averaged tova needs its own prompt compression (heads keep the same tokens); "
+                             "use --prompt_compression own or --tova_per_head true")
+
+    def pool(self, a):  # [B, H_kv, N]
+        return a if self.p["tova_per_head"] else a.mean(dim=1, keepdim=True).expand_as(a)
+
+    def prefill_scores(self, q, k, v, pos):
+        return self.pool(prompt_attention(q, k, pos, rows=1))
+
+    def decode_scores(self, q, k_new, input_pos, probs=None):
+        return self.pool(probs)
+
+
+@register
+class Scissorhands(KVCache):
+    """Scissorhands, Liu et al. 2023 (cold-compress's reading of Algorithm 2): each step record for
+    every cached token the indicator A_tj >= 1/n_t (group-mean attention at least uniform over the
+    n_t tokens attended, the new one included); keep the last `sh_history` = 400 indicators per slot
+    in a bit-packed ring (ceil(w/8) bytes + an int16 count per slot); when full, drop the `sh_drop`
+    (paper: m, default 1) unprotected tokens of lowest mean indicator at once, the freed slots then
+    filling without eviction; 4 sinks + 10 recent protected; a refilled slot's history restarts with
+    the new token's own indicator. Prefill: the indicators of the last w prompt queries."""
+    # follows arXiv 2305.17118 (Alg. 2 as cold-compress reads it); departs: GQA group mean, ties -> oldest
+    name = "scissorhands"
+    evicts = True
+    needs_attn = True
+    defaults = {"sh_history": 400, "sh_drop": 1}
+
+    def __init__(self, batch, n_kv, n_slots, *args, **kwargs):
+        super().__init__(batch, n_kv, n_slots, *args, **kwargs)
+        self.w, self.m = int(self.p["sh_history"]), int(self.p["sh_drop"])
+        if self.w < 1 or self.w > 32767 or self.m < 1:
+            raise ValueError("--sh_history must be in 1..32767 and --sh_drop >= 1")
+        self.register_buffer("hist", torch.zeros(batch, n_kv, -(-self.w // 8), n_slots, dtype=torch.uint8))
+        self.register_buffer("seen", torch.zeros(batch, n_kv, n_slots, dtype=torch.int16))  # records held
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # ring position = step % w
+        self.register_buffer("new_bit", torch.zeros(batch, n_kv, dtype=torch.bool))
+        self.prompt_hist = None
+
+    def prompt_history(self, q, k, pos):
+        """Ring bits [B, H_kv, W, T] (prompt row i of the last R = min(w, T) -> bit i) and counts [B, H_kv, T]."""
+        B, H, T = k.shape[:3]
+        acc = torch.zeros(B, H, self.hist.shape[2], T, dtype=torch.int32, device=k.device)
+        seen = torch.zeros(B, H, T, dtype=torch.int16, device=k.device)
+        for i, probs, qp in prompt_probs(q, k, pos, rows=min(self.w, T)):
+            vis = (pos[:, None, None, :] >= 0) & (pos[:, None, None, :] <= qp[:, None, :, None])  # [B, 1, C, T]
+            bits = (probs >= 1.0 / vis.sum(-1, keepdim=True).clamp(min=1)) & vis
+            rows = torch.arange(i, i + probs.shape[2], device=k.device)
+            acc.index_add_(2, rows // 8, bits.int() << (rows % 8).int()[:, None])  # distinct bits: add = or
+            seen += vis.sum(2).to(torch.int16)
+        return acc.to(torch.uint8), seen
+
+    def prefill_scores(self, q, k, v, pos):
+        self.prompt_hist = self.prompt_history(q, k, pos)
+        hist, seen = self.prompt_hist
+        return popcount64(hist.long()).sum(2) / seen.clamp(min=1)
+
+    def on_prefill(self, q, k, v, pos, keep):
+        hist, seen = self.prompt_hist if self.prompt_hist is not None else self.prompt_history(q, k, pos)
+        self.prompt_hist, n = None, keep.shape[-1]
+        self.hist.zero_()
+        self.seen.zero_()
+        self.hist[..., :n] = hist.gather(3, keep[:, :, None, :].expand(-1, -1, hist.shape[2], -1))
+        self.seen[..., :n] = seen.gather(-1, keep)
+        self.step.fill_(min(self.w, k.shape[2]))
+
+    def decode_scores(self, q, k_new, input_pos, probs=None):
+        filled = self.pos >= 0
+        bit = probs >= 1.0 / (filled.sum(-1, keepdim=True) + 1)  # A_tj >= 1 / n_t
+        r = self.step % self.w
+        word, mask = (r // 8).view(1), (1 << (r % 8)).to(torch.uint8)
+        old = self.hist.index_select(2, word)
+        rec = (bit[..., :-1] & filled)[:, :, None, :]
+        self.hist.index_copy_(2, word, torch.where(rec, old | mask, old & ~mask))
+        self.seen.copy_(torch.where(filled, (self.seen + 1).clamp(max=self.w), self.seen))
+        self.new_bit.copy_(bit[..., -1])
+        # full: free the m lowest mean indicators at once, compared exactly (ones/seen as a 2^32 fixed
+        # point, then position: ties drop the oldest); choose_slot then picks the first empty slot
+        mean = (popcount64(self.hist.long()).sum(2) << 32) // self.seen.long().clamp(min=1)
+        key = ((mean << 24) | self.pos.clamp(min=0)).masked_fill(~filled | self.protected(self.pos, input_pos), MAX64)
+        victim = key.topk(min(self.m, self.n_slots), dim=-1, largest=False).indices
+        free = filled.all(-1, keepdim=True) & (key.gather(-1, victim) < MAX64)
+        self.pos.scatter_(-1, victim, self.pos.gather(-1, victim).masked_fill(free, -1))
+        return torch.zeros_like(probs)
+
+    def on_write(self, slot, q, k_new, v_new, input_pos):
+        S, W = self.n_slots, self.hist.shape[2]
+        ok, idx = slot < S, slot.clamp(max=S - 1)
+        r = self.step % self.w
+        fresh = (torch.arange(W, device=slot.device) == r // 8).to(torch.uint8)[:, None]  # [W, 1]
+        fresh = fresh * (self.new_bit.to(torch.uint8) << (r % 8).to(torch.uint8))[..., None, None]
+        col = idx[:, :, None, None].expand(-1, -1, W, 1)
+        self.hist.scatter_(3, col, torch.where(ok[..., None, None], fresh, self.hist.gather(3, col)))
+        self.seen.scatter_(-1, idx[..., None], torch.where(ok, 1, self.seen.gather(-1, idx[..., None])[..., 0])[..., None].to(torch.int16))
+        self.step += 1
+
+
+MAX64 = torch.iinfo(torch.long).max
+
+
+def snap_scores(q, k, pos, p):
+    """SnapKV's keep-scores [B, H_kv, T]: the last w = snap_window prompt queries' fp32 softmax
+    attention (causal inside the window) over the earlier keys, summed per key and averaged over each
+    KV head's query group, then pooled along the prefix (stride 1, padding kernel // 2; max or avg).
+    The w window tokens score above any prefix token (a prefix sum is <= w), so top-k keeps them."""
+    T = k.shape[2]
+    w = min(p["snap_window"], T)
+    att = prompt_attention(q, k, pos, rows=w)[..., :T - w]
+    if T > w:
+        pool = F.max_pool1d if p["snap_pool"] == "max" else F.avg_pool1d
+        att = pool(att, p["snap_kernel"], 1, p["snap_kernel"] // 2)[..., :T - w]
+    window = w + 1 + torch.arange(w, device=k.device, dtype=torch.float32)
+    return torch.cat([att, window.expand(*att.shape[:2], w)], -1)
+
+
+@register
+class SnapKV(KVCache):
+    """SnapKV, Li et al. 2024: at the end of prefill keep the top (budget - w) prompt keys per KV head
+    by snap_scores plus the w observation-window tokens; generated tokens fill reserved slots.
+    Defaults w = 32, kernel 7, max pooling (the original LongBench configs; its code defaults to 64,
+    5, avg). GQA: the group's attention is averaged and selection is per KV head, with no KV-head
+    repetition (KVCache-Factory's repeat makes the cache n_group x larger). Query-aware only when the
+    question sits inside the window."""
+    # follows arXiv 2404.14469; departs: GQA group mean before pooling (paper is per head, no GQA)
+    name = "snapkv"
+    prefill_only = True
+    protects = False  # the window is its own protection; no sinks
+    defaults = {"snap_window": 32, "snap_kernel": 7, "snap_pool": "max"}
+
+    def prefill_scores(self, q, k, v, pos):
+        return snap_scores(q, k, pos, self.p)
+
+
+@register
+class PyramidKV(KVCache):
+    """PyramidKV, Cai et al. 2024: SnapKV's selection with per-layer prompt budgets shrinking with
+    depth (pyramid_budgets, beta = pyramid_beta = 20, window w inside each budget), mean exactly B =
+    budget - max_new_tokens. Departure: budgets computed in floats and rounded so their mean is B (the
+    official code floors each term and overshoots by up to 12%). Prompts no longer than B are not
+    compressed; shorter than 2(B - w), every layer keeps B (plain SnapKV), as the official code does.
+    KVCache-Factory's runners use w = 8 (cache_configs/pyramid.yaml)."""
+    # follows arXiv 2406.02069; departs: float budgets with exact mean B (official code floors)
+    name = "pyramid"
+    prefill_only = True
+    protects = False
+    defaults = {"snap_window": 32, "snap_kernel": 7, "snap_pool": "max", "pyramid_beta": 20.0}
+
+    @classmethod
+    def layer_slots(cls, cfg, n_layer, max_seq_length, max_new_tokens):
+        slots = super().layer_slots(cfg, n_layer, max_seq_length, max_new_tokens)
+        if cfg.budget_pattern != "uniform" or len(set(slots)) > 1:
+            raise ValueError("pyramid sets its own per-layer budgets: give one --max_cache_length, no pattern")
+        p, N = cls.hparams(cfg), max_new_tokens
+        B, T, w = slots[0] - N, max_seq_length - N, p["snap_window"]
+        if T <= B or B <= w or T < 2 * (B - w):
+            return slots
+        budgets = pyramid_budgets(B, n_layer, T, w, p["pyramid_beta"])
+        if min(budgets) < 1:
+            raise ValueError(f"pyramid: a prompt budget of {B} leaves layer budgets below 1; raise --max_cache_length")
+        return [b + N for b in budgets]
+
+    def prefill_scores(self, q, k, v, pos):
+        return snap_scores(q, k, pos, self.p)
+
+
+class AttentionLossProbe(nn.Module):
+    """--debug_attention_loss: a full cache beside one layer's compressed cache. Each decode step it
+    records, per sequence, the attention mass that the current query (full cache, mean over query
+    heads) puts on tokens the compressed cache did not attend because it had evicted them:
+    loss [B, steps] (NaN for steps not run). Duck-types a cache for Attention; runs compiled or not."""
+
+    def __init__(self, cache: KVCache, max_seq_length: int, steps: int):
+        super().__init__()
+        B, H, _, D = cache.k.shape
+        self.cache = cache
+        self.full = KVCache(B, H, max_seq_length, D, cache.n_group, cache.k.dtype, cache.layer, cache.n_layer,
+                            CacheConfig()).to(cache.k.device)
+        self.register_buffer("loss", torch.full((B, steps), math.nan, device=cache.k.device))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long, device=cache.k.device))
+
+    def prefill(self, q, k, v, pos):
+        self.cache.prefill(q, k, v, pos)
+        self.full.prefill(q, k, v, pos)
+        self.loss.fill_(math.nan)
+        self.step.zero_()
+
+    def decode(self, q, k_new, v_new, input_pos):
+        held = self.cache.pos.clone()  # a needs_attn strategy attends before it evicts
+        out = self.cache.decode(q, k_new, v_new, input_pos)
+        self.full.decode(q, k_new, v_new, input_pos)
+        if not self.cache.needs_attn:
+            held = self.cache.pos
+        B, H, L = self.full.pos.shape
+        held = torch.cat([held, input_pos[:, None, None].expand(B, H, 1)], -1)
+        present = torch.zeros(B, H, L + 1, dtype=torch.bool, device=q.device)
+        present.scatter_(-1, held.masked_fill(held < 0, L), True)
+        fpos = self.full.pos
+        lost = ~present.gather(-1, fpos.masked_fill(fpos < 0, L)) & (fpos >= 0)
+        qg = q.view(B, H, -1, q.shape[-1]).float()
+        logits = (qg @ self.full.k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        probs = logits.masked_fill(~(fpos >= 0)[:, :, None, :], -math.inf).softmax(-1)
+        mass = (probs * lost[:, :, None, :]).sum(-1).mean(dim=(1, 2))
+        self.loss.index_copy_(1, self.step.clamp(max=self.loss.shape[1] - 1).view(1), mass[:, None])
+        self.step += 1
+        return out
+
+
+def attach_attention_loss(model, max_seq_length: int, steps: int) -> list[AttentionLossProbe]:
+    """Wrap each layer's cache of `model` (after model.setup_caches) in an AttentionLossProbe and return
+    the probes; torch.stack([p.loss for p in probes]) is the [n_layer, B, steps] table."""
+    probes = [AttentionLossProbe(layer.attention.kv_cache, max_seq_length, steps) for layer in model.layers]
+    model.setup_caches(probes)
+    return probes
 
 
 def attend(qg, k, v, valid):
@@ -228,12 +687,20 @@ def prompt_attention(q, k, pos, rows=None, chunk_bytes=256 << 20):
     """Softmax attention of prompt queries (all, or the last `rows`) over prompt keys, summed over
     queries and averaged over each KV head's query group: [B, H_kv, T] fp32. Causal, padding masked;
     computed in query chunks so no T x T matrix is ever materialised."""
+    total = torch.zeros(*k.shape[:3], dtype=torch.float32, device=q.device)
+    for _, probs, _ in prompt_probs(q, k, pos, rows, chunk_bytes):
+        total += probs.sum(2)
+    return total
+
+
+def prompt_probs(q, k, pos, rows=None, chunk_bytes=256 << 20):
+    """The rows behind prompt_attention, chunk by chunk: yields (first row, probs [B, H_kv, C, T] fp32
+    averaged over each KV head's query group, the chunk's query positions [B, C])."""
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     q = q[:, :, -rows:] if rows else q
     q_pos = pos[:, -q.shape[2]:]
     chunk = max(1, chunk_bytes // (B * H * T * 4))
-    total = torch.zeros(B, H_kv, T, dtype=torch.float32, device=q.device)
     kf = k.float().repeat_interleave(H // H_kv, dim=1).transpose(-1, -2)
     for i in range(0, q.shape[2], chunk):
         qp = q_pos[:, i:i + chunk]
@@ -241,8 +708,7 @@ def prompt_attention(q, k, pos, rows=None, chunk_bytes=256 << 20):
         ok = (pos[:, None, None, :] >= 0) & (pos[:, None, None, :] <= qp[:, None, :, None])
         probs = logits.masked_fill(~ok, -math.inf).softmax(-1).nan_to_num(0.0)
         probs = probs * (qp[:, None, :, None] >= 0)  # padding queries contribute nothing
-        total += probs.sum(2).view(B, H_kv, H // H_kv, T).mean(2)
-    return total
+        yield i, probs.view(B, H_kv, H // H_kv, -1, T).mean(2), qp
 
 
 def parse_budget(values, n_layer, max_seq_length) -> list[int]:
@@ -258,10 +724,60 @@ def parse_budget(values, n_layer, max_seq_length) -> list[int]:
         if v <= 0:
             raise ValueError(f"--max_cache_length {v:g} must be > 0")
         n = math.ceil(v * max_seq_length) if v <= 1 else int(v)
-        if n > max_seq_length:
-            raise ValueError(f"--max_cache_length {v:g} = {n} tokens exceeds the sequence length {max_seq_length}")
-        slots.append(n)
+        slots.append(min(n, max_seq_length))  # a token budget above the sequence: nothing to compress
     return slots
+
+
+def recent_slots(recent_window, n_slots) -> int:
+    """--recent_window: a token count, or (0 < r < 1) a fraction of the layer's slots (H2O's recent ratio)."""
+    return round(recent_window * n_slots) if 0 < recent_window < 1 else int(recent_window)
+
+
+def budget_slots(cfg: CacheConfig, n_layer, max_seq_length, max_new_tokens, protects, prefill_only) -> list[int]:
+    """Slots per layer of a compressing strategy: --max_cache_length (parse_budget), one budget B shaped
+    over layers by cfg.budget_pattern, each layer checked against its floor (sinks + recent window + 1,
+    plus max_new_tokens where generated tokens are appended). Patterns, each with mean B:
+      uniform: B in every layer;
+      pyramid: PyramidKV's arithmetic progression (pyramid_budgets, beta 20) over the slots above the
+               floor: most slots in layer 0, fewest in the last;
+      funnel:  the same, reversed: fewest in layer 0 (more compression at lower layers, as cold-compress)."""
+    slots = parse_budget(cfg.max_cache_length, n_layer, max_seq_length)
+    extra = max_new_tokens if prefill_only else 0
+
+    def floor(s):
+        return (cfg.global_tokens + recent_slots(cfg.recent_window, s) + 1 if protects else 1) + extra
+    if cfg.budget_pattern not in ("uniform", "pyramid", "funnel"):
+        raise ValueError(f"unknown --budget_pattern {cfg.budget_pattern!r}; known: uniform, pyramid, funnel")
+    if cfg.budget_pattern != "uniform":
+        if len(set(slots)) > 1:
+            raise ValueError("--budget_pattern shapes one --max_cache_length value; got one per layer")
+        slots = pyramid_budgets(slots[0], n_layer, max_seq_length, floor(slots[0]) - 1)
+        slots = slots if cfg.budget_pattern == "pyramid" else slots[::-1]
+    for s in slots:
+        if s < floor(s):
+            raise ValueError(f"budget of {s} slots is too small for {cfg.strategy}: it needs at least {floor(s)} "
+                             f"(sinks + recent window + 1{' + max_new_tokens' if prefill_only else ''})")
+    return slots
+
+
+def pyramid_budgets(budget, n_layer, cap, reserve=0, beta=20.0) -> list[int]:
+    """PyramidKV's per-layer budgets: `reserve` + an arithmetic progression from hi (layer 0) down to
+    lo (last layer), lo = (budget - reserve) / beta, hi = 2 (budget - reserve) - lo; hi clipped to
+    cap - reserve (lo recomputed). In floats, rounded by largest remainder so the mean is exactly
+    `budget` (the official code floors each term, so its mean overshoots: 133.5 at 128, 32 layers)."""
+    b = budget - reserve
+    if n_layer == 1 or cap <= budget:
+        return [budget] * n_layer
+    lo = b / beta
+    hi = 2 * b - lo
+    if hi > cap - reserve:
+        hi = cap - reserve
+        lo = 2 * b - hi
+    exact = [reserve + hi - i * (hi - lo) / (n_layer - 1) for i in range(n_layer)]
+    out = [math.floor(x) for x in exact]
+    for i in sorted(range(n_layer), key=lambda i: out[i] - exact[i])[:budget * n_layer - sum(out)]:
+        out[i] += 1  # largest fractional parts first
+    return out
 
 
 def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, device, dtype) -> list[KVCache]:
@@ -272,15 +788,7 @@ def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, d
     if cfg.prompt_compression != "own" and cfg.prompt_compression not in REGISTRY:
         raise ValueError(f"unknown --prompt_compression {cfg.prompt_compression!r}; "
                          f"known: own, {', '.join(sorted(REGISTRY))}")
-    if cls.evicts or cls.prefill_only:
-        slots = parse_budget(cfg.max_cache_length, args.n_layer, max_seq_length)
-    else:
-        slots = [max_seq_length] * args.n_layer
-    floor = (cfg.global_tokens + cfg.recent_window + 1 if cls.protects else 1) + (
-        max_new_tokens if cls.prefill_only else 0)
-    if min(slots) < floor:
-        raise ValueError(f"budget of {min(slots)} slots is too small for {cfg.strategy}: it needs at least "
-                         f"{floor} (sinks + recent window + 1{' + max_new_tokens' if cls.prefill_only else ''})")
+    slots = cls.layer_slots(cfg, args.n_layer, max_seq_length, max_new_tokens)
     G = args.n_head // args.n_local_heads
     return [cls(batch, args.n_local_heads, s, args.head_dim, G, dtype, i, args.n_layer, cfg, max_new_tokens)
             .to(device) for i, s in enumerate(slots)]
@@ -297,3 +805,240 @@ def compression_ratio(caches, tokens_seen: torch.Tensor) -> float:
     H = caches[0].pos.shape[1]
     seen = tokens_seen.float() * H * len(caches)
     return float(1 - (used / seen).mean())
+
+
+# ---- retrieval strategies ----
+# Every token stays cached (S = the whole sequence, slot = position); each decode step reads only the
+# slots `select` returns: (idx [B, H_kv, K], ok [B, H_kv, K]) with K static, so the step compiles once.
+# CPU: a masked SDPA over the cache. CUDA: kernels.gather_attend reads only those K rows of K and V.
+# Selection is per KV head (the group's query scores are combined): one index list per KV head is what
+# a gather kernel reads, and measured recall says it costs little (README, "Retrieval quality").
+
+def popcount64(x):
+    """Set bits of each int64, exactly, with static-shape ops (torch has no popcount). SWAR on the low
+    63 bits (kept non-negative so no step overflows or depends on arithmetic shifts) + the sign bit."""
+    y = x & 0x7FFFFFFFFFFFFFFF
+    y = y - ((y >> 1) & 0x5555555555555555)
+    y = (y & 0x3333333333333333) + ((y >> 2) & 0x3333333333333333)
+    y = (y + (y >> 4)) & 0x0F0F0F0F0F0F0F0F
+    y = y + (y >> 8)
+    y = y + (y >> 16)
+    y = y + (y >> 32)
+    return (y & 0x7F) + (x < 0).long()
+
+
+BIT_WEIGHTS = [1 << i for i in range(63)] + [-(1 << 63)]  # bit 63 is the int64 sign bit
+
+
+def pack_bits(bits):
+    """bits [..., d] bool -> [..., ceil(d / 64)] int64, bit i of word w = bits[64 w + i]."""
+    d = bits.shape[-1]
+    W = -(-d // 64)
+    bits = F.pad(bits.long(), (0, W * 64 - d)).view(*bits.shape[:-1], W, 64)
+    return (bits * torch.tensor(BIT_WEIGHTS, device=bits.device)).sum(-1)  # no partial sum overflows
+
+
+def hamming_sim(q_codes, k_codes, d):
+    """Code similarity d - 2 * Hamming = code(q) . code(k) in ±1 form. q_codes [..., G, W] and k_codes
+    [..., Gh, S, W] (Gh = 1: one code per key, or G: one per query head) -> [..., G, S]."""
+    ham = popcount64(q_codes[..., :, None, :] ^ k_codes).sum(-1)
+    return d - 2 * ham
+
+
+def spotlight_hash(x, w1, b1, w2, b2):
+    """Spotlight's hash before the sign: y = x + SiLU(x W1 + b1), h = y + (y W2 + b2), per head.
+    x [B, Hh, N, d]; w [Hh, d, d], b [Hh, d]."""
+    y = x + F.silu(x @ w1 + b1[:, None, :])
+    return y + (y @ w2 + b2[:, None, :])
+
+
+def topk_select(scores, forced, filled, k, K):
+    """Read the `forced` slots plus the k [B] best-scored others, as K static indices per (B, H_kv):
+    (idx [B, H, K], ok [B, H, K]). Forced slots rank first (+inf); empty ones never count."""
+    scores = scores.float().masked_fill(forced, math.inf).masked_fill(~filled, -math.inf)
+    vals, idx = scores.topk(K, dim=-1)
+    n = (forced & filled).sum(-1, keepdim=True) + k[:, None, None]
+    ok = (torch.arange(K, device=idx.device) < n) & (vals > -math.inf)
+    return idx, ok
+
+
+@lru_cache(maxsize=4)
+def load_hash_weights(path: str, mtime_ns: int) -> dict:
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+@register
+class Spotlight(KVCache):
+    """Spotlight Attention, Li et al. 2025 (arXiv 2508.19740; wenhaoli-xmu/spotlight): a learned
+    non-linear hash per layer and KV head, code = sign(h(x)) on post-RoPE q and k (d bits, packed).
+    Key codes are computed once, when a key enters the cache. Each step attends to the top
+    k = max(min(N, 20), N - floor(rho N)) keys by d - 2 Hamming (summed over the query group), plus
+    `spotlight_sinks` first and `spotlight_recent` last tokens and the current one; prefill and
+    `spotlight_dense_layers` are dense. Departures: one hash per KV head shared by its query heads
+    (the authors hash per query head; the choice was measured, see README) and selection per KV head.
+    Hashes come from `python train_spotlight.py` (<checkpoint>/spotlight.safetensors)."""
+    name = "spotlight"
+    retrieves = True
+    hash_kind = "mlp"  # spotlight_linear: sign(x) (untrained); lsh_retrieval: sign(xR), R ~ N(0, 1)
+    defaults = {"spotlight_prune": 0.9, "spotlight_sinks": 4, "spotlight_recent": 64,
+                "spotlight_dense_layers": [0, 1], "spotlight_hashes": ""}  # "" = <checkpoint>/spotlight.safetensors
+
+    def __init__(self, batch, n_kv, n_slots, head_dim, *args, **kwargs):
+        super().__init__(batch, n_kv, n_slots, head_dim, *args, **kwargs)
+        self.dense = self.layer in self.p["spotlight_dense_layers"]
+        self.d, W = head_dim, -(-head_dim // 64)
+        gh = 1
+        if self.hash_kind == "mlp" and not self.dense:
+            w = self.trained_weights(n_kv, head_dim)
+            gh = w[0].shape[0] // n_kv  # 1: per-KV-head hash; n_group: the authors' per-query-head hash
+            for n, t in zip(("w1", "b1", "w2", "b2"), w):
+                self.register_buffer(n, t.float())
+        elif self.hash_kind == "simhash":
+            g = torch.Generator().manual_seed(1000 + self.layer)
+            self.register_buffer("R", torch.randn(n_kv, head_dim, head_dim, generator=g))
+        self.gh = gh
+        self.register_buffer("codes", torch.zeros(batch, n_kv, gh, 0 if self.dense else n_slots, W,
+                                                  dtype=torch.long))
+
+    def trained_weights(self, n_kv, d):
+        path = Path(self.p["spotlight_hashes"] or Path(self.cfg.checkpoint_dir or ".") / "spotlight.safetensors")
+        if not path.exists():
+            raise FileNotFoundError(f"spotlight needs trained hashes at {path}; train them with: "
+                                    f"python train_spotlight.py --checkpoint_path {self.cfg.checkpoint_dir}")
+        w = load_hash_weights(str(path), path.stat().st_mtime_ns)
+        names = [f"layers.{self.layer}.{n}" for n in ("w1", "b1", "w2", "b2")]
+        if any(n not in w for n in names) or w[names[0]].shape[1:] != (d, d) or w[names[0]].shape[0] % n_kv:
+            raise ValueError(f"{path} has no hash of head_dim {d} for layer {self.layer}; retrain with: "
+                             f"python train_spotlight.py --checkpoint_path {self.cfg.checkpoint_dir}")
+        return [w[n] for n in names]
+
+    def hash(self, x):
+        """x [B, Hh, N, d] -> the real-valued code before the sign (fp32)."""
+        x = x.float()
+        if self.hash_kind == "mlp":
+            return spotlight_hash(x, self.w1, self.b1, self.w2, self.b2)
+        return x @ self.R if self.hash_kind == "simhash" else x
+
+    def key_codes(self, k):
+        """k [B, H_kv, T, d] -> [B, H_kv, Gh, T, W]."""
+        B, H, T, d = k.shape
+        x = k.repeat_interleave(self.gh, dim=1) if self.gh > 1 else k
+        return pack_bits(self.hash(x) > 0).view(B, H, self.gh, T, -1)
+
+    def query_codes(self, qg):
+        """qg [B, H_kv, G, d] -> [B, H_kv, G, W]."""
+        B, H, G, d = qg.shape
+        return pack_bits(self.hash(qg.reshape(B, H * self.gh, G // self.gh, d)) > 0).view(B, H, G, -1)
+
+    def on_prefill(self, q, k, v, pos, keep):
+        if not self.dense:
+            c = self.key_codes(k)
+            idx = keep[:, :, None, :, None].expand(-1, -1, self.gh, -1, c.shape[-1])
+            self.codes[:, :, :, :keep.shape[-1]] = c.gather(3, idx)
+
+    def on_write(self, slot, q, k_new, v_new, input_pos):
+        if not self.dense:
+            c = self.key_codes(k_new)  # [B, H_kv, Gh, 1, W]
+            self.codes.scatter_(3, slot[:, :, None, None, None].expand_as(c), c)
+
+    def n_select(self, n):
+        """How many keys the hash picks among n cached ones (n an int or a [B] tensor)."""
+        rho = self.p["spotlight_prune"]
+        if isinstance(n, int):
+            return max(min(n, 20), n - math.floor(rho * n))
+        return torch.maximum(n.clamp(max=20), n - (n.double() * rho).floor().long())
+
+    def select(self, qg, input_pos):
+        if self.dense:
+            return None
+        sim = hamming_sim(self.query_codes(qg), self.codes, self.d).sum(2)  # [B, H_kv, S]
+        pos, S = self.pos, self.n_slots
+        forced = (pos < self.p["spotlight_sinks"]) | (pos > input_pos[:, None, None] - self.p["spotlight_recent"])
+        forced = forced | (pos == input_pos[:, None, None])
+        K = min(S, self.n_select(S) + self.p["spotlight_sinks"] + self.p["spotlight_recent"] + 1)
+        return topk_select(sim, forced, pos >= 0, self.n_select(input_pos + 1), K)
+
+
+@register
+class SpotlightLinear(Spotlight):
+    """Spotlight's retrieval with its hash untrained (h = identity at the near-zero init): code = sign(x),
+    the d post-RoPE coordinates' signs. Training-free; the baseline trained Spotlight must beat."""
+    name = "spotlight_linear"
+    hash_kind = "sign"
+
+
+@register
+class LSHRetrieval(Spotlight):
+    """SimHash top-k, the random linear hashing Spotlight compares against: code = sign(x R),
+    R ~ N(0, 1)^{d x d} per layer and KV head (seeded by layer), top-k exactly as Spotlight."""
+    name = "lsh_retrieval"
+    hash_kind = "simhash"
+
+
+@register
+class Quest(KVCache):
+    """Quest, Tang et al. 2024 (arXiv 2406.10774): pages of `quest_page_size` tokens keep the
+    element-wise min m and max M of their keys (updated as tokens are written); a page's score for q
+    is sum_d max(q_d M_d, q_d m_d) = relu(q).M + min(q, 0).m, an upper bound of q.k on the page. Each
+    step reads the best pages within `quest_budget` tokens (a fraction of those seen, or a count),
+    the current page always; `quest_dense_layers` dense. GQA (Quest was MHA): the group's bounds are
+    combined by `quest_group` (max or mean), selection per KV head."""
+    name = "quest"
+    retrieves = True
+    defaults = {"quest_page_size": 16, "quest_budget": 0.1, "quest_dense_layers": [0, 1], "quest_group": "max"}
+
+    def __init__(self, batch, n_kv, n_slots, head_dim, *args, **kwargs):
+        super().__init__(batch, n_kv, n_slots, head_dim, *args, **kwargs)
+        self.dense = self.layer in self.p["quest_dense_layers"]
+        self.ps = int(self.p["quest_page_size"])
+        P = 0 if self.dense else -(-n_slots // self.ps)
+        self.register_buffer("kmax", torch.zeros(batch, n_kv, P, head_dim, dtype=self.k.dtype))
+        self.register_buffer("kmin", torch.zeros(batch, n_kv, P, head_dim, dtype=self.k.dtype))
+
+    def on_prefill(self, q, k, v, pos, keep):
+        if self.dense:
+            return
+        B, H, S, D = self.k.shape
+        P = self.kmax.shape[2]
+        filled = F.pad(self.pos >= 0, (0, P * self.ps - S)).view(B, H, P, self.ps, 1)
+        keys = F.pad(self.k, (0, 0, 0, P * self.ps - S)).view(B, H, P, self.ps, D)
+        any_ = filled.any(3)
+        self.kmax.copy_(keys.masked_fill(~filled, -math.inf).amax(3).where(any_, 0))
+        self.kmin.copy_(keys.masked_fill(~filled, math.inf).amin(3).where(any_, 0))
+
+    def on_write(self, slot, q, k_new, v_new, input_pos):
+        if self.dense:
+            return
+        page = (input_pos // self.ps)[:, None, None, None].expand(*k_new.shape[:2], 1, k_new.shape[-1])
+        first = (input_pos % self.ps == 0)[:, None, None, None]  # a fresh page starts from this key
+        for buf, op in ((self.kmax, torch.maximum), (self.kmin, torch.minimum)):
+            buf.scatter_(2, page, torch.where(first, k_new, op(buf.gather(2, page), k_new)))
+
+    def page_scores(self, qg):
+        """qg [B, H_kv, G, D] -> [B, H_kv, P]: the group's upper bounds of q.k, combined."""
+        q = qg.float()
+        s = q.clamp(min=0) @ self.kmax.float().transpose(-1, -2) + q.clamp(max=0) @ self.kmin.float().transpose(-1, -2)
+        return s.amax(2) if self.p["quest_group"] == "max" else s.mean(2)
+
+    def n_pages(self, n):
+        """Pages read with n tokens cached (n an int or a [B] tensor), the current one included."""
+        b = self.p["quest_budget"]
+        if isinstance(n, int):
+            return max(1, math.ceil((b * n if b <= 1 else min(n, b)) / self.ps))
+        tokens = (n.double() * b).ceil() if b <= 1 else n.clamp(max=int(b)).double()
+        return (tokens / self.ps).ceil().long().clamp(min=1)
+
+    def select(self, qg, input_pos):
+        if self.dense:
+            return None
+        P, ps, S = self.kmax.shape[2], self.ps, self.n_slots
+        page = torch.arange(P, device=qg.device)
+        cur = (input_pos // ps)[:, None, None]
+        scores = self.page_scores(qg)
+        filled = (page * ps <= input_pos[:, None, None]).expand_as(scores)
+        pidx, pok = topk_select(scores, (page == cur).expand_as(scores), filled, self.n_pages(input_pos + 1) - 1,
+                                min(P, self.n_pages(S)))
+        idx = (pidx[..., None] * ps + torch.arange(ps, device=qg.device)).flatten(-2)
+        ok = pok.repeat_interleave(ps, dim=-1) & (idx <= input_pos[:, None, None])
+        return idx.clamp(max=S - 1), ok
