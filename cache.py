@@ -366,10 +366,8 @@ class LSH(KVCache):
         return torch.cat([-far, torch.full_like(far[..., :1], math.inf)], -1)  # the new token always enters
 
     def on_write(self, slot, q, k_new, v_new, input_pos):
-        S = self.n_slots
-        idx = slot.clamp(max=S - 1)[..., None]
-        new = self.hash(k_new[:, :, 0])[..., None]
-        self.codes.scatter_(-1, idx, torch.where((slot < S)[..., None], new, self.codes.gather(-1, idx)))
+        (b, h), s = grid(slot), slot.clamp(max=self.n_slots - 1)
+        self.codes[b, h, s] = torch.where(slot < self.n_slots, self.hash(k_new[:, :, 0]), self.codes[b, h, s])
 
 
 @register
@@ -407,10 +405,8 @@ class H2O(KVCache):
         return torch.cat([self.score, self.new_score[..., None]], -1)
 
     def on_write(self, slot, q, k_new, v_new, input_pos):
-        S = self.n_slots
-        idx = slot.clamp(max=S - 1)[..., None]
-        new = torch.where((slot < S)[..., None], self.new_score[..., None], self.score.gather(-1, idx))
-        self.score.scatter_(-1, idx, new)
+        (b, h), s = grid(slot), slot.clamp(max=self.n_slots - 1)
+        self.score[b, h, s] = torch.where(slot < self.n_slots, self.new_score, self.score[b, h, s])
 
 
 @register
@@ -500,10 +496,9 @@ class Scissorhands(KVCache):
         filled = self.pos >= 0
         bit = probs >= 1.0 / (filled.sum(-1, keepdim=True) + 1)  # A_tj >= 1 / n_t
         r = self.step % self.w
-        word, mask = (r // 8).view(1), (1 << (r % 8)).to(torch.uint8)
-        old = self.hist.index_select(2, word)
-        rec = (bit[..., :-1] & filled)[:, :, None, :]
-        self.hist.index_copy_(2, word, torch.where(rec, old | mask, old & ~mask))
+        word, mask = r // 8, (1 << (r % 8)).to(torch.uint8)
+        old = self.hist[:, :, word]  # [B, H_kv, S]: the byte holding this step's bit of every slot
+        self.hist[:, :, word] = torch.where(bit[..., :-1] & filled, old | mask, old & ~mask)
         self.seen.copy_(torch.where(filled, (self.seen + 1).clamp(max=self.w), self.seen))
         self.new_bit.copy_(bit[..., -1])
         # full: free the m lowest mean indicators at once, compared exactly (ones/seen as a 2^32 fixed
@@ -512,22 +507,28 @@ class Scissorhands(KVCache):
         key = ((mean << 24) | self.pos.clamp(min=0)).masked_fill(~filled | self.protected(self.pos, input_pos), MAX64)
         victim = key.topk(min(self.m, self.n_slots), dim=-1, largest=False).indices
         free = filled.all(-1, keepdim=True) & (key.gather(-1, victim) < MAX64)
-        self.pos.scatter_(-1, victim, self.pos.gather(-1, victim).masked_fill(free, -1))
+        b, h = grid(victim)
+        self.pos[b[..., None], h[..., None], victim] = self.pos.gather(-1, victim).masked_fill(free, -1)
         return torch.zeros_like(probs)
 
     def on_write(self, slot, q, k_new, v_new, input_pos):
-        S, W = self.n_slots, self.hist.shape[2]
-        ok, idx = slot < S, slot.clamp(max=S - 1)
-        r = self.step % self.w
-        fresh = (torch.arange(W, device=slot.device) == r // 8).to(torch.uint8)[:, None]  # [W, 1]
-        fresh = fresh * (self.new_bit.to(torch.uint8) << (r % 8).to(torch.uint8))[..., None, None]
-        col = idx[:, :, None, None].expand(-1, -1, W, 1)
-        self.hist.scatter_(3, col, torch.where(ok[..., None, None], fresh, self.hist.gather(3, col)))
-        self.seen.scatter_(-1, idx[..., None], torch.where(ok, 1, self.seen.gather(-1, idx[..., None])[..., 0])[..., None].to(torch.int16))
+        (b, h), s, ok = grid(slot), slot.clamp(max=self.n_slots - 1), slot < self.n_slots
+        r = self.step % self.w  # the new token's history: cleared, then this step's own indicator
+        fresh = (torch.arange(self.hist.shape[2], device=slot.device) == r // 8).to(torch.uint8)
+        fresh = fresh * (self.new_bit.to(torch.uint8) << (r % 8).to(torch.uint8))[..., None]  # [B, H, W]
+        self.hist[b, h, :, s] = torch.where(ok[..., None], fresh, self.hist[b, h, :, s])
+        self.seen[b, h, s] = torch.where(ok, 1, self.seen[b, h, s]).to(torch.int16)
         self.step += 1
 
 
 MAX64 = torch.iinfo(torch.long).max
+
+
+def grid(slot):
+    """(b [B, 1], h [1, H]) index grids: buf[b, h, slot] is one slot per (sequence, KV head), and
+    assigning to it is an index_put_, which inductor keeps in place (see KVCache.write)."""
+    return (torch.arange(slot.shape[0], device=slot.device)[:, None],
+            torch.arange(slot.shape[1], device=slot.device)[None, :])
 
 
 def snap_scores(q, k, pos, p):
@@ -627,7 +628,7 @@ class AttentionLossProbe(nn.Module):
         present = torch.zeros(B, H, L + 1, dtype=torch.bool, device=q.device)
         present.scatter_(-1, held.masked_fill(held < 0, L), True)
         fpos = self.full.pos
-        lost = ~present.gather(-1, fpos.masked_fill(fpos < 0, L)) & (fpos >= 0)
+        lost = ~present.gather(-1, fpos.masked_fill(fpos < 0, L))  # empty full-cache slots: index L, 'present'
         qg = q.view(B, H, -1, q.shape[-1]).float()
         logits = (qg @ self.full.k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
         probs = logits.masked_fill(~(fpos >= 0)[:, :, None, :], -math.inf).softmax(-1)
@@ -652,15 +653,21 @@ def attend(qg, k, v, valid):
     query axis keeps per-KV-head masks on the fast kernel). Elsewhere, SDPA with a boolean mask."""
     if not (qg.is_cuda and torch.compiler.is_compiling()):
         return F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, :, None, :])
+    return flex_attend(qg, k, v, valid)
+
+
+def flex_attend(qg, k, v, valid):
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
     S, blk = valid.shape[-1], FLEX_BLOCK
     nb = -(-S // blk)
     blocks = F.pad(valid, (0, nb * blk - S)).view(*valid.shape[:2], nb, blk)
     full, partial = blocks.all(-1), blocks.any(-1) & ~blocks.all(-1)
 
-    def kv_blocks(sel):  # count and indices (selected blocks first) per (B, H_kv)
-        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return sel.sum(-1, dtype=torch.int32)[:, :, None], order[:, :, None, :]
+    def kv_blocks(sel):  # count and indices (selected blocks first) per (B, H_kv); a scatter, not a sort
+        rank = torch.where(sel, sel.cumsum(-1) - 1, nb)  # unselected blocks go to a spill column
+        order = torch.zeros(*sel.shape[:2], nb + 1, dtype=torch.int32, device=sel.device)
+        order.scatter_(-1, rank, torch.arange(nb, dtype=torch.int32, device=sel.device).expand_as(rank))
+        return sel.sum(-1, dtype=torch.int32)[:, :, None], order[:, :, None, :nb]
 
     (pn, pi), (fn, fi) = kv_blocks(partial), kv_blocks(full)
     mask = BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=(blk, blk), seq_lengths=(qg.shape[2], S),
