@@ -496,9 +496,9 @@ class Scissorhands(KVCache):
         filled = self.pos >= 0
         bit = probs >= 1.0 / (filled.sum(-1, keepdim=True) + 1)  # A_tj >= 1 / n_t
         r = self.step % self.w
-        word, mask = r // 8, (1 << (r % 8)).to(torch.uint8)
-        old = self.hist[:, :, word]  # [B, H_kv, S]: the byte holding this step's bit of every slot
-        self.hist[:, :, word] = torch.where(bit[..., :-1] & filled, old | mask, old & ~mask)
+        word, mask = (r // 8).view(1), (1 << (r % 8)).to(torch.uint8)
+        old = self.hist[:, :, word]  # [B, H_kv, 1, S]: the byte holding this step's bit of every slot
+        self.hist[:, :, word] = torch.where((bit[..., :-1] & filled)[:, :, None], old | mask, old & ~mask)
         self.seen.copy_(torch.where(filled, (self.seen + 1).clamp(max=self.w), self.seen))
         self.new_bit.copy_(bit[..., -1])
         # full: free the m lowest mean indicators at once, compared exactly (ones/seen as a 2^32 fixed

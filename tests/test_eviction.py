@@ -1,0 +1,527 @@
+"""Eviction strategies (cache.py, "eviction strategies") against naive references.
+
+Each reference is written here from the paper's definition: plain Python over tokens, lists, dicts and
+Fractions, nothing imported from cache.py but the class under test (and, for LSH, its random matrix R).
+A single cache layer is driven with scripted random keys, values and queries (B=2, H_kv=2, G=2; the
+second sequence left-padded, so the two sequences evict independently) through prefill and many
+decode steps; after every step the kept positions of every (sequence, KV head) must equal the
+reference's, and budget, sinks and recent window must hold. Continuous random data keeps
+float scores tie-free; integer scores (Hamming distances, indicator counts) tie, and both sides break
+ties toward evicting the oldest token, the rule cache.py documents.
+"""
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import cache as kv
+from model import ModelArgs, Transformer
+
+B, H_KV, G, D = 2, 2, 2, 8
+T, STEPS, PAD = 20, 25, 3  # prompt length (sequence 1 has PAD tokens of left padding), decode steps
+SINKS, RECENT = 2, 3
+SLOTS = 12                 # evicting strategies' budget
+ROOM = 10                  # prefill-only strategies' prompt budget (slots = ROOM + STEPS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()  # tiny tensors: threads only add contention on a loaded CPU
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def scripted(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H_KV * G, T + STEPS, D, generator=g)
+    k = torch.randn(B, H_KV, T + STEPS, D, generator=g)
+    v = torch.randn(B, H_KV, T + STEPS, D, generator=g)
+    pos = torch.arange(T).repeat(B, 1)
+    pos[1] -= PAD
+    pos[1, :PAD] = -1
+    return q, k, v, pos
+
+
+def run_cache(name, slots, params=None, layer=0, n_layer=1, sinks=SINKS, recent=RECENT):
+    """Drive one cache layer: prefill, then STEPS decode steps; kept positions after each."""
+    cfg = kv.CacheConfig(strategy=name, global_tokens=sinks, recent_window=recent, params=params or {})
+    q, k, v, pos = scripted()
+    cache = kv.REGISTRY[name](B, H_KV, slots, D, G, torch.float32, layer, n_layer, cfg, STEPS)
+    cache.prefill(q[:, :, :T], k[:, :, :T], v[:, :, :T], pos)
+    history = [kept(cache)]
+    for t in range(STEPS):
+        i = T + t
+        cache.decode(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], pos[:, -1] + 1 + t)
+        history.append(kept(cache))
+    return cache, history
+
+
+def kept(cache):
+    return [[sorted(p for p in cache.pos[b, h].tolist() if p >= 0) for h in range(H_KV)] for b in range(B)]
+
+
+# ---- the naive side ---------------------------------------------------------------------------------
+
+class Seq:
+    """Sequence b's real tokens as Python lists: per position, its queries (per query head) and keys."""
+
+    def __init__(self, b):
+        q, k, _, pos = scripted()
+        last = int(pos[b, -1])
+        self.q, self.k, self.prompt, self.new = {}, {}, [], []
+        for i in range(T + STEPS):
+            p = int(pos[b, i]) if i < T else last + 1 + i - T
+            if p >= 0:
+                self.q[p], self.k[p] = q[b, :, i].tolist(), k[b, :, i].tolist()
+                (self.prompt if i < T else self.new).append(p)
+
+    def probs(self, h, at, keys):
+        """Softmax attention of the query at position `at` over `keys` (positions), averaged over KV
+        head h's query heads: {position: probability}."""
+        out = dict.fromkeys(keys, 0.0)
+        for j in range(h * G, (h + 1) * G):
+            logits = [sum(a * b for a, b in zip(self.q[at][j], self.k[p][h])) / math.sqrt(D) for p in keys]
+            top = max(logits)
+            e = [math.exp(x - top) for x in logits]
+            for p, x in zip(keys, e):
+                out[p] += x / sum(e) / G
+        return out
+
+
+def protect(p, now, sinks=SINKS, recent=RECENT):
+    return p < sinks or p > now - recent
+
+
+def prompt_keep(scores, room, protected):
+    """Keep every protected prompt token and the best-scored others up to `room` (ties: the newer)."""
+    if len(scores) <= room:
+        return set(scores)
+    keep = {p for p in scores if protected(p)}
+    rest = sorted((p for p in scores if p not in keep), key=lambda p: (scores[p], p), reverse=True)
+    return keep | set(rest[:room - len(keep)])
+
+
+def evict(kept_, new, score, protected, slots):
+    """One step: the new token takes a free slot, else the lowest-scored unprotected token (the new
+    one included; ties: the oldest) leaves."""
+    if len(kept_) < slots:
+        return kept_ | {new}
+    victim = min((p for p in kept_ | {new} if not protected(p)), key=lambda p: (score(p), p))
+    return (kept_ | {new}) - {victim}
+
+
+def ref_scored(seq, slots, score):
+    """Strategies whose score needs no attention probabilities: score(p, now), higher keeps."""
+    last = seq.prompt[-1]
+    keep = prompt_keep({p: score(p, last) for p in seq.prompt}, slots, lambda p: protect(p, last))
+    out = [keep]
+    for now in seq.new:
+        keep = evict(keep, now, lambda p: score(p, now), lambda p: protect(p, now), slots)
+        out.append(keep)
+    return out
+
+
+def per_head(ref):
+    """ref(b, h) -> list of kept sets per step; laid out like kept(): [step][b][h] sorted lists."""
+    runs = [[ref(b, h) for h in range(H_KV)] for b in range(B)]
+    return [[[sorted(runs[b][h][t]) for h in range(H_KV)] for b in range(B)] for t in range(STEPS + 1)]
+
+
+def assert_same(history, expected):
+    for t, (got, want) in enumerate(zip(history, expected, strict=True)):
+        assert got == want, f"step {t} (0 = after prefill): cache kept {got}, reference {want}"
+
+
+def assert_invariants(history, slots, sinks=SINKS, recent=RECENT, protects=True):
+    for b in range(B):
+        seq = Seq(b)
+        for t, step in enumerate(history):
+            now = seq.prompt[-1] if t == 0 else seq.new[t - 1]
+            seen = [p for p in seq.prompt + seq.new if p <= now]
+            for kept_ in step[b]:
+                assert len(kept_) == len(set(kept_)) <= slots
+                assert set(kept_) <= set(seen)
+                if protects:
+                    assert {p for p in seen if protect(p, now, sinks, recent)} <= set(kept_), f"step {t}"
+
+
+def hash24(*keys):
+    """The random strategy's documented stream (cache.hash_uniform), in Python ints."""
+    x = 0
+    for key in keys:
+        x = (x * 0x27D4EB2F + key) & 0xFFFFFFFF
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+        x = (x >> 16) ^ x
+    return x >> 8
+
+
+# ---- one test per strategy ------------------------------------------------------------------------
+
+def test_streamingllm():
+    _, hist = run_cache("streamingllm", SLOTS)
+    assert_same(hist, per_head(lambda b, h: ref_scored(Seq(b), SLOTS, lambda p, now: p)))
+    assert_invariants(hist, SLOTS)
+
+
+def test_random():
+    _, hist = run_cache("random", SLOTS, {"random_seed": 7})
+    assert_same(hist, per_head(lambda b, h: ref_scored(Seq(b), SLOTS, lambda p, now: hash24(7, 0, b, h, now, p))))
+    assert_invariants(hist, SLOTS)
+
+
+def test_l2_continuous():
+    def ref(b, h):
+        seq = Seq(b)
+        return ref_scored(seq, SLOTS, lambda p, now: -math.sqrt(sum(x * x for x in seq.k[p][h])))
+    _, hist = run_cache("l2", SLOTS)
+    assert_same(hist, per_head(ref))
+    assert_invariants(hist, SLOTS)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_l2_one_shot(layer):
+    """Authors' code: the prompt is cut once to the lowest norms (no sinks, no window), generated
+    tokens are appended; skipped layers get full-size buffers and keep everything."""
+    cfg = kv.CacheConfig(strategy="l2", max_cache_length=[str(ROOM + STEPS)], params={"l2_one_shot": True})
+    slots = kv.REGISTRY["l2"].layer_slots(cfg, 3, T + STEPS, STEPS)
+    assert slots == [T + STEPS, T + STEPS, ROOM + STEPS]  # l2_skip_layers default [0, 1]
+
+    def ref(b, h):
+        seq = Seq(b)
+        room = slots[layer] - STEPS
+        norms = {p: -math.sqrt(sum(x * x for x in seq.k[p][h])) for p in seq.prompt}
+        keep = prompt_keep(norms, room, lambda p: False)
+        return [keep | set(seq.new[:t]) for t in range(STEPS + 1)]
+    _, hist = run_cache("l2", slots[layer], {"l2_one_shot": True}, layer=layer, n_layer=3)
+    assert_same(hist, per_head(ref))
+    assert_invariants(hist, slots[layer], protects=False)
+
+
+def simhash(x, R):
+    return [sum(a * R[d][j] for d, a in enumerate(x)) >= 0 for j in range(len(R[0]))]
+
+
+@pytest.mark.parametrize("params", [{}, {"lsh_hash_key": True}, {"lsh_dim": 4}])
+def test_lsh(params):
+    cache, hist = run_cache("lsh", SLOTS, params)
+    R = cache.R.tolist()
+    assert len(R) == D and len(R[0]) == params.get("lsh_dim", 16)
+
+    def ref(b, h):
+        seq = Seq(b)
+
+        def score(p, now):  # -Hamming distance to the new token's code (the group's mean query, or its key)
+            if p == now:
+                return math.inf
+            x = seq.k[now][h] if params.get("lsh_hash_key") else \
+                [sum(c) / G for c in zip(*seq.q[now][h * G:(h + 1) * G])]
+            return -sum(a != c for a, c in zip(simhash(seq.k[p][h], R), simhash(x, R)))
+        last = seq.prompt[-1]  # prompts are cut to sinks + recent (their default)
+        keep = prompt_keep({p: p for p in seq.prompt}, SLOTS, lambda p: protect(p, last))
+        out = [keep]
+        for now in seq.new:
+            keep = evict(keep, now, lambda p: score(p, now), lambda p: protect(p, now), SLOTS)
+            out.append(keep)
+        return out
+    assert_same(hist, per_head(ref))
+    assert_invariants(hist, SLOTS)
+
+
+@pytest.mark.parametrize("sinks,recent", [(SINKS, RECENT), (0, 0.5)])
+def test_h2o(sinks, recent):
+    """Accumulated, un-normalised attention; the refilled slot restarts at the new token's own score.
+    (0, 0.5): the paper's setting, no sinks and half the budget recent."""
+    n_recent = round(recent * SLOTS) if recent < 1 else recent
+
+    def ref(b, h):
+        seq = Seq(b)
+        acc = dict.fromkeys(seq.prompt, 0.0)
+        for i in seq.prompt:
+            for p, a in seq.probs(h, i, [p for p in seq.prompt if p <= i]).items():
+                acc[p] += a
+        last = seq.prompt[-1]
+        keep = prompt_keep(acc, SLOTS, lambda p: protect(p, last, sinks, n_recent))
+        out = [keep]
+        for now in seq.new:
+            a = seq.probs(h, now, sorted(keep) + [now])
+            acc = {p: acc[p] + a[p] for p in keep} | {now: a[now]}
+            keep = evict(keep, now, acc.get, lambda p: protect(p, now, sinks, n_recent), SLOTS)
+            out.append(keep)
+        return out
+    _, hist = run_cache("h2o", SLOTS, sinks=sinks, recent=recent)
+    assert_same(hist, per_head(ref))
+    assert_invariants(hist, SLOTS, sinks, n_recent)
+
+
+@pytest.mark.parametrize("per_head_flag", [False, True])
+def test_tova(per_head_flag):
+    """Lowest attention of the current query leaves (the new token may); by default averaged over all
+    heads of the layer, so every head drops the same token. Prefill: the last prompt query."""
+    def ref_seq(b, heads):
+        seq = Seq(b)
+
+        def score(at, keys):  # mean over the query heads of `heads`
+            per = [seq.probs(h, at, keys) for h in heads]
+            return {p: sum(s[p] for s in per) / len(per) for p in keys}
+        last = seq.prompt[-1]
+        keep = prompt_keep(score(last, seq.prompt), SLOTS, lambda p: protect(p, last))
+        out = [keep]
+        for now in seq.new:
+            s = score(now, sorted(keep) + [now])
+            keep = evict(keep, now, s.get, lambda p: protect(p, now), SLOTS)
+            out.append(keep)
+        return out
+    ref = (lambda b, h: ref_seq(b, [h])) if per_head_flag else (lambda b, h: ref_seq(b, range(H_KV)))
+    _, hist = run_cache("tova", SLOTS, {"tova_per_head": per_head_flag})
+    assert_same(hist, per_head(ref))
+    assert_invariants(hist, SLOTS)
+
+
+@pytest.mark.parametrize("w,m", [(6, 1), (6, 3), (400, 1)])
+def test_scissorhands(w, m):
+    """Indicator A_tj >= 1/n_t, last w kept per token, lowest mean indicator dropped (m at once when
+    full), sinks + recent protected, a refilled slot's history restarts."""
+    def ref(b, h):
+        seq = Seq(b)
+        hist = {p: [] for p in seq.prompt}
+        for i in seq.prompt[-w:]:  # the last w prompt queries (no padding among them here)
+            a = seq.probs(h, i, [p for p in seq.prompt if p <= i])
+            for p in a:
+                hist[p].append(a[p] >= 1 / len(a))
+
+        def mean(p):
+            return Fraction(sum(hist[p]), len(hist[p]))
+        last = seq.prompt[-1]
+        keep = prompt_keep({p: mean(p) for p in seq.prompt}, SLOTS, lambda p: protect(p, last))
+        out = [keep]
+        for now in seq.new:
+            a = seq.probs(h, now, sorted(keep) + [now])
+            for p in keep:
+                hist[p] = (hist[p] + [a[p] >= 1 / len(a)])[-w:]
+            hist[now] = [a[now] >= 1 / len(a)]
+            if len(keep) == SLOTS:
+                cands = sorted((p for p in keep if not protect(p, now)), key=lambda p: (mean(p), p))
+                keep = keep - set(cands[:m])
+            keep = keep | {now}
+            out.append(keep)
+        return out
+    cache, hist = run_cache("scissorhands", SLOTS, {"sh_history": w, "sh_drop": m})
+    assert_same(hist, per_head(ref))
+    assert_invariants(hist, SLOTS)
+    assert cache.hist.dtype == torch.uint8 and cache.hist.shape[2] == -(-w // 8)  # w bits per slot, packed
+
+
+def snap_reference(seq, h, room, w, kernel, pool):
+    """SnapKV: the last w prompt queries' attention summed per earlier key (group mean), pooled along
+    the prefix (stride 1, zero padding kernel // 2; avg counts the padding), top (room - w) + window."""
+    P = seq.prompt
+    if len(P) <= room:
+        keep = set(P)
+    else:
+        win, prefix = P[-w:], P[:-w]
+        att = [0.0] * len(prefix)
+        for i in win:
+            a = seq.probs(h, i, [p for p in P if p <= i])
+            for x, p in enumerate(prefix):
+                att[x] += a[p]
+        r = kernel // 2
+        pooled = {}
+        for x, p in enumerate(prefix):
+            around = [att[y] if 0 <= y < len(att) else 0.0 for y in range(x - r, x + r + 1)]
+            pooled[p] = max(around) if pool == "max" else sum(around) / kernel
+        keep = set(win) | prompt_keep(pooled, room - len(win), lambda p: False)
+    return [keep | set(seq.new[:t]) for t in range(STEPS + 1)]
+
+
+@pytest.mark.parametrize("pool,kernel", [("max", 3), ("avg", 5)])
+def test_snapkv(pool, kernel):
+    params = {"snap_window": 4, "snap_kernel": kernel, "snap_pool": pool}
+    _, hist = run_cache("snapkv", ROOM + STEPS, params)
+    assert_same(hist, per_head(lambda b, h: snap_reference(Seq(b), h, ROOM, 4, kernel, pool)))
+    assert_invariants(hist, ROOM + STEPS, protects=False)
+    for b in range(B):  # the observation window is always kept
+        assert all(set(Seq(b).prompt[-4:]) <= set(kept_) for kept_ in hist[0][b])
+
+
+def pyramid_formula(B_, n_layer, T_, w, beta=20.0):
+    """PyramidKV's per-layer prompt budgets, in floats (before rounding)."""
+    lo = (B_ - w) / beta
+    hi = 2 * (B_ - w) - lo
+    if hi > T_ - w:
+        hi, lo = T_ - w, 2 * (B_ - w) - (T_ - w)
+    return [w + hi - layer * (hi - lo) / (n_layer - 1) for layer in range(n_layer)]
+
+
+@pytest.mark.parametrize("B_,n_layer,T_,w", [(128, 32, 4096, 32), (64, 32, 4096, 8), (100, 7, 230, 8), (10, 4, T, 4)])
+def test_pyramid_budgets(B_, n_layer, T_, w):
+    """Mean exactly B (the official floors overshoot), each within 1 of the float formula, shrinking."""
+    cfg = kv.CacheConfig(strategy="pyramid", max_cache_length=[str(B_ + 5)], params={"snap_window": w})
+    slots = kv.REGISTRY["pyramid"].layer_slots(cfg, n_layer, T_ + 5, 5)
+    budgets = [s - 5 for s in slots]
+    assert sum(budgets) == B_ * n_layer
+    assert all(abs(b - f) < 1 for b, f in zip(budgets, pyramid_formula(B_, n_layer, T_, w)))
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] > budgets[-1]
+
+
+def test_pyramid_short_prompts():
+    """Prompts shorter than 2(B - w) (or than B) get B in every layer, as in the official code."""
+    cfg = kv.CacheConfig(strategy="pyramid", max_cache_length=["138"])  # B = 128 with 10 new tokens
+    for T_ in (100, 2 * (128 - 32) - 1):
+        assert kv.REGISTRY["pyramid"].layer_slots(cfg, 32, T_ + 10, 10) == [min(138, T_ + 10)] * 32
+    assert len(set(kv.REGISTRY["pyramid"].layer_slots(cfg, 32, 2 * (128 - 32) + 10, 10))) > 1
+
+
+@pytest.mark.parametrize("layer", [0, 2, 3])
+def test_pyramid(layer):
+    params = {"snap_window": 4, "snap_kernel": 3, "snap_pool": "max"}
+    cfg = kv.CacheConfig(strategy="pyramid", max_cache_length=[str(ROOM + STEPS)], params=params)
+    slots = kv.REGISTRY["pyramid"].layer_slots(cfg, 4, T + STEPS, STEPS)
+    assert [s - STEPS for s in slots] == [16, 12, 8, 4]  # 15.7, 11.9, 8.1, 4.3 rounded to mean 10
+    _, hist = run_cache("pyramid", slots[layer], params, layer=layer, n_layer=4)
+    assert_same(hist, per_head(lambda b, h: snap_reference(Seq(b), h, slots[layer] - STEPS, 4, 3, "max")))
+
+
+def test_budget_patterns():
+    """uniform: B everywhere; pyramid: most slots in layer 0, fewest last; funnel: reversed; all with
+    mean B and every layer above the floor (sinks + recent + 1)."""
+    def slots(pattern, values=("64",)):
+        cfg = kv.CacheConfig(strategy="h2o", max_cache_length=list(values), budget_pattern=pattern)
+        return kv.REGISTRY["h2o"].layer_slots(cfg, 6, 200, 8)
+    assert slots("uniform") == [64] * 6
+    pyr, fun = slots("pyramid"), slots("funnel")
+    assert sum(pyr) == sum(fun) == 64 * 6 and pyr == fun[::-1] and pyr == sorted(pyr, reverse=True)
+    assert min(pyr) >= 4 + 10 + 1 and pyr[0] > pyr[-1]
+    assert slots("uniform", ["0.5"]) == [100] * 6 and slots("uniform", [str(i + 20) for i in range(6)])[5] == 25
+    with pytest.raises(ValueError):
+        slots("pyramid", [str(i + 20) for i in range(6)])
+    with pytest.raises(ValueError):
+        slots("zigzag")
+    with pytest.raises(ValueError):  # below sinks + recent + 1
+        slots("uniform", ["12"])
+
+
+# ---- model-level properties -----------------------------------------------------------------------
+
+VARIANTS = [("streamingllm", {}), ("random", {}), ("l2", {}), ("l2", {"l2_one_shot": True, "l2_skip_layers": [0]}), ("lsh", {}),
+            ("lsh", {"lsh_hash_key": True, "lsh_dim": 64}), ("h2o", {}), ("tova", {}), ("tova", {"tova_per_head": True}),
+            ("scissorhands", {}), ("scissorhands", {"sh_drop": 3}), ("snapkv", {}), ("pyramid", {})]
+
+
+def tiny_run(name, params, budget, steps, step_fn=None, prompt=40):
+    torch.manual_seed(0)
+    args = ModelArgs.from_name("tiny")
+    model = Transformer(args).eval()
+    tokens = torch.randint(0, args.vocab_size, (B, prompt))
+    pos = torch.arange(prompt).repeat(B, 1)
+    pos[1] -= 5
+    pos[1, :5] = -1
+    cfg = kv.CacheConfig(strategy=name, max_cache_length=[budget], params=params)
+    caches = kv.make_caches(args, cfg, B, prompt + steps + 1, steps + 1, "cpu", torch.float32)
+    model.setup_caches(caches)
+    step_fn = step_fn(model) if step_fn else model.forward
+    out = []
+    with torch.no_grad():
+        out.append(model.prefill(tokens, pos))
+        tok, now = out[-1].argmax(-1, keepdim=True), pos[:, -1] + 1
+        for i in range(steps):
+            out.append(step_fn(tok, now + i)[:, -1].clone())
+            tok = out[-1].argmax(-1, keepdim=True)
+    return caches, out
+
+
+@pytest.mark.parametrize("name,params", VARIANTS)
+def test_budget_covering_sequence_matches_full(name, params):
+    _, want = tiny_run("full", {}, "1.0", 8)
+    caches, got = tiny_run(name, params, "1.0", 8)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,params", VARIANTS)
+def test_zero_recompiles(name, params):
+    """The decode step compiles once (fullgraph) and never again while the cache fills and evicts."""
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = lambda model: torch.compile(model.forward, fullgraph=True, backend="eager")  # noqa: E731
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        caches, _ = tiny_run(name, params, "0.5", 14, compiled)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert min(c.n_slots for c in caches) < 40  # the 40-token prompt was cut (evicting ones then evict each step)
+
+
+def expected_bytes(name, params, slots, B_, H, D_, elt):
+    """K + V + positions + per-head limits + each strategy's auxiliary buffers, counted by hand."""
+    n = 0
+    for S in slots:
+        n += 2 * B_ * H * S * D_ * elt + B_ * H * S * 8 + H * 8
+        if name == "lsh":
+            L = params.get("lsh_dim", 16)
+            n += B_ * H * S * (2 if L <= 16 else 4 if L <= 32 else 8) + D_ * L * 4  # codes + R (fp32)
+        elif name == "h2o":
+            n += B_ * H * S * 4 + B_ * H * 4                    # accumulated scores + the new token's
+        elif name == "scissorhands":
+            w = params.get("sh_history", 400)
+            n += B_ * H * S * (-(-w // 8)) + B_ * H * S * 2 + 8 + B_ * H  # bit ring + counts + step + new bit
+    return n
+
+
+@pytest.mark.parametrize("name,params", VARIANTS + [("lsh", {"lsh_dim": 24}), ("scissorhands", {"sh_history": 64})])
+def test_cache_bytes(name, params):
+    args = ModelArgs.from_name("tiny")
+    cfg = kv.CacheConfig(strategy=name, max_cache_length=["0.5"], params=params)
+    caches = kv.make_caches(args, cfg, 3, 300, 20, "cpu", torch.bfloat16)
+    slots = [c.n_slots for c in caches]
+    assert max(slots) <= 300 and (min(slots) < 300 or name == "l2")
+    assert kv.cache_bytes(caches) == expected_bytes(name, params, slots, 3, args.n_local_heads, args.head_dim, 2)
+
+
+@pytest.mark.parametrize("L,dtype", [(4, torch.int16), (16, torch.int16), (17, torch.int32), (32, torch.int32),
+                                     (64, torch.int64)])
+def test_lsh_bit_packing(L, dtype):
+    """lsh_dim bits in one integer per slot (not a byte per bit); Hamming distances exact."""
+    cfg = kv.CacheConfig(strategy="lsh", params={"lsh_dim": L})
+    cache = kv.REGISTRY["lsh"](1, 2, 16, D, G, torch.float32, 3, 4, cfg)
+    assert cache.codes.dtype == dtype and cache.R.shape == (D, L)
+    x = torch.randn(50, D, generator=torch.Generator().manual_seed(1))
+    codes = cache.hash(x)
+    R = cache.R.tolist()
+    width = torch.iinfo(dtype).bits
+    unsigned = [c & ((1 << width) - 1) for c in codes.tolist()]
+    packed = [sum(bit << i for i, bit in enumerate(simhash(v, R))) for v in x.tolist()]
+    assert unsigned == packed
+    ham = cache.hamming(codes[:, None], codes[None, :]).tolist()
+    assert ham == [[bin(a ^ b).count("1") for b in packed] for a in packed]
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "h2o"])
+def test_attention_loss_probe(name):
+    """Debug mode: full-cache attention mass on tokens the compressed cache had evicted when it
+    attended (h2o attends before it evicts), per step and sequence, mean over query heads."""
+    q, k, v, pos = scripted()
+    cfg = kv.CacheConfig(strategy=name, global_tokens=SINKS, recent_window=RECENT)
+    cache = kv.REGISTRY[name](B, H_KV, SLOTS, D, G, torch.float32, 0, 1, cfg, STEPS)
+    probe = kv.AttentionLossProbe(cache, T + STEPS, STEPS)
+    probe.prefill(q[:, :, :T], k[:, :, :T], v[:, :, :T], pos)
+    for t in range(STEPS):
+        i = T + t
+        before = kept(cache)
+        probe.decode(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], pos[:, -1] + 1 + t)
+        attended = before if name == "h2o" else kept(cache)
+        for b in range(B):
+            seq, now = Seq(b), Seq(b).new[t]
+            every = [p for p in seq.prompt + seq.new if p <= now]
+            mass = sum(sum(a for p, a in seq.probs(h, now, every).items() if p not in set(attended[b][h]) | {now})
+                       for h in range(H_KV)) / H_KV
+            assert abs(probe.loss[b, t].item() - mass) < 1e-5
+    assert probe.loss[:, -1].min() > 0
+    full = kv.KVCache(B, H_KV, T + STEPS, D, G, torch.float32, 0, 1, kv.CacheConfig(), STEPS)
+    probe = kv.AttentionLossProbe(full, T + STEPS, STEPS)
+    probe.prefill(q[:, :, :T], k[:, :, :T], v[:, :, :T], pos)
+    for t in range(3):
+        probe.decode(q[:, :, T + t:T + t + 1], k[:, :, T + t:T + t + 1], v[:, :, T + t:T + t + 1], pos[:, -1] + 1 + t)
+    assert probe.loss[:, :3].abs().max() == 0 and probe.loss[:, 3:].isnan().all()
