@@ -91,16 +91,21 @@ def compile_decode(model, device):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, temperature=0.0, top_k=None,
-             stop_ids=(), decode_step=None, device="cpu", on_caches=None) -> Result:
-    """Prefill a batch of prompts (token lists of any lengths), then decode max_new_tokens steps."""
+             stop_ids=(), decode_step=None, device="cpu", on_caches=None, suffixes=None) -> Result:
+    """Prefill a batch of prompts (token lists of any lengths), then decode max_new_tokens steps.
+
+    `suffixes` (one token list per prompt, all of one length) are fed through decode steps after the
+    prefill, before the first sampled token: text placed after a compressed prompt sees only what the
+    cache kept (eval.py's query-agnostic mode). prefill_s then covers them (time to first token)."""
     B = len(prompts)
-    max_len = max(len(p) for p in prompts) + max_new_tokens
+    n_sfx = len(suffixes[0]) if suffixes else 0
+    max_len = max(len(p) for p in prompts) + n_sfx + max_new_tokens
     if max_len > model.args.block_size:
         raise UserError(f"prompt of {max_len - max_new_tokens} tokens + {max_new_tokens} new tokens exceeds "
                         f"the model's maximum context of {model.args.block_size}")
     dtype = model.tok_embeddings.weight.dtype
-    try:
-        caches = kv.make_caches(model.args, cache_cfg, B, max_len, max_new_tokens, device, dtype)
+    try:  # suffix tokens take the slots a prefill-only strategy reserves for new tokens
+        caches = kv.make_caches(model.args, cache_cfg, B, max_len, n_sfx + max_new_tokens, device, dtype)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     model.setup_caches(caches)
@@ -112,15 +117,19 @@ def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, tempe
     sync(device)
     t0 = time.perf_counter()
     logits = model.prefill(tokens, pos)
+    input_pos = pos[:, -1] + 1
+    compile_s = 0.0
+    if n_sfx:
+        logits, input_pos, first = feed(step, torch.tensor(suffixes, device=device), input_pos, device)
+        compile_s = first if decode_step is not None else 0.0  # a compiled step compiles on its first call
     next_tok = sample(logits, temperature, top_k)
     sync(device)
-    prefill_s = time.perf_counter() - t0
+    prefill_s = time.perf_counter() - t0 - compile_s
 
-    input_pos = pos[:, -1] + 1
     stops = torch.tensor(list(stop_ids) or [-1], device=device)
     done = torch.isin(next_tok[:, 0], stops)
     out = [next_tok]
-    compile_s, t0, steps = 0.0, time.perf_counter(), 0
+    t0, steps = time.perf_counter(), 0
     for i in range(max_new_tokens - 1):
         logits = step(next_tok, input_pos)
         next_tok = sample(logits[:, -1].clone(), temperature, top_k)
@@ -130,15 +139,28 @@ def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, tempe
         steps += 1
         if i == 0:  # the first call compiles (or captures a CUDA graph): time it apart from decoding
             sync(device)
-            compile_s, t0, steps = time.perf_counter() - t0, time.perf_counter(), 0
+            compile_s, t0, steps = compile_s + time.perf_counter() - t0, time.perf_counter(), 0
         if (i + 1) % STOP_CHECK == 0 and bool(done.all()):
             break
     sync(device)
     decode_s = time.perf_counter() - t0
     generated = torch.cat(out, dim=1).tolist()
-    seen = torch.tensor([len(p) for p in prompts], device=device) + len(out) - 1
+    seen = torch.tensor([len(p) for p in prompts], device=device) + n_sfx + len(out) - 1
     return Result([cut_at_stop(g, stop_ids) for g in generated], prefill_s, decode_s, steps,
                   kv.cache_bytes(caches), kv.compression_ratio(caches, seen), compile_s)
+
+
+def feed(step, tokens, input_pos, device):
+    """Teacher-force tokens [B, n] through n decode steps from positions input_pos [B]. Returns the last
+    step's logits [B, vocab], the next positions, and the first step's time (a compiled step compiles)."""
+    t0, first = time.perf_counter(), 0.0
+    for j in range(tokens.shape[1]):
+        logits = step(tokens[:, j:j + 1], input_pos)[:, -1]
+        input_pos = input_pos + 1
+        if j == 0:
+            sync(device)
+            first = time.perf_counter() - t0
+    return logits.clone(), input_pos, first
 
 
 def cut_at_stop(tokens, stop_ids):

@@ -1,0 +1,542 @@
+"""Evaluate KV-cache strategies on offline tasks, judge-free: `python eval.py --tasks gsm8k passkey`.
+
+    python eval.py --tasks gsm8k rulerniah --cache_strategy full h2o l2 --max_cache_length 0.5 0.25
+    python eval.py --tasks longbench --cache_config cache_configs/a.yaml cache_configs/b.yaml
+    torchrun --nproc_per_node 2 eval.py --tasks passkey --num_samples 20      # data parallel (gloo)
+    python eval.py --report results/                                         # table + Pareto plots
+
+Sweeps: several --cache_strategy, --max_cache_length or --cache_config values run their cartesian
+product. Here, unlike generate.py, several --max_cache_length values are a sweep; a per-layer budget
+is one comma-separated value (`--max_cache_length 0.5,0.5,0.25,...`) or a list in a YAML config.
+Strategies that ignore the budget (full, retrieval) run once.
+
+Fair by construction: every config sees the same prompt tokens and one prompt-compression rule
+(--prompt_compression; 'own' = the strategy's prefill scores if it defines them, else the shared
+default, sinks + most recent), written to config.json as `prompt_rule`. Each sample's cache is sized
+from its own length. Query-agnostic by default: the context is prefilled (and compressed), then the
+question is fed token by token through decode steps, so it sees only what the cache kept and eviction
+goes on (generate.generate's `suffixes`); --query_aware prefills the question with the context.
+
+Results go to results/<model>/<task>/<config>/: config.json (the effective config), predictions.jsonl
+(one line per sample, appended and fsynced as made) and metrics.json. A rerun skips finished samples
+(a truncated last line is dropped) and refuses to mix configurations; --overwrite restarts. Under
+torchrun each rank writes its shard to predictions.rank<r>.jsonl and rank 0 merges them.
+"""
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+import cache as kv
+import generate as gen
+import tasks as T
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
+SWEEP = ("cache_config", "cache_strategy", "max_cache_length")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--tasks", nargs="+", default=["gsm8k"],
+                   help=f"tasks or groups: {', '.join([*T.SIMPLE, *T.RULER_NIAH, *T.GROUPS])}, longbench_<dataset>")
+    p.add_argument("--num_samples", type=int, default=None,
+                   help="first N samples of each task (synthetic tasks: N generated, default 100)")
+    p.add_argument("--seed", type=int, default=0, help="few-shot exemplars, synthetic data, random strategies")
+    p.add_argument("--checkpoint_path", default=gen.DEFAULT_CHECKPOINT)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--query_aware", action="store_true", help="prefill the question with the context")
+    p.add_argument("--no_chat", action="store_true", help="never apply the chat template")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="override every task's output length")
+    p.add_argument("--results_dir", default="results")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier results of these runs")
+    p.add_argument("--report", metavar="DIR", help="print the markdown table of DIR and write Pareto plots")
+    p.add_argument("--report_out", default=None, help="folder for the --report plots (default: DIR)")
+    p.add_argument("--data_dir", default=str(DATA_DIR))
+    t = p.add_argument_group("tasks")
+    t.add_argument("--context_length", type=int, default=4096, help="synthetic, niah, ppl, longbench (tokens)")
+    t.add_argument("--num_fewshot", type=int, default=5, help="gsm8k exemplars")
+    t.add_argument("--longbench_dir", default=None, help="unzipped LongBench data.zip (data/*.jsonl)")
+    t.add_argument("--niah_lengths", type=int, nargs="+", default=None, help="default: L/4, L/2, L")
+    t.add_argument("--niah_depths", type=int, nargs="+", default=[0, 25, 50, 75, 100])
+    t.add_argument("--ppl_corpus", choices=["pg19", "wikitext2"], default="pg19")
+    t.add_argument("--ppl_prefill", type=int, default=512, help="tokens prefilled before teacher forcing")
+    t.add_argument("--ppl_bin", type=int, default=128, help="positions per point of the perplexity curve")
+    t.add_argument("--fidelity_task", default="gsm8k", help="generation task whose prompts fidelity uses")
+    t.add_argument("--fidelity_tokens", type=int, default=64)
+    return p, gen.add_cache_args(p)
+
+
+TASK_SETTINGS = {"gsm8k": ["num_fewshot"], "gsm8k_mc": ["num_fewshot"], "niah": ["context_length", "niah_lengths",
+                 "niah_depths"], "ppl": ["ppl_corpus", "context_length", "ppl_prefill", "ppl_bin"],
+                 "fidelity": ["fidelity_task", "fidelity_tokens", "num_fewshot", "context_length"]}
+
+
+def task_settings(task, args) -> dict:
+    keys = TASK_SETTINGS.get(task.name, ["context_length"] if isinstance(task, (T.Synthetic, T.LongBench)) else [])
+    keys = keys + (["longbench_dir"] if isinstance(task, T.LongBench) else [])
+    return {k: getattr(args, k) for k in keys}
+
+
+# ---------------------------------------------------------------- configurations and sweeps
+def parse_configs(argv) -> dict:
+    """{config name: (CacheConfig, args)}, one per point of the sweep, duplicates dropped."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for k in SWEEP:
+        pre.add_argument(f"--{k}", nargs="+")
+    sweep, rest = pre.parse_known_args(argv)
+    configs = {}
+    for point in itertools.product(*[getattr(sweep, k) or [None] for k in SWEEP]):
+        sub = rest + [x for k, v in zip(SWEEP, point) if v is not None for x in (f"--{k}", v)]
+        parser, keys = build_parser()  # fresh: parse_with_config writes a YAML's values into the defaults
+        args = gen.parse_with_config(parser, sub)
+        args.max_cache_length = [v for x in args.max_cache_length for v in str(x).split(",") if v]
+        cfg = gen.cache_config_from_args(args, keys, args.checkpoint_path)
+        cls = kv.REGISTRY[cfg.strategy]
+        if not (cls.evicts or cls.prefill_only):
+            cfg.max_cache_length = ["1.0"]  # unused: the cache holds every token
+        configs.setdefault(config_name(cfg, args), (cfg, args))
+    return configs
+
+
+def config_name(cfg: kv.CacheConfig, args) -> str:
+    """strategy[-budget][-non-default settings][-qa], e.g. h2o-0.25, snapkv-0.1-snapkv_window=8-qa."""
+    cls = kv.REGISTRY[cfg.strategy]
+    short = lambda v: "_".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    parts = [cfg.strategy]
+    if cls.evicts or cls.prefill_only:
+        b = cfg.max_cache_length
+        parts.append(b[0] if len(set(b)) == 1 else "layers" + hashlib.sha1(short(b).encode()).hexdigest()[:6])
+    extra = {k: v for k, v in cfg.params.items() if k in cls.defaults and v != cls.defaults[k]}
+    extra |= {k: getattr(cfg, k) for k, d in (("global_tokens", 4), ("recent_window", 10)) if getattr(cfg, k) != d}
+    if cfg.prompt_compression != "own":
+        extra["prompt"] = cfg.prompt_compression
+    tail = "-".join(f"{k}={short(v)}" for k, v in sorted(extra.items()))
+    if len(tail) > 60:
+        tail = "h" + hashlib.sha1(tail.encode()).hexdigest()[:8]
+    return "-".join(parts + ([tail] if tail else []) + (["qa"] if args.query_aware else []))
+
+
+def prompt_rule(cfg: kv.CacheConfig) -> str:
+    if cfg.prompt_compression != "own":
+        return f"{cfg.prompt_compression} prefill scores (--prompt_compression)"
+    cls = kv.REGISTRY[cfg.strategy]
+    if not (cls.evicts or cls.prefill_only):
+        return "none (every token kept)"
+    own = cls.prefill_scores is not kv.KVCache.prefill_scores
+    return f"{cfg.strategy}'s own prefill scores" if own else "sinks + most recent (shared default)"
+
+
+def effective_config(ctx, task, name, cfg, args) -> dict:
+    cls = kv.REGISTRY[cfg.strategy]
+    cache = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_dir"}
+    cache["params"] = {**cls.defaults, **{k: v for k, v in cfg.params.items() if k in cls.defaults}}
+    meta = {"model": Path(args.checkpoint_path).name, "task": task.tag, "config": name, "cache": cache,
+            "prompt_rule": prompt_rule(cfg), "query_aware": args.query_aware, "chat": not args.no_chat,
+            "seed": args.seed, "dtype": str(ctx.dtype).replace("torch.", ""), "max_new_tokens": args.max_new_tokens,
+            "task_settings": task_settings(task, args),
+            "run": {"num_samples": args.num_samples, "device": str(ctx.device), "compile": args.compile,
+                    "world_size": ctx.world, "torch": torch.__version__}}  # "run" may change on resume
+    return json.loads(json.dumps(meta))
+
+
+# ---------------------------------------------------------------- running one sample
+@dataclasses.dataclass
+class Ctx:
+    model: torch.nn.Module
+    tok: object
+    args: argparse.Namespace
+    device: str
+    dtype: torch.dtype
+    step: object = None  # compiled decode step, or None for eager
+    rank: int = 0
+    world: int = 1
+
+    def decode_step(self):
+        return self.step or self.model.forward
+
+
+def split_prompt(ctx, s):
+    ids, n = T.build_ids(ctx.tok, s, not ctx.args.no_chat)
+    return (ids, []) if ctx.args.query_aware else (ids[:n], ids[n:])
+
+
+def new_tokens(ctx, task, s):
+    return ctx.args.max_new_tokens or s.max_new_tokens or task.max_new_tokens
+
+
+def stats(cache_bytes, ratio, prefill_s, steps, decode_s, prefix, suffix):
+    return {"cache_bytes": cache_bytes, "compression_ratio": ratio, "prefill_ms": 1000 * prefill_s,
+            "decode_tok_s": steps / decode_s if decode_s > 0 else None,
+            "n_prompt": len(prefix) + len(suffix), "n_context": len(prefix)}
+
+
+def run_generate(ctx, task, s, cfg):
+    prefix, suffix = split_prompt(ctx, s)
+    res = gen.generate(ctx.model, [prefix], new_tokens(ctx, task, s), cfg, stop_ids=ctx.tok.stop_ids,
+                       decode_step=ctx.step, device=ctx.device, suffixes=[suffix] if suffix else None)
+    text = ctx.tok.decode(res.tokens[0])
+    return {"prediction": text, "reference": s.reference, "score": task.score(text, s),
+            **stats(res.cache_bytes, res.compression_ratio, res.prefill_s, res.decode_steps, res.decode_s,
+                    prefix, suffix)}
+
+
+@torch.no_grad()
+def start(ctx, cfg, prefix, suffix, n_more, all_logits=False):
+    """Caches sized for this sample (prefix + suffix + n_more tokens), prefix prefilled, suffix fed by
+    decode steps. Returns (prefill logits, logits predicting the next token, next position, seconds, caches)."""
+    m, dev = ctx.model, ctx.device
+    n_new = len(suffix) + n_more
+    if len(prefix) + n_new > m.args.block_size:
+        raise gen.UserError(f"{len(prefix) + n_new} tokens exceed the model's context of {m.args.block_size}")
+    try:
+        caches = kv.make_caches(m.args, cfg, 1, len(prefix) + n_new, n_new, dev, ctx.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        raise gen.UserError(str(e)) from None
+    m.setup_caches(caches)
+    gen.sync(dev)
+    t0 = time.perf_counter()
+    logits = m.prefill(torch.tensor([prefix], device=dev), torch.arange(len(prefix), device=dev)[None],
+                       all_logits=all_logits)
+    last, ip = (logits[:, -1] if all_logits else logits), torch.tensor([len(prefix)], device=dev)
+    if suffix:
+        last, ip, _ = gen.feed(ctx.decode_step(), torch.tensor([suffix], device=dev), ip, dev)
+    gen.sync(dev)
+    return logits, last, ip, time.perf_counter() - t0, caches
+
+
+@torch.no_grad()
+def force(ctx, logits, tokens, ip, full=False):
+    """Log-probabilities of `tokens` fed one per decode step, `logits` [1, vocab] predicting the first:
+    [n], or every row of the distribution [n, vocab] with full=True. The last token is not fed."""
+    step, out = ctx.decode_step(), []
+    for j, t in enumerate(tokens):
+        lp = logits.float().log_softmax(-1)[0]
+        out.append(lp if full else lp[t])
+        if j + 1 < len(tokens):
+            logits = step(torch.tensor([[t]], device=ctx.device), ip + j)[:, -1].clone()
+    return torch.stack(out)
+
+
+def run_choice(ctx, task, s, cfg):
+    """Log-likelihood of each option after the (compressed) prompt. The cache state after the prompt is
+    saved once and restored before each option (strategies keep all their state in buffers)."""
+    prefix, suffix = split_prompt(ctx, s)
+    opts = [ctx.tok.encode(o, bos=False) for o in s.options]
+    _, last, ip, prefill_s, caches = start(ctx, cfg, prefix, suffix, max(map(len, opts)))
+    bufs = [b for c in caches for b in c.buffers()]
+    saved = [b.clone() for b in bufs]
+    t0, steps, lls = time.perf_counter(), 0, []
+    for o in opts:
+        for b, v in zip(bufs, saved):
+            b.copy_(v)
+        lls.append(float(force(ctx, last, o, ip).sum()))
+        steps += len(o) - 1
+    gen.sync(ctx.device)
+    pick = max(range(len(lls)), key=lls.__getitem__)
+    pick_norm = max(range(len(lls)), key=lambda i: lls[i] / len(s.options[i].encode()))  # lm-eval acc_norm
+    seen = torch.tensor([len(prefix) + len(suffix) + len(opts[-1]) - 1], device=ctx.device)
+    return {"prediction": pick, "reference": s.reference, "score": task.score(pick, s),
+            "score_norm": task.score(pick_norm, s), "option_loglik": lls,
+            **stats(kv.cache_bytes(caches), kv.compression_ratio(caches, seen), prefill_s, steps,
+                    time.perf_counter() - t0, prefix, suffix)}
+
+
+def run_ppl(ctx, task, s, cfg):
+    ids, P, bin_ = s.reference, min(ctx.args.ppl_prefill, len(s.reference) - 1), ctx.args.ppl_bin
+    logits, last, ip, prefill_s, caches = start(ctx, cfg, ids[:P], [], len(ids) - P, all_logits=True)
+    target = torch.tensor(ids[1:P], device=ctx.device)
+    head = -logits[0, :-1].float().log_softmax(-1).gather(-1, target[:, None])[:, 0]
+    t0 = time.perf_counter()
+    nll = torch.cat([head, -force(ctx, last, ids[P:], ip)]).cpu()  # NLL of tokens 1 .. L-1
+    decode_s = time.perf_counter() - t0
+    pos = torch.arange(1, len(ids))
+    bins = [[b * bin_, float(nll[pos // bin_ == b].mean())] for b in range(int(pos[-1]) // bin_ + 1)]
+    seen = torch.tensor([len(ids) - 1], device=ctx.device)
+    return {"prediction": math.exp(float(nll.mean())), "reference": None, "score": float(nll.mean()),
+            "nll_bins": bins, **stats(kv.cache_bytes(caches), kv.compression_ratio(caches, seen), prefill_s,
+                                      len(ids) - P - 1, decode_s, ids[:P], [])}
+
+
+def run_fidelity(ctx, task, s, cfg):
+    import metrics
+    prefix, suffix = split_prompt(ctx, s)
+    n = ctx.args.max_new_tokens or task.max_new_tokens
+    full = dataclasses.replace(cfg, strategy="full", params={}, prompt_compression="own")
+    kw = dict(stop_ids=ctx.tok.stop_ids, decode_step=ctx.step, device=ctx.device, suffixes=[suffix] if suffix else None)
+    ref = gen.generate(ctx.model, [prefix], n, full, **kw).tokens[0]
+    res = gen.generate(ctx.model, [prefix], n, cfg, **kw)
+    out = res.tokens[0]
+    kl = 0.0
+    if ref:
+        dists = []
+        for c in (full, cfg):  # the full cache's output teacher-forced through both caches
+            _, last, ip, _, _ = start(ctx, c, prefix, suffix, len(ref))
+            dists.append(force(ctx, last, ref, ip, full=True))
+        kl = float((dists[0].exp() * (dists[0] - dists[1])).sum(-1).mean())
+    same = [a == b for a, b in zip(ref, out)]
+    text, ref_text = ctx.tok.decode(out), ctx.tok.decode(ref)
+    return {"prediction": text, "reference": ref_text, "score": sum(same) / len(ref) if ref else float(not out),
+            "kl": kl, "rouge_l": metrics.rouge_l(text, ref_text) if ref_text.strip() else float(not text.strip()),
+            "prefix_match": same.index(False) if False in same else len(same),
+            **stats(res.cache_bytes, res.compression_ratio, res.prefill_s, res.decode_steps, res.decode_s,
+                    prefix, suffix)}
+
+
+RUNNERS = {"generate": run_generate, "choice": run_choice, "ppl": run_ppl, "fidelity": run_fidelity}
+
+
+# ---------------------------------------------------------------- results files
+def read_rows(path: Path) -> list[dict]:
+    """Complete JSON lines of a predictions file; a truncated or corrupt line is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_bytes().split(b"\n"):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return [r for r in rows if isinstance(r, dict) and "id" in r]
+
+
+def repair(path: Path):
+    """Cut a last line left unfinished by a killed run, so the next append starts a fresh line."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+def append_line(fd: int, row: dict):
+    """One whole line per write(2) on an O_APPEND descriptor, then fsync: a kill loses at most this line."""
+    data = (json.dumps(row, ensure_ascii=False) + "\n").encode()
+    while data:
+        data = data[os.write(fd, data):]
+    os.fsync(fd)
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def shard_files(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("predictions.rank*.jsonl"))
+
+
+def finished_ids(out_dir: Path) -> set:
+    return {r["id"] for p in [out_dir / "predictions.jsonl", *shard_files(out_dir)] for r in read_rows(p)}
+
+
+def merge(out_dir: Path, samples) -> list[dict]:
+    """predictions.jsonl := every finished row once (first seen wins), in sample order; shards removed.
+    Returns the rows of `samples`."""
+    rows = {}
+    for p in [out_dir / "predictions.jsonl", *shard_files(out_dir)]:
+        for r in read_rows(p):
+            rows.setdefault(r["id"], r)
+    order = {s.id: i for i, s in enumerate(samples)}
+    merged = sorted(rows.values(), key=lambda r: order.get(r["id"], len(order)))
+    write_atomic(out_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+    for p in shard_files(out_dir):
+        p.unlink()
+    return [r for r in merged if r["id"] in order]
+
+
+def check_config(out_dir: Path, meta: dict):
+    path = out_dir / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(meta) if k != "run" and old.get(k) != meta.get(k))
+        if diff:
+            raise gen.UserError(f"{out_dir} holds results of another configuration (differs in {', '.join(diff)}); "
+                                f"pass --overwrite or another --results_dir")
+
+
+def summarize(task, rows, meta) -> dict:
+    mean = lambda k: (lambda v: sum(v) / len(v) if v else None)([r[k] for r in rows if r.get(k) is not None])
+    out = {"task": meta["task"], "config": meta["config"], "model": meta["model"], "strategy": meta["cache"]["strategy"],
+           "max_cache_length": meta["cache"]["max_cache_length"], "query_aware": meta["query_aware"],
+           "prompt_rule": meta["prompt_rule"], "metric": task.metric, "higher_is_better": task.higher_is_better,
+           "n": len(rows), **task.aggregate(rows)}
+    if rows and "score_norm" in rows[0]:
+        out["acc_norm"] = 100 * mean("score_norm")
+    for k in ("compression_ratio", "cache_bytes", "prefill_ms", "decode_tok_s", "n_prompt"):
+        out[k] = mean(k)
+    return out
+
+
+# ---------------------------------------------------------------- one task x config
+def barrier(ctx):
+    if ctx.world > 1:
+        torch.distributed.barrier()
+
+
+def run_config(ctx, task, samples, name, cfg, args) -> bool:
+    out_dir = Path(args.results_dir) / Path(args.checkpoint_path).name / task.tag / name
+    meta = effective_config(ctx, task, name, cfg, args)
+    if not args.overwrite:
+        check_config(out_dir, meta)  # every rank raises alike, before anyone writes
+    barrier(ctx)
+    if ctx.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            for p in [*out_dir.glob("predictions*.jsonl"), *out_dir.glob("*.png"), out_dir / "metrics.json"]:
+                p.unlink(missing_ok=True)
+        write_atomic(out_dir / "config.json", json.dumps(meta, indent=1) + "\n")
+    barrier(ctx)
+    done = finished_ids(out_dir)
+    barrier(ctx)  # everyone has the same view before anyone appends
+    index = {s.id: i for i, s in enumerate(samples)}
+    mine = [s for s in samples if s.id not in done][ctx.rank::ctx.world]
+    target = out_dir / ("predictions.jsonl" if ctx.world == 1 else f"predictions.rank{ctx.rank}.jsonl")
+    repair(target)
+    error = run_samples(ctx, task, mine, cfg, target, index, f"{task.tag}/{name}")
+    barrier(ctx)
+    complete = True
+    if ctx.rank == 0:
+        rows = merge(out_dir, samples)
+        complete = len(rows) == len(samples)
+        if complete:
+            write_atomic(out_dir / "metrics.json", json.dumps(summarize(task, rows, meta), indent=1) + "\n")
+            task.plot(rows, out_dir)
+        else:
+            print(f"{task.tag}/{name}: {len(rows)} of {len(samples)} samples done; no metrics.json", file=sys.stderr)
+    barrier(ctx)
+    return complete and not error
+
+
+def run_samples(ctx, task, mine, cfg, target, index, desc):
+    from tqdm import tqdm
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        for s in tqdm(mine, desc=desc, disable=ctx.rank != 0 or not mine, dynamic_ncols=True, file=sys.stderr):
+            torch.manual_seed(ctx.args.seed * 1_000_003 + index[s.id])  # random strategies: same in any shard
+            try:
+                row = RUNNERS[task.kind](ctx, task, s, cfg)
+            except gen.UserError as e:
+                hint = ("; prefill-only strategies keep the fed question in reserved slots: try --query_aware"
+                        if kv.REGISTRY[cfg.strategy].prefill_only and not ctx.args.query_aware else "")
+                tqdm.write(f"error: {desc}: sample {s.id}: {e}{hint}", file=sys.stderr)
+                return True
+            append_line(fd, {"id": s.id, **row, **({"meta": s.meta} if s.meta else {})})
+    finally:
+        os.close(fd)
+    return False
+
+
+# ---------------------------------------------------------------- main
+def setup_dist():
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:  # gloo carries only barriers, on CPU and GPU alike; slow ranks may wait for hours
+        torch.distributed.init_process_group("gloo", timeout=timedelta(days=1))
+    return rank, world
+
+
+def main(argv=None, loaded=None):
+    """`loaded` = (model, tokenizer) to evaluate instead of loading --checkpoint_path (tests)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, _ = build_parser()
+    if "--report" in argv:
+        args = parser.parse_args(argv)
+        return print(report(Path(args.report), Path(args.report_out or args.report)))
+    configs = parse_configs(argv)
+    args = next(iter(configs.values()))[1]  # task and run flags are the same in every config
+    rank, world = setup_dist()
+    device = args.device
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if "cuda" in device else "float32"), None)
+    if not isinstance(dtype, torch.dtype):
+        raise gen.UserError(f"unknown --dtype {args.dtype}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = loaded or gen.load(args.checkpoint_path, device, dtype)
+    ctx = Ctx(model, tok, args, device, dtype, gen.compile_decode(model, device) if args.compile else None, rank, world)
+    ran, ok = 0, True
+    for name in T.expand(args.tasks):
+        try:
+            task = T.make_task(name, args)
+            samples = task.samples(tok)
+        except T.Unavailable as e:  # absent data: one line, and the other tasks still run
+            if rank == 0:
+                print(f"skip {name}: {e}", file=sys.stderr)
+            continue
+        ran += 1
+        for cname, (cfg, cargs) in configs.items():
+            ok &= run_config(ctx, task, samples, cname, cfg, cargs)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if not ran:
+        raise gen.UserError("no task could run")
+    if not ok:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------- report
+def config_order(m):
+    b = m["max_cache_length"]
+    return (m["strategy"] != "full", m["strategy"], -float(b[0]) if len(b) == 1 else 0, m["config"])
+
+
+def report(root: Path, out: Path) -> str:
+    """Markdown tables (task x config: the task's metric, then the compression ratio) per model, and one
+    Pareto plot per model and task (metric vs compression ratio, a line per strategy) written to `out`."""
+    found = [json.loads(p.read_text()) for p in sorted(root.rglob("metrics.json"))]
+    if not found:
+        raise gen.UserError(f"no metrics.json under {root}")
+    lines = []
+    for model in sorted({m["model"] for m in found}):
+        ms = [m for m in found if m["model"] == model]
+        configs = [m["config"] for m in sorted({m["config"]: m for m in ms}.values(), key=config_order)]
+        cell = {(m["task"], m["config"]): m for m in ms}
+        for title, fmt in (("", lambda m: f"{m['score']:.2f}"),
+                           (" (compression ratio)", lambda m: f"{m['compression_ratio']:.3f}")):
+            lines += [f"### {model}{title}", "", "| task | metric | " + " | ".join(configs) + " |",
+                      "|---|---|" + "---:|" * len(configs)]
+            for task in sorted({m["task"] for m in ms}):
+                metric = next(m["metric"] for m in ms if m["task"] == task)
+                row = [fmt(cell[task, c]) if (task, c) in cell else "" for c in configs]
+                lines.append(f"| {task} | {metric} | " + " | ".join(row) + " |")
+            lines.append("")
+        for task in sorted({m["task"] for m in ms}):
+            pareto_plot([m for m in ms if m["task"] == task], out / f"pareto-{model}-{task}.png")
+    return "\n".join(lines)
+
+
+def pareto_plot(ms, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for strat in sorted({m["strategy"] for m in ms}, key=lambda s: (s != "full", s)):
+        pts = sorted((m["compression_ratio"], m["score"], m["config"]) for m in ms if m["strategy"] == strat)
+        style = dict(marker="*", markersize=12, linestyle="none") if strat == "full" else dict(marker="o")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=strat, **style)
+    ax.set_xlabel("compression ratio (1 - slots used / tokens seen)")
+    ax.set_ylabel(ms[0]["metric"] + ("" if ms[0]["higher_is_better"] else " (lower is better)"))
+    ax.set_title(f"{ms[0]['model']}: {ms[0]['task']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    gen.cli(main)
