@@ -1,0 +1,220 @@
+"""Retrieval strategies (spotlight, spotlight_linear, lsh_retrieval, quest) against naive references."""
+import math
+import random
+
+import pytest
+import torch
+
+import cache as kv
+from model import ModelArgs, Transformer
+
+RETRIEVERS = ("spotlight", "spotlight_linear", "lsh_retrieval", "quest")
+
+
+def naive_popcount(x: int) -> int:
+    return bin(x & (2 ** 64 - 1)).count("1")
+
+
+def test_popcount_matches_bin():
+    rng = random.Random(0)
+    xs = [0, 1, -1, 2 ** 63 - 1, -2 ** 63, -2, 0x5555555555555555, -0x5555555555555556]
+    xs += [rng.randrange(-2 ** 63, 2 ** 63) for _ in range(2000)]
+    got = kv.popcount64(torch.tensor(xs, dtype=torch.long)).tolist()
+    assert got == [naive_popcount(x) for x in xs]
+
+
+def naive_sim(qbits, kbits):
+    """d - 2 * Hamming, one bit at a time."""
+    return len(qbits) - 2 * sum(int(a != b) for a, b in zip(qbits, kbits))
+
+
+@pytest.mark.parametrize("d", [64, 128, 80])
+def test_packed_hamming_topk_matches_bruteforce(d):
+    g = torch.Generator().manual_seed(d)
+    S, G, k = 200, 3, 17
+    qbits = torch.rand(G, d, generator=g) > 0.5
+    kbits = torch.rand(S, d, generator=g) > 0.5
+    sim = kv.hamming_sim(kv.pack_bits(qbits), kv.pack_bits(kbits)[None], d)  # [G, S]
+    ref = [[naive_sim(qbits[h].tolist(), kbits[j].tolist()) for j in range(S)] for h in range(G)]
+    assert sim.tolist() == ref
+    total = [sum(ref[h][j] for h in range(G)) for j in range(S)]  # group score, selection per KV head
+    idx, ok = kv.topk_select(sim.sum(0)[None, None], torch.zeros(1, 1, S, dtype=torch.bool),
+                             torch.ones(1, 1, S, dtype=torch.bool), torch.tensor([k]), k + 5)
+    chosen = idx[0, 0][ok[0, 0]].tolist()
+    kth = sorted(total, reverse=True)[k - 1]
+    assert len(set(chosen)) == k and all(total[j] >= kth for j in chosen)  # a top-k set (ties may differ)
+    assert sorted((total[j] for j in chosen), reverse=True) == sorted(total, reverse=True)[:k]
+
+
+def tiny(n_layer=4, seed=0):
+    torch.manual_seed(seed)
+    args = ModelArgs.from_name("tiny")
+    args.n_layer = n_layer
+    return Transformer(args).eval(), args
+
+
+def write_hashes(path, args, heads=None, scale=0.3, seed=0):
+    """Random (not near-zero) Spotlight hashes for the tiny model, so they differ from sign(x)."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(seed)
+    H, d = heads or args.n_local_heads, args.head_dim
+    state = {}
+    for i in range(args.n_layer):
+        for n, shape in (("w1", (H, d, d)), ("b1", (H, d)), ("w2", (H, d, d)), ("b2", (H, d))):
+            state[f"layers.{i}.{n}"] = torch.randn(*shape, generator=g) * scale
+    save_file(state, str(path / "spotlight.safetensors"))
+    return path
+
+
+def run(model, args, strategy, params, ckpt="", steps=10, B=2, T=40, step_fn=None):
+    """Prefill a left-padded batch, then decode `steps` tokens; every step's logits [B, steps + 1, V]."""
+    g = torch.Generator().manual_seed(1)
+    toks = torch.randint(0, args.vocab_size, (B, T), generator=g)
+    pos = torch.arange(T).repeat(B, 1)
+    pos[1] = (pos[1] - 7).clamp(min=-1)  # left padding: the second prompt is 7 tokens shorter
+    cfg = kv.CacheConfig(strategy=strategy, params=params, checkpoint_dir=str(ckpt))
+    model.setup_caches(kv.make_caches(args, cfg, B, T + steps + 1, steps + 1, "cpu", torch.float32))
+    with torch.no_grad():
+        out = [model.prefill(toks, pos)]
+        ip = pos[:, -1] + 1
+        step = step_fn or model.forward
+        for _ in range(steps):
+            out.append(step(torch.randint(0, args.vocab_size, (B, 1), generator=g), ip)[:, -1].clone())
+            ip = ip + 1
+    return torch.stack(out, 1)
+
+
+EVERY = {"spotlight_prune": 0.0, "quest_budget": 1.0}
+SPARSE = {"spotlight_prune": 0.9, "spotlight_recent": 4, "spotlight_sinks": 2, "quest_budget": 0.2,
+          "quest_page_size": 4}
+
+
+@pytest.mark.parametrize("strategy", RETRIEVERS)
+def test_budget_covering_everything_matches_full(strategy, tmp_path):
+    model, args = tiny()
+    ckpt = write_hashes(tmp_path, args)
+    ref = run(model, args, "full", {})
+    got = run(model, args, strategy, EVERY, ckpt)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    sparse = run(model, args, strategy, SPARSE, ckpt)  # and a real budget does read less
+    assert (sparse[:, 1:] - ref[:, 1:]).abs().max() > 1e-3
+    torch.testing.assert_close(sparse[:, 0], ref[:, 0])  # prefill is dense
+
+
+def code_bits(cache, vec, h):
+    """sign(h(vec)) with KV head h's hash, as a list of bools."""
+    x = torch.zeros(1, cache.k.shape[1], 1, vec.shape[-1])
+    x[0, h, 0] = vec
+    return (cache.hash(x)[0, h, 0] > 0).tolist()
+
+
+def naive_spotlight_selection(cache, qg, input_pos, b, h):
+    """The slots one (sequence, KV head) reads, with plain loops over keys and bits."""
+    p = cache.p
+    qbits = [code_bits(cache, qg[b, h, g], h) for g in range(qg.shape[2])]
+    n = int(input_pos[b]) + 1
+    k = max(min(n, 20), n - math.floor(p["spotlight_prune"] * n))
+    forced, scored = set(), []
+    for j in range(n):  # slot = position in a retrieval cache
+        if j < p["spotlight_sinks"] or j > n - 1 - p["spotlight_recent"] or j == n - 1:
+            forced.add(j)
+            continue
+        kbits = code_bits(cache, cache.k[b, h, j], h)
+        scored.append((sum(naive_sim(qb, kbits) for qb in qbits), j))
+    return forced, scored, k
+
+
+@pytest.mark.parametrize("strategy", ["spotlight", "lsh_retrieval"])
+def test_spotlight_selection_matches_naive(strategy, tmp_path):
+    model, args = tiny()
+    ckpt = write_hashes(tmp_path, args)
+    params = {"spotlight_prune": 0.8, "spotlight_recent": 5, "spotlight_sinks": 3}
+    run(model, args, strategy, params, ckpt, steps=6, T=60)  # codes written at prefill and decode
+    cache = model.layers[3].attention.kv_cache
+    g = torch.Generator().manual_seed(5)
+    qg = torch.randn(2, args.n_local_heads, args.n_head // args.n_local_heads, args.head_dim, generator=g)
+    input_pos = (cache.pos.amax(dim=(1, 2)))
+    idx, ok = cache.select(qg, input_pos)
+    for b in range(2):
+        for h in range(args.n_local_heads):
+            forced, scored, k = naive_spotlight_selection(cache, qg, input_pos, b, h)
+            got = set(idx[b, h][ok[b, h]].tolist())
+            assert forced <= got and len(got) == len(forced) + k
+            kth = sorted(s for s, _ in scored)[::-1][k - 1]
+            assert all(s >= kth for s, j in scored if j in got)
+            assert sum(s > kth for s, _ in scored) <= k <= sum(s >= kth for s, _ in scored)
+
+
+def naive_quest(keys, n, ps):
+    """Per-page min and max of keys [n, D] (plain loops)."""
+    pages = []
+    for start in range(0, n, ps):
+        rows = keys[start:min(n, start + ps)].tolist()
+        pages.append(([min(r[i] for r in rows) for i in range(len(rows[0]))],
+                      [max(r[i] for r in rows) for i in range(len(rows[0]))]))
+    return pages
+
+
+@pytest.mark.parametrize("group", ["max", "mean"])
+def test_quest_bounds_and_selection_match_naive(group):
+    model, args = tiny()
+    ps = 4
+    params = {"quest_page_size": ps, "quest_budget": 0.3, "quest_group": group}
+    run(model, args, "quest", params, steps=9, T=37)  # prompt ends mid-page; decode crosses pages
+    cache = model.layers[2].attention.kv_cache
+    g = torch.Generator().manual_seed(3)
+    qg = torch.randn(2, args.n_local_heads, args.n_head // args.n_local_heads, args.head_dim, generator=g)
+    input_pos = cache.pos.amax(dim=(1, 2))
+    idx, ok = cache.select(qg, input_pos)
+    for b in range(2):
+        n = int(input_pos[b]) + 1
+        for h in range(args.n_local_heads):
+            pages = naive_quest(cache.k[b, h], n, ps)
+            for p, (mn, mx) in enumerate(pages):
+                assert cache.kmin[b, h, p].tolist() == mn and cache.kmax[b, h, p].tolist() == mx
+            scores = []
+            for mn, mx in pages:
+                per_q = [sum(max(q[i] * mx[i], q[i] * mn[i]) for i in range(len(q))) for q in qg[b, h].tolist()]
+                scores.append(max(per_q) if group == "max" else sum(per_q) / len(per_q))
+            n_pages = max(1, math.ceil(math.ceil(0.3 * n) / ps))
+            cur = (n - 1) // ps
+            rest = sorted((p for p in range(len(pages)) if p != cur), key=lambda p: -scores[p])[:n_pages - 1]
+            want = {j for p in [cur, *rest] for j in range(p * ps, min(n, p * ps + ps))}
+            assert set(idx[b, h][ok[b, h]].tolist()) == want
+
+
+def test_spotlight_without_hashes_says_how_to_train(tmp_path):
+    _, args = tiny()
+    cfg = kv.CacheConfig(strategy="spotlight", checkpoint_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"python train_spotlight.py --checkpoint_path"):
+        kv.make_caches(args, cfg, 1, 64, 8, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("strategy", ["spotlight", "quest"])
+def test_decode_compiles_once(strategy, tmp_path):
+    from torch._dynamo.utils import counters
+    model, args = tiny(n_layer=3)
+    ckpt = write_hashes(tmp_path, args)
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(model.forward, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = run(model, args, strategy, SPARSE, ckpt, steps=6, step_fn=step)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(got, run(model, args, strategy, SPARSE, ckpt, steps=6), rtol=1e-4, atol=1e-4)
+
+
+def test_tiny_training_lowers_loss_and_raises_recall(default_checkpoint, tmp_path):
+    import train_spotlight as ts
+    args = ts.parse_args(["--checkpoint_path", str(default_checkpoint), "--device", "cpu", "--steps", "36",
+                          "--seq_len", "512", "--queries", "32", "--steps_per_seq", "6", "--eval_every", "36",
+                          "--eval_queries", "24", "--lr", "3e-3"])
+    model, tokenizer = ts.load(args)
+    held = ts.windows(ts.token_stream(tokenizer, [args.holdout]), 768, 1, seed=7)[0]
+    G = model.args.n_head // model.args.n_local_heads
+    log = ts.train(model, tokenizer, args, tmp_path / "spotlight.safetensors", held, G)
+    first, last = sum(log["loss"][:6]) / 6, sum(log["loss"][-6:]) / 6
+    assert last < first - 0.02, (first, last)
+    (_, before), (_, after) = log["recall"][0], log["recall"][-1]
+    assert after["spotlight"] > before["spotlight"] + 0.01, (before, after)
+    assert after["spotlight"] > after["spotlight_linear"]
