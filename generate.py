@@ -105,6 +105,9 @@ def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, tempe
                         f"the model's maximum context of {model.args.block_size}")
     dtype = model.tok_embeddings.weight.dtype
     try:  # suffix tokens take the slots a prefill-only strategy reserves for new tokens
+        if max(float(v) for v in cache_cfg.max_cache_length) > model.args.block_size:  # a typo, not a budget
+            raise ValueError(f"--max_cache_length {' '.join(map(str, cache_cfg.max_cache_length))} exceeds the "
+                             f"model's maximum context of {model.args.block_size} tokens")
         caches = kv.make_caches(model.args, cache_cfg, B, max_len, n_sfx + max_new_tokens, device, dtype)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
