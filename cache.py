@@ -28,8 +28,11 @@ Kinds of strategy (class flags):
 - retrieval (`retrieves = True`): S covers the whole sequence; each step attends only to the slots
   `select(q, input_pos)` returns (static-K indices + validity; sinks and the recent window included);
   on CUDA kernels.gather_attend reads just those rows.
-Per-layer budgets are per-layer S; per-head budgets are the `limit` buffer [H_kv] (slots at or past a
-head's limit are never used). Each sequence of a batch evicts on its own.
+Per-layer budgets are per-layer S, from the classmethod `layer_slots` (budget_slots: one budget shaped
+by --budget_pattern, or the strategy's own rule, e.g. PyramidKV's); per-head budgets are the `limit`
+buffer [H_kv] (slots at or past a head's limit are never used). Each sequence of a batch evicts on its
+own. Ties (integer scores: Hamming distances, indicator counts) evict the oldest token, in prefill and
+decode alike. `attach_attention_loss` (debug) measures the attention mass evicted tokens would have had.
 """
 import math
 from dataclasses import dataclass, field
@@ -273,10 +276,14 @@ class Random(KVCache):
     evicts = True
     defaults = {"random_seed": 0}
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # a buffer, not constants: inductor folds those into overflows
+        self.register_buffer("salt", torch.tensor([self.p["random_seed"], self.layer]))
+
     def scores(self, pos, now):  # pos [B, H_kv, N], now [B]
         b = torch.arange(pos.shape[0], device=pos.device)[:, None, None]
         h = torch.arange(pos.shape[1], device=pos.device)[None, :, None]
-        return hash_uniform(self.p["random_seed"], self.layer, b, h, now[:, None, None], pos, device=pos.device).float()
+        return hash_uniform(*self.salt, b, h, now[:, None, None], pos, device=pos.device).float()
 
     def prefill_scores(self, q, k, v, pos):
         return self.scores(pos[:, None, :].expand(*k.shape[:3]), pos.max(dim=1).values)
@@ -463,29 +470,14 @@ class Scissorhands(KVCache):
         self.register_buffer("seen", torch.zeros(batch, n_kv, n_slots, dtype=torch.int16))  # records held
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # ring position = step % w
         self.register_buffer("new_bit", torch.zeros(batch, n_kv, dtype=torch.bool))
-        self.prompt_hist = None
-
-    def prompt_history(self, q, k, pos):
-        """Ring bits [B, H_kv, W, T] (prompt row i of the last R = min(w, T) -> bit i) and counts [B, H_kv, T]."""
-        B, H, T = k.shape[:3]
-        acc = torch.zeros(B, H, self.hist.shape[2], T, dtype=torch.int32, device=k.device)
-        seen = torch.zeros(B, H, T, dtype=torch.int16, device=k.device)
-        for i, probs, qp in prompt_probs(q, k, pos, rows=min(self.w, T)):
-            vis = (pos[:, None, None, :] >= 0) & (pos[:, None, None, :] <= qp[:, None, :, None])  # [B, 1, C, T]
-            bits = (probs >= 1.0 / vis.sum(-1, keepdim=True).clamp(min=1)) & vis
-            rows = torch.arange(i, i + probs.shape[2], device=k.device)
-            acc.index_add_(2, rows // 8, bits.int() << (rows % 8).int()[:, None])  # distinct bits: add = or
-            seen += vis.sum(2).to(torch.int16)
-        return acc.to(torch.uint8), seen
 
     def prefill_scores(self, q, k, v, pos):
-        self.prompt_hist = self.prompt_history(q, k, pos)
-        hist, seen = self.prompt_hist
+        hist, seen = prompt_indicators(q, k, pos, self.w)
         return popcount64(hist.long()).sum(2) / seen.clamp(min=1)
 
     def on_prefill(self, q, k, v, pos, keep):
-        hist, seen = self.prompt_hist if self.prompt_hist is not None else self.prompt_history(q, k, pos)
-        self.prompt_hist, n = None, keep.shape[-1]
+        hist, seen = prompt_indicators(q, k, pos, self.w)  # w rows: cheap next to the prefill itself
+        n = keep.shape[-1]
         self.hist.zero_()
         self.seen.zero_()
         self.hist[..., :n] = hist.gather(3, keep[:, :, None, :].expand(-1, -1, hist.shape[2], -1))
@@ -522,6 +514,22 @@ class Scissorhands(KVCache):
 
 
 MAX64 = torch.iinfo(torch.long).max
+
+
+def prompt_indicators(q, k, pos, w):
+    """Scissorhands' history from the prompt: for the last R = min(w, T) prompt queries, the indicators
+    A_ij >= 1/n_i (n_i = keys query i sees) as ring bits [B, H_kv, ceil(w/8), T] uint8 (row r of the
+    R -> bit r) and the number of records per key [B, H_kv, T] (queries that saw it)."""
+    B, H, T = k.shape[:3]
+    acc = torch.zeros(B, H, -(-w // 8), T, dtype=torch.int32, device=k.device)
+    seen = torch.zeros(B, H, T, dtype=torch.int16, device=k.device)
+    for i, probs, qp in prompt_probs(q, k, pos, rows=min(w, T)):
+        vis = (pos[:, None, None, :] >= 0) & (pos[:, None, None, :] <= qp[:, None, :, None])  # [B, 1, C, T]
+        bits = (probs >= 1.0 / vis.sum(-1, keepdim=True).clamp(min=1)) & vis
+        rows = torch.arange(i, i + probs.shape[2], device=k.device)
+        acc.index_add_(2, rows // 8, bits.int() << (rows % 8).int()[:, None])  # distinct bits: add = or
+        seen += vis.sum(2).to(torch.int16)
+    return acc.to(torch.uint8), seen
 
 
 def grid(slot):

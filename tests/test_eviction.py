@@ -46,9 +46,10 @@ def scripted(seed=0):
     return q, k, v, pos
 
 
-def run_cache(name, slots, params=None, layer=0, n_layer=1, sinks=SINKS, recent=RECENT):
+def run_cache(name, slots, params=None, layer=0, n_layer=1, sinks=SINKS, recent=RECENT, prompt="own"):
     """Drive one cache layer: prefill, then STEPS decode steps; kept positions after each."""
-    cfg = kv.CacheConfig(strategy=name, global_tokens=sinks, recent_window=recent, params=params or {})
+    cfg = kv.CacheConfig(strategy=name, global_tokens=sinks, recent_window=recent, params=params or {},
+                         prompt_compression=prompt)
     q, k, v, pos = scripted()
     cache = kv.REGISTRY[name](B, H_KV, slots, D, G, torch.float32, layer, n_layer, cfg, STEPS)
     cache.prefill(q[:, :, :T], k[:, :, :T], v[:, :, :T], pos)
@@ -258,6 +259,27 @@ def test_h2o(sinks, recent):
     assert_invariants(hist, SLOTS, sinks, n_recent)
 
 
+def test_prompt_compression_by_another_strategy():
+    """--prompt_compression h2o on an l2 cache: the prompt is cut by H2O's column sums (with l2's
+    sinks + recent protected), then l2 evicts by norm."""
+    def ref(b, h):
+        seq = Seq(b)
+        acc = dict.fromkeys(seq.prompt, 0.0)
+        for i in seq.prompt:
+            for p, a in seq.probs(h, i, [p for p in seq.prompt if p <= i]).items():
+                acc[p] += a
+        keep = prompt_keep(acc, SLOTS, lambda p: protect(p, seq.prompt[-1]))
+        out = [keep]
+        for now in seq.new:
+            keep = evict(keep, now, lambda p: -math.sqrt(sum(x * x for x in seq.k[p][h])), lambda p: protect(p, now), SLOTS)
+            out.append(keep)
+        return out
+    _, hist = run_cache("l2", SLOTS, prompt="h2o")
+    assert_same(hist, per_head(ref))
+    with pytest.raises(ValueError):  # layer-averaged TOVA needs every head to hold the same tokens
+        run_cache("tova", SLOTS, prompt="l2")
+
+
 @pytest.mark.parametrize("per_head_flag", [False, True])
 def test_tova(per_head_flag):
     """Lowest attention of the current query leaves (the new token may); by default averaged over all
@@ -464,6 +486,8 @@ def expected_bytes(name, params, slots, B_, H, D_, elt):
             n += B_ * H * S * (2 if L <= 16 else 4 if L <= 32 else 8) + D_ * L * 4  # codes + R (fp32)
         elif name == "h2o":
             n += B_ * H * S * 4 + B_ * H * 4                    # accumulated scores + the new token's
+        elif name == "random":
+            n += 2 * 8                                         # the salt (seed, layer)
         elif name == "scissorhands":
             w = params.get("sh_history", 400)
             n += B_ * H * S * (-(-w // 8)) + B_ * H * S * 2 + 8 + B_ * H  # bit ring + counts + step + new bit
