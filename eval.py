@@ -119,9 +119,10 @@ def config_name(cfg: kv.CacheConfig, args) -> str:
         b = cfg.max_cache_length
         parts.append(b[0] if len(set(b)) == 1 else "layers" + hashlib.sha1(short(b).encode()).hexdigest()[:6])
     extra = {k: v for k, v in cfg.params.items() if k in cls.defaults and v != cls.defaults[k]}
-    extra |= {k: getattr(cfg, k) for k, d in (("global_tokens", 4), ("recent_window", 10)) if getattr(cfg, k) != d}
-    if cfg.prompt_compression != "own":
-        extra["prompt"] = cfg.prompt_compression
+    default = kv.CacheConfig()  # and every other CacheConfig field off its default (sinks, window, ...)
+    extra |= {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+              if f.name not in ("strategy", "max_cache_length", "params", "checkpoint_dir")
+              and getattr(cfg, f.name) != getattr(default, f.name)}
     tail = "-".join(f"{k}={short(v)}" for k, v in sorted(extra.items()))
     if len(tail) > 60:
         tail = "h" + hashlib.sha1(tail.encode()).hexdigest()[:8]
@@ -245,7 +246,7 @@ def run_choice(ctx, task, s, cfg):
         steps += len(o) - 1
     gen.sync(ctx.device)
     pick = max(range(len(lls)), key=lls.__getitem__)
-    pick_norm = max(range(len(lls)), key=lambda i: lls[i] / len(s.options[i].encode()))  # lm-eval acc_norm
+    pick_norm = max(range(len(lls)), key=lambda i: lls[i] / len(s.options[i]))  # lm-eval acc_norm: by characters
     seen = torch.tensor([len(prefix) + len(suffix) + len(opts[-1]) - 1], device=ctx.device)
     return {"prediction": pick, "reference": s.reference, "score": task.score(pick, s),
             "score_norm": task.score(pick_norm, s), "option_loglik": lls,
@@ -458,8 +459,8 @@ def main(argv=None, loaded=None):
     args = next(iter(configs.values()))[1]  # task and run flags are the same in every config
     rank, world = setup_dist()
     device = args.device
-    if world > 1 and device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if world > 1 and device.startswith("cuda"):  # one GPU per rank (ranks share GPUs if there are fewer)
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
     dtype = getattr(torch, args.dtype or ("bfloat16" if "cuda" in device else "float32"), None)
     if not isinstance(dtype, torch.dtype):
         raise gen.UserError(f"unknown --dtype {args.dtype}")

@@ -483,7 +483,8 @@ class RulerCWE(Synthetic):
 class NIAH(Task):
     """Needle in a haystack (gkamradt/LLMTest_NeedleInAHaystack): the 49 Paul Graham essays in sorted
     order, cut to each length of --niah_lengths (tokens, prompt + new tokens), the needle inserted at
-    each depth of --niah_depths (% of the haystack, moved back to the previous sentence end). Judge-free
+    each depth of --niah_depths (% of the haystack, moved back to the previous sentence end); the grid is
+    the sample set (--num_samples does not cut it). Judge-free
     score: share of the needle's 7 content words found in the answer. Heatmap: heatmap.png."""
     name = "niah"
     max_new_tokens = 48
@@ -503,11 +504,7 @@ class NIAH(Task):
         if not files:
             raise Unavailable(f"no essays in {self.data / 'paul_graham_essays/essays'}")
         hay_ids = tok.encode("".join(f.read_text() for f in files), bos=False)
-        out = []
-        for L in self.lengths():
-            for d in self.args.niah_depths:
-                out.append(self.cell(tok, hay_ids, L, d))
-        return self.limit(out)
+        return [self.cell(tok, hay_ids, L, d) for L in self.lengths() for d in self.args.niah_depths]
 
     def cell(self, tok, hay_ids, L, depth):
         def make(n):

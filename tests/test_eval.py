@@ -49,7 +49,8 @@ def data(tmp_path):
 
 
 def run(model, out, *argv, tok=None):
-    E.main(["--results_dir", str(out), "--checkpoint_path", "tiny", *argv], loaded=(model, tok or ByteTok()))
+    E.main(["--results_dir", str(out), "--checkpoint_path", "tiny", "--device", "cpu", *argv],
+           loaded=(model, tok or ByteTok()))
 
 
 def rows(path: Path, drop=TIMING):
@@ -172,8 +173,8 @@ def cli(*argv, **kw):
 
 def test_sigkilled_run_resumes_without_loss_or_duplicates(tiny, tmp_path):
     ckpt = write_checkpoint(tmp_path / "ckpt", tiny)
-    args = ["--checkpoint_path", str(ckpt), "--tasks", "passkey", "--num_samples", "30", "--context_length", "450",
-            "--max_new_tokens", "24"]
+    args = ["--checkpoint_path", str(ckpt), "--device", "cpu", "--tasks", "passkey", "--num_samples", "30",
+            "--context_length", "450", "--max_new_tokens", "24"]
     E.main(["--results_dir", str(tmp_path / "a"), *args], loaded=gen.load(ckpt, "cpu", torch.float32))
     reference = rows(tmp_path / "a/ckpt/passkey-450/full/predictions.jsonl")
     pred = tmp_path / "b/ckpt/passkey-450/full/predictions.jsonl"
@@ -194,8 +195,8 @@ def test_sigkilled_run_resumes_without_loss_or_duplicates(tiny, tmp_path):
 @needs_evict
 def test_two_torchrun_ranks_match_one_process(tiny, tmp_path):
     ckpt = write_checkpoint(tmp_path / "ckpt", tiny)
-    args = ["--checkpoint_path", str(ckpt), "--tasks", "passkey", "--num_samples", "7", "--context_length", "450",
-            "--max_new_tokens", "6", "--cache_strategy", "full", EVICT, "--max_cache_length", "0.5"]
+    args = ["--checkpoint_path", str(ckpt), "--device", "cpu", "--tasks", "passkey", "--num_samples", "7",
+            "--context_length", "450", "--max_new_tokens", "6", "--cache_strategy", "full", EVICT, "--max_cache_length", "0.5"]
     E.main(["--results_dir", str(tmp_path / "one"), *args], loaded=gen.load(ckpt, "cpu", torch.float32))
     proc = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval.py",
                "--results_dir", str(tmp_path / "two"), *args)
