@@ -200,7 +200,10 @@ def add_cache_args(parser):
     g.add_argument("--max_cache_length", nargs="+", default=["1.0"],
                    help="fraction (<= 1) of prompt + max_new_tokens, or tokens; one value or one per layer")
     g.add_argument("--global_tokens", type=int, default=4, help="attention sinks kept")
-    g.add_argument("--recent_window", type=int, default=10, help="most recent tokens kept")
+    g.add_argument("--recent_window", type=float, default=10,
+                   help="most recent tokens kept (below 1: a fraction of each layer's slots, H2O's recent ratio)")
+    g.add_argument("--budget_pattern", default="uniform", choices=["uniform", "pyramid", "funnel"],
+                   help="per-layer shape of one --max_cache_length value")
     g.add_argument("--prompt_compression", default="own",
                    help="strategy whose rule cuts prompts longer than the budget ('own' = the strategy's)")
     g.add_argument("--cache_config", help="YAML file (see cache_configs/); the command line overrides it")
@@ -235,6 +238,7 @@ def cache_config_from_args(args, param_keys, checkpoint_dir="") -> kv.CacheConfi
     params = {k: getattr(args, k) for k in param_keys if getattr(args, k, None) is not None}
     return kv.CacheConfig(strategy=args.cache_strategy, max_cache_length=[str(v) for v in args.max_cache_length],
                           global_tokens=args.global_tokens, recent_window=args.recent_window,
+                          budget_pattern=args.budget_pattern,
                           prompt_compression=args.prompt_compression, params=params,
                           checkpoint_dir=str(checkpoint_dir))
 
@@ -264,6 +268,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--debug_attention_loss", action="store_true",
+                        help="run a full cache beside the compressed one; report the attention mass on evicted tokens")
     param_keys = add_cache_args(parser)
     args = parse_with_config(parser, argv)
 
@@ -281,12 +287,29 @@ def main(argv=None):
     prompts = [tokenizer.encode_prompt(t, chat=not args.no_chat) for t in texts]
     step = compile_decode(model, args.device) if args.compile else None
     for n in range(args.num_samples):
+        probes = []
+        max_len = max(map(len, prompts)) + args.max_new_tokens
+        attach = (lambda caches: probes.extend(kv.attach_attention_loss(model, max_len, args.max_new_tokens))
+                  ) if args.debug_attention_loss else None
         res = generate(model, prompts, args.max_new_tokens, cfg, temperature=args.temperature, top_k=args.top_k,
-                       stop_ids=tokenizer.stop_ids, decode_step=step, device=args.device)
+                       stop_ids=tokenizer.stop_ids, decode_step=step, device=args.device, on_caches=attach)
         for i, toks in enumerate(res.tokens):
             print(f"--- sample {n} sequence {i} ({len(prompts[i])} prompt tokens) ---")
             print(tokenizer.decode(toks))
         report(res, model, prompts, args)
+        if probes:
+            print_attention_loss(torch.stack([p.loss for p in probes]).cpu())
+
+
+def print_attention_loss(loss):
+    """loss [n_layer, B, steps]: the full cache's attention mass on tokens the compressed cache lacks."""
+    per_layer = loss.nanmean(dim=(1, 2))
+    print("attention loss (full-cache attention mass on evicted tokens), mean over sequences and steps:")
+    print("  per layer: " + " ".join(f"{i}:{v:.3f}" for i, v in enumerate(per_layer.tolist())))
+    per_step = loss.nanmean(dim=(0, 1))
+    steps = [i for i in range(per_step.numel()) if not per_step[i].isnan()]
+    marks = sorted({steps[0], steps[len(steps) // 2], steps[-1]}) if steps else []
+    print("  per step (mean over layers): " + " ".join(f"{i}:{per_step[i]:.3f}" for i in marks))
 
 
 def report(res: Result, model, prompts, args):
