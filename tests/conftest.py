@@ -23,3 +23,17 @@ def default_gguf(default_checkpoint) -> Path:
     if not path.exists():
         pytest.skip(f"no {path}; delete the checkpoint and re-run bash scripts/prepare_default.sh")
     return path
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model(default_gguf, tmp_path_factory):
+    """An independent reference: transformers' own LlamaForCausalLM built from the GGUF (it dequantizes
+    and un-permutes q/k itself), fp32, eager attention. Loading takes ~20 s, so once per session."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    d = tmp_path_factory.mktemp("gguf")
+    (d / "model.gguf").symlink_to(default_gguf)  # alone: transformers must not see our config.json
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file="model.gguf", dtype=torch.float32,
+                                                              attn_implementation="eager")
+    return model.eval().requires_grad_(False)
