@@ -206,7 +206,7 @@ class KVCache(nn.Module):
     def attend_selected(self, qg, input_pos):
         """Retrieval decode attention. On CUDA a gather kernel reads only the selected rows of K and V
         (token-level selections are not block-aligned, so a block mask would save nothing)."""
-        sel = self.select(qg, input_pos) if qg.is_cuda else None
+        sel = self.select(qg, input_pos) if qg.is_cuda and GATHER_ON_CUDA else None
         if sel is None:
             return attend(qg, self.k, self.v, self.attend_mask(qg, input_pos))
         from kernels import gather_attend  # Triton: imported only on CUDA
@@ -828,6 +828,7 @@ def compression_ratio(caches, tokens_seen: torch.Tensor) -> float:
 # CPU: a masked SDPA over the cache. CUDA: kernels.gather_attend reads only those K rows of K and V.
 # Selection is per KV head (the group's query scores are combined): one index list per KV head is what
 # a gather kernel reads, and measured recall says it costs little (README, "Retrieval quality").
+GATHER_ON_CUDA = True  # False: the same selection through attend()'s block mask (bench_retrieval.py compares)
 
 def popcount64(x):
     """Set bits of each int64, exactly, with static-shape ops (torch has no popcount). SWAR on the low

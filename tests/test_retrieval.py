@@ -218,3 +218,17 @@ def test_tiny_training_lowers_loss_and_raises_recall(default_checkpoint, tmp_pat
     (_, before), (_, after) = log["recall"][0], log["recall"][-1]
     assert after["spotlight"] > before["spotlight"] + 0.01, (before, after)
     assert after["spotlight"] > after["spotlight_linear"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton gather kernel runs on CUDA only")
+def test_gather_attend_matches_masked_sdpa():
+    from kernels import gather_attend
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, G, S, K, D = 2, 3, 4, 700, 300, 64
+    q = torch.randn(B, H, G, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    idx = torch.rand(B, H, S, device="cuda", generator=g).argsort(-1)[..., :K]
+    ok = torch.rand(B, H, K, device="cuda", generator=g) > 0.2
+    mask = torch.zeros(B, H, S + 1, dtype=torch.bool, device="cuda").scatter(-1, idx.masked_fill(~ok, S), True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask[:, :, None, :S])
+    torch.testing.assert_close(gather_attend(q, k, v, idx, ok).float(), ref, atol=2e-2, rtol=2e-2)

@@ -1,0 +1,175 @@
+"""Decode tokens/s of the retrieval strategies vs the full cache, at a Llama-3-8B shape with RANDOM weights.
+
+    python bench_retrieval.py            # GPU: context 32k, batch 1 and 8, Spotlight 90%/98% pruned, Quest, full
+    python bench_retrieval.py --tiny     # CPU smoke test at a tiny shape (seconds)
+
+Weights, prompt K/V and Spotlight's hashes are random (speed does not depend on them; quality is
+train_spotlight.py --eval's business). The caches are filled through each strategy's own prefill path
+(codes, page bounds), then the decode step runs compiled (fullgraph, CUDA graphs on GPU) and is timed.
+Printed per row: tok/s (all sequences), ms per step, KV bytes the step reads (selected rows + codes or
+page bounds), and % of a roofline at --bandwidth GB/s over weights + those KV bytes.
+"""
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import cache as kv
+from model import ModelArgs, Transformer
+
+
+def random_model(args, device, dtype):
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device=device).to(dtype)
+    for n, p in model.named_parameters():
+        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    from model import rope_frequencies
+    model.rope = rope_frequencies(args, args.block_size).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def random_hashes(args, path):
+    from safetensors.torch import save_file
+    d, H = args.head_dim, args.n_local_heads
+    state = {f"layers.{i}.{n}": torch.randn(H, d, d) * 0.02 if n[0] == "w" else torch.zeros(H, d)
+             for i in range(args.n_layer) for n in ("w1", "b1", "w2", "b2")}
+    save_file(state, str(path / "spotlight.safetensors"))
+
+
+@torch.no_grad()
+def fill(model, args, B, ctx, device, dtype):
+    """Each layer's cache gets a random prompt of ctx tokens through its own prefill (codes, bounds)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    pos = torch.arange(ctx, device=device).expand(B, ctx)
+    for layer in model.layers:
+        q = torch.randn(B, args.n_head, ctx, args.head_dim, device=device, dtype=dtype, generator=g)
+        k = torch.randn(B, args.n_local_heads, ctx, args.head_dim, device=device, dtype=dtype, generator=g)
+        layer.attention.kv_cache.prefill(q, k, torch.randn_like(k), pos)
+        del q, k
+
+
+def read_bytes(caches, B, ctx, strategy, p):
+    """KV bytes one decode step reads, all layers: selected K and V rows plus the index it scans."""
+    total = 0
+    for c in caches:
+        H, D, el = c.k.shape[1], c.k.shape[3], c.k.element_size()
+        rows = ctx
+        if strategy.startswith("spotlight") and not c.dense:
+            rows = c.n_select(ctx) + p["spotlight_sinks"] + p["spotlight_recent"]
+            total += B * H * ctx * c.codes.shape[-1] * 8  # the packed codes are scanned
+        elif strategy == "quest" and not c.dense:
+            rows = c.n_pages(ctx) * c.ps
+            total += B * H * 2 * (-(-ctx // c.ps)) * D * el  # page min and max
+        total += B * H * rows * 2 * D * el
+    return total
+
+
+def bench(model, args, strategy, params, B, ctx, steps, device, dtype, ckpt, bandwidth):
+    torch._dynamo.reset()  # a fresh compile per configuration, never the recompile limit's eager fallback
+    cfg = kv.CacheConfig(strategy=strategy, params=params, checkpoint_dir=str(ckpt))
+    caches = kv.make_caches(args, cfg, B, ctx + steps + 8, steps + 8, device, dtype)
+    model.setup_caches(caches)
+    fill(model, args, B, ctx, device, dtype)
+    cuda = torch.device(device).type == "cuda"
+    step = torch.compile(model.forward, fullgraph=True, mode="reduce-overhead" if cuda else "default")
+    tok = torch.zeros(B, 1, dtype=torch.long, device=device)
+    ip = torch.full((B,), ctx, dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter()
+    for _ in range(3):  # compile, capture, warm up
+        tok = step(tok, ip).argmax(-1)
+        ip = ip + 1
+    sync()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tok = step(tok, ip).argmax(-1)
+        ip = ip + 1
+    sync()
+    dt = (time.perf_counter() - t0) / steps
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "tok_embeddings" not in n)
+    if args.tie_embeddings:
+        weights += model.output.weight.numel() * model.output.weight.element_size()
+    kv_read = read_bytes(caches, B, ctx, strategy, {**type(caches[0]).defaults, **params})
+    roof = (weights + kv_read) / (bandwidth * 1e9)
+    return dict(tok_s=B / dt, ms=dt * 1e3, kv_gb=kv_read / 1e9, roofline=roof / dt, compile_s=compile_s,
+                cache_gb=kv.cache_bytes(caches) / 1e9)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shape on CPU, a smoke test")
+    p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--context", type=int, nargs="+", default=[32768])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prune", type=float, nargs="+", default=[0.9, 0.98])
+    p.add_argument("--quest_budget", type=float, nargs="*", default=[0.1], help="Quest rows (fractions); none to skip")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--layers", type=int, default=0, help="fewer layers for a quick look (0 = the model's)")
+    p.add_argument("--bandwidth", type=float, default=3000.0, help="GB/s for the roofline (H100: ~3000)")
+    p.add_argument("--check", action="store_true", help="also compare gather_attend with masked SDPA (CUDA)")
+    p.add_argument("--block_mask", action="store_true", help="also read the selections through block masks")
+    a = p.parse_args(argv)
+    device = "cpu" if a.tiny or not torch.cuda.is_available() else "cuda"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    args = ModelArgs.from_name("tiny" if a.tiny else a.model)
+    if a.tiny:
+        args.n_layer, a.context, a.batch, a.steps = 4, [256], [1, 2], 3
+    args.n_layer = a.layers or args.n_layer
+    args.block_size = max(args.block_size, max(a.context) + a.steps + 8)
+    model = random_model(args, device, dtype)
+    ckpt = Path(tempfile.mkdtemp())
+    random_hashes(args, ckpt)
+    if a.check and device == "cuda":
+        check_kernel(args.head_dim)
+    runs = [("full", {})] + [("spotlight", {"spotlight_prune": r}) for r in a.prune]
+    runs += [("quest", {"quest_budget": b}) for b in a.quest_budget]
+    if a.block_mask and device == "cuda":  # the same selections read through FlexAttention block masks
+        runs += [(n, {**p, "block_mask": True}) for n, p in runs if n != "full"]
+    print(f"{args.name} shape ({args.n_layer} layers), RANDOM weights and KV, {dtype}, {device}"
+          f"{' ' + torch.cuda.get_device_name() if device == 'cuda' else ''}; {a.steps} timed steps")
+    print("| context | batch | strategy | tok/s | ms/step | KV read/step (GB) | % roofline | cache (GB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for ctx in a.context:
+        for B in a.batch:
+            for name, params in runs:
+                kv.GATHER_ON_CUDA = not params.get("block_mask")
+                params = {k: v for k, v in params.items() if k != "block_mask"}
+                label = name + "".join(f" {v:g}" for v in params.values()) + ("" if kv.GATHER_ON_CUDA else " (block mask)")
+                try:
+                    r = bench(model, args, name, params, B, ctx, a.steps, device, dtype, ckpt, a.bandwidth)
+                except torch.OutOfMemoryError:
+                    print(f"| {ctx} | {B} | {label} | out of memory | | | | |")
+                    continue
+                except Exception as e:  # one broken configuration must not hide the others
+                    print(f"| {ctx} | {B} | {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | | |")
+                    continue
+                finally:
+                    model.setup_caches([None] * args.n_layer)
+                    torch.cuda.empty_cache() if device == "cuda" else None
+                print(f"| {ctx} | {B} | {label} | {r['tok_s']:.1f} | {r['ms']:.2f} | {r['kv_gb']:.3f} | "
+                      f"{100 * r['roofline']:.0f}% | {r['cache_gb']:.2f} |", flush=True)
+
+
+def check_kernel(D):
+    """gather_attend vs masked SDPA on random selections (bf16)."""
+    from kernels import gather_attend
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for B, H, G, S, K in [(1, 8, 4, 4096, 300), (3, 2, 3, 1000, 777)]:
+        q = torch.randn(B, H, G, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        idx = torch.rand(B, H, S, device="cuda", generator=g).argsort(-1)[..., :K]
+        ok = torch.rand(B, H, K, device="cuda", generator=g) > 0.2
+        mask = torch.zeros(B, H, S + 1, dtype=torch.bool, device="cuda").scatter(-1, idx.masked_fill(~ok, S), True)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                               attn_mask=mask[:, :, None, :S])
+        err = (gather_attend(q, k, v, idx, ok).float() - ref).abs().max().item()
+        print(f"gather_attend check B={B} H={H} G={G} S={S} K={K}: max abs error {err:.2e}")
+        assert err < 2e-2
+
+
+if __name__ == "__main__":
+    main()
