@@ -374,8 +374,9 @@ def summarize(task, rows, meta) -> dict:
            "max_cache_length": meta["cache"]["max_cache_length"], "query_aware": meta["query_aware"],
            "prompt_rule": meta["prompt_rule"], "metric": task.metric, "higher_is_better": task.higher_is_better,
            "n": len(rows), **task.aggregate(rows)}
-    if rows and "score_norm" in rows[0]:
-        out["acc_norm"] = 100 * mean("score_norm")
+    if rows and "score_norm" in rows[0]:  # choice tasks: also the gold option's log-likelihood, which moves
+        out["acc_norm"] = 100 * mean("score_norm")  # long before the argmax does
+        out["gold_loglik"] = sum(r["option_loglik"][r["reference"]] for r in rows) / len(rows)
     for k in ("compression_ratio", "cache_bytes", "prefill_ms", "decode_tok_s", "n_prompt"):
         out[k] = mean(k)
     return out
@@ -516,7 +517,29 @@ def report(root: Path, out: Path) -> str:
             lines.append("")
         for task in sorted({m["task"] for m in ms}):
             pareto_plot([m for m in ms if m["task"] == task], out / f"pareto-{model}-{task}.png")
+            if any("curve" in m for m in ms if m["task"] == task):
+                curve_plot([m for m in ms if m["task"] == task and "curve" in m], out / f"curve-{model}-{task}.png")
     return "\n".join(lines)
+
+
+def curve_plot(ms, path: Path):
+    """Perplexity over position, one line per configuration (from metrics.json's `curve`)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in sorted(ms, key=config_order):
+        ax.plot([p[0] for p in m["curve"]], [p[1] for p in m["curve"]], label=m["config"],
+                linewidth=2.5 if m["strategy"] == "full" else 1.2, color="black" if m["strategy"] == "full" else None)
+    ax.set_xlabel("position (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(f"{ms[0]['model']}: {ms[0]['task']}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def pareto_plot(ms, path: Path):

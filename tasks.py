@@ -308,6 +308,7 @@ class Synthetic(Task):
     """Generated at --context_length tokens (prompt + new tokens) of this model's tokenizer; sample i
     uses random.Random(f"{task}-{seed}-{i}"), so samples do not depend on --num_samples or sharding."""
     default_samples = 100
+    metric = "string_match_all"
 
     @property
     def tag(self):
@@ -331,6 +332,7 @@ class Passkey(Synthetic):
     """Passkey retrieval (Mohtashami & Jaggi 2023): a 5-digit key in repeated filler at a uniform random
     depth; scored by the whole key appearing in the answer (never digit by digit)."""
     name = "passkey"
+    metric = "accuracy"
     max_new_tokens = 16
 
     def make(self, tok, i):
@@ -487,6 +489,7 @@ class NIAH(Task):
     the sample set (--num_samples does not cut it). Judge-free
     score: share of the needle's 7 content words found in the answer. Heatmap: heatmap.png."""
     name = "niah"
+    metric = "needle words found"
     max_new_tokens = 48
     needle = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
     words = ("eat", "sandwich", "sit", "dolores", "park", "sunny", "day")
@@ -584,7 +587,7 @@ class PPL(Task):
     def aggregate(self, rows):
         import math
         nll = sum(r["score"] for r in rows) / max(1, len(rows))
-        return {"score": math.exp(nll), "nll": nll}
+        return {"score": math.exp(nll), "nll": nll, "curve": [[p, math.exp(v)] for p, v in ppl_curve(rows)]}
 
     def plot(self, rows, out_dir):
         import math
@@ -625,6 +628,8 @@ class LongBench(Task):
     def __init__(self, args, dataset):
         super().__init__(args)
         self.dataset, self.name = dataset, f"longbench_{dataset}"
+        self.metric = {"qa_f1": "F1", "rouge_l": "ROUGE-L", "code_sim": "edit similarity"}.get(
+            M.LONGBENCH[dataset].__name__, "accuracy")
 
     @property
     def tag(self):

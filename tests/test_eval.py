@@ -99,6 +99,10 @@ def test_every_task_kind_runs_and_records(tiny, tmp_path, data):
                 assert m["compression_ratio"] == pytest.approx(0.5, abs=0.05)
     assert len(rows(res / "medqa_mc/full/predictions.jsonl")[0]["option_loglik"]) == 4
     assert (res / "ppl-pg19-450/full/curve.png").exists()
+    ppl = json.loads((res / "ppl-pg19-450/full/metrics.json").read_text())
+    assert [p for p, _ in ppl["curve"]] == [0, 50, 100, 150, 200, 250, 300, 350, 400]  # bins of --ppl_bin
+    E.report(tmp_path, tmp_path / "plots")
+    assert (tmp_path / "plots/curve-tiny-ppl-pg19-450.png").exists()  # one line per configuration
     full = json.loads((res / "fidelity-passkey-450-4/full/metrics.json").read_text())
     assert full["score"] == 100.0 and abs(full["kl"]) < 1e-4  # the full cache against itself
 
