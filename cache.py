@@ -795,6 +795,9 @@ def pyramid_budgets(budget, n_layer, cap, reserve=0, beta=20.0) -> list[int]:
     return out
 
 
+ALLOC_STEP = 1024
+
+
 def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, device, dtype) -> list[KVCache]:
     """One cache per layer for model args `args`, sized by the strategy's budget."""
     if cfg.strategy not in REGISTRY:
@@ -804,6 +807,10 @@ def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, d
         raise ValueError(f"unknown --prompt_compression {cfg.prompt_compression!r}; "
                          f"known: own, {', '.join(sorted(REGISTRY))}")
     slots = cls.layer_slots(cfg, args.n_layer, max_seq_length, max_new_tokens)
+    # a cache that holds the whole sequence is allocated in steps of ALLOC_STEP slots, so that prompts of
+    # many lengths share a few static shapes (a compiled decode step recompiles once per shape, not per length)
+    whole = min(-(-max_seq_length // ALLOC_STEP) * ALLOC_STEP, max(args.block_size, max_seq_length))
+    slots = [whole if s == max_seq_length else s for s in slots]
     G = args.n_head // args.n_local_heads
     return [cls(batch, args.n_local_heads, s, args.head_dim, G, dtype, i, args.n_layer, cfg, max_new_tokens)
             .to(device) for i, s in enumerate(slots)]

@@ -85,6 +85,11 @@ def sync(device):
 
 
 def compile_decode(model, device):
+    # eviction budgets follow each prompt's length, so an eval over many lengths meets many cache sizes:
+    # each compiles once; dynamo's default limit (8) would make fullgraph=True fail on the 9th
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
     mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
     return torch.compile(model.forward, fullgraph=True, mode=mode)
 

@@ -207,10 +207,6 @@ def decode_graphs(model, cfg, prompts, steps=200, backend="eager"):
     return graphs[0] - before, graphs[-1] - graphs[0], res.tokens
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "every (prompt + max_new_tokens) length gives the caches a new static size, so a reused compiled step "
-    "recompiles per length and fullgraph=True turns dynamo's recompile limit (8) into FailOnRecompileLimitHit "
-    "at the 9th; fix: bucket cache sizes (generate.generate / cache.make_caches), see the report"))
 def test_one_compiled_step_serves_prompts_of_many_lengths():
     """eval.py reuses one compiled step over a whole dataset: 12 prompt lengths must neither crash nor
     compile a graph each."""
