@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 import cache as kv
 from model import load_model
@@ -48,7 +49,7 @@ def load(checkpoint_dir, device, dtype):
     try:
         model = load_model(path, device=device, dtype=dtype)
         tokenizer = load_tokenizer(path)
-    except Exception as e:  # safetensors, JSON and tokenizer errors all mean the same thing here
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # unreadable weights/config/tokenizer
         raise UserError(f"checkpoint at {path} is unreadable or corrupt ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); re-run {PREPARE_DEFAULT} "
                         f"or scripts/prepare.sh") from None
