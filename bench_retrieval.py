@@ -156,7 +156,7 @@ def main(argv=None):
 
 def check_kernel(D):
     """gather_attend vs masked SDPA on random selections (bf16)."""
-    from kernels import gather_attend
+    from triton_kernels import gather_attend
     g = torch.Generator(device="cuda").manual_seed(0)
     for B, H, G, S, K in [(1, 8, 4, 4096, 300), (3, 2, 3, 1000, 777)]:
         q = torch.randn(B, H, G, D, device="cuda", dtype=torch.bfloat16, generator=g)

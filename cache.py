@@ -27,7 +27,7 @@ Kinds of strategy (class flags):
   S - max_new_tokens and generated tokens fill the reserved slots.
 - retrieval (`retrieves = True`): S covers the whole sequence; each step attends only to the slots
   `select(q, input_pos)` returns (static-K indices + validity; sinks and the recent window included);
-  on CUDA kernels.gather_attend reads just those rows.
+  on CUDA triton_kernels.gather_attend reads just those rows.
 Per-layer budgets are per-layer S, from the classmethod `layer_slots` (budget_slots: one budget shaped
 by --budget_pattern, or the strategy's own rule, e.g. PyramidKV's); per-head budgets are the `limit`
 buffer [H_kv] (slots at or past a head's limit are never used). Each sequence of a batch evicts on its
@@ -209,7 +209,7 @@ class KVCache(nn.Module):
         sel = self.select(qg, input_pos) if qg.is_cuda and GATHER_ON_CUDA else None
         if sel is None:
             return attend(qg, self.k, self.v, self.attend_mask(qg, input_pos))
-        from kernels import gather_attend  # Triton: imported only on CUDA
+        from triton_kernels import gather_attend  # Triton: imported only on CUDA
         return gather_attend(qg, self.k, self.v, *sel)
 
     def decode(self, q, k_new, v_new, input_pos):
@@ -832,7 +832,7 @@ def compression_ratio(caches, tokens_seen: torch.Tensor) -> float:
 # ---- retrieval strategies ----
 # Every token stays cached (S = the whole sequence, slot = position); each decode step reads only the
 # slots `select` returns: (idx [B, H_kv, K], ok [B, H_kv, K]) with K static, so the step compiles once.
-# CPU: a masked SDPA over the cache. CUDA: kernels.gather_attend reads only those K rows of K and V.
+# CPU: a masked SDPA over the cache. CUDA: triton_kernels.gather_attend reads only those K rows of K and V.
 # Selection is per KV head (the group's query scores are combined): one index list per KV head is what
 # a gather kernel reads, and measured recall says it costs little (README, "Retrieval quality").
 GATHER_ON_CUDA = True  # False: the same selection through attend()'s block mask (bench_retrieval.py compares)

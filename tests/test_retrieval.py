@@ -222,7 +222,7 @@ def test_tiny_training_lowers_loss_and_raises_recall(default_checkpoint, tmp_pat
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton gather kernel runs on CUDA only")
 def test_gather_attend_matches_masked_sdpa():
-    from kernels import gather_attend
+    from triton_kernels import gather_attend
     g = torch.Generator(device="cuda").manual_seed(0)
     B, H, G, S, K, D = 2, 3, 4, 700, 300, 64
     q = torch.randn(B, H, G, D, device="cuda", dtype=torch.bfloat16, generator=g)
