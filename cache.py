@@ -810,7 +810,7 @@ def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, d
     # a cache that holds the whole sequence is allocated in steps of ALLOC_STEP slots, so that prompts of
     # many lengths share a few static shapes (a compiled decode step recompiles once per shape, not per length)
     whole = min(-(-max_seq_length // ALLOC_STEP) * ALLOC_STEP, max(args.block_size, max_seq_length))
-    slots = [whole if s == max_seq_length else s for s in slots]
+    slots = [whole if s == max_seq_length and not (cls.evicts or cls.prefill_only) else s for s in slots]
     G = args.n_head // args.n_local_heads
     return [cls(batch, args.n_local_heads, s, args.head_dim, G, dtype, i, args.n_layer, cfg, max_new_tokens)
             .to(device) for i, s in enumerate(slots)]
