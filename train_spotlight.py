@@ -1,6 +1,6 @@
 """Train Spotlight's hash functions with the LLM frozen, and measure retrieval quality.
 
-    python train_spotlight.py                 # default model, CPU: ~15 min; writes <checkpoint>/spotlight.safetensors
+    python train_spotlight.py                 # default model on CPU (~30 CPU-minutes, 2 cores); writes <checkpoint>/spotlight.safetensors
     python train_spotlight.py --eval          # recall table: spotlight vs spotlight_linear, lsh_retrieval, quest
 
 Spotlight Attention (Li et al. 2025, arXiv 2508.19740). One forward pass per training sequence records
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent
 DATA = ROOT / ".." / "shared" / "data"
 DEFAULT_CHECKPOINT = "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
 SOURCES = ("pg19_test_gutenberg", "wikitext2_raw", "paul_graham_essays")
-METHODS = ("spotlight", "spotlight/q-sel", "spotlight_linear", "lsh_retrieval", "quest", "quest/mean")
+METHODS = ("spotlight", "spotlight/q-sel", "spotlight_linear", "lsh_retrieval", "quest", "quest/max")
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def recall_table(caps, n_group, args, hashes, methods=METHODS, prunes=(0.98, 0.9
     rate) and the softmax attention mass it covers, per layer, over held-out captures.
     Returns {prune: {method: [L] recall}}, {prune: {method: [L] mass}}."""
     def cfg_for(base, variant):
-        params = {"quest_group": variant or "max", "quest_page_size": args.page_size,
+        params = {"quest_group": variant or "mean", "quest_page_size": args.page_size,
                   "spotlight_dense_layers": args.dense_layers, "quest_dense_layers": args.dense_layers,
                   "spotlight_hashes": str(hashes)}
         return kv.CacheConfig(strategy=base, params=params)
@@ -242,7 +242,7 @@ def parse_args(argv=None):
     p.add_argument("--eval", action="store_true", help="only print the recall table for the saved hashes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="model dtype (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seq_len", type=int, default=1024, help="tokens per training sequence (paper: 8k)")
     p.add_argument("--steps_per_seq", type=int, default=5, help="optimizer steps per recorded sequence")
     p.add_argument("--queries", type=int, default=64, help="query positions sampled per step (paper: 1024)")
