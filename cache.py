@@ -1006,10 +1006,10 @@ class Quest(KVCache):
     is sum_d max(q_d M_d, q_d m_d) = relu(q).M + min(q, 0).m, an upper bound of q.k on the page. Each
     step reads the best pages within `quest_budget` tokens (a fraction of those seen, or a count),
     the current page always; `quest_dense_layers` dense. GQA (Quest was MHA): the group's bounds are
-    combined by `quest_group` (max or mean), selection per KV head."""
+    combined by `quest_group` (mean, or max: mean recalled as well or better, README), selection per KV head."""
     name = "quest"
     retrieves = True
-    defaults = {"quest_page_size": 16, "quest_budget": 0.1, "quest_dense_layers": [0, 1], "quest_group": "max"}
+    defaults = {"quest_page_size": 16, "quest_budget": 0.1, "quest_dense_layers": [0, 1], "quest_group": "mean"}
 
     def __init__(self, batch, n_kv, n_slots, head_dim, *args, **kwargs):
         super().__init__(batch, n_kv, n_slots, head_dim, *args, **kwargs)
