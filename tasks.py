@@ -609,7 +609,7 @@ def ppl_curve(rows):
     """[(bin start position, mean NLL over samples)] from each row's `nll_bins`."""
     bins = {}
     for r in rows:
-        for start, nll in r["nll_bins"]:
+        for start, nll in r.get("nll_bins", ()):
             bins.setdefault(start, []).append(nll)
     return [(s, sum(v) / len(v)) for s, v in sorted(bins.items())]
 
