@@ -179,7 +179,7 @@ def new_tokens(ctx, task, s):
 
 def stats(cache_bytes, ratio, prefill_s, steps, decode_s, prefix, suffix):
     return {"cache_bytes": cache_bytes, "compression_ratio": ratio, "prefill_ms": 1000 * prefill_s,
-            "decode_tok_s": steps / decode_s if decode_s > 0 else None,
+            "decode_tok_s": steps / decode_s if decode_s > 0 and steps else None,
             "n_prompt": len(prefix) + len(suffix), "n_context": len(prefix)}
 
 
@@ -528,12 +528,16 @@ def curve_plot(ms, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
+    strategies = sorted({m["strategy"] for m in ms} - {"full"})
+    seen = {}  # colour = strategy, line style = its budgets from large to small
     for m in sorted(ms, key=config_order):
-        ax.plot([p[0] for p in m["curve"]], [p[1] for p in m["curve"]], label=m["config"],
-                linewidth=2.5 if m["strategy"] == "full" else 1.2, color="black" if m["strategy"] == "full" else None)
+        full = m["strategy"] == "full"
+        k = seen[m["strategy"]] = seen.get(m["strategy"], -1) + 1
+        ax.plot([p[0] for p in m["curve"]], [p[1] for p in m["curve"]], label=m["config"], linewidth=2.5 if full else 1.2,
+                color="black" if full else plt.cm.tab10(strategies.index(m["strategy"]) % 10),
+                linestyle=("-", "--", ":", "-.")[k % 4])
     ax.set_xlabel("position (tokens)")
     ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
     ax.set_title(f"{ms[0]['model']}: {ms[0]['task']}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -543,19 +547,25 @@ def curve_plot(ms, path: Path):
 
 
 def pareto_plot(ms, path: Path):
+    """Metric vs measured compression ratio, a line per strategy; choice tasks get a second panel with
+    the gold option's log-likelihood, which shows a cache's damage long before the accuracy does."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for strat in sorted({m["strategy"] for m in ms}, key=lambda s: (s != "full", s)):
-        pts = sorted((m["compression_ratio"], m["score"], m["config"]) for m in ms if m["strategy"] == strat)
-        style = dict(marker="*", markersize=12, linestyle="none") if strat == "full" else dict(marker="o")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=strat, **style)
-    ax.set_xlabel("compression ratio (1 - slots used / tokens seen)")
-    ax.set_ylabel(ms[0]["metric"] + ("" if ms[0]["higher_is_better"] else " (lower is better)"))
-    ax.set_title(f"{ms[0]['model']}: {ms[0]['task']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [("score", ms[0]["metric"] + ("" if ms[0]["higher_is_better"] else " (lower is better)"))]
+    if all("gold_loglik" in m for m in ms):
+        panels.append(("gold_loglik", "log-likelihood of the gold option"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for strat in sorted({m["strategy"] for m in ms}, key=lambda s: (s != "full", s)):
+            pts = sorted((m["compression_ratio"], m[key]) for m in ms if m["strategy"] == strat)
+            style = dict(marker="*", markersize=12, linestyle="none") if strat == "full" else dict(marker="o")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=strat, **style)
+        ax.set_xlabel("compression ratio (1 - slots used / tokens seen)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{ms[0]['model']}: {ms[0]['task']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
