@@ -233,6 +233,16 @@ def test_lsh(params):
     assert_invariants(hist, SLOTS)
 
 
+def prompt_column_sums(seq, h):
+    """H2O's prompt scores from the definition: each prompt token's attention summed over every causal
+    prompt query."""
+    acc = dict.fromkeys(seq.prompt, 0.0)
+    for i in seq.prompt:
+        for p, a in seq.probs(h, i, [p for p in seq.prompt if p <= i]).items():
+            acc[p] += a
+    return acc
+
+
 @pytest.mark.parametrize("sinks,recent", [(SINKS, RECENT), (0, 0.5)])
 def test_h2o(sinks, recent):
     """Accumulated, un-normalised attention; the refilled slot restarts at the new token's own score.
@@ -241,10 +251,7 @@ def test_h2o(sinks, recent):
 
     def ref(b, h):
         seq = Seq(b)
-        acc = dict.fromkeys(seq.prompt, 0.0)
-        for i in seq.prompt:
-            for p, a in seq.probs(h, i, [p for p in seq.prompt if p <= i]).items():
-                acc[p] += a
+        acc = prompt_column_sums(seq, h)
         last = seq.prompt[-1]
         keep = prompt_keep(acc, SLOTS, lambda p: protect(p, last, sinks, n_recent))
         out = [keep]
@@ -264,10 +271,7 @@ def test_prompt_compression_by_another_strategy():
     sinks + recent protected), then l2 evicts by norm."""
     def ref(b, h):
         seq = Seq(b)
-        acc = dict.fromkeys(seq.prompt, 0.0)
-        for i in seq.prompt:
-            for p, a in seq.probs(h, i, [p for p in seq.prompt if p <= i]).items():
-                acc[p] += a
+        acc = prompt_column_sums(seq, h)
         keep = prompt_keep(acc, SLOTS, lambda p: protect(p, seq.prompt[-1]))
         out = [keep]
         for now in seq.new:
