@@ -168,7 +168,6 @@ class KVCache(nn.Module):
         new_pos = input_pos[:, None, None].expand(B, H, 1)
         all_pos = torch.cat([self.pos, new_pos], dim=-1)
         usable = torch.arange(S + 1, device=keep.device) < self.limit[:, None]  # [H, S+1]
-        usable = usable.clone()
         usable[:, S] = True
         keep = keep.float().masked_fill(self.protected(all_pos, input_pos), math.inf)
         keep = keep.masked_fill(all_pos < 0, -math.inf).masked_fill(~usable, math.inf)
