@@ -247,13 +247,17 @@ def gpu(a):
                 gc.collect()
                 torch.cuda.empty_cache() if device == "cuda" else None
     if a.hf:
-        lines += ["", *hf_static_rows(a, args, device, dtype)]
+        del model  # its weights would sit beside transformers' copy
+        gc.collect()
+        torch.cuda.empty_cache() if device == "cuda" else None
+        lines += ["", *hf_rows(a, args, device, dtype)]
     return lines
 
 
-def hf_static_rows(a, args, device, dtype) -> list[str]:
-    """transformers' generate with a static cache (its own compile policy) on a random-weight
-    LlamaForCausalLM of the same shape; decode tok/s from two generate() lengths, prefill subtracted."""
+def hf_rows(a, args, device, dtype) -> list[str]:
+    """transformers' generate() on a random-weight LlamaForCausalLM of the same shape, with its default
+    dynamic cache (eager) or --hf_cache static (its own compile policy); decode tok/s from two
+    generate() lengths, so prefill is subtracted."""
     import transformers
     cfg = transformers.LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.intermediate_size,
                                    num_hidden_layers=args.n_layer, num_attention_heads=args.n_head,
@@ -267,7 +271,8 @@ def hf_static_rows(a, args, device, dtype) -> list[str]:
             hf = transformers.LlamaForCausalLM(cfg).eval()
     finally:
         torch.set_default_dtype(default)
-    out = [f"transformers {transformers.__version__} generate(cache_implementation='static'), same shape ({RANDOM}):", "",
+    cache = {"cache_implementation": "static"} if a.hf_cache == "static" else {}
+    out = [f"transformers {transformers.__version__} generate() with its {a.hf_cache} cache, same shape ({RANDOM}):", "",
            "| context | batch | tok/s (all sequences) |", "|---|---|---|"]
     for context in a.contexts:
         for batch in a.batches:
@@ -278,7 +283,7 @@ def hf_static_rows(a, args, device, dtype) -> list[str]:
                     gen.sync(device)
                     t0 = time.perf_counter()
                     hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                cache_implementation="static", pad_token_id=0)
+                                pad_token_id=0, **cache)
                     gen.sync(device)
                     t[n] = time.perf_counter() - t0
                 rate = batch * a.steps / (t[1 + a.steps] - t[1])
@@ -309,12 +314,14 @@ def main():
     g.add_argument("--cpu", action="store_true", help="run the --gpu path on the CPU even if CUDA is present")
     g.add_argument("--contexts", type=int, nargs="+", help="prompt lengths (default 4096 32768; tiny: 256 400)")
     g.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    g.add_argument("--strategies", nargs="+", default=["full"], help=f"of {', '.join(sorted(kv.REGISTRY))}")
+    g.add_argument("--strategies", nargs="*", default=["full"], help=f"of {', '.join(sorted(kv.REGISTRY))}")
     g.add_argument("--budget", help="--max_cache_length of compressing strategies (default 0.1; tiny: 0.5)")
     g.add_argument("--steps", type=int, help="timed decode steps (default 100; tiny: 20)")
     g.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, CUDA graph capture), >= 1")
     g.add_argument("--bandwidth", type=float, default=3.0, help="roofline memory bandwidth, TB/s")
-    g.add_argument("--hf", action="store_true", help="also transformers' generate with a static cache")
+    g.add_argument("--hf", action="store_true", help="also transformers' generate() on the same shape")
+    g.add_argument("--hf_cache", choices=["dynamic", "static"], default="dynamic",
+                   help="its default dynamic cache (eager), or a static cache (which it compiles itself)")
     a = p.parse_args()
     if a.cpu_vs_hf == a.gpu:
         p.error("give one of --cpu_vs_hf, --gpu")

@@ -12,6 +12,7 @@ page bounds), and % of a roofline at --bandwidth GB/s over weights + those KV by
 import argparse
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -106,6 +107,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, nargs="+", default=[32768])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prune", type=float, nargs="+", default=[0.9, 0.98])
+    p.add_argument("--no_full", action="store_true", help="skip the full-cache rows (already measured)")
     p.add_argument("--quest_budget", type=float, nargs="*", default=[0.1], help="Quest rows (fractions); none to skip")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--layers", type=int, default=0, help="fewer layers for a quick look (0 = the model's)")
@@ -125,7 +127,8 @@ def main(argv=None):
     random_hashes(args, ckpt)
     if a.check and device == "cuda":
         check_kernel(args.head_dim)
-    runs = [("full", {})] + [("spotlight", {"spotlight_prune": r}) for r in a.prune]
+    runs = [] if a.no_full else [("full", {})]
+    runs += [("spotlight", {"spotlight_prune": r}) for r in a.prune]
     runs += [("quest", {"quest_budget": b}) for b in a.quest_budget]
     if a.block_mask and device == "cuda":  # the same selections read through FlexAttention block masks
         runs += [(n, {**p, "block_mask": True}) for n, p in runs if n != "full"]
@@ -145,6 +148,7 @@ def main(argv=None):
                     print(f"| {ctx} | {B} | {label} | out of memory | | | | |")
                     continue
                 except Exception as e:  # one broken configuration must not hide the others
+                    traceback.print_exc()
                     print(f"| {ctx} | {B} | {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | | |")
                     continue
                 finally:
@@ -166,9 +170,10 @@ def check_kernel(D):
         mask = torch.zeros(B, H, S + 1, dtype=torch.bool, device="cuda").scatter(-1, idx.masked_fill(~ok, S), True)
         ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
                                                                attn_mask=mask[:, :, None, :S])
-        err = (gather_attend(q, k, v, idx, ok).float() - ref).abs().max().item()
-        print(f"gather_attend check B={B} H={H} G={G} S={S} K={K}: max abs error {err:.2e}")
-        assert err < 2e-2
+        for how, f in (("eager", gather_attend), ("compiled", torch.compile(gather_attend, fullgraph=True))):
+            err = (f(q, k, v, idx, ok).float() - ref).abs().max().item()
+            print(f"gather_attend check ({how}) B={B} H={H} G={G} S={S} K={K}: max abs error {err:.2e}", flush=True)
+            assert err < 2e-2
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-NEG = -1.0e30  # finite "minus infinity": an empty chunk never makes exp(-inf - -inf) = nan
 
 
 @triton.jit
@@ -24,7 +23,9 @@ def _gather_attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, n_sel, chunk, H, scale,
     b, h = bh // H, bh % H
     g, d = tl.arange(0, GP), tl.arange(0, D)
     q = tl.load(Q + b * sqb + h * sqh + g[:, None] * sqg + d[None, :], mask=g[:, None] < G, other=0.0)
-    m_i = tl.full([GP], NEG, tl.float32)
+    # -1e30, a finite "minus infinity": an empty chunk never makes exp(-inf - -inf) = nan. A literal, not a
+    # global: inductor re-emits a user kernel's source and drops float globals.
+    m_i = tl.full([GP], -1.0e30, tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     for off in range(0, chunk, BLOCK):
@@ -33,8 +34,8 @@ def _gather_attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, n_sel, chunk, H, scale,
         idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
         ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=0) != 0) & inb
         k = tl.load(K + b * skb + h * skh + idx[:, None] * sks + d[None, :], mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale  # [GP, BLOCK]
-        s = tl.where(ok[None, :], s, NEG)
+        s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # [GP, BLOCK]; inductor passes scale as fp64
+        s = tl.where(ok[None, :], s, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
