@@ -163,18 +163,6 @@ def fill_caches(model, caches, batch, context, device, dtype):
 
 
 @torch.no_grad()
-def kv_bytes_read(model, caches, input_pos) -> int:
-    """K and V rows one decode step attends to, from each cache's own mask (retrieval: the selection)."""
-    a = model.args
-    n = 0
-    for c in caches:
-        B, H = c.k.shape[:2]
-        qg = torch.randn(B, H, a.n_head // H, a.head_dim, device=c.k.device, dtype=c.k.dtype)
-        n += int(c.attend_mask(qg, input_pos).sum()) * 2 * a.head_dim * c.k.element_size()
-    return n
-
-
-@torch.no_grad()
 def bench_one(model, a, strategy, context, batch, device, dtype, spot_dir) -> dict:
     steps = a.warmup + a.steps
     cfg = kv.CacheConfig(strategy=strategy, max_cache_length=[str(a.budget)], checkpoint_dir=str(spot_dir))
@@ -182,7 +170,7 @@ def bench_one(model, a, strategy, context, batch, device, dtype, spot_dir) -> di
     model.setup_caches(caches)
     fill_caches(model, caches, batch, context, device, dtype)
     input_pos = torch.full((batch,), context, device=device)
-    kv_read = kv_bytes_read(model, caches, input_pos)
+    kv_read = kv.read_bytes(caches, input_pos)[0]
     torch._dynamo.reset()
     step = gen.compile_decode(model, device)
     tok = torch.randint(0, model.args.vocab_size, (batch, 1), device=device)
@@ -223,7 +211,7 @@ def gpu(a):
     lines = header(device, title) + [
         f"Prompt KV: random q/k/v of the context length through each cache's own prefill (no model forward). "
         f"Budget for compressing strategies: --max_cache_length {a.budget}. Bytes/step = "
-        f"{weight_bytes(model) / 1e9:.3g} GB of weights (embedding table excluded) + K/V rows attended; "
+        f"{weight_bytes(model) / 1e9:.3g} GB of weights (embedding table excluded) + K/V rows attended + index scanned; "
         f"roofline at {a.bandwidth} TB/s.", "",
         "| strategy | context | batch | KV kept | tok/s (all sequences) | ms / step | GB read / step | "
         "roofline tok/s | % of roofline | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]

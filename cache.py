@@ -192,6 +192,10 @@ class KVCache(nn.Module):
         with K static, or None to read every filled slot (dense layers)."""
         return None
 
+    def index_bytes(self) -> int:
+        """Bytes of auxiliary index a decode step scans besides K/V rows (retrieval: codes, page bounds)."""
+        return 0
+
     def attend_mask(self, q, input_pos):
         """Which slots the decode query reads: [B, H_kv, S] bool. Retrieval strategies narrow it."""
         sel = self.select(q, input_pos) if self.retrieves else None
@@ -820,6 +824,21 @@ def cache_bytes(caches) -> int:
     return sum(b.numel() * b.element_size() for c in caches for b in c.buffers())
 
 
+@torch.no_grad()
+def read_bytes(caches, input_pos) -> tuple[int, int]:
+    """(bytes one decode step at input_pos [B] reads from the caches, bytes of K/V they hold): the K/V
+    rows attended (a retrieval strategy's selection, whose size does not depend on the query's values)
+    plus the index scanned, against every filled slot's K/V."""
+    read = held = 0
+    for c in caches:
+        B, H, S, D = c.k.shape
+        row = 2 * D * c.k.element_size()
+        qg = torch.zeros(B, H, c.n_group, D, device=c.k.device, dtype=c.k.dtype)
+        read += int(c.attend_mask(qg, input_pos).sum()) * row + c.index_bytes()
+        held += int((c.pos >= 0).sum()) * row
+    return read, held
+
+
 def compression_ratio(caches, tokens_seen: torch.Tensor) -> float:
     """1 - slots used / tokens seen, measured over layers, heads and sequences (tokens_seen [B])."""
     used = sum((c.pos >= 0).sum(dim=(1, 2)).float() for c in caches)  # [B]
@@ -959,6 +978,9 @@ class Spotlight(KVCache):
             idx = keep[:, :, None, :, None].expand(-1, -1, self.gh, -1, c.shape[-1])
             self.codes[:, :, :, :keep.shape[-1]] = c.gather(3, idx)
 
+    def index_bytes(self):
+        return self.codes.numel() * self.codes.element_size()  # every slot's code is scored
+
     def on_write(self, slot, q, k_new, v_new, input_pos):
         if not self.dense:
             c = self.key_codes(k_new)  # [B, H_kv, Gh, 1, W]
@@ -1028,6 +1050,9 @@ class Quest(KVCache):
         any_ = filled.any(3)
         self.kmax.copy_(keys.masked_fill(~filled, -math.inf).amax(3).where(any_, 0))
         self.kmin.copy_(keys.masked_fill(~filled, math.inf).amin(3).where(any_, 0))
+
+    def index_bytes(self):
+        return 2 * self.kmax.numel() * self.kmax.element_size()  # every page's bounds are scored
 
     def on_write(self, slot, q, k_new, v_new, input_pos):
         if self.dense:

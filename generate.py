@@ -37,6 +37,8 @@ class Result:
     cache_bytes: int
     compression_ratio: float
     compile_s: float = 0.0
+    kv_read: int = 0        # cache bytes the next decode step reads (kv.read_bytes) ...
+    kv_held: int = 0        # ... and the K/V bytes the caches hold
 
 
 def load(checkpoint_dir, device, dtype):
@@ -156,7 +158,8 @@ def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, tempe
     generated = torch.cat(out, dim=1).tolist()
     seen = torch.tensor([len(p) for p in prompts], device=device) + n_sfx + len(out) - 1
     return Result([cut_at_stop(g, stop_ids) for g in generated], prefill_s, decode_s, steps,
-                  kv.cache_bytes(caches), kv.compression_ratio(caches, seen), compile_s)
+                  kv.cache_bytes(caches), kv.compression_ratio(caches, seen), compile_s,
+                  *kv.read_bytes(caches, input_pos))
 
 
 def feed(step, tokens, input_pos, device):
@@ -329,6 +332,8 @@ def report(res: Result, model, prompts, args):
     print(f"decode: {tok_s:.1f} tok/s per sequence, {tok_s * B:.1f} tok/s total (batch {B}, {res.decode_steps} steps)")
     print(f"cache: {res.cache_bytes / 2**20:.2f} MiB allocated ({args.cache_strategy}), "
           f"compression ratio {res.compression_ratio:.3f} (1 - slots used / tokens seen)")
+    print(f"KV read per decode step: {res.kv_read / 2**20:.2f} MiB of the {res.kv_held / 2**20:.2f} MiB of K/V cached "
+          f"({100 * res.kv_read / max(res.kv_held, 1):.0f}%; retrieval strategies read their selection and index)")
     if "cuda" in args.device:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; weights streamed per step: "
               f"{weights / 1e9:.3f} GB")

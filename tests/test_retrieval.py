@@ -145,6 +145,34 @@ def test_spotlight_selection_matches_naive(strategy, tmp_path):
             assert sum(s > kth for s, _ in scored) <= k <= sum(s >= kth for s, _ in scored)
 
 
+def test_read_bytes_counts_the_selection_and_the_codes():
+    """kv.read_bytes (what generate.py prints): the K/V rows of each layer's selection, counted here from
+    the naive selection, plus the packed codes scanned; the full cache reads all it holds."""
+    model, args = tiny()
+    params = {"spotlight_prune": 0.8, "spotlight_recent": 5, "spotlight_sinks": 3}
+    run(model, args, "lsh_retrieval", params, steps=6, T=60)
+    caches = [layer.attention.kv_cache for layer in model.layers]
+    input_pos = caches[0].pos.amax(dim=(1, 2))
+    qg = torch.zeros(2, args.n_local_heads, args.n_head // args.n_local_heads, args.head_dim)
+    row = 2 * args.head_dim * 4  # K and V, fp32
+    want = held = 0
+    for c in caches:
+        held += int((c.pos >= 0).sum()) * row
+        if c.dense:
+            want += int((c.pos >= 0).sum()) * row
+            continue
+        want += c.codes.numel() * 8
+        for b in range(2):
+            for h in range(args.n_local_heads):
+                forced, _, k = naive_spotlight_selection(c, qg, input_pos, b, h)
+                want += (len(forced) + k) * row
+    assert kv.read_bytes(caches, input_pos) == (want, held) and want < held
+    run(model, args, "full", {}, steps=6, T=60)
+    caches = [layer.attention.kv_cache for layer in model.layers]
+    read, held = kv.read_bytes(caches, caches[0].pos.amax(dim=(1, 2)))
+    assert read == held == sum(int((c.pos >= 0).sum()) for c in caches) * row
+
+
 def naive_quest(keys, n, ps):
     """Per-page min and max of keys [n, D] (plain loops)."""
     pages = []
