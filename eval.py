@@ -469,6 +469,11 @@ def main(argv=None, loaded=None):
         torch.set_num_threads(args.threads)
     model, tok = loaded or gen.load(args.checkpoint_path, device, dtype)
     ctx = Ctx(model, tok, args, device, dtype, gen.compile_decode(model, device) if args.compile else None, rank, world)
+    budgeted = [n for n, (c, _) in configs.items() if (kv.REGISTRY[c.strategy].evicts or kv.REGISTRY[c.strategy].prefill_only)
+                and any(float(v) <= 1 for v in c.max_cache_length)]
+    if args.compile and budgeted and rank == 0:  # buffers sized from each sample's length: one shape each
+        print(f"note: with --compile, a fractional budget recompiles the decode step for every prompt length "
+              f"({', '.join(budgeted)}); a budget in tokens (--max_cache_length 256) compiles once", file=sys.stderr)
     ran, ok = 0, True
     for name in T.expand(args.tasks):
         try:

@@ -93,8 +93,9 @@ def compile_decode(model, device):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    # dynamic=False: a new cache size gets its own static graph, never dynamo's automatic dynamic shapes
     mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
-    return torch.compile(model.forward, fullgraph=True, mode=mode)
+    return torch.compile(model.forward, fullgraph=True, dynamic=False, mode=mode)
 
 
 @torch.no_grad()
@@ -167,7 +168,9 @@ def feed(step, tokens, input_pos, device):
     step's logits [B, vocab], the next positions, and the first step's time (a compiled step compiles)."""
     t0, first = time.perf_counter(), 0.0
     for j in range(tokens.shape[1]):
-        logits = step(tokens[:, j:j + 1], input_pos)[:, -1]
+        # a fresh [B, 1] with strides (1, 1) like sampled tokens: the slice's (n, 1) strides would recompile
+        column = tokens[:, j:j + 1].clone(memory_format=torch.contiguous_format)
+        logits = step(column, input_pos)[:, -1]
         input_pos = input_pos + 1
         if j == 0:
             sync(device)

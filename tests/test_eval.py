@@ -128,6 +128,30 @@ def test_each_sample_budget_comes_from_its_own_length(tiny, tmp_path, data):
         assert r["compression_ratio"] == pytest.approx(0.5, abs=0.01)
 
 
+@needs_evict
+def test_compiled_eval_matches_eager_and_compiles_once_per_config(tiny, tmp_path, data, capsys):
+    """--compile: the same predictions as eager; with a token budget, prompts of different lengths share
+    one graph per configuration (full caches are allocated in ALLOC_STEP buckets, eviction buffers at
+    the budget), the question tokens fed by decode steps included."""
+    from torch._dynamo.utils import counters
+    common = ["--data_dir", str(data), "--tasks", "medqa", "passkey", "--num_samples", "2", "--context_length", "450",
+              "--max_new_tokens", "5", "--cache_strategy", "full", EVICT, "--max_cache_length", "100"]
+    run(tiny, tmp_path / "eager", *common)
+    before = counters["stats"]["unique_graphs"]
+    run(tiny, tmp_path / "compiled", *common, "--compile")
+    assert counters["stats"]["unique_graphs"] - before == 2  # 3 prompt lengths x 2 configs: 2 graphs
+    lengths = set()
+    for task in ("medqa", "passkey-450"):
+        for conf in ("full", f"{EVICT}-100"):
+            eager, compiled = (rows(tmp_path / d / f"tiny/{task}/{conf}/predictions.jsonl") for d in ("eager", "compiled"))
+            assert [r["prediction"] for r in eager] == [r["prediction"] for r in compiled]
+            lengths |= {r["n_prompt"] for r in eager}
+    assert len(lengths) == 3
+    run(tiny, tmp_path / "frac", "--tasks", "passkey", "--num_samples", "1", "--context_length", "450",
+        "--max_new_tokens", "2", "--cache_strategy", EVICT, "--max_cache_length", "0.5", "--compile")
+    assert f"a fractional budget recompiles the decode step for every prompt length ({EVICT}-0.5)" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- resuming
 @needs_evict
 def test_rerun_after_a_failure_and_a_torn_line_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
