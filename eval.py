@@ -511,7 +511,8 @@ def report(root: Path, out: Path) -> str:
         ms = [m for m in found if m["model"] == model]
         configs = [m["config"] for m in sorted({m["config"]: m for m in ms}.values(), key=config_order)]
         cell = {(m["task"], m["config"]): m for m in ms}
-        for title, fmt in (("", lambda m: f"{m['score']:.2f}"),
+        for title, fmt in (("", lambda m: f"{m['score']:.2f}" + (f" ± {m['score_stderr']:.2f}"
+                                                                  if m.get("score_stderr") is not None else "")),
                            (" (compression ratio)", lambda m: f"{m['compression_ratio']:.3f}")):
             lines += [f"### {model}{title}", "", "| task | metric | " + " | ".join(configs) + " |",
                       "|---|---|" + "---:|" * len(configs)]

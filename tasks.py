@@ -134,7 +134,8 @@ class Task:
         raise NotImplementedError
 
     def aggregate(self, rows: list[dict]) -> dict:
-        return {"score": 100 * sum(r["score"] for r in rows) / max(1, len(rows))}
+        return {"score": 100 * sum(r["score"] for r in rows) / max(1, len(rows)),
+                "score_stderr": stderr([r["score"] for r in rows], 100)}
 
     def plot(self, rows: list[dict], out_dir: Path):
         """Task-specific figures next to metrics.json (needle heatmap, perplexity curve)."""
@@ -142,6 +143,15 @@ class Task:
     def limit(self, items):
         n = self.args.num_samples
         return items[:n] if n else items
+
+
+def stderr(values: list[float], scale: float = 1.0):
+    """scale x the standard error of the mean over samples, sqrt(sample variance / n); None below 2 samples."""
+    n = len(values)
+    if n < 2:
+        return None
+    m = sum(values) / n
+    return scale * (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5
 
 
 # ---------------------------------------------------------------- GSM8K
@@ -587,7 +597,9 @@ class PPL(Task):
     def aggregate(self, rows):
         import math
         nll = sum(r["score"] for r in rows) / max(1, len(rows))
-        return {"score": math.exp(nll), "nll": nll, "curve": [[p, math.exp(v)] for p, v in ppl_curve(rows)]}
+        se = stderr([r["score"] for r in rows], math.exp(nll))  # over documents, delta method: d e^x = e^x dx
+        return {"score": math.exp(nll), "score_stderr": se, "nll": nll,
+                "curve": [[p, math.exp(v)] for p, v in ppl_curve(rows)]}
 
     def plot(self, rows, out_dir):
         import math
@@ -695,7 +707,8 @@ class Fidelity(Task):
     def aggregate(self, rows):
         n = max(1, len(rows))
         mean = lambda k: sum(r[k] for r in rows) / n
-        return {"score": 100 * mean("score"), "kl": mean("kl"), "rouge_l": 100 * mean("rouge_l"),
+        return {"score": 100 * mean("score"), "score_stderr": stderr([r["score"] for r in rows], 100),
+                "kl": mean("kl"), "rouge_l": 100 * mean("rouge_l"),
                 "prefix_match": mean("prefix_match")}
 
 

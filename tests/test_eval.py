@@ -254,7 +254,8 @@ def test_report_table_matches_metrics(tiny, tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         for conf, cell in zip(header[2:], cells[2:]):
             if (cells[0], conf) in found:
-                assert cell == f"{found[cells[0], conf]['score']:.2f}"
+                m = found[cells[0], conf]
+                assert cell == f"{m['score']:.2f} ± {m['score_stderr']:.2f}"  # n = 2: a standard error
                 seen += 1
     assert seen == len(found) >= 5
     assert (tmp_path / "plots/pareto-tiny-passkey-450.png").exists()

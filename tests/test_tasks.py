@@ -251,7 +251,9 @@ def test_ppl_pg19_body(tmp_path):
     task = T.PPL(make_args(tmp_path, context_length=200))
     (s,) = task.samples(ByteTok())
     assert ByteTok().decode(s.reference) == body.strip()[:200]
-    assert task.aggregate([{"score": 0.0}, {"score": 2.0}])["score"] == pytest.approx(2.718281828)
+    agg = task.aggregate([{"score": 0.0}, {"score": 2.0}])
+    assert agg["score"] == pytest.approx(2.718281828)
+    assert agg["score_stderr"] == pytest.approx(2.718281828)  # e^1 x sqrt(((0-1)^2 + (2-1)^2) / 1 / 2)
 
 
 def test_longbench_prompt_truncation_and_chat(tmp_path, shared):
@@ -288,3 +290,12 @@ def test_fidelity_needs_a_generation_task():
     with pytest.raises(T.Unavailable):
         T.Fidelity(make_args(fidelity_task="medqa_mc"))
     assert T.Fidelity(make_args(fidelity_task="passkey")).tag == "fidelity-passkey-600-16"
+
+
+def test_standard_error_of_a_mean_score():
+    """metrics.json's score_stderr: sqrt(sample variance / n), by hand for 1, 0, 1, 1 (x 100)."""
+    from tasks import Task
+    agg = Task.aggregate(None, [{"score": v} for v in (1.0, 0.0, 1.0, 1.0)])
+    # mean 0.75; variance (3 x 0.25^2 + 0.75^2) / 3 = 0.25; sqrt(0.25 / 4) = 0.25
+    assert agg["score"] == pytest.approx(75.0) and agg["score_stderr"] == pytest.approx(25.0)
+    assert Task.aggregate(None, [{"score": 1.0}])["score_stderr"] is None
