@@ -164,9 +164,6 @@ class Ctx:
     rank: int = 0
     world: int = 1
 
-    def decode_step(self):
-        return self.step or self.model.forward
-
 
 def split_prompt(ctx, s):
     ids, n = T.build_ids(ctx.tok, s, not ctx.args.no_chat)
@@ -212,21 +209,31 @@ def start(ctx, cfg, prefix, suffix, n_more, all_logits=False):
                        all_logits=all_logits)
     last, ip = (logits[:, -1] if all_logits else logits), torch.tensor([len(prefix)], device=dev)
     if suffix:
-        last, ip, _ = gen.feed(ctx.decode_step(), torch.tensor([suffix], device=dev), ip, dev)
+        last, ip, _ = gen.feed(m, ctx.step, torch.tensor([suffix], device=dev), ip, dev)
     gen.sync(dev)
     return logits, last, ip, time.perf_counter() - t0, caches
+
+
+FORCE_CHUNK = 256  # tokens per Transformer.feed call: bounds the [chunk, vocab] logits
 
 
 @torch.no_grad()
 def force(ctx, logits, tokens, ip, full=False):
     """Log-probabilities of `tokens` fed one per decode step, `logits` [1, vocab] predicting the first:
     [n], or every row of the distribution [n, vocab] with full=True. The last token is not fed."""
-    step, out = ctx.decode_step(), []
+    if ctx.step is None:  # eager: Transformer.feed, the same decode steps a chunk at a time
+        rows = [logits.float()]
+        for i in range(0, len(tokens) - 1, FORCE_CHUNK):
+            chunk = torch.tensor([tokens[i:min(i + FORCE_CHUNK, len(tokens) - 1)]], device=ctx.device)
+            rows.append(ctx.model.feed(chunk, ip + i, all_logits=True)[0].float())
+        lp = torch.cat(rows).log_softmax(-1)
+        return lp if full else lp.gather(-1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0]
+    out = []
     for j, t in enumerate(tokens):
         lp = logits.float().log_softmax(-1)[0]
         out.append(lp if full else lp[t])
         if j + 1 < len(tokens):
-            logits = step(torch.tensor([[t]], device=ctx.device), ip + j)[:, -1].clone()
+            logits = ctx.step(torch.tensor([[t]], device=ctx.device), ip + j)[:, -1].clone()
     return torch.stack(out)
 
 

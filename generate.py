@@ -132,7 +132,7 @@ def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, tempe
     input_pos = pos[:, -1] + 1
     compile_s = 0.0
     if n_sfx:
-        logits, input_pos, first = feed(step, torch.tensor(suffixes, device=device), input_pos, device)
+        logits, input_pos, first = feed(model, decode_step, torch.tensor(suffixes, device=device), input_pos, device)
         compile_s = first if decode_step is not None else 0.0  # a compiled step compiles on its first call
     next_tok = sample(logits, temperature, top_k)
     sync(device)
@@ -163,9 +163,13 @@ def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, tempe
                   *kv.read_bytes(caches, input_pos))
 
 
-def feed(step, tokens, input_pos, device):
-    """Teacher-force tokens [B, n] through n decode steps from positions input_pos [B]. Returns the last
-    step's logits [B, vocab], the next positions, and the first step's time (a compiled step compiles)."""
+def feed(model, step, tokens, input_pos, device):
+    """Teacher-force tokens [B, n] from positions input_pos [B]. Returns the logits after the last one
+    [B, vocab], the next positions, and the first step's time (a compiled step compiles on it). Eager
+    (step None): Transformer.feed, the same n decode steps with each weight read once; compiled: one
+    compiled (CUDA-graphed) step per token."""
+    if step is None:
+        return model.feed(tokens, input_pos), input_pos + tokens.shape[1], 0.0
     t0, first = time.perf_counter(), 0.0
     for j in range(tokens.shape[1]):
         # a fresh [B, 1] with strides (1, 1) like sampled tokens: the slice's (n, 1) strides would recompile

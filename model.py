@@ -132,6 +132,12 @@ class Attention(nn.Module):
         y = self.kv_cache.decode(q, k, v, input_pos)  # [B, n_head, 1, D]
         return self.wo(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
 
+    def feed(self, x, rope, pos):  # x [B, n, dim], pos [B, n]: n decode steps, projections batched
+        q, k, v = self.qkv(x, rope)
+        y = torch.cat([self.kv_cache.decode(q[:, :, j:j + 1], k[:, :, j:j + 1], v[:, :, j:j + 1], pos[:, j])
+                       for j in range(x.shape[1])], dim=2)  # the cache takes one token at a time
+        return self.wo(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
     def prefill(self, x, rope, pos, chunk):  # x [B, T, dim], pos [B, T]
         q, k, v = self.qkv(x, rope)
         self.kv_cache.prefill(q, k, v, pos)
@@ -171,6 +177,10 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), rope, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
+    def feed(self, x, rope, pos):
+        h = x + self.attention.feed(self.attention_norm(x), rope, pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
     def prefill(self, x, rope, pos, chunk):
         h = x + self.attention.prefill(self.attention_norm(x), rope, pos, chunk)
         return h + torch.cat([self.feed_forward(self.ffn_norm(h[:, i:i + chunk]))
@@ -201,6 +211,18 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, input_pos)
         return self.output(self.norm(x)).float()
+
+    def feed(self, tokens, input_pos, all_logits: bool = False):
+        """Teacher-force tokens [B, n] from positions input_pos [B]: the computation of n decode steps
+        (each layer's cache takes, scores and evicts the tokens one at a time, in order), but layer by
+        layer, so each weight matrix is read once for the n tokens. -> the last token's logits
+        [B, vocab] (every token's [B, n, vocab] with all_logits)."""
+        pos = input_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        rope = self.rope[pos]
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer.feed(x, rope, pos)
+        return self.output(self.norm(x if all_logits else x[:, -1])).float()
 
     def prefill(self, tokens, pos, chunk: int = 1024, all_logits: bool = False):
         """Prompt tokens [B, T] at positions pos [B, T] (-1 = left padding) -> last-token logits

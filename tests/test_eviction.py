@@ -438,7 +438,9 @@ VARIANTS = [("streamingllm", {}), ("random", {}), ("l2", {}), ("l2", {"l2_one_sh
             ("scissorhands", {}), ("scissorhands", {"sh_drop": 3}), ("snapkv", {}), ("pyramid", {})]
 
 
-def tiny_run(name, params, budget, steps, step_fn=None, prompt=40):
+def prefilled(name, params, budget, steps, prompt=40):
+    """The tiny model (seed 0) with `name` caches holding a prefilled 2-sequence batch (the second left-
+    padded by 5), sized for `steps` more tokens; returns (model, caches, next positions, prefill logits)."""
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny")
     model = Transformer(args).eval()
@@ -449,11 +451,17 @@ def tiny_run(name, params, budget, steps, step_fn=None, prompt=40):
     cfg = kv.CacheConfig(strategy=name, max_cache_length=[budget], params=params)
     caches = kv.make_caches(args, cfg, B, prompt + steps + 1, steps + 1, "cpu", torch.float32)
     model.setup_caches(caches)
-    step_fn = step_fn(model) if step_fn else model.forward
-    out = []
     with torch.no_grad():
-        out.append(model.prefill(tokens, pos))
-        tok, now = out[-1].argmax(-1, keepdim=True), pos[:, -1] + 1
+        logits = model.prefill(tokens, pos)
+    return model, caches, pos[:, -1] + 1, logits
+
+
+def tiny_run(name, params, budget, steps, step_fn=None, prompt=40):
+    model, caches, now, logits = prefilled(name, params, budget, steps, prompt)
+    step_fn = step_fn(model) if step_fn else model.forward
+    out = [logits]
+    with torch.no_grad():
+        tok = out[-1].argmax(-1, keepdim=True)
         for i in range(steps):
             out.append(step_fn(tok, now + i)[:, -1].clone())
             tok = out[-1].argmax(-1, keepdim=True)
@@ -478,6 +486,30 @@ def test_zero_recompiles(name, params):
         caches, _ = tiny_run(name, params, "0.5", 14, compiled)
     assert counters["stats"]["unique_graphs"] == 1
     assert min(c.n_slots for c in caches) < 40  # the 40-token prompt was cut (evicting ones then evict each step)
+
+
+FEED_VARIANTS = [("full", {}), *VARIANTS, ("spotlight_linear", {"spotlight_recent": 4}), ("lsh_retrieval", {}),
+                 ("quest", {"quest_page_size": 4})]
+
+
+@pytest.mark.parametrize("name,params", FEED_VARIANTS)
+def test_chunked_feed_equals_decode_steps(name, params):
+    """Transformer.feed (a question fed after a compressed context; teacher forcing) is n decode steps
+    done layer by layer: the same logits and cache contents as one token per step."""
+    n = 12
+    feed = torch.randint(0, ModelArgs.from_name("tiny").vocab_size, (B, n), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model, caches_steps, now, _ = prefilled(name, params, "0.5", n)
+        steps = torch.stack([model.forward(feed[:, j:j + 1].clone(), now + j)[:, -1] for j in range(n)], 1)
+        model, caches_chunk, _, _ = prefilled(name, params, "0.5", n)
+        chunked = model.feed(feed, now, all_logits=True)
+    torch.testing.assert_close(chunked, steps, rtol=1e-5, atol=1e-5)
+    for a, b in zip(caches_steps, caches_chunk, strict=True):
+        assert torch.equal(a.pos, b.pos)
+        torch.testing.assert_close(a.k, b.k)
+        torch.testing.assert_close(a.v, b.v)
+    if kv.REGISTRY[name].evicts:  # the fed tokens really went through eviction
+        assert min(c.n_slots for c in caches_steps) < 40 + n
 
 
 def expected_bytes(name, params, slots, B_, H, D_, elt):
