@@ -14,7 +14,6 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 
-
 @triton.jit
 def _gather_attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, n_sel, chunk, H, scale,
                           sqb, sqh, sqg, skb, skh, sks, svb, svh, svs, sib, sih,
