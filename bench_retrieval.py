@@ -18,26 +18,8 @@ from pathlib import Path
 import torch
 
 import cache as kv
-from model import ModelArgs, Transformer
-
-
-def random_model(args, device, dtype):
-    with torch.device("meta"):
-        model = Transformer(args)
-    model = model.to_empty(device=device).to(dtype)
-    for n, p in model.named_parameters():
-        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
-    from model import rope_frequencies
-    model.rope = rope_frequencies(args, args.block_size).to(device)
-    return model.eval().requires_grad_(False)
-
-
-def random_hashes(args, path):
-    from safetensors.torch import save_file
-    d, H = args.head_dim, args.n_local_heads
-    state = {f"layers.{i}.{n}": torch.randn(H, d, d) * 0.02 if n[0] == "w" else torch.zeros(H, d)
-             for i in range(args.n_layer) for n in ("w1", "b1", "w2", "b2")}
-    save_file(state, str(path / "spotlight.safetensors"))
+from bench import random_model, random_spotlight_hashes
+from model import ModelArgs
 
 
 @torch.no_grad()
@@ -124,7 +106,7 @@ def main(argv=None):
     args.block_size = max(args.block_size, max(a.context) + a.steps + 8)
     model = random_model(args, device, dtype)
     ckpt = Path(tempfile.mkdtemp())
-    random_hashes(args, ckpt)
+    random_spotlight_hashes(args, ckpt)
     if a.check and device == "cuda":
         check_kernel(args.head_dim)
     runs = [] if a.no_full else [("full", {})]
