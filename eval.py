@@ -219,22 +219,18 @@ FORCE_CHUNK = 256  # tokens per Transformer.feed call: bounds the [chunk, vocab]
 
 @torch.no_grad()
 def force(ctx, logits, tokens, ip, full=False):
-    """Log-probabilities of `tokens` fed one per decode step, `logits` [1, vocab] predicting the first:
-    [n], or every row of the distribution [n, vocab] with full=True. The last token is not fed."""
-    if ctx.step is None:  # eager: Transformer.feed, the same decode steps a chunk at a time
-        rows = [logits.float()]
-        for i in range(0, len(tokens) - 1, FORCE_CHUNK):
-            chunk = torch.tensor([tokens[i:min(i + FORCE_CHUNK, len(tokens) - 1)]], device=ctx.device)
-            rows.append(ctx.model.feed(chunk, ip + i, all_logits=True)[0].float())
-        lp = torch.cat(rows).log_softmax(-1)
-        return lp if full else lp.gather(-1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0]
-    out = []
-    for j, t in enumerate(tokens):
-        lp = logits.float().log_softmax(-1)[0]
-        out.append(lp if full else lp[t])
-        if j + 1 < len(tokens):
-            logits = ctx.step(torch.tensor([[t]], device=ctx.device), ip + j)[:, -1].clone()
-    return torch.stack(out)
+    """Log-probabilities of `tokens` fed one per decode step (gen.feed, FORCE_CHUNK at a time), `logits`
+    [1, vocab] predicting the first: [n], or every row of the distribution [n, vocab] with full=True.
+    The last token is not fed."""
+    def score(rows, targets):  # rows [c, vocab] predict targets (c tokens)
+        lp = rows.float().log_softmax(-1)
+        return lp if full else lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None])[:, 0]
+    out, fed = [score(logits, tokens[:1])], tokens[:-1]
+    for i in range(0, len(fed), FORCE_CHUNK):
+        chunk = torch.tensor([fed[i:i + FORCE_CHUNK]], device=ctx.device)
+        rows, _, _ = gen.feed(ctx.model, ctx.step, chunk, ip + i, ctx.device, all_logits=True)
+        out.append(score(rows[0], tokens[i + 1:i + 1 + chunk.shape[1]]))
+    return torch.cat(out)
 
 
 def run_choice(ctx, task, s, cfg):

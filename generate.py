@@ -132,8 +132,8 @@ def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, tempe
     input_pos = pos[:, -1] + 1
     compile_s = 0.0
     if n_sfx:
-        logits, input_pos, first = feed(model, decode_step, torch.tensor(suffixes, device=device), input_pos, device)
-        compile_s = first if decode_step is not None else 0.0  # a compiled step compiles on its first call
+        # a compiled step compiles on its first call (eager feeding reports 0)
+        logits, input_pos, compile_s = feed(model, decode_step, torch.tensor(suffixes, device=device), input_pos, device)
     next_tok = sample(logits, temperature, top_k)
     sync(device)
     prefill_s = time.perf_counter() - t0 - compile_s
@@ -163,23 +163,25 @@ def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, tempe
                   *kv.read_bytes(caches, input_pos))
 
 
-def feed(model, step, tokens, input_pos, device):
+def feed(model, step, tokens, input_pos, device, all_logits=False):
     """Teacher-force tokens [B, n] from positions input_pos [B]. Returns the logits after the last one
-    [B, vocab], the next positions, and the first step's time (a compiled step compiles on it). Eager
-    (step None): Transformer.feed, the same n decode steps with each weight read once; compiled: one
-    compiled (CUDA-graphed) step per token."""
+    [B, vocab] (after each one [B, n, vocab] with all_logits), the next positions, and the first step's
+    time (a compiled step compiles on it). Eager (step None): Transformer.feed, the same n decode steps
+    with each weight read once; compiled: one compiled (CUDA-graphed) step per token."""
     if step is None:
-        return model.feed(tokens, input_pos), input_pos + tokens.shape[1], 0.0
-    t0, first = time.perf_counter(), 0.0
+        return model.feed(tokens, input_pos, all_logits), input_pos + tokens.shape[1], 0.0
+    t0, first, rows = time.perf_counter(), 0.0, []
     for j in range(tokens.shape[1]):
         # a fresh [B, 1] with strides (1, 1) like sampled tokens: the slice's (n, 1) strides would recompile
         column = tokens[:, j:j + 1].clone(memory_format=torch.contiguous_format)
         logits = step(column, input_pos)[:, -1]
+        if all_logits:
+            rows.append(logits.clone())  # the next replay of the CUDA graph overwrites its output
         input_pos = input_pos + 1
         if j == 0:
             sync(device)
             first = time.perf_counter() - t0
-    return logits.clone(), input_pos, first
+    return (torch.stack(rows, 1) if all_logits else logits.clone()), input_pos, first
 
 
 def cut_at_stop(tokens, stop_ids):

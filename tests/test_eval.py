@@ -134,19 +134,22 @@ def test_compiled_eval_matches_eager_and_compiles_once_per_config(tiny, tmp_path
     one graph per configuration (full caches are allocated in ALLOC_STEP buckets, eviction buffers at
     the budget), the question tokens fed by decode steps included."""
     from torch._dynamo.utils import counters
-    common = ["--data_dir", str(data), "--tasks", "medqa", "passkey", "--num_samples", "2", "--context_length", "450",
+    common = ["--data_dir", str(data), "--tasks", "medqa", "medqa_mc", "passkey", "--num_samples", "2", "--context_length", "450",
               "--max_new_tokens", "5", "--cache_strategy", "full", EVICT, "--max_cache_length", "100"]
     run(tiny, tmp_path / "eager", *common)
     before = counters["stats"]["unique_graphs"]
     run(tiny, tmp_path / "compiled", *common, "--compile")
-    assert counters["stats"]["unique_graphs"] - before == 2  # 3 prompt lengths x 2 configs: 2 graphs
+    assert counters["stats"]["unique_graphs"] - before == 2  # 5 prompt lengths x 2 configs: 2 graphs
     lengths = set()
-    for task in ("medqa", "passkey-450"):
+    for task in ("medqa", "medqa_mc", "passkey-450"):
         for conf in ("full", f"{EVICT}-100"):
             eager, compiled = (rows(tmp_path / d / f"tiny/{task}/{conf}/predictions.jsonl") for d in ("eager", "compiled"))
             assert [r["prediction"] for r in eager] == [r["prediction"] for r in compiled]
+            if task == "medqa_mc":  # options teacher-forced by compiled steps vs Transformer.feed
+                for a, b in zip(eager, compiled):
+                    assert a["option_loglik"] == pytest.approx(b["option_loglik"], abs=1e-4)
             lengths |= {r["n_prompt"] for r in eager}
-    assert len(lengths) == 3
+    assert len(lengths) == 5  # medqa 2, medqa_mc 2 (the options come after), passkey 1
     run(tiny, tmp_path / "frac", "--tasks", "passkey", "--num_samples", "1", "--context_length", "450",
         "--max_new_tokens", "2", "--cache_strategy", EVICT, "--max_cache_length", "0.5", "--compile")
     assert f"a fractional budget recompiles the decode step for every prompt length ({EVICT}-0.5)" in capsys.readouterr().err
