@@ -52,15 +52,6 @@ def header(device, title) -> list[str]:
             f"- torch {torch.__version__}", f"- command: `python {' '.join(sys.argv)}`", ""]
 
 
-def weight_bytes(model) -> int:
-    """Bytes streamed per decode step: every weight but the embedding table (gathered, not streamed),
-    plus the output projection when it is tied to that table."""
-    n = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "tok_embeddings" not in name)
-    if model.args.tie_embeddings:
-        n += model.output.weight.numel() * model.output.weight.element_size()
-    return n
-
-
 # ---- CPU: ours vs transformers -----------------------------------------------------------------------
 def hf_from_gguf(gguf: Path):
     import transformers
@@ -189,7 +180,7 @@ def bench_one(model, a, strategy, context, batch, device, dtype, spot_dir) -> di
         layer.attention.kv_cache = None
     del caches, step
     torch._dynamo.reset()  # drops the graphs and the CUDA graph pool, so the next shape starts clean
-    bytes_step = weight_bytes(model) + kv_read
+    bytes_step = gen.weight_bytes(model) + kv_read
     return dict(strategy=strategy, context=context, batch=batch, kept=kept, tok_s=batch / dt, ms=dt * 1000,
                 gb=bytes_step / 1e9, roof=batch * a.bandwidth * 1e12 / bytes_step, compile_s=compile_s)
 
@@ -211,7 +202,7 @@ def gpu(a):
     lines = header(device, title) + [
         f"Prompt KV: random q/k/v of the context length through each cache's own prefill (no model forward). "
         f"Budget for compressing strategies: --max_cache_length {a.budget}. Bytes/step = "
-        f"{weight_bytes(model) / 1e9:.3g} GB of weights (embedding table excluded) + K/V rows attended + index scanned; "
+        f"{gen.weight_bytes(model) / 1e9:.3g} GB of weights (embedding table excluded) + K/V rows attended + index scanned; "
         f"roofline at {a.bandwidth} TB/s.", "",
         "| strategy | context | batch | KV kept | tok/s (all sequences) | ms / step | GB read / step | "
         "roofline tok/s | % of roofline | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -18,36 +18,9 @@ from pathlib import Path
 import torch
 
 import cache as kv
-from bench import random_model, random_spotlight_hashes
+import generate as gen
+from bench import fill_caches, random_model, random_spotlight_hashes
 from model import ModelArgs
-
-
-@torch.no_grad()
-def fill(model, args, B, ctx, device, dtype):
-    """Each layer's cache gets a random prompt of ctx tokens through its own prefill (codes, bounds)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    pos = torch.arange(ctx, device=device).expand(B, ctx)
-    for layer in model.layers:
-        q = torch.randn(B, args.n_head, ctx, args.head_dim, device=device, dtype=dtype, generator=g)
-        k = torch.randn(B, args.n_local_heads, ctx, args.head_dim, device=device, dtype=dtype, generator=g)
-        layer.attention.kv_cache.prefill(q, k, torch.randn_like(k), pos)
-        del q, k
-
-
-def read_bytes(caches, B, ctx, strategy, p):
-    """KV bytes one decode step reads, all layers: selected K and V rows plus the index it scans."""
-    total = 0
-    for c in caches:
-        H, D, el = c.k.shape[1], c.k.shape[3], c.k.element_size()
-        rows = ctx
-        if strategy.startswith("spotlight") and not c.dense:
-            rows = c.n_select(ctx) + p["spotlight_sinks"] + p["spotlight_recent"]
-            total += B * H * ctx * c.codes.shape[-1] * 8  # the packed codes are scanned
-        elif strategy == "quest" and not c.dense:
-            rows = c.n_pages(ctx) * c.ps
-            total += B * H * 2 * (-(-ctx // c.ps)) * D * el  # page min and max
-        total += B * H * rows * 2 * D * el
-    return total
 
 
 def bench(model, args, strategy, params, B, ctx, steps, device, dtype, ckpt, bandwidth):
@@ -55,29 +28,24 @@ def bench(model, args, strategy, params, B, ctx, steps, device, dtype, ckpt, ban
     cfg = kv.CacheConfig(strategy=strategy, params=params, checkpoint_dir=str(ckpt))
     caches = kv.make_caches(args, cfg, B, ctx + steps + 8, steps + 8, device, dtype)
     model.setup_caches(caches)
-    fill(model, args, B, ctx, device, dtype)
-    cuda = torch.device(device).type == "cuda"
-    step = torch.compile(model.forward, fullgraph=True, mode="reduce-overhead" if cuda else "default")
+    fill_caches(model, caches, B, ctx, device, dtype)
+    step = gen.compile_decode(model, device)
     tok = torch.zeros(B, 1, dtype=torch.long, device=device)
     ip = torch.full((B,), ctx, dtype=torch.long, device=device)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    kv_read = kv.read_bytes(caches, ip)[0]  # the selection rows + the codes or page bounds scanned
     t0 = time.perf_counter()
     for _ in range(3):  # compile, capture, warm up
         tok = step(tok, ip).argmax(-1)
         ip = ip + 1
-    sync()
+    gen.sync(device)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
         tok = step(tok, ip).argmax(-1)
         ip = ip + 1
-    sync()
+    gen.sync(device)
     dt = (time.perf_counter() - t0) / steps
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "tok_embeddings" not in n)
-    if args.tie_embeddings:
-        weights += model.output.weight.numel() * model.output.weight.element_size()
-    kv_read = read_bytes(caches, B, ctx, strategy, {**type(caches[0]).defaults, **params})
-    roof = (weights + kv_read) / (bandwidth * 1e9)
+    roof = (gen.weight_bytes(model) + kv_read) / (bandwidth * 1e9)
     return dict(tok_s=B / dt, ms=dt * 1e3, kv_gb=kv_read / 1e9, roofline=roof / dt, compile_s=compile_s,
                 cache_gb=kv.cache_bytes(caches) / 1e9)
 

@@ -330,12 +330,19 @@ def print_attention_loss(loss):
     print("  per step (mean over layers): " + " ".join(f"{i}:{per_step[i]:.3f}" for i in marks))
 
 
+def weight_bytes(model) -> int:
+    """Bytes streamed per decode step: every weight but the embedding table (gathered, not streamed),
+    plus the output projection when it is tied to that table."""
+    n = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "tok_embeddings" not in name)
+    if model.args.tie_embeddings:
+        n += model.output.weight.numel() * model.output.weight.element_size()
+    return n
+
+
 def report(res: Result, model, prompts, args):
     B = len(prompts)
     tok_s = res.decode_steps / res.decode_s if res.decode_s > 0 else float("nan")
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "tok_embeddings" not in n)
-    if model.args.tie_embeddings:  # the tied output projection is streamed every step even so
-        weights += model.output.weight.numel() * model.output.weight.element_size()
+    weights = weight_bytes(model)
     print(f"prefill: {res.prefill_s * 1000:.1f} ms for {sum(map(len, prompts))} tokens | "
           f"compile/first step: {res.compile_s:.1f} s")
     print(f"decode: {tok_s:.1f} tok/s per sequence, {tok_s * B:.1f} tok/s total (batch {B}, {res.decode_steps} steps)")
