@@ -77,6 +77,7 @@ def main(argv=None):
     random_spotlight_hashes(args, ckpt)
     if a.check and device == "cuda":
         check_kernel(args.head_dim)
+        check_select(args.head_dim)
     runs = [] if a.no_full else [("full", {})]
     runs += [("spotlight", {"spotlight_prune": r}) for r in a.prune]
     runs += [("quest", {"quest_budget": b}) for b in a.quest_budget]
@@ -124,6 +125,29 @@ def check_kernel(D):
             err = (f(q, k, v, idx, ok).float() - ref).abs().max().item()
             print(f"gather_attend check ({how}) B={B} H={H} G={G} S={S} K={K}: max abs error {err:.2e}", flush=True)
             assert err < 2e-2
+
+
+def check_select(d, G=4, prune=0.9, sinks=4, recent=64):
+    """spotlight_select vs cache.count_select (the torch path) on random codes: the same slots, in order."""
+    from triton_kernels import spotlight_select
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for B, H, S, ctx in [(1, 8, 33792, 32768), (3, 2, 5000, 2345)]:
+        qc, kc = (kv.pack_bits(torch.rand(B, H, n, d, device="cuda", generator=g) > 0.5) for n in (G, S))
+        pos = torch.arange(S, device="cuda").expand(B, H, S).clone()
+        pos[pos >= ctx] = -1
+        pos[-1, :, :100] = -1  # left padding
+        ip = torch.full((B,), ctx - 1, device="cuda")
+        k = torch.maximum((ip + 1).clamp(max=20), (ip + 1) - ((ip + 1).double() * prune).floor().long())
+        K = min(S, int(k.max()) + sinks + recent + 1)
+        score = (kv.hamming_sim(qc, kc[:, :, None], d).sum(2) + G * d) // 2
+        forced = (pos < sinks) | (pos > ip[:, None, None] - recent) | (pos == ip[:, None, None])
+        ref = kv.count_select(score, forced, pos >= 0, k, K, G * d)
+        for how, f in (("eager", spotlight_select), ("compiled", torch.compile(spotlight_select, fullgraph=True))):
+            idx, ok = f(qc, kc, pos, ip, k, K, d, sinks, recent)
+            same = torch.equal(idx, ref[0]) and torch.equal(ok, ref[1])
+            print(f"spotlight_select check ({how}) B={B} H={H} S={S}: {'identical' if same else 'DIFFERENT'} "
+                  f"to count_select, {int(ok.sum())} slots read", flush=True)
+            assert same
 
 
 if __name__ == "__main__":

@@ -903,6 +903,37 @@ def topk_select(scores, forced, filled, k, K):
     return idx, ok
 
 
+def count_select(score, forced, filled, k, K, vmax):
+    """topk_select for integer scores in [0, vmax] (Hamming similarities), without a sort: a histogram of
+    the scores gives the n-th best value t; every slot above t is read, and ties at t in slot order
+    until n. A scatter-add and one scan instead of torch.topk's radix select and sort."""
+    B, H, S = score.shape
+    key = (score.long() + 1).masked_fill(forced, vmax + 2).masked_fill(~filled, 0)  # 0: never read
+    hist = torch.zeros(B, H, vmax + 3, dtype=torch.long, device=score.device)
+    hist.scatter_add_(-1, key, torch.ones_like(key))
+    at_least = hist.flip(-1).cumsum(-1).flip(-1)  # [v] = slots with key >= v
+    n = (forced & filled).sum(-1, keepdim=True) + k[:, None, None]
+    t = ((at_least >= n).sum(-1, keepdim=True) - 1).clamp(min=1)  # the n-th best key (1 if fewer filled)
+    above, tie = key > t, key == t
+    n_tie = n - above.sum(-1, keepdim=True)
+    ranks = cumsum_blocked(torch.stack([above, tie]).int())  # slots above t so far, ties at t so far
+    take = above | (tie & (ranks[1] <= n_tie))
+    rank = torch.where(take, ranks[0] + ranks[1].clamp(max=n_tie) - 1, K)
+    idx = torch.zeros(B, H, K + 1, dtype=torch.long, device=score.device)
+    idx.scatter_(-1, rank.long(), torch.arange(S, device=score.device).expand(B, H, S))
+    return idx[..., :K], torch.arange(K, device=score.device) < take.sum(-1, keepdim=True)
+
+
+def cumsum_blocked(x, block=1024):
+    """Inclusive cumsum over the last axis, as scans within blocks plus the blocks' running offsets:
+    inductor turns one long scan over few rows into a split scan, which fails to compile (torch 2.11)."""
+    S = x.shape[-1]
+    nb = -(-S // block)
+    inner = F.pad(x, (0, nb * block - S)).view(*x.shape[:-1], nb, block).cumsum(-1)
+    offset = inner[..., -1].cumsum(-1) - inner[..., -1]
+    return (inner + offset[..., None]).flatten(-2)[..., :S]
+
+
 @lru_cache(maxsize=4)
 def load_hash_weights(path: str, mtime_ns: int) -> dict:
     from safetensors.torch import load_file
@@ -983,8 +1014,9 @@ class Spotlight(KVCache):
 
     def on_write(self, slot, q, k_new, v_new, input_pos):
         if not self.dense:
-            c = self.key_codes(k_new)  # [B, H_kv, Gh, 1, W]
-            self.codes.scatter_(3, slot[:, :, None, None, None].expand_as(c), c)
+            B, H = slot.shape  # index_put_, as write(): a scatter_ would copy the whole buffer each step
+            b, h = torch.arange(B, device=slot.device)[:, None], torch.arange(H, device=slot.device)[None, :]
+            self.codes[b, h, :, slot] = self.key_codes(k_new)[:, :, :, 0]  # [B, H_kv, Gh, W]
 
     def n_select(self, n):
         """How many keys the hash picks among n cached ones (n an int or a [B] tensor)."""
@@ -996,12 +1028,16 @@ class Spotlight(KVCache):
     def select(self, qg, input_pos):
         if self.dense:
             return None
-        sim = hamming_sim(self.query_codes(qg), self.codes, self.d).sum(2)  # [B, H_kv, S]
-        pos, S = self.pos, self.n_slots
-        forced = (pos < self.p["spotlight_sinks"]) | (pos > input_pos[:, None, None] - self.p["spotlight_recent"])
-        forced = forced | (pos == input_pos[:, None, None])
-        K = min(S, self.n_select(S) + self.p["spotlight_sinks"] + self.p["spotlight_recent"] + 1)
-        return topk_select(sim, forced, pos >= 0, self.n_select(input_pos + 1), K)
+        pos, S, G = self.pos, self.n_slots, qg.shape[2]
+        sinks, recent = self.p["spotlight_sinks"], self.p["spotlight_recent"]
+        K, k = min(S, self.n_select(S) + sinks + recent + 1), self.n_select(input_pos + 1)
+        if qg.is_cuda and GATHER_ON_CUDA and self.gh == 1:  # the same selection in two Triton kernels
+            from triton_kernels import spotlight_select
+            return spotlight_select(self.query_codes(qg), self.codes[:, :, 0], pos, input_pos, k, K, self.d,
+                                    sinks, recent)
+        score = (hamming_sim(self.query_codes(qg), self.codes, self.d).sum(2) + G * self.d) // 2  # 0..G d
+        forced = (pos < sinks) | (pos > input_pos[:, None, None] - recent) | (pos == input_pos[:, None, None])
+        return count_select(score, forced, pos >= 0, k, K, G * self.d)
 
 
 @register
@@ -1057,10 +1093,12 @@ class Quest(KVCache):
     def on_write(self, slot, q, k_new, v_new, input_pos):
         if self.dense:
             return
-        page = (input_pos // self.ps)[:, None, None, None].expand(*k_new.shape[:2], 1, k_new.shape[-1])
-        first = (input_pos % self.ps == 0)[:, None, None, None]  # a fresh page starts from this key
+        B, H = slot.shape  # index_put_, as write(): a scatter_ would copy the whole buffer each step
+        b, h = torch.arange(B, device=slot.device)[:, None], torch.arange(H, device=slot.device)[None, :]
+        page, new = (input_pos // self.ps)[:, None], k_new[:, :, 0]
+        first = (input_pos % self.ps == 0)[:, None, None]  # a fresh page starts from this key
         for buf, op in ((self.kmax, torch.maximum), (self.kmin, torch.minimum)):
-            buf.scatter_(2, page, torch.where(first, k_new, op(buf.gather(2, page), k_new)))
+            buf[b, h, page] = torch.where(first, new, op(buf[b, h, page], new))
 
     def page_scores(self, qg):
         """qg [B, H_kv, G, D] -> [B, H_kv, P]: the group's upper bounds of q.k, combined."""

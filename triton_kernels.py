@@ -12,12 +12,14 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from triton.language.extra import libdevice
 
 
 @triton.jit
-def _gather_attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, n_sel, chunk, H, scale,
+def _gather_attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, n_sel, H, scale,
                           sqb, sqh, sqg, skb, skh, sks, svb, svh, svs, sib, sih,
-                          G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+                          CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                          BLOCK: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     g, d = tl.arange(0, GP), tl.arange(0, D)
@@ -27,8 +29,8 @@ def _gather_attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, n_sel, chunk, H, scale,
     m_i = tl.full([GP], -1.0e30, tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    for off in range(0, chunk, BLOCK):
-        n = split * chunk + off + tl.arange(0, BLOCK)
+    for off in range(0, CHUNK, BLOCK):
+        n = split * CHUNK + off + tl.arange(0, BLOCK)
         inb = n < n_sel
         idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
         ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=0) != 0) & inb
@@ -57,7 +59,7 @@ def gather_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.
     n_sel = idx.shape[-1]
     BLOCK = 32
     GP = max(16, triton.next_power_of_2(G))  # tl.dot needs >= 16 rows
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     splits = max(1, min(triton.cdiv(n_sel, BLOCK), triton.cdiv(2 * sms, B * H)))  # ~2 programs per SM
     chunk = triton.cdiv(triton.cdiv(n_sel, splits), BLOCK) * BLOCK
     splits = triton.cdiv(n_sel, chunk)
@@ -66,11 +68,134 @@ def gather_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.
     pl = torch.empty(B, H, splits, GP, device=q.device, dtype=torch.float32)
     q, idx, ok8 = q.contiguous(), idx.contiguous(), ok.to(torch.int8).contiguous()  # OK shares IDX's strides
     wrap_triton(_gather_attend_kernel)[(B * H, splits)](
-        q, k, v, idx, ok8, po, pm, pl, n_sel, chunk, H, D ** -0.5,
+        q, k, v, idx, ok8, po, pm, pl, n_sel, H, D ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1),
-        G=G, GP=GP, D=D, BLOCK=BLOCK)
+        CHUNK=chunk, G=G, GP=GP, D=D, BLOCK=BLOCK)
     m = pm.amax(2, keepdim=True)
     w = torch.exp(pm - m)  # chunk weights; an empty chunk weighs 0
     out = (po * w[..., None]).sum(2) / (pl * w).sum(2)[..., None]
     return out[:, :, :G].to(q.dtype)
+
+
+# ---- Spotlight's selection: Hamming scores, the n-th best score, the slots at or above it ----------
+# The torch path (cache.count_select) costs a dozen kernels per layer (scores recomputed by several
+# consumers, a contended scatter-add, scans); three kernels do it: keys and histograms per chunk, the
+# threshold per row, the selected slots per chunk.
+# Keys as in count_select: 0 = empty slot, 1 + G d - Hamming for a scored slot, TOP = G d + 2 forced.
+
+@triton.jit
+def _popcount(x, POPC: tl.constexpr):
+    if POPC:  # the hardware instruction (CUDA); the interpreter has no libdevice, so SWAR there
+        return libdevice.popc(x)
+    y = x & 0x7FFFFFFFFFFFFFFF
+    y = y - ((y >> 1) & 0x5555555555555555)
+    y = (y & 0x3333333333333333) + ((y >> 2) & 0x3333333333333333)
+    y = (y + (y >> 4)) & 0x0F0F0F0F0F0F0F0F
+    y = ((y * 0x0101010101010101) >> 56) & 0x7F
+    return (y + (x < 0).to(tl.int64)).to(tl.int32)
+
+
+@triton.jit
+def _spotlight_keys_kernel(Q, C, P, IP, KEYS, HIST, S, H, n_chunk, sinks, recent, CHUNK: tl.constexpr,
+                           G: tl.constexpr, W: tl.constexpr, TOP: tl.constexpr, NB: tl.constexpr,
+                           BLOCK: tl.constexpr, POPC: tl.constexpr):
+    """Program (row = sequence x KV head, chunk): each slot's key, and the chunk's histogram of keys."""
+    r, c = tl.program_id(0), tl.program_id(1)
+    now = tl.load(IP + r // H)
+    hist = tl.zeros([NB], tl.int32)
+    for off in range(0, CHUNK, BLOCK):
+        s = c * CHUNK + off + tl.arange(0, BLOCK)
+        inb = s < S
+        pos = tl.load(P + r * S + s, mask=inb, other=-1)
+        ham = tl.zeros([BLOCK], tl.int32)
+        for w in tl.static_range(W):
+            code = tl.load(C + (r * S + s) * W + w, mask=inb, other=0)
+            for g in tl.static_range(G):
+                ham += _popcount(tl.load(Q + (r * G + g) * W + w) ^ code, POPC)
+        forced = (pos < sinks) | (pos > now - recent) | (pos == now)
+        key = tl.where(pos >= 0, tl.where(forced, TOP, TOP - 1 - ham), 0)
+        tl.store(KEYS + r * S + s, key, mask=inb)
+        hist += tl.histogram(key, NB)  # slots past S have key 0 and count in bin 0, never read
+    tl.store(HIST + (r * n_chunk + c) * NB + tl.arange(0, NB), hist)
+
+
+@triton.jit
+def _spotlight_threshold_kernel(HIST, KSEL, ROW, OFF, H, n_chunk,
+                                TOP: tl.constexpr, NB: tl.constexpr, NCP: tl.constexpr):
+    """Program (row): from the chunks' histograms, the n-th best key t, the ties at t to read, the
+    slots read, and each chunk's count of earlier slots above t and at t (where its ranks start)."""
+    r = tl.program_id(0)
+    ch, v = tl.arange(0, NCP), tl.arange(0, NB)
+    hist = tl.load(HIST + (r * n_chunk + ch[:, None]) * NB + v[None, :], mask=ch[:, None] < n_chunk, other=0)
+    total = tl.sum(hist, 0)
+    at_least = tl.cumsum(total, 0, reverse=True)  # [v] = slots with key >= v
+    n = tl.sum(tl.where(v == TOP, total, 0)) + tl.load(KSEL + r // H).to(tl.int32)  # forced + k
+    t = tl.maximum(tl.sum((at_least >= n).to(tl.int32)) - 1, 1)  # the n-th best key (1 if fewer filled)
+    n_above = tl.sum(tl.where(v > t, total, 0))
+    n_tie = n - n_above
+    tl.store(ROW + r * 3, t)
+    tl.store(ROW + r * 3 + 1, n_tie)
+    tl.store(ROW + r * 3 + 2, n_above + tl.minimum(n_tie, tl.sum(tl.where(v == t, total, 0))))  # slots read
+    above = tl.sum(tl.where(v[None, :] > t, hist, 0), 1)  # [NCP] per chunk
+    tie = tl.sum(tl.where(v[None, :] == t, hist, 0), 1)
+    tl.store(OFF + (r * n_chunk + ch) * 2, tl.cumsum(above, 0) - above, mask=ch < n_chunk)
+    tl.store(OFF + (r * n_chunk + ch) * 2 + 1, tl.cumsum(tie, 0) - tie, mask=ch < n_chunk)
+
+
+@triton.jit
+def _spotlight_pick_kernel(KEYS, ROW, OFF, IDX, OK, S, n_chunk, K: tl.constexpr, CHUNK: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """Program (row, chunk): the chunk's slots with key > t, and ties at t in slot order until n,
+    written at their rank among the row's read slots. Chunk 0 also fills the unused tail."""
+    r, c = tl.program_id(0), tl.program_id(1)
+    t, n_tie, taken = tl.load(ROW + r * 3), tl.load(ROW + r * 3 + 1), tl.load(ROW + r * 3 + 2)
+    above_before = tl.load(OFF + (r * n_chunk + c) * 2)
+    tie_before = tl.load(OFF + (r * n_chunk + c) * 2 + 1)
+    for off in range(0, CHUNK, BLOCK):
+        s = c * CHUNK + off + tl.arange(0, BLOCK)
+        key = tl.load(KEYS + r * S + s, mask=s < S, other=0)
+        above, tie = (key > t).to(tl.int32), (key == t).to(tl.int32)
+        a_incl, t_incl = above_before + tl.cumsum(above, 0), tie_before + tl.cumsum(tie, 0)
+        take = (above == 1) | ((tie == 1) & (t_incl <= n_tie))
+        rank = a_incl - above + tl.minimum(t_incl - tie, n_tie)  # read slots before this one
+        tl.store(IDX + r * K + rank, s.to(tl.int64), mask=take)
+        above_before += tl.sum(above)
+        tie_before += tl.sum(tie)
+    if c == 0:
+        for j0 in range(0, K, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            tl.store(IDX + r * K + j, tl.zeros([BLOCK], tl.int64), mask=(j >= taken) & (j < K))
+            tl.store(OK + r * K + j, (j < taken).to(tl.int8), mask=j < K)
+
+
+KEYS_BLOCK, KEYS_WARPS = 1024, 4
+
+
+@triton_op("kvcompress::spotlight_select", mutates_args={})
+def spotlight_select(q_codes: torch.Tensor, codes: torch.Tensor, pos: torch.Tensor, input_pos: torch.Tensor,
+                     k: torch.Tensor, K: int, d: int, sinks: int, recent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cache.count_select over Spotlight's scores, exactly (same slots, same order): q_codes [B, H, G, W]
+    and codes [B, H, S, W] (packed int64), pos [B, H, S], input_pos and k [B] -> (idx, ok) [B, H, K]."""
+    B, H, G, W = q_codes.shape
+    S = codes.shape[2]
+    NB = triton.next_power_of_2(G * d + 3)
+    max_chunks = max(2, 32768 // NB)  # the pick kernel holds every chunk's histogram in registers
+    chunk = max(1024, triton.next_power_of_2(triton.cdiv(S, max_chunks)))
+    n_chunk = triton.cdiv(S, chunk)
+    dev = codes.device
+    keys = torch.empty(B, H, S, dtype=torch.int32, device=dev)
+    hist = torch.empty(B * H, n_chunk, NB, dtype=torch.int32, device=dev)
+    idx = torch.empty(B, H, K, dtype=torch.long, device=dev)
+    ok = torch.empty(B, H, K, dtype=torch.int8, device=dev)
+    q_codes, codes, pos = q_codes.contiguous(), codes.contiguous(), pos.contiguous()
+    wrap_triton(_spotlight_keys_kernel)[(B * H, n_chunk)](
+        q_codes, codes, pos, input_pos, keys, hist, S, H, n_chunk, sinks, recent, CHUNK=chunk,
+        G=G, W=W, TOP=G * d + 2, NB=NB, BLOCK=KEYS_BLOCK, POPC=dev.type == "cuda", num_warps=KEYS_WARPS)
+    row = torch.empty(B * H, 3, dtype=torch.int32, device=dev)  # t, ties to read, slots read
+    offsets = torch.empty(B * H, n_chunk, 2, dtype=torch.int32, device=dev)
+    wrap_triton(_spotlight_threshold_kernel)[(B * H,)](
+        hist, k, row, offsets, H, n_chunk, TOP=G * d + 2, NB=NB, NCP=triton.next_power_of_2(n_chunk), num_warps=8)
+    wrap_triton(_spotlight_pick_kernel)[(B * H, n_chunk)](
+        keys, row, offsets, idx, ok, S, n_chunk, K=K, CHUNK=chunk, BLOCK=1024)
+    return idx, ok.bool()
