@@ -1031,7 +1031,7 @@ class Spotlight(KVCache):
         pos, S, G = self.pos, self.n_slots, qg.shape[2]
         sinks, recent = self.p["spotlight_sinks"], self.p["spotlight_recent"]
         K, k = min(S, self.n_select(S) + sinks + recent + 1), self.n_select(input_pos + 1)
-        if qg.is_cuda and GATHER_ON_CUDA and self.gh == 1:  # the same selection in two Triton kernels
+        if qg.is_cuda and self.gh == 1:  # the same selection in Triton (per-query-head codes: torch path)
             from triton_kernels import spotlight_select
             return spotlight_select(self.query_codes(qg), self.codes[:, :, 0], pos, input_pos, k, K, self.d,
                                     sinks, recent)

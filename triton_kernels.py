@@ -6,7 +6,12 @@ selected indices, gathers those rows, and keeps an online softmax over them for 
 at once (the group is the query axis of one tl.dot, so each gathered row is read once per KV head);
 a few torch ops merge the chunks. Token-level selections are not block-aligned, so a FlexAttention
 block mask would read whole 128-token blocks (PERFORMANCE.md); gathering rows reads only the sliver.
-Registered with torch.library.triton_op so `torch.compile(fullgraph=True)` and CUDA graphs keep it.
+
+spotlight_select: Spotlight's scoring and top-k selection, with the output of cache.count_select.
+
+Both are registered with torch.library.triton_op so `torch.compile(fullgraph=True)` and CUDA graphs keep
+them. Tests run them on CPU in Triton's interpreter (TRITON_INTERPRET=1), which needs compile-time
+loop bounds (CHUNK, K are tl.constexpr) and has no libdevice (popcount by SWAR there).
 """
 import torch
 import triton
@@ -169,9 +174,6 @@ def _spotlight_pick_kernel(KEYS, ROW, OFF, IDX, OK, S, n_chunk, K: tl.constexpr,
             tl.store(OK + r * K + j, (j < taken).to(tl.int8), mask=j < K)
 
 
-KEYS_BLOCK, KEYS_WARPS = 1024, 4
-
-
 @triton_op("kvcompress::spotlight_select", mutates_args={})
 def spotlight_select(q_codes: torch.Tensor, codes: torch.Tensor, pos: torch.Tensor, input_pos: torch.Tensor,
                      k: torch.Tensor, K: int, d: int, sinks: int, recent: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,9 +191,9 @@ def spotlight_select(q_codes: torch.Tensor, codes: torch.Tensor, pos: torch.Tens
     idx = torch.empty(B, H, K, dtype=torch.long, device=dev)
     ok = torch.empty(B, H, K, dtype=torch.int8, device=dev)
     q_codes, codes, pos = q_codes.contiguous(), codes.contiguous(), pos.contiguous()
-    wrap_triton(_spotlight_keys_kernel)[(B * H, n_chunk)](
+    wrap_triton(_spotlight_keys_kernel)[(B * H, n_chunk)](  # BLOCK 1024, 4 warps: the fastest of 5 tried
         q_codes, codes, pos, input_pos, keys, hist, S, H, n_chunk, sinks, recent, CHUNK=chunk,
-        G=G, W=W, TOP=G * d + 2, NB=NB, BLOCK=KEYS_BLOCK, POPC=dev.type == "cuda", num_warps=KEYS_WARPS)
+        G=G, W=W, TOP=G * d + 2, NB=NB, BLOCK=1024, POPC=dev.type == "cuda")
     row = torch.empty(B * H, 3, dtype=torch.int32, device=dev)  # t, ties to read, slots read
     offsets = torch.empty(B * H, n_chunk, 2, dtype=torch.int32, device=dev)
     wrap_triton(_spotlight_threshold_kernel)[(B * H,)](
