@@ -179,10 +179,8 @@ class KVCache(nn.Module):
         """Put the new token in `slot` [B, H_kv]; slot == S means it was evicted on arrival.
         index_put_ (not scatter_) so that inductor updates the buffers in place: a scatter_ into a
         graph input can be functionalised into a full copy of the cache every step."""
-        B, H = slot.shape
         keep_old = slot == self.n_slots
-        s = slot.clamp(max=self.n_slots - 1)
-        b, h = torch.arange(B, device=s.device)[:, None], torch.arange(H, device=s.device)[None, :]
+        (b, h), s = grid(slot), slot.clamp(max=self.n_slots - 1)
         self.pos[b, h, s] = torch.where(keep_old, self.pos[b, h, s], input_pos[:, None])
         for buf, new in ((self.k, k_new[:, :, 0]), (self.v, v_new[:, :, 0])):
             buf[b, h, s] = torch.where(keep_old[..., None], buf[b, h, s], new)
@@ -1014,8 +1012,7 @@ class Spotlight(KVCache):
 
     def on_write(self, slot, q, k_new, v_new, input_pos):
         if not self.dense:
-            B, H = slot.shape  # index_put_, as write(): a scatter_ would copy the whole buffer each step
-            b, h = torch.arange(B, device=slot.device)[:, None], torch.arange(H, device=slot.device)[None, :]
+            b, h = grid(slot)  # an index_put_: a scatter_ here copied the whole code buffer every step
             self.codes[b, h, :, slot] = self.key_codes(k_new)[:, :, :, 0]  # [B, H_kv, Gh, W]
 
     def n_select(self, n):
@@ -1093,9 +1090,7 @@ class Quest(KVCache):
     def on_write(self, slot, q, k_new, v_new, input_pos):
         if self.dense:
             return
-        B, H = slot.shape  # index_put_, as write(): a scatter_ would copy the whole buffer each step
-        b, h = torch.arange(B, device=slot.device)[:, None], torch.arange(H, device=slot.device)[None, :]
-        page, new = (input_pos // self.ps)[:, None], k_new[:, :, 0]
+        (b, h), page, new = grid(slot), (input_pos // self.ps)[:, None], k_new[:, :, 0]  # index_put_, see grid
         first = (input_pos % self.ps == 0)[:, None, None]  # a fresh page starts from this key
         for buf, op in ((self.kmax, torch.maximum), (self.kmin, torch.minimum)):
             buf[b, h, page] = torch.where(first, new, op(buf[b, h, page], new))

@@ -51,6 +51,8 @@ def main(argv=None):
     p.add_argument("--prune", type=float, nargs="+", default=[0.9, 0.98])
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's kernel table")
     a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("profile_retrieval.py times CUDA kernels: it needs a GPU (CPU smoke test: bench_retrieval.py --tiny)")
     args = ModelArgs.from_name(a.model)
     ckpt = Path(tempfile.mkdtemp())
     random_spotlight_hashes(args, ckpt)
