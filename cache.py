@@ -903,8 +903,9 @@ def topk_select(scores, forced, filled, k, K):
 
 def count_select(score, forced, filled, k, K, vmax):
     """topk_select for integer scores in [0, vmax] (Hamming similarities), without a sort: a histogram of
-    the scores gives the n-th best value t; every slot above t is read, and ties at t in slot order
-    until n. A scatter-add and one scan instead of torch.topk's radix select and sort."""
+    the scores gives the n-th best value t; every slot above t is read, and of the ties at t the latest
+    ones (recent keys draw more attention: held-out recall 0.400 vs 0.382 when ties go to the earliest,
+    README). A scatter-add and one scan instead of torch.topk's radix select and sort."""
     B, H, S = score.shape
     key = (score.long() + 1).masked_fill(forced, vmax + 2).masked_fill(~filled, 0)  # 0: never read
     hist = torch.zeros(B, H, vmax + 3, dtype=torch.long, device=score.device)
@@ -913,10 +914,10 @@ def count_select(score, forced, filled, k, K, vmax):
     n = (forced & filled).sum(-1, keepdim=True) + k[:, None, None]
     t = ((at_least >= n).sum(-1, keepdim=True) - 1).clamp(min=1)  # the n-th best key (1 if fewer filled)
     above, tie = key > t, key == t
-    n_tie = n - above.sum(-1, keepdim=True)
+    skip = (tie.sum(-1, keepdim=True) - (n - above.sum(-1, keepdim=True))).clamp(min=0)  # earliest ties left out
     ranks = cumsum_blocked(torch.stack([above, tie]).int())  # slots above t so far, ties at t so far
-    take = above | (tie & (ranks[1] <= n_tie))
-    rank = torch.where(take, ranks[0] + ranks[1].clamp(max=n_tie) - 1, K)
+    take = above | (tie & (ranks[1] > skip))
+    rank = torch.where(take, ranks[0] + (ranks[1] - skip).clamp(min=0) - 1, K)
     idx = torch.zeros(B, H, K + 1, dtype=torch.long, device=score.device)
     idx.scatter_(-1, rank.long(), torch.arange(S, device=score.device).expand(B, H, S))
     return idx[..., :K], torch.arange(K, device=score.device) < take.sum(-1, keepdim=True)

@@ -141,9 +141,10 @@ def true_topk(logits, k):
 
 
 def picked(scores, k):
-    """The k [Q] best of scores [Q, H, T] (ties broken by topk like the caches) -> bool [Q, H, T]."""
+    """The k [Q] best of scores [Q, H, T], ties to the later key as the caches break them
+    (cache.count_select) -> bool [Q, H, T]."""
     T = scores.shape[-1]
-    idx = scores.float().topk(int(k.max()), dim=-1).indices
+    idx = T - 1 - scores.float().flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :int(k.max())]
     ok = torch.arange(idx.shape[-1], device=idx.device) < k[:, None, None]
     out = torch.zeros(*scores.shape[:-1], T + 1, dtype=torch.bool, device=scores.device)
     return out.scatter(-1, idx.masked_fill(~ok, T), True)[..., :T]

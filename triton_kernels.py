@@ -137,11 +137,11 @@ def _spotlight_threshold_kernel(HIST, KSEL, ROW, OFF, H, n_chunk,
     at_least = tl.cumsum(total, 0, reverse=True)  # [v] = slots with key >= v
     n = tl.sum(tl.where(v == TOP, total, 0)) + tl.load(KSEL + r // H).to(tl.int32)  # forced + k
     t = tl.maximum(tl.sum((at_least >= n).to(tl.int32)) - 1, 1)  # the n-th best key (1 if fewer filled)
-    n_above = tl.sum(tl.where(v > t, total, 0))
-    n_tie = n - n_above
+    n_above, n_tie = tl.sum(tl.where(v > t, total, 0)), tl.sum(tl.where(v == t, total, 0))
+    skip = tl.maximum(n_tie - (n - n_above), 0)  # the earliest ties are left out (count_select)
     tl.store(ROW + r * 3, t)
-    tl.store(ROW + r * 3 + 1, n_tie)
-    tl.store(ROW + r * 3 + 2, n_above + tl.minimum(n_tie, tl.sum(tl.where(v == t, total, 0))))  # slots read
+    tl.store(ROW + r * 3 + 1, skip)
+    tl.store(ROW + r * 3 + 2, n_above + n_tie - skip)  # slots read
     above = tl.sum(tl.where(v[None, :] > t, hist, 0), 1)  # [NCP] per chunk
     tie = tl.sum(tl.where(v[None, :] == t, hist, 0), 1)
     tl.store(OFF + (r * n_chunk + ch) * 2, tl.cumsum(above, 0) - above, mask=ch < n_chunk)
@@ -151,10 +151,10 @@ def _spotlight_threshold_kernel(HIST, KSEL, ROW, OFF, H, n_chunk,
 @triton.jit
 def _spotlight_pick_kernel(KEYS, ROW, OFF, IDX, OK, S, n_chunk, K: tl.constexpr, CHUNK: tl.constexpr,
                            BLOCK: tl.constexpr):
-    """Program (row, chunk): the chunk's slots with key > t, and ties at t in slot order until n,
+    """Program (row, chunk): the chunk's slots with key > t, and the ties at t after the first `skip`,
     written at their rank among the row's read slots. Chunk 0 also fills the unused tail."""
     r, c = tl.program_id(0), tl.program_id(1)
-    t, n_tie, taken = tl.load(ROW + r * 3), tl.load(ROW + r * 3 + 1), tl.load(ROW + r * 3 + 2)
+    t, skip, taken = tl.load(ROW + r * 3), tl.load(ROW + r * 3 + 1), tl.load(ROW + r * 3 + 2)
     above_before = tl.load(OFF + (r * n_chunk + c) * 2)
     tie_before = tl.load(OFF + (r * n_chunk + c) * 2 + 1)
     for off in range(0, CHUNK, BLOCK):
@@ -162,8 +162,8 @@ def _spotlight_pick_kernel(KEYS, ROW, OFF, IDX, OK, S, n_chunk, K: tl.constexpr,
         key = tl.load(KEYS + r * S + s, mask=s < S, other=0)
         above, tie = (key > t).to(tl.int32), (key == t).to(tl.int32)
         a_incl, t_incl = above_before + tl.cumsum(above, 0), tie_before + tl.cumsum(tie, 0)
-        take = (above == 1) | ((tie == 1) & (t_incl <= n_tie))
-        rank = a_incl - above + tl.minimum(t_incl - tie, n_tie)  # read slots before this one
+        take = (above == 1) | ((tie == 1) & (t_incl > skip))
+        rank = a_incl - above + tl.maximum(t_incl - tie - skip, 0)  # read slots before this one
         tl.store(IDX + r * K + rank, s.to(tl.int64), mask=take)
         above_before += tl.sum(above)
         tie_before += tl.sum(tie)
@@ -194,7 +194,7 @@ def spotlight_select(q_codes: torch.Tensor, codes: torch.Tensor, pos: torch.Tens
     wrap_triton(_spotlight_keys_kernel)[(B * H, n_chunk)](  # BLOCK 1024, 4 warps: the fastest of 5 tried
         q_codes, codes, pos, input_pos, keys, hist, S, H, n_chunk, sinks, recent, CHUNK=chunk,
         G=G, W=W, TOP=G * d + 2, NB=NB, BLOCK=1024, POPC=dev.type == "cuda")
-    row = torch.empty(B * H, 3, dtype=torch.int32, device=dev)  # t, ties to read, slots read
+    row = torch.empty(B * H, 3, dtype=torch.int32, device=dev)  # t, ties left out, slots read
     offsets = torch.empty(B * H, n_chunk, 2, dtype=torch.int32, device=dev)
     wrap_triton(_spotlight_threshold_kernel)[(B * H,)](
         hist, k, row, offsets, H, n_chunk, TOP=G * d + 2, NB=NB, NCP=triton.next_power_of_2(n_chunk), num_warps=8)

@@ -254,8 +254,8 @@ def test_tiny_training_lowers_loss_and_raises_recall(default_checkpoint, tmp_pat
 
 def naive_count_selection(score, forced, filled, n_best):
     """The slots one row reads: forced filled ones, then the n_best best-scored others, ties to the
-    earlier slot; returned in slot order (plain Python)."""
-    others = sorted((j for j in range(len(score)) if filled[j] and not forced[j]), key=lambda j: (-score[j], j))
+    later slot; returned in slot order (plain Python)."""
+    others = sorted((j for j in range(len(score)) if filled[j] and not forced[j]), key=lambda j: (-score[j], -j))
     return sorted([j for j in range(len(score)) if filled[j] and forced[j]] + others[:n_best])
 
 
