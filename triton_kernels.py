@@ -128,8 +128,8 @@ def _spotlight_keys_kernel(Q, C, P, IP, KEYS, HIST, S, H, n_chunk, sinks, recent
 @triton.jit
 def _spotlight_threshold_kernel(HIST, KSEL, ROW, OFF, H, n_chunk,
                                 TOP: tl.constexpr, NB: tl.constexpr, NCP: tl.constexpr):
-    """Program (row): from the chunks' histograms, the n-th best key t, the ties at t to read, the
-    slots read, and each chunk's count of earlier slots above t and at t (where its ranks start)."""
+    """Program (row): from the chunks' histograms, the n-th best key t, how many of the ties at t are
+    left out, the slots read, and each chunk's count of earlier slots above t and at t (its rank offsets)."""
     r = tl.program_id(0)
     ch, v = tl.arange(0, NCP), tl.arange(0, NB)
     hist = tl.load(HIST + (r * n_chunk + ch[:, None]) * NB + v[None, :], mask=ch[:, None] < n_chunk, other=0)
@@ -182,7 +182,7 @@ def spotlight_select(q_codes: torch.Tensor, codes: torch.Tensor, pos: torch.Tens
     B, H, G, W = q_codes.shape
     S = codes.shape[2]
     NB = triton.next_power_of_2(G * d + 3)
-    max_chunks = max(2, 32768 // NB)  # the pick kernel holds every chunk's histogram in registers
+    max_chunks = max(2, 32768 // NB)  # the threshold kernel holds every chunk's histogram in registers
     chunk = max(1024, triton.next_power_of_2(triton.cdiv(S, max_chunks)))
     n_chunk = triton.cdiv(S, chunk)
     dev = codes.device
