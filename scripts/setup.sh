@@ -11,5 +11,8 @@ python -m pip install -q --upgrade pip >/dev/null
 # multi-GB CUDA build. On a GPU machine keep its own torch (>= 2.5 works) by setting KEEP_TORCH=1.
 if [ -z "${KEEP_TORCH:-}" ]; then python -m pip install -q torch==2.13.0; fi
 python -m pip install -q -r requirements.txt
-if [ "${1:-}" = "--test" ]; then python -m pip install -q -r requirements-test.txt; fi
+if [ "${1:-}" = "--test" ] && [ -z "${KEEP_TORCH:-}" ]; then python -m pip install -q -r requirements-test.txt
+elif [ "${1:-}" = "--test" ]; then  # keep the image's Triton as well: it is matched to the image's torch
+  python -m pip install -q $(sed 's/#.*//' requirements-test.txt | grep -v '^-r\|^triton')
+fi
 bash scripts/prepare_default.sh
