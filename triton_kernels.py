@@ -190,7 +190,7 @@ def spotlight_select(q_codes: torch.Tensor, codes: torch.Tensor, pos: torch.Tens
     hist = torch.empty(B * H, n_chunk, NB, dtype=torch.int32, device=dev)
     idx = torch.empty(B, H, K, dtype=torch.long, device=dev)
     ok = torch.empty(B, H, K, dtype=torch.int8, device=dev)
-    q_codes, codes, pos = q_codes.contiguous(), codes.contiguous(), pos.contiguous()
+    q_codes, codes, pos, input_pos, k = (x.contiguous() for x in (q_codes, codes, pos, input_pos, k))  # flat indexing
     wrap_triton(_spotlight_keys_kernel)[(B * H, n_chunk)](  # BLOCK 1024, 4 warps: the fastest of 5 tried
         q_codes, codes, pos, input_pos, keys, hist, S, H, n_chunk, sinks, recent, CHUNK=chunk,
         G=G, W=W, TOP=G * d + 2, NB=NB, BLOCK=1024, POPC=dev.type == "cuda")
