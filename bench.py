@@ -140,14 +140,13 @@ def random_spotlight_hashes(args: ModelArgs, d: Path) -> Path:
 
 
 @torch.no_grad()
-def fill_caches(model, caches, batch, context, device, dtype):
+def fill_caches(args, caches, batch, context, device, dtype):
     """Each layer's prompt KV: random q/k/v of `context` tokens through the cache's own prefill (its
     prompt compression and auxiliary state included), one layer at a time to bound memory."""
-    a = model.args
     pos = torch.arange(context, device=device).expand(batch, -1)
     for c in caches:
-        q = torch.randn(batch, a.n_head, context, a.head_dim, device=device, dtype=dtype)
-        k = torch.randn(batch, a.n_local_heads, context, a.head_dim, device=device, dtype=dtype)
+        q = torch.randn(batch, args.n_head, context, args.head_dim, device=device, dtype=dtype)
+        k = torch.randn(batch, args.n_local_heads, context, args.head_dim, device=device, dtype=dtype)
         v = torch.randn_like(k)
         c.prefill(q, k, v, pos)
         del q, k, v
@@ -159,7 +158,7 @@ def bench_one(model, a, strategy, context, batch, device, dtype, spot_dir) -> di
     cfg = kv.CacheConfig(strategy=strategy, max_cache_length=[str(a.budget)], checkpoint_dir=str(spot_dir))
     caches = kv.make_caches(model.args, cfg, batch, context + steps + 1, steps + 1, device, dtype)
     model.setup_caches(caches)
-    fill_caches(model, caches, batch, context, device, dtype)
+    fill_caches(model.args, caches, batch, context, device, dtype)
     input_pos = torch.full((batch,), context, device=device)
     kv_read = kv.read_bytes(caches, input_pos)[0]
     torch._dynamo.reset()

@@ -28,7 +28,7 @@ def bench(model, args, strategy, params, B, ctx, steps, device, dtype, ckpt, ban
     cfg = kv.CacheConfig(strategy=strategy, params=params, checkpoint_dir=str(ckpt))
     caches = kv.make_caches(args, cfg, B, ctx + steps + 8, steps + 8, device, dtype)
     model.setup_caches(caches)
-    fill_caches(model, caches, B, ctx, device, dtype)
+    fill_caches(args, caches, B, ctx, device, dtype)
     step = gen.compile_decode(model, device)
     tok = torch.zeros(B, 1, dtype=torch.long, device=device)
     ip = torch.full((B,), ctx, dtype=torch.long, device=device)
@@ -128,7 +128,7 @@ def check_kernel(D):
 
 
 def check_select(d, G=4, prune=0.9, sinks=4, recent=64):
-    """spotlight_select vs cache.count_select (the torch path) on random codes: the same slots, in order."""
+    """spotlight_select vs cache.hamming_select (the torch path) on random codes: the same slots, in order."""
     from triton_kernels import spotlight_select
     g = torch.Generator(device="cuda").manual_seed(0)
     for B, H, S, ctx in [(1, 8, 33792, 32768), (3, 2, 5000, 2345)]:
@@ -139,14 +139,12 @@ def check_select(d, G=4, prune=0.9, sinks=4, recent=64):
         ip = torch.full((B,), ctx - 1, device="cuda")
         k = torch.maximum((ip + 1).clamp(max=20), (ip + 1) - ((ip + 1).double() * prune).floor().long())
         K = min(S, int(k.max()) + sinks + recent + 1)
-        score = (kv.hamming_sim(qc, kc[:, :, None], d).sum(2) + G * d) // 2
-        forced = (pos < sinks) | (pos > ip[:, None, None] - recent) | (pos == ip[:, None, None])
-        ref = kv.count_select(score, forced, pos >= 0, k, K, G * d)
+        ref = kv.hamming_select(qc, kc[:, :, None], pos, ip, k, K, d, sinks, recent)
         for how, f in (("eager", spotlight_select), ("compiled", torch.compile(spotlight_select, fullgraph=True))):
             idx, ok = f(qc, kc, pos, ip, k, K, d, sinks, recent)
             same = torch.equal(idx, ref[0]) and torch.equal(ok, ref[1])
             print(f"spotlight_select check ({how}) B={B} H={H} S={S}: {'identical' if same else 'DIFFERENT'} "
-                  f"to count_select, {int(ok.sum())} slots read", flush=True)
+                  f"to hamming_select, {int(ok.sum())} slots read", flush=True)
             assert same
 
 

@@ -933,6 +933,17 @@ def cumsum_blocked(x, block=1024):
     return (inner + offset[..., None]).flatten(-2)[..., :S]
 
 
+def hamming_select(q_codes, codes, pos, input_pos, k, K, d, sinks, recent):
+    """Spotlight's selection (triton_kernels.spotlight_select on CUDA): q_codes [B, H, G, W], codes
+    [B, H, Gh, S, W], pos [B, H, S]; the sinks, the recent window and the current token, plus the k [B]
+    best by summed code similarity -> (idx, ok) [B, H, K]."""
+    G = q_codes.shape[2]
+    score = (hamming_sim(q_codes, codes, d).sum(2) + G * d) // 2  # 0..G d
+    now = input_pos[:, None, None]
+    forced = (pos < sinks) | (pos > now - recent) | (pos == now)
+    return count_select(score, forced, pos >= 0, k, K, G * d)
+
+
 @lru_cache(maxsize=4)
 def load_hash_weights(path: str, mtime_ns: int) -> dict:
     from safetensors.torch import load_file
@@ -1026,16 +1037,12 @@ class Spotlight(KVCache):
     def select(self, qg, input_pos):
         if self.dense:
             return None
-        pos, S, G = self.pos, self.n_slots, qg.shape[2]
-        sinks, recent = self.p["spotlight_sinks"], self.p["spotlight_recent"]
-        K, k = min(S, self.n_select(S) + sinks + recent + 1), self.n_select(input_pos + 1)
+        S, sinks, recent = self.n_slots, self.p["spotlight_sinks"], self.p["spotlight_recent"]
+        q, K, k = self.query_codes(qg), min(S, self.n_select(S) + sinks + recent + 1), self.n_select(input_pos + 1)
         if qg.is_cuda and self.gh == 1:  # the same selection in Triton (per-query-head codes: torch path)
             from triton_kernels import spotlight_select
-            return spotlight_select(self.query_codes(qg), self.codes[:, :, 0], pos, input_pos, k, K, self.d,
-                                    sinks, recent)
-        score = (hamming_sim(self.query_codes(qg), self.codes, self.d).sum(2) + G * self.d) // 2  # 0..G d
-        forced = (pos < sinks) | (pos > input_pos[:, None, None] - recent) | (pos == input_pos[:, None, None])
-        return count_select(score, forced, pos >= 0, k, K, G * self.d)
+            return spotlight_select(q, self.codes[:, :, 0], self.pos, input_pos, k, K, self.d, sinks, recent)
+        return hamming_select(q, self.codes, self.pos, input_pos, k, K, self.d, sinks, recent)
 
 
 @register

@@ -177,7 +177,7 @@ def _spotlight_pick_kernel(KEYS, ROW, OFF, IDX, OK, S, n_chunk, K: tl.constexpr,
 @triton_op("kvcompress::spotlight_select", mutates_args={})
 def spotlight_select(q_codes: torch.Tensor, codes: torch.Tensor, pos: torch.Tensor, input_pos: torch.Tensor,
                      k: torch.Tensor, K: int, d: int, sinks: int, recent: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cache.count_select over Spotlight's scores, exactly (same slots, same order): q_codes [B, H, G, W]
+    """cache.hamming_select, exactly (same slots, same order): q_codes [B, H, G, W]
     and codes [B, H, S, W] (packed int64), pos [B, H, S], input_pos and k [B] -> (idx, ok) [B, H, K]."""
     B, H, G, W = q_codes.shape
     S = codes.shape[2]

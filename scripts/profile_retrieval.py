@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cache as kv  # noqa: E402
-from bench import random_spotlight_hashes  # noqa: E402
+from bench import fill_caches, random_spotlight_hashes  # noqa: E402
 from model import ModelArgs  # noqa: E402
 
 
@@ -29,10 +29,7 @@ def layer_cache(args, strategy, params, B, ctx, ckpt, layer=2):
     G = args.n_head // args.n_local_heads
     c = kv.REGISTRY[strategy](B, args.n_local_heads, S, args.head_dim, G, torch.bfloat16, layer, args.n_layer,
                               cfg).cuda()
-    q = torch.randn(B, args.n_head, ctx, args.head_dim, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(B, args.n_local_heads, ctx, args.head_dim, device="cuda", dtype=torch.bfloat16)
-            for _ in range(2))
-    c.prefill(q, k, v, torch.arange(ctx, device="cuda").expand(B, -1))
+    fill_caches(args, [c], B, ctx, "cuda", torch.bfloat16)
     return c
 
 
