@@ -1,22 +1,32 @@
-"""Decode-speed benchmarks behind the README's tables. Timings only: nothing here asserts.
+"""Decode-speed benchmarks behind the README's tables. Timings only: nothing here asserts a speed.
 
-    python bench.py --cpu_vs_hf      # our generate() (eager and compiled) vs transformers' generate(), CPU
-    python bench.py --gpu --shape llama-3-8b --contexts 4096 32768 --batches 1 8 --out results/gpu.md
-    python bench.py --gpu --tiny     # the same GPU code path at a tiny shape, on whatever device there is
+    python bench.py --gpu                # every strategy at 32k x 8 beside the full cache (one 10-minute H200 call)
+    python bench.py --gpu --batches 1 --prefill --profile
+    python bench.py --gpu --strategies full snapkv spotlight:spotlight_prune=0.98 --contexts 4096 32768 --batches 1 8
+    python bench.py --gpu --tiny --cpu   # the same code path at a tiny shape on CPU (the tests run it)
+    python bench.py --cpu_vs_hf          # CPU, default model: ours (eager, compiled) vs transformers' generate()
+
+--gpu: a model of the named shape with RANDOM weights (decode speed does not depend on weight values),
+bf16, the decode step compiled as generate.compile_decode does (one compiled layer reused by every layer,
+the whole step one CUDA graph). The prompt's KV is not computed by the model: each layer's cache gets
+random q/k/v of the context length through its own `prefill`, so a strategy scores the prompt (its
+Triton scoring kernels on CUDA), compresses it and builds its auxiliary state exactly as after a real
+prompt. Then --warmup decode steps (the first compiles and captures) and --steps timed ones. Each row:
+tok/s over the batch, ms/step, bytes read per step (weights without the embedding table, tied output
+counted, + the K/V rows the step attends to + any index it scans, from cache.read_bytes), % of the
+roofline at a bandwidth measured on the same device (a device-to-device copy; --bandwidth GB/s
+overrides), the ratio to the full cache measured in the same process, and how long fill, compile and
+timing took. --prefill adds one layer's plain prefill (attention + MLP, full cache) times the layer
+count, against which each strategy's prompt scoring is reported.
+
+Benchmarks that cannot lie: a row fails loudly, naming the cause, if a timed step recompiled, broke
+the graph, or ran without its CUDA graph (DecodeGraph replays are counted), and the run exits non-zero;
+a warning is printed when another process is using the GPU before or after the run.
 
 --cpu_vs_hf: the default model (SmolLM2-135M-Instruct) in fp32, the same prompt token ids and the same
 number of greedy new tokens for both (transformers gets min_new_tokens = max_new_tokens). Decode tok/s
 excludes prefill: ours from generate()'s own timer (first decode step apart), transformers' as
 (max_new_tokens - 1) / (time(max_new_tokens) - time(1 token)). Median of --repeats runs.
-
---gpu: a model of the named shape with RANDOM weights (decode speed does not depend on weight values),
-bf16, decode compiled with generate.compile_decode (fullgraph, CUDA graphs). The prompt's KV is not
-computed by the model: each layer's cache gets random q/k/v of the context length through its own
-`prefill`, so a strategy compresses and builds its auxiliary state exactly as after a real prompt,
-without a 32k x 8-token forward pass. Then --steps decode steps are timed after --warmup steps.
-Bytes per step = weights without the embedding table (tied output counted) + the K/V rows the step
-attends to (counted from the cache's own attend_mask); roofline at --bandwidth (3.0 TB/s, the H100's
-measured device copy rate, shared/PERFORMANCE.md).
 """
 import argparse
 import datetime
@@ -142,7 +152,7 @@ def random_spotlight_hashes(args: ModelArgs, d: Path) -> Path:
 @torch.no_grad()
 def fill_caches(args, caches, batch, context, device, dtype):
     """Each layer's prompt KV: random q/k/v of `context` tokens through the cache's own prefill (its
-    prompt compression and auxiliary state included), one layer at a time to bound memory."""
+    prompt scoring, compression and auxiliary state included), one layer at a time to bound memory."""
     pos = torch.arange(context, device=device).expand(batch, -1)
     for c in caches:
         q = torch.randn(batch, args.n_head, context, args.head_dim, device=device, dtype=dtype)
@@ -152,16 +162,83 @@ def fill_caches(args, caches, batch, context, device, dtype):
         del q, k, v
 
 
+ALL = ["full", "streamingllm", "random", "l2", "l2:l2_one_shot=true", "lsh", "h2o", "tova", "scissorhands", "snapkv",
+       "pyramid", "spotlight:spotlight_prune=0.9", "spotlight:spotlight_prune=0.98", "spotlight_linear", "lsh_retrieval",
+       "quest:quest_budget=0.1"]
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """'name' or 'name:key=value,key=value' (values: true/false, numbers or text) -> (strategy, params)."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        low = value.lower()
+        params[key] = low == "true" if low in ("true", "false") else _number(value)
+    return name, params
+
+
+def _number(value):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+class BenchError(Exception):
+    """A measurement that would mislead: a recompile, a graph break or a lost CUDA graph in timed steps."""
+
+
+def compile_counts() -> tuple:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def measure_bandwidth(device) -> float:
+    """Device-to-device copy rate in GB/s (bytes read + written), median of 20 copies of 2 GiB (CUDA) or
+    256 MiB (CPU): the roofline's denominator, measured where the decode step runs."""
+    n = (2 << 30) if torch.device(device).type == "cuda" else (256 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(23):
+        gen.sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        gen.sync(device)
+        times.append(time.perf_counter() - t0)
+    del src, dst
+    return 2 * n / statistics.median(times[3:]) / 1e9
+
+
+def other_gpu_processes() -> list[str]:
+    """Compute processes on the GPU, as nvidia-smi lists them (call before this process touches CUDA,
+    or expect to see it)."""
+    import shutil
+    import subprocess
+    if not shutil.which("nvidia-smi"):
+        return ["(nvidia-smi not found: cannot tell whether the GPU is shared)"]
+    r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory", "--format=csv,noheader"],
+                       capture_output=True, text=True)
+    return [line for line in r.stdout.splitlines() if line.strip()]
+
+
 @torch.no_grad()
-def bench_one(model, a, strategy, context, batch, device, dtype, spot_dir) -> dict:
+def bench_one(model, a, spec, context, batch, device, dtype, spot_dir) -> dict:
+    strategy, params = parse_spec(spec)
     steps = a.warmup + a.steps
-    cfg = kv.CacheConfig(strategy=strategy, max_cache_length=[str(a.budget)], checkpoint_dir=str(spot_dir))
+    cfg = kv.CacheConfig(strategy=strategy, max_cache_length=[str(a.budget)], params=params, checkpoint_dir=str(spot_dir))
     caches = kv.make_caches(model.args, cfg, batch, context + steps + 1, steps + 1, device, dtype)
     model.setup_caches(caches)
+    gen.sync(device)
+    t0 = time.perf_counter()
     fill_caches(model.args, caches, batch, context, device, dtype)
+    gen.sync(device)
+    fill_s = time.perf_counter() - t0
     input_pos = torch.full((batch,), context, device=device)
     kv_read = kv.read_bytes(caches, input_pos)[0]
-    torch._dynamo.reset()
     step = gen.compile_decode(model, device)
     tok = torch.randint(0, model.args.vocab_size, (batch, 1), device=device)
     t0 = time.perf_counter()
@@ -169,67 +246,162 @@ def bench_one(model, a, strategy, context, batch, device, dtype, spot_dir) -> di
         if i == a.warmup:
             gen.sync(device)
             compile_s, t0 = time.perf_counter() - t0, time.perf_counter()
+            counts, replays = compile_counts(), getattr(step, "replays", None)
         logits = step(tok, input_pos)
         tok = logits[:, -1].argmax(-1, keepdim=True)  # a new tensor: safe from the next graph replay
         input_pos = input_pos + 1
     gen.sync(device)
-    dt = (time.perf_counter() - t0) / a.steps
+    timed_s = time.perf_counter() - t0
+    check_honest(step, device, a.steps, counts, replays)
     kept = sum(int((c.pos >= 0).sum()) for c in caches) / (len(caches) * caches[0].pos.shape[1] * batch * (context + steps))
-    for layer in model.layers:
-        layer.attention.kv_cache = None
+    prof = profile_step(step, tok, input_pos) if a.profile else None
+    cache_gb = kv.cache_bytes(caches) / 1e9
+    model.setup_caches([None] * len(caches))
     del caches, step
-    torch._dynamo.reset()  # drops the graphs and the CUDA graph pool, so the next shape starts clean
+    dt = timed_s / a.steps
     bytes_step = gen.weight_bytes(model) + kv_read
-    return dict(strategy=strategy, context=context, batch=batch, kept=kept, tok_s=batch / dt, ms=dt * 1000,
-                gb=bytes_step / 1e9, roof=batch * a.bandwidth * 1e12 / bytes_step, compile_s=compile_s)
+    return dict(spec=spec, context=context, batch=batch, kept=kept, tok_s=batch / dt, ms=dt * 1000, gb=bytes_step / 1e9,
+                roof=batch * a.bandwidth * 1e9 / bytes_step, cache_gb=cache_gb, fill_s=fill_s, compile_s=compile_s,
+                timed_s=timed_s, profile=prof)
+
+
+def check_honest(step, device, steps, counts, replays):
+    """Fail loudly if the timed steps were not what they claim to be."""
+    graphs, breaks = compile_counts()
+    if graphs != counts[0]:
+        raise BenchError(f"the decode step recompiled {graphs - counts[0]} time(s) during the timed steps")
+    if breaks != counts[1]:
+        raise BenchError(f"{breaks - counts[1]} graph break(s) during the timed steps")
+    if torch.device(device).type == "cuda":
+        if not isinstance(step, gen.DecodeGraph):
+            raise BenchError("the decode step is not a CUDA graph")
+        if step.replays - replays != steps or step.captures != 1:
+            raise BenchError(f"{steps - (step.replays - replays)} of {steps} timed steps ran without their CUDA graph "
+                             f"({step.captures} captures)")
+
+
+def profile_step(step, tok, input_pos, n=5) -> list[str]:
+    """The kernels of n decode steps (torch.profiler), per step, largest first: the graph's replays, or
+    the same step run outside the graph if the profiler does not see into replays."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = tok.is_cuda
+    t = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    for fn in (step, getattr(step, "step", None)):
+        with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+            for _ in range(n):
+                fn(tok, input_pos)
+            gen.sync(tok.device)
+        rows = [e for e in prof.key_averages() if t(e) > 0]
+        if sum(e.count for e in rows) >= 10 * n or not isinstance(step, gen.DecodeGraph):
+            break
+    total = sum(t(e) for e in rows)
+    out = [f"  {t(e) / n:8.1f} us/step {e.count / n:5.0f}x  {100 * t(e) / total:4.1f}%  {e.key[:110]}"
+           for e in sorted(rows, key=t, reverse=True)[:30]]
+    where = "graph replays" if fn is step else "the step outside its graph"
+    return [f"  kernels ({where}): {total / n / 1000:.3f} ms/step in {sum(e.count for e in rows) / n:.0f} launches"] + out
+
+
+@torch.no_grad()
+def plain_prefill_s(model, context, batch, device, dtype) -> float:
+    """One layer's plain prefill (attention + MLP over a random prompt, full cache) times the layer count:
+    the time a prompt's prefill takes before any strategy scores it."""
+    args, layer = model.args, model.layers[0]
+    cfg = kv.CacheConfig()
+    layer.attention.kv_cache = kv.make_caches(args, cfg, batch, context, 0, device, dtype)[0]
+    x = torch.randn(batch, context, args.dim, device=device, dtype=dtype)
+    pos = torch.arange(context, device=device).expand(batch, -1)
+    rope = model.rope[pos]
+    times = []
+    for _ in range(3):
+        gen.sync(device)
+        t0 = time.perf_counter()
+        layer.prefill(x, rope, pos, 1024)
+        gen.sync(device)
+        times.append(time.perf_counter() - t0)
+    layer.attention.kv_cache = None
+    return min(times[1:]) * args.n_layer
 
 
 def gpu(a):
     device = "cuda" if torch.cuda.is_available() and not a.cpu else "cpu"
+    busy = other_gpu_processes() if device == "cuda" else []
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     args = ModelArgs.from_name("tiny" if a.tiny else a.shape)
     if a.tiny:  # 3 layers: strategies with dense first layers still get a sparse one
         args.n_layer = 3
-    a.contexts = a.contexts or ([256, 400] if a.tiny else [4096, 32768])
-    a.steps = a.steps or (20 if a.tiny else 100)
+    a.contexts = a.contexts or ([256, 400] if a.tiny else [32768])
+    a.batches = a.batches or ([1, 2] if a.tiny else [8])
+    a.steps = a.steps or (10 if a.tiny else 50)
     a.budget = a.budget or ("0.5" if a.tiny else "0.1")
+    a.bandwidth = a.bandwidth or measure_bandwidth(device)
+    specs = ["full"] + [s for s in (a.strategies or ALL) if s != "full"]  # full first: the ratios' reference
     args.block_size = max(args.block_size, max(a.contexts) + a.warmup + a.steps + 1)  # a longer RoPE table only
     model = random_model(args, device, dtype)
     spot_dir = random_spotlight_hashes(args, Path(tempfile.mkdtemp()))
     title = (f"Decode speed, {args.name} shape ({RANDOM}), {str(dtype).removeprefix('torch.')}, "
-             f"compiled decode{' + CUDA graphs' if device == 'cuda' else ''}, {a.steps} timed steps")
+             f"compiled decode{' as one CUDA graph' if device == 'cuda' else ''}, {a.steps} timed steps")
     lines = header(device, title) + [
         f"Prompt KV: random q/k/v of the context length through each cache's own prefill (no model forward). "
-        f"Budget for compressing strategies: --max_cache_length {a.budget}. Bytes/step = "
+        f"Budget of compressing strategies: --max_cache_length {a.budget}. Bytes/step = "
         f"{gen.weight_bytes(model) / 1e9:.3g} GB of weights (embedding table excluded) + K/V rows attended + index scanned; "
-        f"roofline at {a.bandwidth} TB/s.", "",
-        "| strategy | context | batch | KV kept | tok/s (all sequences) | ms / step | GB read / step | "
-        "roofline tok/s | % of roofline | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for strategy in a.strategies:
-        for context in a.contexts:
-            for batch in a.batches:
+        f"roofline at {a.bandwidth:.0f} GB/s ({'given' if a.bandwidth_given else 'measured: device-to-device copy'}).", "",
+        "| strategy | context | batch | KV kept | tok/s | ms / step | GB read / step | % of roofline | vs full | "
+        "cache GB | fill s | compile s | timed s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    failed, plain = [], {}
+    for context in a.contexts:
+        for batch in a.batches:
+            if a.prefill:
+                plain[context, batch] = plain_prefill_s(model, context, batch, device, dtype)
+                print(f"plain prefill of {batch} x {context} tokens: {plain[context, batch]:.2f} s "
+                      f"(one layer's attention + MLP x {args.n_layer}; {RANDOM})", flush=True)
+            full = None
+            for spec in specs:
                 try:
-                    r = bench_one(model, a, strategy, context, batch, device, dtype, spot_dir)
-                except (torch.OutOfMemoryError, ValueError, FileNotFoundError) as e:
-                    msg = str(e).splitlines()[0][:120]
-                    print(f"{strategy} {context} x{batch}: skipped ({type(e).__name__}: {msg}) ({RANDOM})", flush=True)
-                    lines.append(f"| {strategy} | {context} | {batch} | - | {type(e).__name__} | | | | | |")
-                    gc.collect()
-                    torch.cuda.empty_cache() if device == "cuda" else None
+                    r = bench_one(model, a, spec, context, batch, device, dtype, spot_dir)
+                except (torch.OutOfMemoryError, ValueError, FileNotFoundError, BenchError) as e:
+                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    if isinstance(e, BenchError):
+                        failed.append(f"{spec} {context} x{batch}: {msg}")
+                    lines.append(f"| {spec} | {context} | {batch} | FAILED: {msg} |")
+                    print(lines[-1], flush=True)
+                    free_memory(model, device)
                     continue
-                print(f"{strategy} {context} x{batch}: {r['tok_s']:.1f} tok/s, {100 * r['tok_s'] / r['roof']:.0f}% of "
-                      f"roofline, compile {r['compile_s']:.0f} s ({RANDOM})", flush=True)
-                lines.append(f"| {strategy} | {context} | {batch} | {100 * r['kept']:.0f}% | {r['tok_s']:.1f} | "
-                             f"{r['ms']:.2f} | {r['gb']:.3g} | {r['roof']:.0f} | {100 * r['tok_s'] / r['roof']:.0f}% | "
-                             f"{r['compile_s']:.0f} |")
-                gc.collect()
-                torch.cuda.empty_cache() if device == "cuda" else None
+                full = r if spec == "full" else full
+                lines.append(row(r, full, plain.get((context, batch))))
+                print(lines[-1] + f"  ({RANDOM})", flush=True)
+                if r["profile"]:
+                    print("\n".join(r["profile"]), flush=True)
+                free_memory(model, device)
     if a.hf:
         del model  # its weights would sit beside transformers' copy
-        gc.collect()
-        torch.cuda.empty_cache() if device == "cuda" else None
+        free_memory(None, device)
         lines += ["", *hf_rows(a, args, device, dtype)]
-    return lines
+    busy += [p for p in other_gpu_processes() if p not in busy] if device == "cuda" else []
+    if busy:
+        lines += ["", "WARNING: other compute processes were seen on the GPU (timings may be low): " + "; ".join(busy)]
+    if failed:
+        lines += ["", "FAILED (these rows would mislead):", *failed]
+    return lines, bool(failed)
+
+
+def row(r, full, plain_s) -> str:
+    vs = f"{r['tok_s'] / full['tok_s']:.2f}×" if full and r is not full else ""
+    fill = f"{r['fill_s']:.1f}"
+    if plain_s and full and r is not full:  # the strategy's prefill = plain prefill + its scoring and compaction
+        fill += f" ({(plain_s + r['fill_s'] - full['fill_s']) / plain_s:.2f}× plain prefill)"
+    return (f"| {r['spec']} | {r['context']} | {r['batch']} | {100 * r['kept']:.0f}% | {r['tok_s']:.1f} | {r['ms']:.2f} | "
+            f"{r['gb']:.3g} | {100 * r['tok_s'] / r['roof']:.0f}% | {vs} | {r['cache_gb']:.2f} | {fill} | "
+            f"{r['compile_s']:.0f} | {r['timed_s']:.1f} |")
+
+
+def free_memory(model, device):
+    if model is not None:
+        model.setup_caches([None] * model.args.n_layer)
+    torch._dynamo.reset()  # drops compiled graphs, so the next configuration starts clean
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def hf_rows(a, args, device, dtype) -> list[str]:
@@ -290,13 +462,16 @@ def main():
     g.add_argument("--shape", default="llama-3-8b", help=f"one of {', '.join(kv_shapes())}")
     g.add_argument("--tiny", action="store_true", help="the tiny shape, a few steps: runs anywhere, for testing")
     g.add_argument("--cpu", action="store_true", help="run the --gpu path on the CPU even if CUDA is present")
-    g.add_argument("--contexts", type=int, nargs="+", help="prompt lengths (default 4096 32768; tiny: 256 400)")
-    g.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    g.add_argument("--strategies", nargs="*", default=["full"], help=f"of {', '.join(sorted(kv.REGISTRY))}")
+    g.add_argument("--contexts", type=int, nargs="+", help="prompt lengths (default 32768; tiny: 256 400)")
+    g.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 8; tiny: 1 2)")
+    g.add_argument("--strategies", nargs="*", help="name or name:key=value,... (default: every strategy, "
+                   f"{' '.join(ALL)}); the full cache always runs first, as the ratios' reference")
     g.add_argument("--budget", help="--max_cache_length of compressing strategies (default 0.1; tiny: 0.5)")
-    g.add_argument("--steps", type=int, help="timed decode steps (default 100; tiny: 20)")
-    g.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, CUDA graph capture), >= 1")
-    g.add_argument("--bandwidth", type=float, default=3.0, help="roofline memory bandwidth, TB/s")
+    g.add_argument("--steps", type=int, help="timed decode steps (default 50; tiny: 10)")
+    g.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, CUDA graph capture), >= 1")
+    g.add_argument("--bandwidth", type=float, help="roofline memory bandwidth in GB/s (default: measured here)")
+    g.add_argument("--prefill", action="store_true", help="also time a plain prefill and compare prompt scoring to it")
+    g.add_argument("--profile", action="store_true", help="also list each configuration's kernels (torch.profiler)")
     g.add_argument("--hf", action="store_true", help="also transformers' generate() on the same shape")
     g.add_argument("--hf_cache", choices=["dynamic", "static"], default="dynamic",
                    help="its default dynamic cache (eager), or a static cache (which it compiles itself)")
@@ -305,16 +480,21 @@ def main():
         p.error("give one of --cpu_vs_hf, --gpu")
     if a.warmup < 1:
         p.error("--warmup must be >= 1: the first step compiles")
-    if unknown := [s for s in a.strategies if s not in kv.REGISTRY]:
+    if unknown := [s for s in a.strategies or [] if parse_spec(s)[0] not in kv.REGISTRY]:
         p.error(f"unknown strategies {unknown}; known: {', '.join(sorted(kv.REGISTRY))}")
+    if a.bandwidth is not None and a.bandwidth <= 0:
+        p.error("--bandwidth is in GB/s and must be > 0")
+    a.bandwidth_given = a.bandwidth is not None
     if a.threads:
         torch.set_num_threads(a.threads)
-    lines = cpu_vs_hf(a) if a.cpu_vs_hf else gpu(a)
+    lines, failed = (cpu_vs_hf(a), False) if a.cpu_vs_hf else gpu(a)
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text)
+    if failed:
+        sys.exit("bench.py: some rows failed their honesty checks (see FAILED above)")
 
 
 def kv_shapes():

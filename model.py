@@ -200,16 +200,19 @@ class Transformer(nn.Module):
         self.register_buffer("rope", rope_frequencies(args, args.block_size), persistent=False)
 
     def setup_caches(self, caches: list[nn.Module]):
-        """One cache object per layer (built by cache.make_caches); replaces any previous ones."""
+        """One cache object per layer (built by cache.make_caches); replaces any previous ones. The
+        generation count tells a captured CUDA graph (generate.DecodeGraph) that its buffers are gone."""
         for layer, cache in zip(self.layers, caches, strict=True):
             layer.attention.kv_cache = cache
+        self.cache_generation = getattr(self, "cache_generation", 0) + 1
 
-    def forward(self, tokens, input_pos):
-        """One decode step: tokens [B, 1], input_pos [B] -> logits [B, 1, vocab] (fp32)."""
+    def forward(self, tokens, input_pos, layer_step=None):
+        """One decode step: tokens [B, 1], input_pos [B] -> logits [B, 1, vocab] (fp32). `layer_step`, if
+        given, runs each block (generate.compile_decode: one compiled TransformerBlock.forward for all)."""
         rope = self.rope[input_pos].unsqueeze(1)  # [B, 1, D/2, 2]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, rope, input_pos)
+            x = layer_step(layer, x, rope, input_pos) if layer_step else layer(x, rope, input_pos)
         return self.output(self.norm(x)).float()
 
     def feed(self, tokens, input_pos, all_logits: bool = False):
