@@ -689,7 +689,11 @@ FLEX_BLOCK = 128
 
 def attend_with_new(qg, k, v, filled, k_new, v_new):
     """Attention of qg [B, H_kv, G, D] over the cached slots plus the new token, without copying the
-    cache. Returns out [B, H_kv, G, D] and the group-mean probabilities [B, H_kv, S + 1] (fp32)."""
+    cache. Returns out [B, H_kv, G, D] and the group-mean probabilities [B, H_kv, S + 1] (fp32).
+    CUDA: one Triton pass over K/V that also stores the logits (no fp32 copy of the cache)."""
+    if qg.is_cuda:
+        from triton_kernels import attend_scores  # Triton: imported only on CUDA
+        return attend_scores(qg, k, v, filled, k_new, v_new)
     scale = 1.0 / math.sqrt(qg.shape[-1])
     logits = torch.cat([qg.float() @ k.float().transpose(-1, -2), qg.float() @ k_new.float().transpose(-1, -2)], -1)
     logits = logits * scale

@@ -7,9 +7,14 @@ at once (the group is the query axis of one tl.dot, so each gathered row is read
 a few torch ops merge the chunks. Token-level selections are not block-aligned, so a FlexAttention
 block mask would read whole 128-token blocks (PERFORMANCE.md); gathering rows reads only the sliver.
 
+The same kernel reads dense caches (slots 0..S-1, validity from a mask) and can also store the logits:
+attend_scores is cache.attend_with_new (attention over the cache plus the new token, and the group-mean
+softmax probabilities H2O, TOVA and Scissorhands score with) in one bandwidth-bound pass over K and V;
+dense_attend is the same without scores or new token, to compare with FlexAttention.
+
 spotlight_select: Spotlight's scoring and top-k selection, with the output of cache.count_select.
 
-Both are registered with torch.library.triton_op so `torch.compile(fullgraph=True)` and CUDA graphs keep
+All are registered with torch.library.triton_op so `torch.compile(fullgraph=True)` and CUDA graphs keep
 them. Tests run them on CPU in Triton's interpreter (TRITON_INTERPRET=1), which needs compile-time
 loop bounds (CHUNK, K are tl.constexpr) and has no libdevice (popcount by SWAR there).
 """
@@ -21,10 +26,14 @@ from triton.language.extra import libdevice
 
 
 @triton.jit
-def _gather_attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, n_sel, H, scale,
-                          sqb, sqh, sqg, skb, skh, sks, svb, svh, svs, sib, sih,
-                          CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale,
+                   sqb, sqh, sqg, skb, skh, sks, svb, svh, svs, sib, sih,
+                   CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                   BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr):
+    """Program (sequence x KV head, split): online softmax of the GQA group over rows
+    split*CHUNK .. +CHUNK of the list (IDX's slots where OK != 0; DENSE: slots 0..n_sel-1 themselves,
+    valid where OK != 0), stored as partials PO [.., G, D], PM, PL [.., G]. SCORES also stores the
+    scaled logits PS [B, H, G, n_sel] (-1e30 at invalid slots: exp of it is 0 against any real max)."""
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     g, d = tl.arange(0, GP), tl.arange(0, D)
@@ -37,11 +46,16 @@ def _gather_attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, n_sel, H, scale,
     for off in range(0, CHUNK, BLOCK):
         n = split * CHUNK + off + tl.arange(0, BLOCK)
         inb = n < n_sel
-        idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
         ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=0) != 0) & inb
+        if DENSE:  # contiguous rows: no index list to read
+            idx = n
+        else:
+            idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
         k = tl.load(K + b * skb + h * skh + idx[:, None] * sks + d[None, :], mask=ok[:, None], other=0.0)
         s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # [GP, BLOCK]; inductor passes scale as fp64
         s = tl.where(ok[None, :], s, -1.0e30)
+        if SCORES:
+            tl.store(PS + (bh * G + g[:, None]) * n_sel + n[None, :], s, mask=(g[:, None] < G) & inb[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
@@ -49,10 +63,52 @@ def _gather_attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, n_sel, H, scale,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-    out = (bh * tl.num_programs(1) + split) * GP + g
-    tl.store(PO + out[:, None] * D + d[None, :], acc)
-    tl.store(PM + out, m_i)
-    tl.store(PL + out, l_i)
+    out = (bh * tl.num_programs(1) + split) * G + g  # only the G real rows: tl.dot's padding is not stored
+    tl.store(PO + out[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
+    tl.store(PM + out, m_i, mask=g < G)
+    tl.store(PL + out, l_i, mask=g < G)
+
+
+def _attend_partials(q, k, v, idx, ok, n, block, dense, scores):
+    """Launch _attend_kernel over n rows; -> partials po [B, H, splits, G, D], pm, pl [B, H, splits, G]
+    and (scores) the logits [B, H, G, n]. ok is int8 and shares idx's strides (dense: idx is ok)."""
+    B, H, G, D = q.shape
+    GP = max(16, triton.next_power_of_2(G))  # tl.dot needs >= 16 rows
+    # ~2 programs per SM (H200: 132 SMs), each a chunk of whole blocks. Bytes per (sequence, KV head,
+    # slot): K and V read once, 2 * D * 2 = 512 in bf16 at D = 128, and 1 of mask; scores add a 4 * G
+    # = 16 byte logit write, read back once by the epilogue (which writes 4 bytes of probs). Llama-3-8B
+    # at B = 8, S = 3.3k slots (10% of 32k): 64 rows x 5 splits = 320 programs (dense BLOCK 64, chunk
+    # 704); per layer 108.1 MB of K/V, then 3.4 MB of logits written and 3.4 read, 0.8 of probs, 1.3 of
+    # partials, 0.2 of mask: 3.46 GB of K/V per step over 32 layers and 0.29 GB besides (~70 us at 4.26 TB/s).
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    splits = max(1, min(triton.cdiv(n, block), triton.cdiv(2 * sms, B * H)))
+    chunk = triton.cdiv(triton.cdiv(n, splits), block) * block
+    splits = triton.cdiv(n, chunk)
+    po = torch.empty(B, H, splits, G, D, device=q.device, dtype=torch.float32)
+    pm = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
+    pl = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
+    s = torch.empty(B, H, G, n, device=q.device, dtype=torch.float32) if scores else pm  # pm: never written
+    q = q.contiguous()
+    wrap_triton(_attend_kernel)[(B * H, splits)](
+        q, k, v, idx, ok, po, pm, pl, s, n, H, D ** -0.5,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1),
+        CHUNK=chunk, G=G, GP=GP, D=D, BLOCK=block, DENSE=dense, SCORES=scores)
+    return po, pm, pl, s
+
+
+def _merge(po, pm, pl, s_new=None, v_new=None):
+    """Merge the splits' partials, and the new token (logit s_new [B, H, G], value v_new [B, H, 1, D])
+    if given: -> out [B, H, G, D] fp32, the softmax's max and normaliser [B, H, G]."""
+    m = pm.amax(2)
+    if s_new is not None:
+        m = torch.maximum(m, s_new)
+    w = torch.exp(pm - m[:, :, None])  # chunk weights; an empty chunk weighs 0
+    acc, z = (po * w[..., None]).sum(2), (pl * w).sum(2)
+    if s_new is not None:
+        w_new = torch.exp(s_new - m)
+        acc, z = acc + w_new[..., None] * v_new.float(), z + w_new
+    return acc / z[..., None], m, z
 
 
 @triton_op("kvcompress::gather_attend", mutates_args={})
@@ -60,27 +116,42 @@ def gather_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.
                   ok: torch.Tensor) -> torch.Tensor:
     """q [B, H_kv, G, D] attends to k/v [B, H_kv, S, D] rows idx [B, H_kv, K] where ok [B, H_kv, K]
     -> [B, H_kv, G, D]. Reads K selected rows per KV head, never the whole cache."""
-    B, H, G, D = q.shape
-    n_sel = idx.shape[-1]
-    BLOCK = 32
-    GP = max(16, triton.next_power_of_2(G))  # tl.dot needs >= 16 rows
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    splits = max(1, min(triton.cdiv(n_sel, BLOCK), triton.cdiv(2 * sms, B * H)))  # ~2 programs per SM
-    chunk = triton.cdiv(triton.cdiv(n_sel, splits), BLOCK) * BLOCK
-    splits = triton.cdiv(n_sel, chunk)
-    po = torch.empty(B, H, splits, GP, D, device=q.device, dtype=torch.float32)
-    pm = torch.empty(B, H, splits, GP, device=q.device, dtype=torch.float32)
-    pl = torch.empty(B, H, splits, GP, device=q.device, dtype=torch.float32)
-    q, idx, ok8 = q.contiguous(), idx.contiguous(), ok.to(torch.int8).contiguous()  # OK shares IDX's strides
-    wrap_triton(_gather_attend_kernel)[(B * H, splits)](
-        q, k, v, idx, ok8, po, pm, pl, n_sel, H, D ** -0.5,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1),
-        CHUNK=chunk, G=G, GP=GP, D=D, BLOCK=BLOCK)
-    m = pm.amax(2, keepdim=True)
-    w = torch.exp(pm - m)  # chunk weights; an empty chunk weighs 0
-    out = (po * w[..., None]).sum(2) / (pl * w).sum(2)[..., None]
-    return out[:, :, :G].to(q.dtype)
+    idx, ok8 = idx.contiguous(), ok.to(torch.int8).contiguous()  # OK shares IDX's strides
+    po, pm, pl, _ = _attend_partials(q, k, v, idx, ok8, idx.shape[-1], 32, dense=False, scores=False)
+    return _merge(po, pm, pl)[0].to(q.dtype)
+
+
+# Dense reads for the attention-scored eviction strategies (H2O, TOVA, Scissorhands): the same kernel
+# over slots 0..S-1, validity from cache.py's `filled` mask (the bool viewed as int8: 1 byte per slot
+# against pos's 8, and the same `!= 0` test as gather_attend's ok). BLOCK 64: contiguous rows, so
+# fewer, larger tiles than a gather (16 KiB of K per tile at D = 128).
+DENSE_BLOCK = 64
+
+
+@triton_op("kvcompress::attend_scores", mutates_args={})
+def attend_scores(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled: torch.Tensor,
+                  k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cache.attend_with_new: qg [B, H_kv, G, D] over the slots of k/v [B, H_kv, S, D] where filled
+    [B, H_kv, S], plus the new token k/v_new [B, H_kv, 1, D] -> out [B, H_kv, G, D] (qg's dtype) and the
+    group-mean probabilities [B, H_kv, S + 1] fp32 (cached slots, then the new token). One pass over
+    K/V that also stores the logits; the final max and normaliser then turn them into probabilities."""
+    ok = filled.contiguous().view(torch.int8)
+    po, pm, pl, s = _attend_partials(qg, k, v, ok, ok, k.shape[2], DENSE_BLOCK, dense=True, scores=True)
+    s_new = (qg.float() * k_new.float()).sum(-1) * qg.shape[-1] ** -0.5  # [B, H_kv, G], fp32
+    out, m, z = _merge(po, pm, pl, s_new, v_new)
+    probs = (torch.exp(s - m[..., None]) / z[..., None]).mean(2)
+    return out.to(qg.dtype), torch.cat([probs, (torch.exp(s_new - m) / z).mean(2)[..., None]], -1)
+
+
+@triton_op("kvcompress::dense_attend", mutates_args={})
+def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+    """cache.attend without a block mask: qg [B, H_kv, G, D] over the slots of k/v where filled
+    [B, H_kv, S] -> [B, H_kv, G, D]; reads every filled slot's row once (no 128-slot blocks to skip by
+    block, but masked loads never fetch an empty slot's row). For comparing with FlexAttention; a row
+    with no filled slot gives nan."""
+    ok = filled.contiguous().view(torch.int8)
+    po, pm, pl, _ = _attend_partials(qg, k, v, ok, ok, k.shape[2], DENSE_BLOCK, dense=True, scores=False)
+    return _merge(po, pm, pl)[0].to(qg.dtype)
 
 
 # ---- Spotlight's selection: Hamming scores, the n-th best score, the slots at or above it ----------

@@ -1,0 +1,94 @@
+"""triton_kernels.attend_scores and dense_attend (the dense modes of the attention kernel) against a naive
+reference written from the definition, on CUDA or in Triton's interpreter on CPU."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cache as kv
+
+
+def naive_attend(q, k, v, filled, k_new=None, v_new=None):
+    """Per query row: softmax over the valid cached slots (and the new token, if given) of q.k / sqrt(D),
+    in float64 plain Python. -> out [B][H][G][D], probs [B][H][S (+ 1)] averaged over the group."""
+    B, H, G, D = q.shape
+    S = k.shape[2]
+    q, k, v, filled = q.tolist(), k.tolist(), v.tolist(), filled.tolist()
+    outs, probs = [], []
+    for b in range(B):
+        outs.append([]), probs.append([])
+        for h in range(H):
+            keys = [(s, k[b][h][s], v[b][h][s]) for s in range(S) if filled[b][h][s]]
+            if k_new is not None:
+                keys.append((S, k_new[b, h, 0].tolist(), v_new[b, h, 0].tolist()))
+            row_probs = [0.0] * (S + (k_new is not None))
+            outs[b].append([])
+            for g in range(G):
+                logits = [sum(x * y for x, y in zip(q[b][h][g], kr)) / math.sqrt(D) for _, kr, _ in keys]
+                top = max(logits)
+                e = [math.exp(x - top) for x in logits]
+                z = sum(e)
+                outs[b][h].append([sum(p / z * vr[i] for p, (_, _, vr) in zip(e, keys)) for i in range(D)])
+                for p, (s, _, _) in zip(e, keys):
+                    row_probs[s] += p / z / G
+            probs[b].append(row_probs)
+    return torch.tensor(outs), torch.tensor(probs)
+
+
+def cases(g):
+    """(q, k, v, filled, k_new, v_new) at small GQA shapes: SmolLM2's (H_kv 3, G 3, D 64), Llama-3's
+    group (G 4) with D 32 and 128; S not a multiple of the block; empty slots in the middle and at the
+    end; one (sequence, head) with every cached slot empty (only the new token is attended)."""
+    for H, G, D, S in [(3, 3, 64, 37), (3, 3, 64, 300), (2, 4, 32, 300), (2, 4, 128, 130)]:
+        B = 2
+        q = 2 * torch.randn(B, H, G, D, generator=g)  # x2: peakier softmaxes than randn's
+        k, v = torch.randn(B, H, S, D, generator=g), torch.randn(B, H, S, D, generator=g)
+        k_new, v_new = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+        filled = torch.rand(B, H, S, generator=g) > 0.2
+        filled[0, :, S // 3:S // 3 + 20] = False  # a run of empty slots in the middle
+        filled[:, :, -7:] = False                 # and at the end
+        filled[1, 0] = False                      # nothing cached at all
+        yield q, k, v, filled, k_new, v_new
+
+
+def check_attend_scores(device):
+    """attend_scores against naive_attend (and cache.attend_with_new's torch path against it too);
+    dense_attend against naive_attend without a new token. fp32 in the interpreter, bf16 on CUDA."""
+    from triton_kernels import attend_scores, dense_attend
+    g = torch.Generator().manual_seed(0)
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    tol = dict(atol=2e-2, rtol=2e-2) if device == "cuda" else dict(atol=1e-5, rtol=1e-5)
+    for case in cases(g):
+        case = tuple(x.to(dt) if x.is_floating_point() else x for x in case)  # the reference sees bf16 values too
+        q, k, v, filled, k_new, v_new = (x.float() if x.is_floating_point() else x for x in case)
+        want_out, want_probs = naive_attend(q, k, v, filled, k_new, v_new)
+        assert want_probs[1, 0, -1] == 1.0  # the empty row: all mass on the new token
+        out, probs = attend_scores(*(x.to(device) for x in case))
+        assert out.dtype == dt and probs.dtype == torch.float32 and probs.shape == want_probs.shape
+        torch.testing.assert_close(out.float().cpu(), want_out, **tol)
+        torch.testing.assert_close(probs.cpu(), want_probs, **tol)
+        if device == "cpu":
+            got = kv.attend_with_new(q, k, v, filled, k_new, v_new)
+            torch.testing.assert_close(got[0], want_out, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[1], want_probs, atol=1e-5, rtol=1e-5)
+        filled[1, 0, 0] = True  # dense_attend has no new token: every row needs a filled slot
+        want_out, _ = naive_attend(q, k, v, filled)
+        out = dense_attend(*(x.to(device) for x in (case[0], case[1], case[2], filled)))
+        torch.testing.assert_close(out.float().cpu(), want_out, **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test below runs everywhere")
+def test_attend_scores_on_cuda():
+    check_attend_scores("cuda")
+
+
+def test_attend_scores_in_interpreter():
+    pytest.importorskip("triton")
+    code = "import sys; sys.path[:0] = ['tests', '.']; import test_attend_kernel; test_attend_kernel.check_attend_scores('cpu')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
