@@ -204,12 +204,30 @@ class KVCache(nn.Module):
         mask = torch.zeros(*idx.shape[:2], S + 1, dtype=torch.bool, device=idx.device)
         return mask.scatter(-1, idx.masked_fill(~ok, S), True)[..., :S] & (self.pos >= 0)
 
+    @property
+    def slot_is_position(self):
+        """True for caches that never move a token (full, retrieval): slot s holds position s."""
+        return not (self.evicts or self.prefill_only)
+
+    def attend_all(self, qg, input_pos):
+        """Decode attention of qg [B, H_kv, G, D] over every filled slot. CUDA: triton_kernels.dense_attend,
+        which reads validity from the position buffer and, where slot = position, stops at input_pos."""
+        if not qg.is_cuda:
+            return attend(qg, self.k, self.v, self.pos >= 0)
+        if DENSE_ON_CUDA == "flex" and torch.compiler.is_compiling():
+            return flex_attend(qg, self.k, self.v, self.pos >= 0)
+        from triton_kernels import dense_attend  # Triton: imported only on CUDA
+        limit = input_pos + 1 if self.slot_is_position else torch.full_like(input_pos, self.n_slots)
+        return dense_attend(qg, self.k, self.v, self.pos, limit)
+
     def attend_selected(self, qg, input_pos):
         """Retrieval decode attention. On CUDA a gather kernel reads only the selected rows of K and V
         (token-level selections are not block-aligned, so a block mask would save nothing)."""
-        sel = self.select(qg, input_pos) if qg.is_cuda and GATHER_ON_CUDA else None
-        if sel is None:
+        if not qg.is_cuda:
             return attend(qg, self.k, self.v, self.attend_mask(qg, input_pos))
+        sel = self.select(qg, input_pos)
+        if sel is None:  # a dense layer
+            return self.attend_all(qg, input_pos)
         from triton_kernels import gather_attend  # Triton: imported only on CUDA
         return gather_attend(qg, self.k, self.v, *sel)
 
@@ -218,7 +236,7 @@ class KVCache(nn.Module):
         B, H, _, D = q.shape
         qg = q.view(B, H // self.n_group, self.n_group, D)  # fold the GQA group into the query axis
         if self.needs_attn:
-            out, probs = attend_with_new(qg, self.k, self.v, self.pos >= 0, k_new, v_new)
+            out, probs = attend_with_new(qg, self.k, self.v, self.pos, k_new, v_new)
             slot = self.choose_slot(self.decode_scores(qg, k_new, input_pos, probs=probs), input_pos)
             self.write(slot, k_new, v_new, input_pos)
         elif self.retrieves:  # every token kept: store it, index it (codes, page bounds), read a sliver
@@ -230,11 +248,12 @@ class KVCache(nn.Module):
             if self.evicts:
                 slot = self.choose_slot(self.decode_scores(qg, k_new, input_pos), input_pos)
             elif self.prefill_only:  # generated tokens fill the reserved (empty) slots, first one first
-                slot = self.choose_slot(self.pos.new_zeros(B, H // self.n_group, self.n_slots + 1), input_pos)
+                empty = self.pos < 0
+                slot = torch.where(empty.any(-1), empty.int().argmax(-1), self.n_slots)  # none left: dropped
             else:  # no eviction: slot = position (prefill set it up so; lengths are validated)
                 slot = input_pos[:, None].expand(B, H // self.n_group)
             self.write(slot, k_new, v_new, input_pos)
-            out = attend(qg, self.k, self.v, self.attend_mask(qg, input_pos))
+            out = self.attend_all(qg, input_pos)
         self.on_write(slot, qg, k_new, v_new, input_pos)
         return out.view(B, H, 1, D)
 
@@ -656,13 +675,12 @@ def attach_attention_loss(model, max_seq_length: int, steps: int) -> list[Attent
 
 
 def attend(qg, k, v, valid):
-    """Decode attention of qg [B, H_kv, G, D] over the slots where valid [B, H_kv, S] holds.
-    Compiled on CUDA it is FlexAttention with a block mask built from `valid`, so empty or unselected
-    128-slot blocks are never read (PERFORMANCE.md: always pass a block mask; GQA folded into the
-    query axis keeps per-KV-head masks on the fast kernel). Elsewhere, SDPA with a boolean mask."""
-    if not (qg.is_cuda and torch.compiler.is_compiling()):
-        return F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, :, None, :])
-    return flex_attend(qg, k, v, valid)
+    """Decode attention of qg [B, H_kv, G, D] over the slots where valid [B, H_kv, S] holds (CPU; on CUDA
+    KVCache.attend_all and attend_selected call the Triton kernels)."""
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, :, None, :])
+
+
+DENSE_ON_CUDA = "triton"  # "flex": FlexAttention with a block mask instead (bench.py --dense flex compares)
 
 
 def flex_attend(qg, k, v, valid):
@@ -687,13 +705,14 @@ def flex_attend(qg, k, v, valid):
 FLEX_BLOCK = 128
 
 
-def attend_with_new(qg, k, v, filled, k_new, v_new):
-    """Attention of qg [B, H_kv, G, D] over the cached slots plus the new token, without copying the
-    cache. Returns out [B, H_kv, G, D] and the group-mean probabilities [B, H_kv, S + 1] (fp32).
-    CUDA: one Triton pass over K/V that also stores the logits (no fp32 copy of the cache)."""
+def attend_with_new(qg, k, v, pos, k_new, v_new):
+    """Attention of qg [B, H_kv, G, D] over the filled slots (pos [B, H_kv, S] >= 0) plus the new token,
+    without copying the cache. Returns out [B, H_kv, G, D] and the group-mean probabilities
+    [B, H_kv, S + 1] (fp32). CUDA: one Triton pass over K/V that also stores the logits."""
     if qg.is_cuda:
         from triton_kernels import attend_scores  # Triton: imported only on CUDA
-        return attend_scores(qg, k, v, filled, k_new, v_new)
+        return attend_scores(qg, k, v, pos, k_new, v_new)
+    filled = pos >= 0
     scale = 1.0 / math.sqrt(qg.shape[-1])
     logits = torch.cat([qg.float() @ k.float().transpose(-1, -2), qg.float() @ k_new.float().transpose(-1, -2)], -1)
     logits = logits * scale
@@ -855,7 +874,6 @@ def compression_ratio(caches, tokens_seen: torch.Tensor) -> float:
 # CPU: a masked SDPA over the cache. CUDA: triton_kernels.gather_attend reads only those K rows of K and V.
 # Selection is per KV head (the group's query scores are combined): one index list per KV head is what
 # a gather kernel reads, and measured recall says it costs little (README, "Retrieval quality").
-GATHER_ON_CUDA = True  # False: the same selection through attend()'s block mask (bench_retrieval.py compares)
 
 def popcount64(x):
     """Set bits of each int64, exactly, with static-shape ops (torch has no popcount). SWAR on the low

@@ -32,8 +32,9 @@ def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale,
                    BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr):
     """Program (sequence x KV head, split): online softmax of the GQA group over rows
     split*CHUNK .. +CHUNK of the list (IDX's slots where OK != 0; DENSE: slots 0..n_sel-1 themselves,
-    valid where OK != 0), stored as partials PO [.., G, D], PM, PL [.., G]. SCORES also stores the
-    scaled logits PS [B, H, G, n_sel] (-1e30 at invalid slots: exp of it is 0 against any real max)."""
+    valid where the position buffer OK [B, H, S] is >= 0 and the slot is below IDX[b], the sequence's
+    limit: slots past it are never loaded), stored as partials PO [.., G, D], PM, PL [.., G]. SCORES
+    also stores the scaled logits PS [B, H, G, n_sel] (-1e30 at invalid slots: exp of it is 0)."""
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     g, d = tl.arange(0, GP), tl.arange(0, D)
@@ -46,10 +47,12 @@ def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale,
     for off in range(0, CHUNK, BLOCK):
         n = split * CHUNK + off + tl.arange(0, BLOCK)
         inb = n < n_sel
-        ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=0) != 0) & inb
-        if DENSE:  # contiguous rows: no index list to read
+        if DENSE:  # contiguous rows: no index list to read; validity from the positions themselves
+            inb = inb & (n < tl.load(IDX + b))
+            ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=-1) >= 0) & inb
             idx = n
         else:
+            ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=0) != 0) & inb
             idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
         k = tl.load(K + b * skb + h * skh + idx[:, None] * sks + d[None, :], mask=ok[:, None], other=0.0)
         s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # [GP, BLOCK]; inductor passes scale as fp64
@@ -69,20 +72,21 @@ def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale,
     tl.store(PL + out, l_i, mask=g < G)
 
 
-def _attend_partials(q, k, v, idx, ok, n, block, dense, scores):
+def _attend_partials(q, k, v, idx, ok, n, dense, scores):
     """Launch _attend_kernel over n rows; -> partials po [B, H, splits, G, D], pm, pl [B, H, splits, G]
-    and (scores) the logits [B, H, G, n]. ok is int8 and shares idx's strides (dense: idx is ok)."""
+    and (scores) the logits [B, H, G, n]. Gather: ok is int8 sharing idx's strides; dense: ok is the
+    position buffer and idx the per-sequence slot limit [B]."""
     B, H, G, D = q.shape
     GP = max(16, triton.next_power_of_2(G))  # tl.dot needs >= 16 rows
-    # ~2 programs per SM (H200: 132 SMs), each a chunk of whole blocks. Bytes per (sequence, KV head,
-    # slot): K and V read once, 2 * D * 2 = 512 in bf16 at D = 128, and 1 of mask; scores add a 4 * G
-    # = 16 byte logit write, read back once by the epilogue (which writes 4 bytes of probs). Llama-3-8B
-    # at B = 8, S = 3.3k slots (10% of 32k): 64 rows x 5 splits = 320 programs (dense BLOCK 64, chunk
-    # 704); per layer 108.1 MB of K/V, then 3.4 MB of logits written and 3.4 read, 0.8 of probs, 1.3 of
-    # partials, 0.2 of mask: 3.46 GB of K/V per step over 32 layers and 0.29 GB besides (~70 us at 4.26 TB/s).
+    # ~per_sm programs per SM (H200: 132 SMs), each a chunk of whole blocks. Bytes per (sequence, KV head,
+    # slot): K and V read once, 2 * D * 2 = 512 in bf16 at D = 128, and 8 of position (dense); scores
+    # add a 4 * G = 16 byte logit write, read back once by the epilogue (which writes 4 bytes of probs).
+    # Llama-3-8B at B = 8, S = 3.3k slots (10% of 32k): per layer 108 MB of K/V, then 3.4 MB of logits
+    # written and read, 0.8 of probs, 1.7 of positions: ~8% on top of K/V.
+    tune = DENSE_TUNE if dense else GATHER_TUNE
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    splits = max(1, min(triton.cdiv(n, block), triton.cdiv(2 * sms, B * H)))
-    chunk = triton.cdiv(triton.cdiv(n, splits), block) * block
+    splits = max(1, min(triton.cdiv(n, tune["block"]), triton.cdiv(tune["per_sm"] * sms, B * H)))
+    chunk = triton.cdiv(triton.cdiv(n, splits), tune["block"]) * tune["block"]
     splits = triton.cdiv(n, chunk)
     po = torch.empty(B, H, splits, G, D, device=q.device, dtype=torch.float32)
     pm = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
@@ -92,9 +96,16 @@ def _attend_partials(q, k, v, idx, ok, n, block, dense, scores):
     wrap_triton(_attend_kernel)[(B * H, splits)](
         q, k, v, idx, ok, po, pm, pl, s, n, H, D ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1),
-        CHUNK=chunk, G=G, GP=GP, D=D, BLOCK=block, DENSE=dense, SCORES=scores)
+        v.stride(0), v.stride(1), v.stride(2), ok.stride(0), ok.stride(1),
+        CHUNK=chunk, G=G, GP=GP, D=D, BLOCK=tune["block"], DENSE=dense, SCORES=scores,
+        num_warps=tune["warps"], num_stages=tune["stages"])
     return po, pm, pl, s
+
+
+# Launch settings (scripts/tune_attend.py times alternatives on the GPU): rows per tile, programs per
+# SM, warps, software-pipeline stages. A gather loads scattered rows, so smaller tiles.
+DENSE_TUNE = dict(block=64, per_sm=2, warps=4, stages=3)
+GATHER_TUNE = dict(block=32, per_sm=2, warps=4, stages=3)
 
 
 def _merge(po, pm, pl, s_new=None, v_new=None):
@@ -117,26 +128,24 @@ def gather_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.
     """q [B, H_kv, G, D] attends to k/v [B, H_kv, S, D] rows idx [B, H_kv, K] where ok [B, H_kv, K]
     -> [B, H_kv, G, D]. Reads K selected rows per KV head, never the whole cache."""
     idx, ok8 = idx.contiguous(), ok.to(torch.int8).contiguous()  # OK shares IDX's strides
-    po, pm, pl, _ = _attend_partials(q, k, v, idx, ok8, idx.shape[-1], 32, dense=False, scores=False)
+    po, pm, pl, _ = _attend_partials(q, k, v, idx, ok8, idx.shape[-1], dense=False, scores=False)
     return _merge(po, pm, pl)[0].to(q.dtype)
 
 
-# Dense reads for the attention-scored eviction strategies (H2O, TOVA, Scissorhands): the same kernel
-# over slots 0..S-1, validity from cache.py's `filled` mask (the bool viewed as int8: 1 byte per slot
-# against pos's 8, and the same `!= 0` test as gather_attend's ok). BLOCK 64: contiguous rows, so
-# fewer, larger tiles than a gather (16 KiB of K per tile at D = 128).
-DENSE_BLOCK = 64
-
+# Dense reads: the same kernel over slots 0..S-1, valid where the cache's position buffer is >= 0 (read in
+# the kernel: no separate mask pass) and below the sequence's limit (a cache whose slot is the position
+# passes input_pos + 1, so its unwritten tail is never loaded).
 
 @triton_op("kvcompress::attend_scores", mutates_args={})
-def attend_scores(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled: torch.Tensor,
+def attend_scores(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                   k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cache.attend_with_new: qg [B, H_kv, G, D] over the slots of k/v [B, H_kv, S, D] where filled
-    [B, H_kv, S], plus the new token k/v_new [B, H_kv, 1, D] -> out [B, H_kv, G, D] (qg's dtype) and the
-    group-mean probabilities [B, H_kv, S + 1] fp32 (cached slots, then the new token). One pass over
+    """cache.attend_with_new: qg [B, H_kv, G, D] over the slots of k/v [B, H_kv, S, D] where pos
+    [B, H_kv, S] >= 0, plus the new token k/v_new [B, H_kv, 1, D] -> out [B, H_kv, G, D] (qg's dtype) and
+    the group-mean probabilities [B, H_kv, S + 1] fp32 (cached slots, then the new token). One pass over
     K/V that also stores the logits; the final max and normaliser then turn them into probabilities."""
-    ok = filled.contiguous().view(torch.int8)
-    po, pm, pl, s = _attend_partials(qg, k, v, ok, ok, k.shape[2], DENSE_BLOCK, dense=True, scores=True)
+    S = k.shape[2]
+    limit = torch.full((qg.shape[0],), S, dtype=torch.long, device=qg.device)
+    po, pm, pl, s = _attend_partials(qg, k, v, limit, pos, S, dense=True, scores=True)
     s_new = (qg.float() * k_new.float()).sum(-1) * qg.shape[-1] ** -0.5  # [B, H_kv, G], fp32
     out, m, z = _merge(po, pm, pl, s_new, v_new)
     probs = (torch.exp(s - m[..., None]) / z[..., None]).mean(2)
@@ -144,13 +153,12 @@ def attend_scores(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled: to
 
 
 @triton_op("kvcompress::dense_attend", mutates_args={})
-def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
-    """cache.attend without a block mask: qg [B, H_kv, G, D] over the slots of k/v where filled
-    [B, H_kv, S] -> [B, H_kv, G, D]; reads every filled slot's row once (no 128-slot blocks to skip by
-    block, but masked loads never fetch an empty slot's row). For comparing with FlexAttention; a row
-    with no filled slot gives nan."""
-    ok = filled.contiguous().view(torch.int8)
-    po, pm, pl, _ = _attend_partials(qg, k, v, ok, ok, k.shape[2], DENSE_BLOCK, dense=True, scores=False)
+def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                 limit: torch.Tensor) -> torch.Tensor:
+    """cache.attend on CUDA: qg [B, H_kv, G, D] over the slots s < limit [B] of k/v [B, H_kv, S, D]
+    where pos [B, H_kv, S] >= 0 -> [B, H_kv, G, D]. Every valid slot's row is read once; masked loads
+    never fetch an invalid one. A row with no valid slot gives nan."""
+    po, pm, pl, _ = _attend_partials(qg, k, v, limit, pos, k.shape[2], dense=True, scores=False)
     return _merge(po, pm, pl)[0].to(qg.dtype)
 
 

@@ -40,7 +40,7 @@ def naive_attend(q, k, v, filled, k_new=None, v_new=None):
 
 
 def cases(g):
-    """(q, k, v, filled, k_new, v_new) at small GQA shapes: SmolLM2's (H_kv 3, G 3, D 64), Llama-3's
+    """(q, k, v, pos, k_new, v_new) at small GQA shapes: SmolLM2's (H_kv 3, G 3, D 64), Llama-3's
     group (G 4) with D 32 and 128; S not a multiple of the block; empty slots in the middle and at the
     end; one (sequence, head) with every cached slot empty (only the new token is attended)."""
     for H, G, D, S in [(3, 3, 64, 37), (3, 3, 64, 300), (2, 4, 32, 300), (2, 4, 128, 130)]:
@@ -52,7 +52,8 @@ def cases(g):
         filled[0, :, S // 3:S // 3 + 20] = False  # a run of empty slots in the middle
         filled[:, :, -7:] = False                 # and at the end
         filled[1, 0] = False                      # nothing cached at all
-        yield q, k, v, filled, k_new, v_new
+        pos = torch.randperm(S, generator=g).expand(B, H, S).masked_fill(~filled, -1)  # -1 = empty slot
+        yield q, k, v, pos, k_new, v_new
 
 
 def check_attend_scores(device):
@@ -64,7 +65,8 @@ def check_attend_scores(device):
     tol = dict(atol=2e-2, rtol=2e-2) if device == "cuda" else dict(atol=1e-5, rtol=1e-5)
     for case in cases(g):
         case = tuple(x.to(dt) if x.is_floating_point() else x for x in case)  # the reference sees bf16 values too
-        q, k, v, filled, k_new, v_new = (x.float() if x.is_floating_point() else x for x in case)
+        q, k, v, pos, k_new, v_new = (x.float() if x.is_floating_point() else x for x in case)
+        filled = pos >= 0
         want_out, want_probs = naive_attend(q, k, v, filled, k_new, v_new)
         assert want_probs[1, 0, -1] == 1.0  # the empty row: all mass on the new token
         out, probs = attend_scores(*(x.to(device) for x in case))
@@ -72,12 +74,14 @@ def check_attend_scores(device):
         torch.testing.assert_close(out.float().cpu(), want_out, **tol)
         torch.testing.assert_close(probs.cpu(), want_probs, **tol)
         if device == "cpu":
-            got = kv.attend_with_new(q, k, v, filled, k_new, v_new)
+            got = kv.attend_with_new(q, k, v, pos, k_new, v_new)
             torch.testing.assert_close(got[0], want_out, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got[1], want_probs, atol=1e-5, rtol=1e-5)
-        filled[1, 0, 0] = True  # dense_attend has no new token: every row needs a filled slot
-        want_out, _ = naive_attend(q, k, v, filled)
-        out = dense_attend(*(x.to(device) for x in (case[0], case[1], case[2], filled)))
+        pos[1, 0, 0] = 0  # dense_attend has no new token: every row needs a filled slot
+        S = pos.shape[-1]
+        limit = torch.tensor([S, S - 11])  # slots at or past a sequence's limit are never read
+        want_out, _ = naive_attend(q, k, v, (pos >= 0) & (torch.arange(S) < limit[:, None, None]))
+        out = dense_attend(*(x.to(device) for x in (case[0], case[1], case[2], pos, limit)))
         torch.testing.assert_close(out.float().cpu(), want_out, **tol)
 
 
