@@ -1089,8 +1089,9 @@ class Quest(KVCache):
     element-wise min m and max M of their keys (updated as tokens are written); a page's score for q
     is sum_d max(q_d M_d, q_d m_d) = relu(q).M + min(q, 0).m, an upper bound of q.k on the page. Each
     step reads the best pages within `quest_budget` tokens (a fraction of those seen, or a count),
-    the current page always; `quest_dense_layers` dense. GQA (Quest was MHA): the group's bounds are
-    combined by `quest_group` (mean, or max: mean recalled as well or better, README), selection per KV head."""
+    the current page always, ties to the later page; `quest_dense_layers` dense. GQA (Quest was MHA): the
+    group's scores are combined by `quest_group` (mean, or max: mean recalled as well or better, README),
+    selection per KV head. CUDA: triton_kernels.quest_select (2 launches); CPU: page_scores + pick."""
     name = "quest"
     retrieves = True
     defaults = {"quest_page_size": 16, "quest_budget": 0.1, "quest_dense_layers": [0, 1], "quest_group": "mean"}
@@ -1143,12 +1144,25 @@ class Quest(KVCache):
         if self.dense:
             return None
         P, ps, S = self.kmax.shape[2], self.ps, self.n_slots
-        page = torch.arange(P, device=qg.device)
+        n_sel, K = self.n_pages(input_pos + 1) - 1, min(P, self.n_pages(S))
+        if qg.is_cuda:
+            from triton_kernels import quest_select  # Triton: imported only on CUDA
+            return quest_select(qg, self.kmax, self.kmin, input_pos, n_sel, K, ps, S, self.p["quest_group"] == "max")
+        return self.pick(self.page_scores(qg), input_pos, n_sel, K, ps, S)
+
+    @staticmethod
+    def pick(scores, input_pos, n_sel, K, ps, S):
+        """scores [B, H, P] -> (idx, ok) [B, H, K ps]: the tokens of the current page and of the n_sel [B]
+        best earlier ones, pages in page order, ok = token filled; unused entries idx 0, ok False. Ties go
+        to the later page, as in triton_kernels.quest_pick, so CPU and GPU read the same pages."""
+        B, H, P = scores.shape
+        page = torch.arange(P, device=scores.device)
         cur = (input_pos // ps)[:, None, None]
-        scores = self.page_scores(qg)
-        filled = (page * ps <= input_pos[:, None, None]).expand_as(scores)
-        pidx, pok = topk_select(scores, (page == cur).expand_as(scores), filled, self.n_pages(input_pos + 1) - 1,
-                                min(P, self.n_pages(S)))
-        idx = (pidx[..., None] * ps + torch.arange(ps, device=qg.device)).flatten(-2)
-        ok = pok.repeat_interleave(ps, dim=-1) & (idx <= input_pos[:, None, None])
-        return idx.clamp(max=S - 1), ok
+        s = scores.float().masked_fill(page >= cur, -math.inf).flip(-1)  # reversed: of tied pages,
+        order = s.sort(dim=-1, descending=True, stable=True).indices      # the stable sort ranks the later first
+        rank = torch.empty_like(order).scatter_(-1, order, page.expand(B, H, P)).flip(-1)  # each page's place
+        take = ((page < cur) & (rank < n_sel[:, None, None])) | (page == cur)
+        pidx = torch.where(take, page, P).sort(dim=-1).values[..., :K, None]  # page order; P: unused (K <= P)
+        tok = pidx * ps + torch.arange(ps, device=scores.device)
+        ok = (pidx < P) & (tok <= input_pos[:, None, None, None])
+        return torch.where(pidx < P, tok.clamp(max=S - 1), 0).flatten(-2), ok.flatten(-2)

@@ -7,12 +7,15 @@ at once (the group is the query axis of one tl.dot, so each gathered row is read
 a few torch ops merge the chunks. Token-level selections are not block-aligned, so a FlexAttention
 block mask would read whole 128-token blocks (PERFORMANCE.md); gathering rows reads only the sliver.
 
-The same kernel reads dense caches (slots 0..S-1, validity from a mask) and can also store the logits:
-attend_scores is cache.attend_with_new (attention over the cache plus the new token, and the group-mean
-softmax probabilities H2O, TOVA and Scissorhands score with) in one bandwidth-bound pass over K and V;
-dense_attend is the same without scores or new token, to compare with FlexAttention.
+The same kernel reads dense caches (slots 0..S-1, validity from the position buffer): dense_attend is
+every cache's decode attention on CUDA, and attend_scores is cache.attend_with_new (attention over the
+cache plus the new token, and the group-mean softmax probabilities H2O, TOVA and Scissorhands score
+with) in one bandwidth-bound pass over K and V that also stores the logits.
 
 spotlight_select: Spotlight's scoring and top-k selection, with the output of cache.count_select.
+
+quest_select: Quest's page scores and page selection (the current page plus the best others, no sort),
+with the output of cache.Quest.pick.
 
 All are registered with torch.library.triton_op so `torch.compile(fullgraph=True)` and CUDA graphs keep
 them. Tests run them on CPU in Triton's interpreter (TRITON_INTERPRET=1), which needs compile-time
@@ -280,3 +283,133 @@ def spotlight_select(q_codes: torch.Tensor, codes: torch.Tensor, pos: torch.Tens
     wrap_triton(_spotlight_pick_kernel)[(B * H, n_chunk)](
         keys, row, offsets, idx, ok, S, n_chunk, K=K, CHUNK=chunk, BLOCK=1024)
     return idx, ok.bool()
+
+
+# ---- Quest's selection: page scores, then the best pages without a sort ---------------------------
+# The torch path (Quest.page_scores + torch.topk) made Quest's layer step slower than the full cache on
+# an H100: a handful of small kernels plus topk's radix select and sort per layer. Two launches here:
+# _quest_scores_kernel reads each row's page bounds once (2 P D bf16 = 1.08 MB per (sequence, KV head)
+# at 32k context, D = 128; pages past the current one are not read) and writes P fp32 scores (8.4 KB);
+# _quest_pick_kernel reads those scores and writes the token list (K ps int64 + bool: 30 KB per row at a
+# 10% budget). The bounds dominate: 8.7 MB per layer at batch 1, 69 MB at batch 8 (H_kv = 8), against
+# 14 MB (batch 1) of selected K/V rows that gather_attend reads at a 10% budget.
+
+@triton.jit
+def _quest_scores_kernel(Q, KMAX, KMIN, IP, SC, H, P, CHUNK: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                         DP: tl.constexpr, PS: tl.constexpr, BLOCK: tl.constexpr, GROUP_MAX: tl.constexpr):
+    """Program (row = sequence x KV head, chunk of pages): sum_d max(q_d M_d, q_d m_d) per page, combined
+    over the group's G query rows; -inf for pages past the current one (not candidates, never read)."""
+    r, c = tl.program_id(0), tl.program_id(1)
+    cur = tl.load(IP + r // H) // PS
+    d = tl.arange(0, DP)
+    qp, qn = tl.zeros([DP], tl.float32), tl.zeros([DP], tl.float32)
+    for g in tl.static_range(G):  # mean: relu(q).M is linear in q's positive part, so average q first
+        q = tl.load(Q + (r * G + g) * D + d, mask=d < D, other=0.0).to(tl.float32)
+        qp += tl.maximum(q, 0.0) / G
+        qn += tl.minimum(q, 0.0) / G
+    for off in range(0, CHUNK, BLOCK):
+        p = c * CHUNK + off + tl.arange(0, BLOCK)
+        live = (p <= cur) & (p < P)
+        at = (r * P + p)[:, None] * D + d[None, :]
+        hi = tl.load(KMAX + at, mask=live[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+        lo = tl.load(KMIN + at, mask=live[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+        if GROUP_MAX:  # max over the group: one bound per query row
+            s = tl.full([BLOCK], float("-inf"), tl.float32)
+            for g in tl.static_range(G):
+                q = tl.load(Q + (r * G + g) * D + d, mask=d < D, other=0.0).to(tl.float32)
+                s = tl.maximum(s, tl.sum(tl.maximum(q, 0.0)[None, :] * hi + tl.minimum(q, 0.0)[None, :] * lo, 1))
+        else:
+            s = tl.sum(qp[None, :] * hi + qn[None, :] * lo, 1)
+        tl.store(SC + r * P + p, tl.where(live, s, float("-inf")), mask=p < P)
+
+
+@triton.jit
+def _order_key(s):
+    """fp32 -> int64 in [0, 2^32) with the floats' order (-0.0 first made +0.0, so the two tie)."""
+    bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # negatives: magnitude reversed
+
+
+@triton.jit
+def _nth_largest(key, valid, n):
+    """The n-th largest key where valid (keys in [0, 2^32)): the largest t with n keys >= t, built from
+    the top bit down; 32 counts over the row instead of a sort. n = 0 gives 2^32 - 1 (nothing above)."""
+    t = tl.zeros([], tl.int64)
+    bit = tl.full([], 2147483648, tl.int64)
+    for _ in range(32):
+        c = t | bit
+        t = tl.where(tl.sum((valid & (key >= c)).to(tl.int32)) >= n, c, t)
+        bit = bit >> 1
+    return t
+
+
+@triton.jit
+def _quest_pick_kernel(SC, IP, NSEL, IDX, OK, H, P, S, K: tl.constexpr, PS: tl.constexpr, PP: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Program (row): the current page plus the n_sel best earlier pages (ties at the threshold go to the
+    later page), in page order, written as their tokens: idx = page ps + j (at most S - 1), ok = token
+    filled. The unused tail of the K pages gets idx 0, ok False."""
+    r = tl.program_id(0)
+    now = tl.load(IP + r // H)
+    cur = now // PS
+    p = tl.arange(0, PP)
+    cand = p < cur  # filled pages other than the current one
+    key = _order_key(tl.load(SC + r * P + p, mask=cand, other=0.0))
+    n = tl.minimum(tl.load(NSEL + r // H), tl.sum(cand.to(tl.int64)))
+    t = _nth_largest(key, cand, n)
+    above, tie = (cand & (key > t)).to(tl.int32), (cand & (key == t)).to(tl.int32)
+    skip = tl.sum(tie) - (n - tl.sum(above))  # the earliest ties are left out
+    take = (above == 1) | ((tie == 1) & (tl.cumsum(tie, 0) - tie >= skip)) | (p == cur)
+    rank = tl.cumsum(take.to(tl.int32), 0) - take.to(tl.int32)
+    for j in tl.static_range(PS):  # page p's tokens land at rank ps + j; PS strided stores, no [PP, PS] tile
+        tok = p * PS + j
+        tl.store(IDX + r * K * PS + rank * PS + j, tl.minimum(tok, S - 1).to(tl.int64), mask=take)
+        tl.store(OK + r * K * PS + rank * PS + j, tok <= now, mask=take)
+    used = tl.sum(take.to(tl.int32)) * PS
+    for off in range(0, K * PS, BLOCK):
+        e = off + tl.arange(0, BLOCK)
+        tail = (e >= used) & (e < K * PS)
+        tl.store(IDX + r * K * PS + e, tl.zeros([BLOCK], tl.int64), mask=tail)
+        tl.store(OK + r * K * PS + e, tl.zeros([BLOCK], tl.int1), mask=tail)
+
+
+@triton_op("kvcompress::quest_scores", mutates_args={})
+def quest_scores(qg: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, input_pos: torch.Tensor,
+                 page_size: int, group_max: bool) -> torch.Tensor:
+    """qg [B, H, G, D], page bounds kmax/kmin [B, H, P, D], input_pos [B] -> page scores [B, H, P] fp32
+    (Quest.page_scores up to summation order; -inf past the current page)."""
+    B, H, G, D = qg.shape
+    P = kmax.shape[2]
+    BLOCK = 32  # 2 x 32 x 128 bf16 = 16 KB of bounds per iteration (not tuned on a GPU)
+    sms = torch.cuda.get_device_properties(qg.device).multi_processor_count if qg.is_cuda else 4
+    splits = max(1, min(triton.cdiv(P, BLOCK), triton.cdiv(4 * sms, B * H)))  # ~4 programs per SM
+    chunk = triton.cdiv(triton.cdiv(P, splits), BLOCK) * BLOCK
+    scores = torch.empty(B, H, P, device=qg.device, dtype=torch.float32)
+    qg, kmax, kmin = qg.contiguous(), kmax.contiguous(), kmin.contiguous()  # flat indexing
+    wrap_triton(_quest_scores_kernel)[(B * H, triton.cdiv(P, chunk))](
+        qg, kmax, kmin, input_pos, scores, H, P, CHUNK=chunk, G=G, D=D, DP=triton.next_power_of_2(D),
+        PS=page_size, BLOCK=BLOCK, GROUP_MAX=group_max)
+    return scores
+
+
+@triton_op("kvcompress::quest_pick", mutates_args={})
+def quest_pick(scores: torch.Tensor, input_pos: torch.Tensor, n_sel: torch.Tensor, K: int, page_size: int,
+               S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest.pick exactly (same tokens, same order): scores [B, H, P], input_pos and n_sel [B]
+    -> (idx, ok) [B, H, K page_size]. One program per row holds its P scores (P <= ~8k: 128k tokens)."""
+    B, H, P = scores.shape
+    PP = triton.next_power_of_2(P)
+    idx = torch.empty(B, H, K * page_size, dtype=torch.long, device=scores.device)
+    ok = torch.empty(B, H, K * page_size, dtype=torch.bool, device=scores.device)
+    scores, input_pos, n_sel = scores.contiguous(), input_pos.contiguous(), n_sel.contiguous()
+    wrap_triton(_quest_pick_kernel)[(B * H,)](
+        scores, input_pos, n_sel, idx, ok, H, P, S, K=K, PS=page_size, PP=PP, BLOCK=1024,
+        num_warps=min(16, max(4, PP // 512)))  # 8 warps at P = 2112
+    return idx, ok
+
+
+def quest_select(qg, kmax, kmin, input_pos, n_sel, K: int, page_size: int, S: int, group_max: bool):
+    """Quest.select on CUDA: two launches, (idx, ok) [B, H, K page_size] as Quest.pick gives them. S (the
+    slots) is passed because a token index is clamped to S - 1, and P ps may exceed S."""
+    return quest_pick(quest_scores(qg, kmax, kmin, input_pos, page_size, group_max), input_pos, n_sel, K,
+                      page_size, S)
