@@ -726,6 +726,9 @@ def prompt_attention(q, k, pos, rows=None, chunk_bytes=256 << 20):
     """Softmax attention of prompt queries (all, or the last `rows`) over prompt keys, summed over
     queries and averaged over each KV head's query group: [B, H_kv, T] fp32. Causal, padding masked;
     computed in query chunks so no T x T matrix is ever materialised."""
+    if q.is_cuda:  # the torch loop takes a few rows per chunk at 32k tokens; Triton's two passes do not
+        from triton_kernels import prompt_colsum  # Triton: imported only on CUDA
+        return prompt_colsum(q, k, pos, rows or q.shape[2])
     total = torch.zeros(*k.shape[:3], dtype=torch.float32, device=q.device)
     for _, probs, _ in prompt_probs(q, k, pos, rows, chunk_bytes):
         total += probs.sum(2)

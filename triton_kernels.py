@@ -17,6 +17,9 @@ spotlight_select: Spotlight's scoring and top-k selection, with the output of ca
 quest_select: Quest's page scores and page selection (the current page plus the best others, no sort),
 with the output of cache.Quest.pick.
 
+prompt_colsum: the prompt scores of H2O, SnapKV and TOVA (cache.prompt_attention) in two passes of
+QK^T over the causal half, never T x T (the section's header says how).
+
 All are registered with torch.library.triton_op so `torch.compile(fullgraph=True)` and CUDA graphs keep
 them. Tests run them on CPU in Triton's interpreter (TRITON_INTERPRET=1), which needs compile-time
 loop bounds (CHUNK, K are tl.constexpr) and has no libdevice (popcount by SWAR there).
@@ -413,3 +416,146 @@ def quest_select(qg, kmax, kmin, input_pos, n_sel, K: int, page_size: int, S: in
     slots) is passed because a token index is clamped to S - 1, and P ps may exceed S."""
     return quest_pick(quest_scores(qg, kmax, kmin, input_pos, page_size, group_max), input_pos, n_sel, K,
                       page_size, S)
+
+
+# ---- prompt scores: cache.prompt_attention (H2O all rows, SnapKV the last w, TOVA the last one) ----
+# Per-key column sums of the causal softmax of the last `rows` prompt queries, averaged over each KV
+# head's query group. The torch path holds a [B, H, C, T] chunk of probabilities; at T = 32k that is a
+# few rows per chunk and ~550 s of H2O prefill. Two passes of QK^T over the causal half, never T x T:
+#   1. _prompt_lse_kernel: per query row the log-sum-exp of its visible logits (flash-attention's
+#      online max/sum, no V) -> lse [B, H, rows] fp32;
+#   2. _prompt_colsum_kernel: per key block, recompute the logits of every later query row of the
+#      group, p = exp(s - lse), sum over rows -> [B, H_kv, T].
+# Cost: 2 x (2 D T^2 / 2) FLOP and T^2 / 2 exps per head per pass (rows = T); memory is q, k, pos
+# and lse, read once per tile: compute-bound like flash attention's forward, with no PV product, so
+# the exps weigh as much as the matmuls (H100/H200: ~1000 TFLOP/s of bf16 MMA vs ~4 T exp/s).
+# Visibility (pos[j] >= 0 and pos[j] <= pos[i]) implies j <= i: positions increase with the index
+# among real tokens and padding (-1) only comes first (generate.pad_batch). So pass 1 visits key blocks
+# up to its last row, pass 2 row blocks from its first key, both skip the left padding (PAD [B]:
+# how many), and the exact pos mask is applied inside. Logits are in log2 units (scale folds log2 e)
+# so the exps are exp2. RANGE: compiled code loops with runtime bounds (pipelined for-loops); the
+# interpreter cannot (its scalars are 1-element arrays, which numpy 2 refuses to int()), so it runs
+# the same steps in a while loop.
+
+@triton.jit
+def _prompt_dot(a, b, SCALE: tl.constexpr, IEEE: tl.constexpr):
+    """a [M, D] @ b [N, D]^T in fp32, times SCALE: logits in log2 units."""
+    if IEEE:  # fp32 inputs (the interpreter's tests): tf32 would cost the 1e-4 they check
+        s = tl.dot(a, tl.trans(b), input_precision="ieee")
+    else:
+        s = tl.dot(a, tl.trans(b))
+    return s * SCALE
+
+
+@triton.jit
+def _prompt_lse_step(q, qpos, Kb, Pb, start, T, skt, m_i, l_i, SCALE: tl.constexpr,
+                     D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    """Online max m_i and sum l_i of exp2 over one block of keys starting at `start`."""
+    keys = start + tl.arange(0, BN)
+    kpos = tl.load(Pb + keys, mask=keys < T, other=-1)
+    k = tl.load(Kb + keys[:, None] * skt + tl.arange(0, D)[None, :], mask=(keys < T)[:, None], other=0.0)
+    s = _prompt_dot(q, k, SCALE, IEEE)  # [rows, keys]
+    vis = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
+    m_new = tl.maximum(m_i, tl.max(tl.where(vis, s, -1.0e30), 1))  # -1e30: finite, no inf - inf
+    p = tl.where(vis, tl.exp2(s - m_new[:, None]), 0.0)
+    return m_new, l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
+
+
+@triton.jit
+def _prompt_lse_kernel(Q, K, P, PAD, LSE, T, first, R, H, n_rb, sqb, sqh, sqt, skb, skh, skt,
+                       SCALE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+                       BN: tl.constexpr, IEEE: tl.constexpr, RANGE: tl.constexpr):
+    """Program (sequence x query head, block of counted rows): lse of each row, base 2."""
+    bh = tl.program_id(0)
+    m = n_rb - 1 - tl.program_id(1)  # the last rows see the most keys: start those first
+    b, h = bh // H, bh % H
+    rows = first + m * BM + tl.arange(0, BM)
+    qpos = tl.load(P + b * T + rows, mask=rows < T, other=-1)
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + tl.arange(0, D)[None, :],
+                mask=(rows < T)[:, None], other=0.0)
+    Kb = K + b.to(tl.int64) * skb + (h // G) * skh
+    lo = tl.load(PAD + b) // BN * BN  # key blocks of padding only: no query sees them
+    hi = tl.minimum(first + (m + 1) * BM, T)  # keys after the block's last row: none visible
+    m_i = tl.full([BM], -1.0e30, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    if RANGE:
+        for start in range(lo, hi, BN):
+            m_i, l_i = _prompt_lse_step(q, qpos, Kb, P + b * T, start, T, skt, m_i, l_i, SCALE, D, BN, IEEE)
+    else:
+        start = lo
+        while start < hi:
+            m_i, l_i = _prompt_lse_step(q, qpos, Kb, P + b * T, start, T, skt, m_i, l_i, SCALE, D, BN, IEEE)
+            start += BN
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_i), 1.0e30)  # padding rows: exp2(s - 1e30) = 0 in pass 2
+    tl.store(LSE + bh * R + rows - first, lse, mask=rows < T)
+
+
+@triton.jit
+def _prompt_colsum_step(Q, LSE, P, k, kpos, it, lo, first, T, R, H, b, hk, sqb, sqh, sqt, acc,
+                        SCALE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, IEEE: tl.constexpr):
+    """Adds the probabilities of query head hk G + it % G, row block it // G (from lo), to acc [BN, BM]."""
+    h = hk * G + it % G
+    rows = lo + (it // G) * BM + tl.arange(0, BM)
+    qpos = tl.load(P + b * T + rows, mask=rows < T, other=-1)
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + tl.arange(0, D)[None, :],
+                mask=(rows < T)[:, None], other=0.0)
+    lse = tl.load(LSE + (b * H + h) * R + rows - first, mask=rows < T, other=1.0e30)
+    s = _prompt_dot(k, q, SCALE, IEEE)  # [keys, rows]
+    vis = (kpos[:, None] >= 0) & (kpos[:, None] <= qpos[None, :])
+    return acc + tl.where(vis, tl.exp2(s - lse[None, :]), 0.0)
+
+
+@triton.jit
+def _prompt_colsum_kernel(Q, K, P, PAD, LSE, OUT, T, first, R, H, H_kv, sqb, sqh, sqt, skb, skh, skt,
+                          SCALE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+                          BN: tl.constexpr, IEEE: tl.constexpr, RANGE: tl.constexpr):
+    """Program (sequence x KV head, block of keys): column sums over the group's counted rows / G."""
+    bh, n = tl.program_id(0), tl.program_id(1)  # key block 0 is seen by the most rows: it starts first
+    b, hk = bh // H_kv, bh % H_kv
+    keys = n * BN + tl.arange(0, BN)
+    kpos = tl.load(P + b * T + keys, mask=keys < T, other=-1)
+    k = tl.load(K + b.to(tl.int64) * skb + hk * skh + keys[:, None] * skt + tl.arange(0, D)[None, :],
+                mask=(keys < T)[:, None], other=0.0)
+    pad = tl.load(PAD + b)
+    lo = tl.maximum(tl.maximum(n * BN, first), pad)  # rows before the block, not counted, or padding
+    n_it = tl.where(n * BN + BN > pad, tl.cdiv(T - lo, BM) * G, 0)  # (row block, query head) steps
+    acc = tl.zeros([BN, BM], tl.float32)  # summed over rows once at the end: no reduction per step
+    if RANGE:
+        for it in range(0, n_it):
+            acc = _prompt_colsum_step(Q, LSE, P, k, kpos, it, lo, first, T, R, H, b, hk, sqb, sqh, sqt,
+                                      acc, SCALE, G, D, BM, IEEE)
+    else:
+        it = 0
+        while it < n_it:
+            acc = _prompt_colsum_step(Q, LSE, P, k, kpos, it, lo, first, T, R, H, b, hk, sqb, sqh, sqt,
+                                      acc, SCALE, G, D, BM, IEEE)
+            it += 1
+    tl.store(OUT + bh * T + keys, tl.sum(acc, 1) / G, mask=keys < T)
+
+
+@triton_op("kvcompress::prompt_colsum", mutates_args={})
+def prompt_colsum(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, rows: int) -> torch.Tensor:
+    """cache.prompt_attention: q [B, H, T, D], k [B, H_kv, T, D], pos [B, T] (-1 = left padding), the last
+    `rows` queries counted -> [B, H_kv, T] fp32, the group-mean softmax mass each key receives."""
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    R = min(rows, T)
+    q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))  # head_dim indexed flat
+    pos = pos.contiguous()
+    pad = (pos < 0).sum(-1, dtype=torch.int32)
+    lse = torch.empty(B, H, R, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, H_kv, T, device=q.device, dtype=torch.float32)
+    # log2 e: logits in log2 units, exps as exp2. A constexpr (one per D): inductor would pass a float
+    # argument as fp64 and turn the [M, N] multiply into fp64.
+    flags = dict(SCALE=D ** -0.5 * 1.4426950408889634, G=H // H_kv, D=D, IEEE=q.dtype == torch.float32, RANGE=q.is_cuda)
+    # Both passes use flash attention's forward tile, M 128 x N 64 on 8 warps (two Hopper warpgroups of
+    # M 64 each), with the operand each program keeps as M: pass 1 its 128 query rows against 64-key
+    # blocks, pass 2 its 128 keys against 64-row blocks ([keys, rows] logits). Not tuned on a GPU yet.
+    n_rb = triton.cdiv(R, 128)
+    wrap_triton(_prompt_lse_kernel)[(B * H, n_rb)](
+        q, k, pos, pad, lse, T, T - R, R, H, n_rb, q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), BM=128, BN=64, num_warps=8, **flags)
+    wrap_triton(_prompt_colsum_kernel)[(B * H_kv, triton.cdiv(T, 128))](
+        q, k, pos, pad, lse, out, T, T - R, R, H, H_kv, q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), BM=64, BN=128, num_warps=8, **flags)
+    return out

@@ -1,0 +1,98 @@
+"""triton_kernels.prompt_colsum (H2O / SnapKV / TOVA prompt scores) against a plain-Python reference
+written from the definition, and the torch path (cache.prompt_attention) against the same reference."""
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cache as kv
+
+# (B, H_kv, G, T, D, left padding of sequence 1): SmolLM2's GQA (3 KV heads x 3, D 64) and a scaled-down
+# Llama-3 (4 x 4); T not a multiple of any block; padding that covers a whole key block (130) or not (70, 5)
+SHAPES = [(2, 3, 3, 150, 64, 70), (2, 4, 4, 37, 16, 5), (2, 1, 2, 150, 128, 130), (2, 4, 4, 37, 32, 0)]
+
+
+def naive_prompt_colsum(q, k, pos, rows):
+    """From the definition: key j is visible to query i iff 0 <= pos[j] <= pos[i]; softmax (scale
+    1/sqrt(D)) over the visible keys of each of the last `rows` queries (padding queries count 0);
+    summed over those queries and averaged over the G query heads of each KV head. Logits in float64."""
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    G = H // H_kv
+    out = [[[0.0] * T for _ in range(H_kv)] for _ in range(B)]
+    for b in range(B):
+        p = pos[b].tolist()
+        for h in range(H):
+            logits = (q[b, h].double() @ k[b, h // G].double().T / math.sqrt(D)).tolist()
+            for i in range(T - rows, T):
+                vis = [j for j in range(T) if 0 <= p[j] <= p[i]]
+                if not vis:
+                    continue
+                top = max(logits[i][j] for j in vis)
+                e = {j: math.exp(logits[i][j] - top) for j in vis}
+                total = sum(e.values())
+                for j in vis:
+                    out[b][h // G][j] += e[j] / total / G
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def inputs(shape, g):
+    """q, k as the model lays them out ([B, T, H, D] viewed as [B, H, T, D]: strided), pos as pad_batch."""
+    B, H_kv, G, T, D, pad = shape
+    q = torch.randn(B, T, H_kv * G, D, generator=g).transpose(1, 2)
+    k = torch.randn(B, T, H_kv, D, generator=g).transpose(1, 2)
+    k[:, :, 3] *= 4  # one key that draws most of the mass, as attention sinks do
+    pos = torch.arange(T).repeat(B, 1)
+    pos[1] = (torch.arange(T) - pad).clamp(min=-1)
+    return q, k, pos
+
+
+def check_prompt_colsum(device):
+    """The kernel against naive_prompt_colsum for rows = T, 7 and 1. Runs on CUDA (bf16), or on CPU
+    (fp32) in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported: a subprocess)."""
+    from triton_kernels import prompt_colsum
+    g = torch.Generator().manual_seed(0)
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    tol = dict(rtol=2e-2, atol=2e-3) if device == "cuda" else dict(rtol=1e-4, atol=1e-5)
+    for shape in SHAPES:
+        q, k, pos = (x.to(dt) if x.is_floating_point() else x for x in inputs(shape, g))
+        for rows in (q.shape[2], 7, 1):
+            got = prompt_colsum(q.to(device), k.to(device), pos.to(device), rows).cpu()
+            torch.testing.assert_close(got, naive_prompt_colsum(q, k, pos, rows), **tol,
+                                       msg=lambda m: f"{shape} rows {rows}: {m}")
+    if device == "cuda":  # many blocks on the compiled path: against the torch loop (prompt_attention
+        # itself calls the kernel on CUDA), which is fast there
+        q, k, pos = (x.to(device, dt) if x.is_floating_point() else x.to(device)
+                     for x in inputs((2, 8, 4, 1500, 128, 300), g))
+        for rows in (1500, 32):
+            ref = sum(p.sum(2) for _, p, _ in kv.prompt_probs(q, k, pos, rows))
+            torch.testing.assert_close(prompt_colsum(q, k, pos, rows), ref, **tol)
+
+
+def test_prompt_attention_torch_path():
+    g = torch.Generator().manual_seed(1)
+    for shape in SHAPES[:2]:
+        q, k, pos = inputs(shape, g)
+        for rows in (q.shape[2], 7, 1):
+            torch.testing.assert_close(kv.prompt_attention(q, k, pos, rows), naive_prompt_colsum(q, k, pos, rows),
+                                       rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test below runs everywhere")
+def test_prompt_colsum_on_cuda():
+    check_prompt_colsum("cuda")
+
+
+def test_prompt_colsum_in_interpreter():
+    pytest.importorskip("triton")
+    code = "import sys; sys.path[:0] = ['tests', '.']; import test_kernels; test_kernels.check_prompt_colsum('cpu')"
+    t = time.time()
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    print(f"interpreter: {time.time() - t:.0f} s")
