@@ -472,6 +472,8 @@ def main():
     g.add_argument("--bandwidth", type=float, help="roofline memory bandwidth in GB/s (default: measured here)")
     g.add_argument("--prefill", action="store_true", help="also time a plain prefill and compare prompt scoring to it")
     g.add_argument("--profile", action="store_true", help="also list each configuration's kernels (torch.profiler)")
+    g.add_argument("--kernel_tune", help="JSON of launch settings from scripts/tune_attend.py (triton_kernels.DENSE_TUNE, "
+                   "GATHER_TUNE) instead of the committed ones")
     g.add_argument("--hf", action="store_true", help="also transformers' generate() on the same shape")
     g.add_argument("--hf_cache", choices=["dynamic", "static"], default="dynamic",
                    help="its default dynamic cache (eager), or a static cache (which it compiles itself)")
@@ -487,6 +489,11 @@ def main():
     a.bandwidth_given = a.bandwidth is not None
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.kernel_tune:
+        import json
+        import triton_kernels
+        for name, setting in json.loads(Path(a.kernel_tune).read_text()).items():
+            getattr(triton_kernels, f"{name.upper()}_TUNE").update(setting)
     lines, failed = (cpu_vs_hf(a), False) if a.cpu_vs_hf else gpu(a)
     text = "\n".join(lines) + "\n"
     print("\n" + text)

@@ -1,0 +1,132 @@
+"""Launch settings of the decode-attention kernels, timed on the GPU at Llama-3-8B's head shapes (RANDOM data).
+
+    python scripts/tune_attend.py [others] [dense] [gather] [chosen.json]
+        # attend_scores, quest_select, prompt_colsum; dense_attend vs FlexAttention; gather_attend:
+        # one table per kernel; the chosen dense/gather settings go to chosen.json (bench.py --kernel_tune)
+
+Every time is a CUDA-graph replay median (triton.testing.do_bench_cudagraph), so launch overhead is out
+and a kernel is timed as it runs inside the decode step's graph. GB/s counts the K/V rows (and positions,
+codes, bounds) each kernel must read at least once. The best dense and gather settings become
+triton_kernels.DENSE_TUNE / GATHER_TUNE by hand (the commit says which run chose them).
+"""
+import itertools
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import triton_kernels as tk  # noqa: E402
+from cache import flex_attend  # noqa: E402
+
+H, G, D = 8, 4, 128  # Llama-3-8B: KV heads, query heads per KV head, head_dim
+
+
+def bench_ms(fn):
+    import triton.testing
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def dense_case(B, S, filled):
+    qg = torch.randn(B, H, G, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pos = torch.arange(S, device="cuda").expand(B, H, S).clone()
+    pos[pos >= filled] = -1
+    return qg, k, v, pos, torch.full((B,), filled, device="cuda")
+
+
+def tune_dense():
+    print("| kernel | batch | slots (filled) | block | per SM | warps | stages | us | GB/s |\n|---|---|---|---|---|---|---|---|---|")
+    best = {}
+    for B, S, filled in [(1, 33792, 32769), (8, 33792, 32769), (1, 3300, 3300), (8, 3300, 3300)]:
+        qg, k, v, pos, limit = dense_case(B, S, filled)
+        gb = B * H * filled * (2 * D * 2 + 8) / 1e9
+        flex = torch.compile(flex_attend, fullgraph=True, dynamic=False)
+        ms = bench_ms(lambda: flex(qg, k, v, pos >= 0))
+        print(f"| FlexAttention (block mask from positions) | {B} | {S} ({filled}) | | | | | {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
+        for block, per_sm, warps, stages in itertools.product([64, 128], [2, 4, 8], [4, 8], [3]):
+            tk.DENSE_TUNE.update(block=block, per_sm=per_sm, warps=warps, stages=stages)
+            try:
+                ms = bench_ms(lambda: tk.dense_attend(qg, k, v, pos, limit))
+            except Exception as e:  # out of shared memory, say: skip the variant
+                print(f"| dense_attend | {B} | {S} | {block} | {per_sm} | {warps} | {stages} | failed: {type(e).__name__} | |")
+                continue
+            best.setdefault((B, S), []).append((ms, block, per_sm, warps, stages))
+            print(f"| dense_attend | {B} | {S} ({filled}) | {block} | {per_sm} | {warps} | {stages} | {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
+    return pick(best)
+
+
+def pick(times):
+    """The one setting with the least summed slowdown against each shape's fastest: {(B, S): [(ms, *setting)]}."""
+    fastest = {shape: min(r[0] for r in rows) for shape, rows in times.items()}
+    loss = {}
+    for shape, rows in times.items():
+        for ms, *setting in rows:
+            loss[tuple(setting)] = loss.get(tuple(setting), 0) + ms / fastest[shape]
+    block, per_sm, warps, stages = min(loss, key=loss.get)
+    print(f"chosen: block {block}, per_sm {per_sm}, warps {warps}, stages {stages} "
+          f"(mean slowdown {loss[block, per_sm, warps, stages] / len(times):.3f} against each shape's fastest)")
+    return dict(block=block, per_sm=per_sm, warps=warps, stages=stages)
+
+
+def tune_gather():
+    times = {}
+    print("| kernel | batch | selected of slots | block | per SM | warps | stages | us | GB/s |\n|---|---|---|---|---|---|---|---|---|")
+    for B in (1, 8):
+        S, K = 33792, 3449  # Spotlight 90% pruned at 32k: k + sinks + recent + 1
+        qg, k, v, _, _ = dense_case(B, S, S)
+        idx = torch.rand(B, H, S, device="cuda").argsort(-1)[..., :K].sort(-1).values
+        ok = torch.ones(B, H, K, dtype=torch.bool, device="cuda")
+        gb = B * H * K * (2 * D * 2 + 9) / 1e9
+        for block, per_sm, warps, stages in itertools.product([16, 32], [2, 4, 8], [4], [2, 3]):
+            tk.GATHER_TUNE.update(block=block, per_sm=per_sm, warps=warps, stages=stages)
+            ms = bench_ms(lambda: tk.gather_attend(qg, k, v, idx, ok))
+            times.setdefault((B, S), []).append((ms, block, per_sm, warps, stages))
+            print(f"| gather_attend | {B} | {K} of {S} | {block} | {per_sm} | {warps} | {stages} | {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
+    return pick(times)
+
+
+def time_others():
+    print("| kernel | shape | us | GB/s or TFLOP/s |\n|---|---|---|---|")
+    for B in (1, 8):
+        qg, k, v, pos, _ = dense_case(B, 3300, 3300)
+        k_new, v_new = (torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        ms = bench_ms(lambda: tk.attend_scores(qg, k, v, pos, k_new, v_new))
+        print(f"| attend_scores | B={B}, 3300 slots | {1e3 * ms:.1f} | {B * H * 3300 * 520 / ms / 1e6:.0f} GB/s |", flush=True)
+        P, ps, S = 2112, 16, 33792
+        kmax, kmin = (torch.randn(B, H, P, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        ip = torch.full((B,), 32768, device="cuda")
+        n_sel = torch.full((B,), math.ceil(0.1 * 32769 / ps) - 1, device="cuda")
+        K = math.ceil(0.1 * S / ps)
+        ms = bench_ms(lambda: tk.quest_select(qg, kmax, kmin, ip, n_sel, K, ps, S, False))
+        print(f"| quest_select | B={B}, {P} pages | {1e3 * ms:.1f} | {B * H * P * D * 4 / ms / 1e6:.0f} GB/s |", flush=True)
+    B, T = 8, 32768
+    q = torch.randn(B, 4 * H, T, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+    pos = torch.arange(T, device="cuda").expand(B, T)
+    for rows in (T, 32, 1):
+        torch.cuda.synchronize()
+        tk.prompt_colsum(q, k, pos, rows)
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        ev[0].record()
+        tk.prompt_colsum(q, k, pos, rows)
+        ev[1].record()
+        torch.cuda.synchronize()
+        ms = ev[0].elapsed_time(ev[1])
+        flops = 2 * 2 * D * 4 * H * B * (T * T / 2 if rows == T else rows * T)  # two QK^T passes
+        print(f"| prompt_colsum | B={B}, T={T}, rows={rows}, one layer | {1e3 * ms:.0f} | {flops / ms / 1e9:.0f} TFLOP/s |", flush=True)
+
+
+if __name__ == "__main__":
+    import json
+    if not torch.cuda.is_available():
+        sys.exit("tune_attend.py times CUDA kernels: it needs a GPU")
+    which = [w for w in sys.argv[1:] if not w.endswith(".json")] or ["others", "dense", "gather"]
+    out = next((w for w in sys.argv[1:] if w.endswith(".json")), None)  # the chosen settings, for bench.py --kernel_tune
+    print(torch.cuda.get_device_name(), torch.__version__)
+    chosen = {w: {"dense": tune_dense, "gather": tune_gather, "others": time_others}[w]() for w in which}
+    if out:
+        Path(out).write_text(json.dumps({k: v for k, v in chosen.items() if v}, indent=1))
