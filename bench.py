@@ -344,7 +344,8 @@ def gpu(a):
         f"Prompt KV: random q/k/v of the context length through each cache's own prefill (no model forward). "
         f"Budget of compressing strategies: --max_cache_length {a.budget}. Bytes/step = "
         f"{gen.weight_bytes(model) / 1e9:.3g} GB of weights (embedding table excluded) + K/V rows attended + index scanned; "
-        f"roofline at {a.bandwidth:.0f} GB/s ({'given' if a.bandwidth_given else 'measured: device-to-device copy'}).", "",
+        f"roofline at {a.bandwidth:.0f} GB/s ({'given' if a.bandwidth_given else 'measured: device-to-device copy'})."
+        + (f" Kernel launch settings: dense {tuning()[0]}, gather {tuning()[1]}." if device == "cuda" else ""), "",
         "| strategy | context | batch | KV kept | tok/s | ms / step | GB read / step | % of roofline | vs full | "
         "cache GB | fill s | compile s | timed s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
@@ -383,6 +384,11 @@ def gpu(a):
     if failed:
         lines += ["", "FAILED (these rows would mislead):", *failed]
     return lines, bool(failed)
+
+
+def tuning():
+    import triton_kernels
+    return triton_kernels.DENSE_TUNE, triton_kernels.GATHER_TUNE
 
 
 def row(r, full, plain_s) -> str:
