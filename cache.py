@@ -326,10 +326,12 @@ class L2(KVCache):
     evicts = True
     defaults = {"l2_one_shot": False, "l2_skip_layers": [0, 1]}
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, batch, n_kv, n_slots, *args, **kwargs):
+        super().__init__(batch, n_kv, n_slots, *args, **kwargs)
         if self.p["l2_one_shot"]:
             self.evicts, self.prefill_only, self.protects = False, True, False
+        # each slot's key norm, kept as keys arrive: a step then reads 4 bytes a slot, not the whole K cache
+        self.register_buffer("norms", torch.zeros(batch, n_kv, 0 if self.p["l2_one_shot"] else n_slots))
 
     @classmethod
     def layer_slots(cls, cfg, n_layer, max_seq_length, max_new_tokens):
@@ -342,8 +344,17 @@ class L2(KVCache):
     def prefill_scores(self, q, k, v, pos):
         return -k.float().norm(dim=-1)
 
+    def on_prefill(self, q, k, v, pos, keep):
+        if not self.p["l2_one_shot"]:
+            self.norms.copy_(self.k.float().norm(dim=-1))
+
     def decode_scores(self, q, k_new, input_pos, probs=None):
-        return -torch.cat([self.k.float().norm(dim=-1), k_new.float().norm(dim=-1)], -1)
+        return -torch.cat([self.norms, k_new.float().norm(dim=-1)], -1)
+
+    def on_write(self, slot, q, k_new, v_new, input_pos):
+        if not self.p["l2_one_shot"]:
+            (b, h), s = grid(slot), slot.clamp(max=self.n_slots - 1)
+            self.norms[b, h, s] = torch.where(slot < self.n_slots, k_new[:, :, 0].float().norm(dim=-1), self.norms[b, h, s])
 
 
 @register
@@ -471,7 +482,7 @@ class Scissorhands(KVCache):
     """Scissorhands, Liu et al. 2023 (cold-compress's reading of Algorithm 2): each step record for
     every cached token the indicator A_tj >= 1/n_t (group-mean attention at least uniform over the
     n_t tokens attended, the new one included); keep the last `sh_history` = 400 indicators per slot
-    in a bit-packed ring (ceil(w/8) bytes + an int16 count per slot); when full, drop the `sh_drop`
+    in a bit-packed ring (ceil(w/8) bytes + int16 counts of records and of set bits per slot); when full, drop the `sh_drop`
     (paper: m, default 1) unprotected tokens of lowest mean indicator at once, the freed slots then
     filling without eviction; 4 sinks + 10 recent protected; a refilled slot's history restarts with
     the new token's own indicator. Prefill: the indicators of the last w prompt queries."""
@@ -488,20 +499,25 @@ class Scissorhands(KVCache):
             raise ValueError("--sh_history must be in 1..32767 and --sh_drop >= 1")
         self.register_buffer("hist", torch.zeros(batch, n_kv, -(-self.w // 8), n_slots, dtype=torch.uint8))
         self.register_buffer("seen", torch.zeros(batch, n_kv, n_slots, dtype=torch.int16))  # records held
+        # set bits of each slot's ring, kept as bits enter and leave: a step reads 2 bytes a slot, not w/8
+        self.register_buffer("ones", torch.zeros(batch, n_kv, n_slots, dtype=torch.int16))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # ring position = step % w
         self.register_buffer("new_bit", torch.zeros(batch, n_kv, dtype=torch.bool))
+        self.prompt_hist = None
 
     def prefill_scores(self, q, k, v, pos):
-        hist, seen = prompt_indicators(q, k, pos, self.w)
+        self.prompt_hist = hist, seen = prompt_indicators(q, k, pos, self.w)
         return popcount64(hist.long()).sum(2) / seen.clamp(min=1)
 
     def on_prefill(self, q, k, v, pos, keep):
-        hist, seen = prompt_indicators(q, k, pos, self.w)  # w rows: cheap next to the prefill itself
+        hist, seen = self.prompt_hist or prompt_indicators(q, k, pos, self.w)  # w rows: cheap beside the prefill
+        self.prompt_hist = None
         n = keep.shape[-1]
-        self.hist.zero_()
-        self.seen.zero_()
+        for buf in (self.hist, self.seen, self.ones):
+            buf.zero_()
         self.hist[..., :n] = hist.gather(3, keep[:, :, None, :].expand(-1, -1, hist.shape[2], -1))
         self.seen[..., :n] = seen.gather(-1, keep)
+        self.ones.copy_(popcount64(self.hist.long()).sum(2))
         self.step.fill_(min(self.w, k.shape[2]))
 
     def decode_scores(self, q, k_new, input_pos, probs=None):
@@ -510,12 +526,14 @@ class Scissorhands(KVCache):
         r = self.step % self.w
         word, mask = (r // 8).view(1), (1 << (r % 8)).to(torch.uint8)
         old = self.hist[:, :, word]  # [B, H_kv, 1, S]: the byte holding this step's bit of every slot
-        self.hist[:, :, word] = torch.where((bit[..., :-1] & filled)[:, :, None], old | mask, old & ~mask)
+        new = (bit[..., :-1] & filled)[:, :, None]
+        self.hist[:, :, word] = torch.where(new, old | mask, old & ~mask)
+        self.ones += (new.short() - ((old & mask) != 0).short())[:, :, 0]  # the bit entering minus the one leaving
         self.seen.copy_(torch.where(filled, (self.seen + 1).clamp(max=self.w), self.seen))
         self.new_bit.copy_(bit[..., -1])
         # full: free the m lowest mean indicators at once, compared exactly (ones/seen as a 2^32 fixed
         # point, then position: ties drop the oldest); choose_slot then picks the first empty slot
-        mean = (popcount64(self.hist.long()).sum(2) << 32) // self.seen.long().clamp(min=1)
+        mean = (self.ones.long() << 32) // self.seen.long().clamp(min=1)
         key = ((mean << 24) | self.pos.clamp(min=0)).masked_fill(~filled | self.protected(self.pos, input_pos), MAX64)
         victim = key.topk(min(self.m, self.n_slots), dim=-1, largest=False).indices
         free = filled.all(-1, keepdim=True) & (key.gather(-1, victim) < MAX64)
@@ -530,6 +548,7 @@ class Scissorhands(KVCache):
         fresh = fresh * (self.new_bit.to(torch.uint8) << (r % 8).to(torch.uint8))[..., None]  # [B, H, W]
         self.hist[b, h, :, s] = torch.where(ok[..., None], fresh, self.hist[b, h, :, s])
         self.seen[b, h, s] = torch.where(ok, 1, self.seen[b, h, s]).to(torch.int16)
+        self.ones[b, h, s] = torch.where(ok, self.new_bit.short(), self.ones[b, h, s])
         self.step += 1
 
 

@@ -524,9 +524,11 @@ def expected_bytes(name, params, slots, B_, H, D_, elt):
             n += B_ * H * S * 4 + B_ * H * 4                    # accumulated scores + the new token's
         elif name == "random":
             n += 2 * 8                                         # the salt (seed, layer)
+        elif name == "l2" and not params.get("l2_one_shot"):
+            n += B_ * H * S * 4                                # each slot's key norm (fp32)
         elif name == "scissorhands":
             w = params.get("sh_history", 400)
-            n += B_ * H * S * (-(-w // 8)) + B_ * H * S * 2 + 8 + B_ * H  # bit ring + counts + step + new bit
+            n += B_ * H * S * (-(-w // 8)) + 2 * B_ * H * S * 2 + 8 + B_ * H  # bit ring + 2 counts + step + new bit
     return n
 
 
