@@ -170,10 +170,12 @@ class KVCache(nn.Module):
         usable = torch.arange(S + 1, device=keep.device) < self.limit[:, None]  # [H, S+1]
         usable[:, S] = True
         keep = keep.float().masked_fill(self.protected(all_pos, input_pos), math.inf)
-        keep = keep.masked_fill(all_pos < 0, -math.inf).masked_fill(~usable, math.inf)
-        # ties (integer scores: Hamming distances, indicator counts) evict the oldest; empty slots first
-        tied = keep == keep.min(dim=-1, keepdim=True).values
-        return all_pos.masked_fill(~tied, torch.iinfo(torch.long).max).argmin(dim=-1)
+        keep = keep.masked_fill(all_pos < 0, -math.inf).masked_fill(~usable, math.inf) + 0.0  # -0.0 -> 0.0
+        # the lowest score; ties (integer scores: Hamming distances, indicator counts) evict the oldest,
+        # empty slots first: one argmin over (score's order-preserving bits, position + 1) in an int64
+        bits = keep.view(torch.int32)
+        ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()  # int32 order = the floats' order
+        return ((ordered << 32) + all_pos + 1).argmin(dim=-1)
 
     def write(self, slot, k_new, v_new, input_pos):
         """Put the new token in `slot` [B, H_kv]; slot == S means it was evicted on arrival.
@@ -535,7 +537,8 @@ class Scissorhands(KVCache):
         # point, then position: ties drop the oldest); choose_slot then picks the first empty slot
         mean = (self.ones.long() << 32) // self.seen.long().clamp(min=1)
         key = ((mean << 24) | self.pos.clamp(min=0)).masked_fill(~filled | self.protected(self.pos, input_pos), MAX64)
-        victim = key.topk(min(self.m, self.n_slots), dim=-1, largest=False).indices
+        victim = (key.argmin(-1, keepdim=True) if self.m == 1 else  # one reduction, not topk's sort
+                  key.topk(min(self.m, self.n_slots), dim=-1, largest=False).indices)
         free = filled.all(-1, keepdim=True) & (key.gather(-1, victim) < MAX64)
         b, h = grid(victim)
         self.pos[b[..., None], h[..., None], victim] = self.pos.gather(-1, victim).masked_fill(free, -1)

@@ -1,9 +1,15 @@
-"""The benchmark scripts run end to end at the tiny shape on CPU (their GPU numbers live in BENCHMARKS.md;
-this only guards the code path that produces them)."""
+"""The benchmark script runs end to end at the tiny shape on CPU (its GPU numbers live in BENCHMARKS.md;
+this guards the code path that produces them), and its honesty checks fire."""
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+import generate as gen
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,17 +21,41 @@ def run(*argv):
     return r.stdout
 
 
-def test_bench_gpu_path_on_cpu_with_a_strategy_and_transformers(tmp_path):
-    out = run("bench.py", "--gpu", "--tiny", "--cpu", "--contexts", "256", "--batches", "1", "2",
-              "--strategies", "full", "h2o", "spotlight", "--hf", "--out", str(tmp_path / "b.md"))
+def test_bench_gpu_path_on_cpu_with_strategies_and_transformers(tmp_path):
+    specs = ["full", "h2o", "spotlight:spotlight_prune=0.98", "quest"]
+    out = run("bench.py", "--gpu", "--tiny", "--cpu", "--contexts", "256", "--batches", "1", "2", "--steps", "3",
+              "--strategies", *specs, "--hf", "--bandwidth", "20", "--out", str(tmp_path / "b.md"))
     table = (tmp_path / "b.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| full |") or line.startswith("| h2o |")
-            or line.startswith("| spotlight |")]
-    assert len(rows) == 6 and not any("Error" in r for r in rows), table
-    assert "random weights" in out and table.count("| 256 | 1 |") == 4  # three strategies + transformers
+    rows = [line for line in table.splitlines() if any(line.startswith(f"| {s} |") for s in specs)]
+    assert len(rows) == 8 and not any("FAILED" in r for r in rows), table
+    assert all(r.split("|")[9].strip().endswith("×") for r in rows if not r.startswith("| full |")), table  # vs full
+    assert "random weights" in out and table.count("| 256 | 1 |") == 5  # four strategies + transformers
+    assert "roofline at 20 GB/s (given)" in table
 
 
-def test_bench_retrieval_tiny():
-    out = run("bench_retrieval.py", "--tiny", "--quest_budget")
-    rows = [line for line in out.splitlines() if line.startswith("| 256 |")]
-    assert len(rows) == 6 and not any("failed" in r or "memory" in r for r in rows), out  # full, 2 prunes, 2 batches
+def test_a_recompile_in_the_timed_steps_fails_the_row():
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    f(torch.ones(3))
+    counts = bench.compile_counts()
+    bench.check_honest(f, "cpu", 5, counts, None)  # nothing compiled since: honest
+    f(torch.ones(4))  # a new shape compiles again
+    with pytest.raises(bench.BenchError, match="recompiled 1 time"):
+        bench.check_honest(f, "cpu", 5, counts, None)
+
+
+def test_a_step_outside_its_cuda_graph_fails_the_row():
+    step = gen.DecodeGraph(model=None, step=None)
+    step.replays, step.captures = 10, 1
+    bench.check_honest(step, "cuda", 10, bench.compile_counts(), 0)
+    with pytest.raises(bench.BenchError, match="2 of 10 timed steps ran without their CUDA graph"):
+        bench.check_honest(step, "cuda", 10, bench.compile_counts(), 2)
+    with pytest.raises(bench.BenchError, match="not a CUDA graph"):
+        bench.check_honest(lambda *a: None, "cuda", 10, bench.compile_counts(), 0)
+
+
+def test_strategy_specs():
+    assert bench.parse_spec("spotlight:spotlight_prune=0.98,spotlight_recent=64") == (
+        "spotlight", {"spotlight_prune": 0.98, "spotlight_recent": 64})
+    assert bench.parse_spec("l2:l2_one_shot=true") == ("l2", {"l2_one_shot": True})
+    assert bench.parse_spec("full") == ("full", {})
