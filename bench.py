@@ -345,7 +345,7 @@ def gpu(a):
         f"Budget of compressing strategies: --max_cache_length {a.budget}. Bytes/step = "
         f"{gen.weight_bytes(model) / 1e9:.3g} GB of weights (embedding table excluded) + K/V rows attended + index scanned; "
         f"roofline at {a.bandwidth:.0f} GB/s ({'given' if a.bandwidth_given else 'measured: device-to-device copy'})."
-        + (f" Kernel launch settings: dense {tuning()[0]}, gather {tuning()[1]}." if device == "cuda" else ""), "",
+        + (f" Kernel launch settings: {tuning()}." if device == "cuda" else ""), "",
         "| strategy | context | batch | KV kept | tok/s | ms / step | GB read / step | % of roofline | vs full | "
         "cache GB | fill s | compile s | timed s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
@@ -388,7 +388,7 @@ def gpu(a):
 
 def tuning():
     import triton_kernels
-    return triton_kernels.DENSE_TUNE, triton_kernels.GATHER_TUNE
+    return triton_kernels.TUNE
 
 
 def row(r, full, plain_s) -> str:
@@ -478,8 +478,8 @@ def main():
     g.add_argument("--bandwidth", type=float, help="roofline memory bandwidth in GB/s (default: measured here)")
     g.add_argument("--prefill", action="store_true", help="also time a plain prefill and compare prompt scoring to it")
     g.add_argument("--profile", action="store_true", help="also list each configuration's kernels (torch.profiler)")
-    g.add_argument("--kernel_tune", help="JSON of launch settings from scripts/tune_attend.py (triton_kernels.DENSE_TUNE, "
-                   "GATHER_TUNE) instead of the committed ones")
+    g.add_argument("--kernel_tune", help="JSON of launch settings from scripts/tune_attend.py (triton_kernels.TUNE entries) "
+                   "instead of the committed ones")
     g.add_argument("--hf", action="store_true", help="also transformers' generate() on the same shape")
     g.add_argument("--hf_cache", choices=["dynamic", "static"], default="dynamic",
                    help="its default dynamic cache (eager), or a static cache (which it compiles itself)")
@@ -498,8 +498,7 @@ def main():
     if a.kernel_tune:
         import json
         import triton_kernels
-        for name, setting in json.loads(Path(a.kernel_tune).read_text()).items():
-            getattr(triton_kernels, f"{name.upper()}_TUNE").update(setting)
+        triton_kernels.TUNE.update(json.loads(Path(a.kernel_tune).read_text()))
     lines, failed = (cpu_vs_hf(a), False) if a.cpu_vs_hf else gpu(a)
     text = "\n".join(lines) + "\n"
     print("\n" + text)

@@ -22,12 +22,15 @@ Kinds of strategy (class flags):
   lowest-scored unprotected slot (or an empty one) receives the new token. With `needs_attn = True`
   the step first attends over cache + new token, hands the group-mean probabilities to
   `decode_scores(..., probs=...)`, then evicts (H2O, TOVA, Scissorhands); otherwise it evicts first and
-  attends with fused SDPA (L2, LSH, StreamingLLM, random).
+  then attends (L2, LSH, StreamingLLM, random). A score that needs per-slot state keeps it in a buffer
+  updated as tokens arrive (L2's key norms, LSH's codes, H2O's sums), so a step never re-reads K.
 - prefill-only (`prefill_only = True`, SnapKV, PyramidKV): the prompt is compressed to
   S - max_new_tokens and generated tokens fill the reserved slots.
 - retrieval (`retrieves = True`): S covers the whole sequence; each step attends only to the slots
   `select(q, input_pos)` returns (static-K indices + validity; sinks and the recent window included);
   on CUDA triton_kernels.gather_attend reads just those rows.
+Decode attention on CUDA is Triton (triton_kernels.py): dense_attend over the filled slots, attend_scores
+when the probabilities are needed, gather_attend for a selection; on CPU, SDPA with a mask.
 Per-layer budgets are per-layer S, from the classmethod `layer_slots` (budget_slots: one budget shaped
 by --budget_pattern, or the strategy's own rule, e.g. PyramidKV's); per-head budgets are the `limit`
 buffer [H_kv] (slots at or past a head's limit are never used). Each sequence of a batch evicts on its
@@ -216,8 +219,6 @@ class KVCache(nn.Module):
         which reads validity from the position buffer and, where slot = position, stops at input_pos."""
         if not qg.is_cuda:
             return attend(qg, self.k, self.v, self.pos >= 0)
-        if DENSE_ON_CUDA == "flex" and torch.compiler.is_compiling():
-            return flex_attend(qg, self.k, self.v, self.pos >= 0)
         from triton_kernels import dense_attend  # Triton: imported only on CUDA
         limit = input_pos + 1 if self.slot_is_position else torch.full_like(input_pos, self.n_slots)
         return dense_attend(qg, self.k, self.v, self.pos, limit)
@@ -700,31 +701,6 @@ def attend(qg, k, v, valid):
     """Decode attention of qg [B, H_kv, G, D] over the slots where valid [B, H_kv, S] holds (CPU; on CUDA
     KVCache.attend_all and attend_selected call the Triton kernels)."""
     return F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, :, None, :])
-
-
-DENSE_ON_CUDA = "triton"  # "flex": FlexAttention with a block mask instead (bench.py --dense flex compares)
-
-
-def flex_attend(qg, k, v, valid):
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-    S, blk = valid.shape[-1], FLEX_BLOCK
-    nb = -(-S // blk)
-    blocks = F.pad(valid, (0, nb * blk - S)).view(*valid.shape[:2], nb, blk)
-    full, partial = blocks.all(-1), blocks.any(-1) & ~blocks.all(-1)
-
-    def kv_blocks(sel):  # count and indices (selected blocks first) per (B, H_kv); a scatter, not a sort
-        rank = torch.where(sel, sel.cumsum(-1) - 1, nb)  # unselected blocks go to a spill column
-        order = torch.zeros(*sel.shape[:2], nb + 1, dtype=torch.int32, device=sel.device)
-        order.scatter_(-1, rank, torch.arange(nb, dtype=torch.int32, device=sel.device).expand_as(rank))
-        return sel.sum(-1, dtype=torch.int32)[:, :, None], order[:, :, None, :nb]
-
-    (pn, pi), (fn, fi) = kv_blocks(partial), kv_blocks(full)
-    mask = BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=(blk, blk), seq_lengths=(qg.shape[2], S),
-                                    mask_mod=lambda b, h, q_idx, kv_idx: valid[b, h, kv_idx])
-    return flex_attention(qg, k, v, block_mask=mask)
-
-
-FLEX_BLOCK = 128
 
 
 def attend_with_new(qg, k, v, pos, k_new, v_new):

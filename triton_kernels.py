@@ -89,7 +89,7 @@ def _attend_partials(q, k, v, idx, ok, n, dense, scores):
     # add a 4 * G = 16 byte logit write, read back once by the epilogue (which writes 4 bytes of probs).
     # Llama-3-8B at B = 8, S = 3.3k slots (10% of 32k): per layer 108 MB of K/V, then 3.4 MB of logits
     # written and read, 0.8 of probs, 1.7 of positions: ~8% on top of K/V.
-    tune = DENSE_TUNE if dense else GATHER_TUNE
+    tune = TUNE[("dense" if dense else "gather") + ("_few" if B * H <= 16 else "")]
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     splits = max(1, min(triton.cdiv(n, tune["block"]), triton.cdiv(tune["per_sm"] * sms, B * H)))
     chunk = triton.cdiv(triton.cdiv(n, splits), tune["block"]) * tune["block"]
@@ -108,10 +108,13 @@ def _attend_partials(q, k, v, idx, ok, n, dense, scores):
     return po, pm, pl, s
 
 
-# Launch settings (scripts/tune_attend.py times alternatives on the GPU): rows per tile, programs per
-# SM, warps, software-pipeline stages. A gather loads scattered rows, so smaller tiles.
-DENSE_TUNE = dict(block=64, per_sm=2, warps=4, stages=3)
-GATHER_TUNE = dict(block=32, per_sm=2, warps=4, stages=3)
+# Launch settings: rows per tile, programs per SM, warps, software-pipeline stages; "_few" when at most
+# 16 (sequence, KV head) rows share the GPU (batch 1 at Llama-3's 8 KV heads), where larger tiles and
+# fewer splits pay. Chosen from scripts/tune_attend.py on the H200 (2026-11-29; BENCHMARKS.md): dense
+# 64/2/4/3 was within 2% of the best at batch 8 (32k and 3.3k slots), 128/2/8/3 the best at batch 1
+# (63.8 vs 69.6 us at 32k); gather 32/4/4/2 the best at batch 8, 32/2/4/2 at batch 1 (31.6 vs 35.3 us).
+TUNE = {"dense": dict(block=64, per_sm=2, warps=4, stages=3), "dense_few": dict(block=128, per_sm=2, warps=8, stages=3),
+        "gather": dict(block=32, per_sm=4, warps=4, stages=2), "gather_few": dict(block=32, per_sm=2, warps=4, stages=2)}
 
 
 def _merge(po, pm, pl, s_new=None, v_new=None):

@@ -1,13 +1,14 @@
 """Launch settings of the decode-attention kernels, timed on the GPU at Llama-3-8B's head shapes (RANDOM data).
 
     python scripts/tune_attend.py [others] [dense] [gather] [chosen.json]
-        # attend_scores, quest_select, prompt_colsum; dense_attend vs FlexAttention; gather_attend:
+        # attend_scores, quest_select, prompt_colsum; dense_attend; gather_attend:
         # one table per kernel; the chosen dense/gather settings go to chosen.json (bench.py --kernel_tune)
 
 Every time is a CUDA-graph replay median (triton.testing.do_bench_cudagraph), so launch overhead is out
 and a kernel is timed as it runs inside the decode step's graph. GB/s counts the K/V rows (and positions,
-codes, bounds) each kernel must read at least once. The best dense and gather settings become
-triton_kernels.DENSE_TUNE / GATHER_TUNE by hand (the commit says which run chose them).
+codes, bounds) each kernel must read at least once. The chosen settings (the least summed
+slowdown over the shapes of batch 1, and of batch 8) become triton_kernels.TUNE by hand (its comment
+says which run chose them).
 """
 import itertools
 import math
@@ -18,7 +19,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import triton_kernels as tk  # noqa: E402
-from cache import flex_attend  # noqa: E402
 
 H, G, D = 8, 4, 128  # Llama-3-8B: KV heads, query heads per KV head, head_dim
 
@@ -44,11 +44,8 @@ def tune_dense():
     for B, S, filled in [(1, 33792, 32769), (8, 33792, 32769), (1, 3300, 3300), (8, 3300, 3300)]:
         qg, k, v, pos, limit = dense_case(B, S, filled)
         gb = B * H * filled * (2 * D * 2 + 8) / 1e9
-        flex = torch.compile(flex_attend, fullgraph=True, dynamic=False)
-        ms = bench_ms(lambda: flex(qg, k, v, pos >= 0))
-        print(f"| FlexAttention (block mask from positions) | {B} | {S} ({filled}) | | | | | {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
         for block, per_sm, warps, stages in itertools.product([64, 128], [2, 4, 8], [4, 8], [3]):
-            tk.DENSE_TUNE.update(block=block, per_sm=per_sm, warps=warps, stages=stages)
+            tk.TUNE["dense_few" if B * H <= 16 else "dense"] = dict(block=block, per_sm=per_sm, warps=warps, stages=stages)
             try:
                 ms = bench_ms(lambda: tk.dense_attend(qg, k, v, pos, limit))
             except Exception as e:  # out of shared memory, say: skip the variant
@@ -56,7 +53,8 @@ def tune_dense():
                 continue
             best.setdefault((B, S), []).append((ms, block, per_sm, warps, stages))
             print(f"| dense_attend | {B} | {S} ({filled}) | {block} | {per_sm} | {warps} | {stages} | {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
-    return pick(best)
+    return {"dense": pick({k: v for k, v in best.items() if k[0] * H > 16}),
+            "dense_few": pick({k: v for k, v in best.items() if k[0] * H <= 16})}
 
 
 def pick(times):
@@ -82,11 +80,12 @@ def tune_gather():
         ok = torch.ones(B, H, K, dtype=torch.bool, device="cuda")
         gb = B * H * K * (2 * D * 2 + 9) / 1e9
         for block, per_sm, warps, stages in itertools.product([16, 32], [2, 4, 8], [4], [2, 3]):
-            tk.GATHER_TUNE.update(block=block, per_sm=per_sm, warps=warps, stages=stages)
+            tk.TUNE["gather_few" if B * H <= 16 else "gather"] = dict(block=block, per_sm=per_sm, warps=warps, stages=stages)
             ms = bench_ms(lambda: tk.gather_attend(qg, k, v, idx, ok))
             times.setdefault((B, S), []).append((ms, block, per_sm, warps, stages))
             print(f"| gather_attend | {B} | {K} of {S} | {block} | {per_sm} | {warps} | {stages} | {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
-    return pick(times)
+    return {"gather": pick({k: v for k, v in times.items() if k[0] * H > 16}),
+            "gather_few": pick({k: v for k, v in times.items() if k[0] * H <= 16})}
 
 
 def time_others():
@@ -127,6 +126,8 @@ if __name__ == "__main__":
     which = [w for w in sys.argv[1:] if not w.endswith(".json")] or ["others", "dense", "gather"]
     out = next((w for w in sys.argv[1:] if w.endswith(".json")), None)  # the chosen settings, for bench.py --kernel_tune
     print(torch.cuda.get_device_name(), torch.__version__)
-    chosen = {w: {"dense": tune_dense, "gather": tune_gather, "others": time_others}[w]() for w in which}
+    chosen = {}
+    for w in which:
+        chosen |= {"dense": tune_dense, "gather": tune_gather, "others": time_others}[w]() or {}
     if out:
-        Path(out).write_text(json.dumps({k: v for k, v in chosen.items() if v}, indent=1))
+        Path(out).write_text(json.dumps(chosen, indent=1))
