@@ -173,9 +173,27 @@ def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
 
 # ---- Spotlight's selection: Hamming scores, the n-th best score, the slots at or above it ----------
 # The torch path (cache.count_select) costs a dozen kernels per layer (scores recomputed by several
-# consumers, a contended scatter-add, scans); three kernels do it: keys and histograms per chunk, the
-# threshold per row, the selected slots per chunk.
-# Keys as in count_select: 0 = empty slot, 1 + G d - Hamming for a scored slot, TOP = G d + 2 forced.
+# consumers, a contended scatter-add, scans). Here a two-level (radix) select: tl.histogram lowers to warp
+# ballots whose cost per element grows with the bins (log2(bins) ballots, then bins / 32 popcount chains
+# per thread; fewer than 32 bins are padded to 32), so one histogram of every key value (1024 bins at
+# G d = 512) made the keys kernel compute-bound; two digits of 32 bins cost a few instructions per slot.
+# Four launches:
+#   keys (row, chunk):  each slot's key (int16) and the chunk's histogram of coarse digits key >> LO;
+#   fine (row, chunk):  c, the coarse digit of the row's n-th best key (every program recomputes it from
+#                       the row's coarse histograms: an L2 read instead of a launch), and the chunk's
+#                       histogram of fine digits key & (2^LO - 1) among its keys whose coarse digit is c;
+#   threshold (row):    the n-th best key t = (c << LO) + fine digit, the ties left out, the slots read,
+#                       and each chunk's rank offsets (earlier slots above t, tied at t);
+#   pick (row, chunk):  the selected slots, written at their ranks.
+# Bytes per row, S slots of W code words in n_ch chunks: keys reads 8 W S of codes and 8 S of positions
+# and writes 2 S of keys, which fine and pick read again; the histograms 4 n_ch (NBH + NBL), which fine
+# re-reads n_ch times from L2. Llama-3 (G d = 512, W = 2) at S = 33792 (n_ch = 17, 32 + 32 bins): 811 KB
+# of codes and positions, 203 KB of keys, 4.4 KB of histograms (+ 37 KB from L2); one histogram of 1024
+# bins and int32 keys moved 270 KB of keys and 139 KB of histograms.
+# Keys: 0 = empty slot, 1 + G d - Hamming for a scored slot (count_select's score + 1), FORCED for a
+# forced one: the first multiple of 2^LO above G d + 1, so forced slots own a coarse digit (their count is
+# read off the coarse histograms) and t = (c << LO) + fine digit is a key (count_select's G d + 2 would
+# share a digit with the best scores; only the order matters).
 
 @triton.jit
 def _popcount(x, POPC: tl.constexpr):
@@ -190,13 +208,14 @@ def _popcount(x, POPC: tl.constexpr):
 
 
 @triton.jit
-def _spotlight_keys_kernel(Q, C, P, IP, KEYS, HIST, S, H, n_chunk, sinks, recent, CHUNK: tl.constexpr,
-                           G: tl.constexpr, W: tl.constexpr, TOP: tl.constexpr, NB: tl.constexpr,
-                           BLOCK: tl.constexpr, POPC: tl.constexpr):
-    """Program (row = sequence x KV head, chunk): each slot's key, and the chunk's histogram of keys."""
+def _spotlight_keys_kernel(Q, C, P, IP, KEYS, HC, S, H, n_chunk, sinks, recent, CHUNK: tl.constexpr,
+                           G: tl.constexpr, W: tl.constexpr, BEST: tl.constexpr, FORCED: tl.constexpr,
+                           LO: tl.constexpr, NBH: tl.constexpr, BLOCK: tl.constexpr, POPC: tl.constexpr):
+    """Program (row = sequence x KV head, chunk): each slot's key, and the chunk's histogram of the
+    keys' coarse digits."""
     r, c = tl.program_id(0), tl.program_id(1)
     now = tl.load(IP + r // H)
-    hist = tl.zeros([NB], tl.int32)
+    hist = tl.zeros([NBH], tl.int32)
     for off in range(0, CHUNK, BLOCK):
         s = c * CHUNK + off + tl.arange(0, BLOCK)
         inb = s < S
@@ -207,31 +226,62 @@ def _spotlight_keys_kernel(Q, C, P, IP, KEYS, HIST, S, H, n_chunk, sinks, recent
             for g in tl.static_range(G):
                 ham += _popcount(tl.load(Q + (r * G + g) * W + w) ^ code, POPC)
         forced = (pos < sinks) | (pos > now - recent) | (pos == now)
-        key = tl.where(pos >= 0, tl.where(forced, TOP, TOP - 1 - ham), 0)
-        tl.store(KEYS + r * S + s, key, mask=inb)
-        hist += tl.histogram(key, NB)  # slots past S have key 0 and count in bin 0, never read
-    tl.store(HIST + (r * n_chunk + c) * NB + tl.arange(0, NB), hist)
+        key = tl.where(pos >= 0, tl.where(forced, FORCED, BEST - ham), 0)
+        tl.store(KEYS + r * S + s, key, mask=inb)  # int16
+        hist += tl.histogram(key >> LO, NBH)  # slots past S have key 0 and count in bin 0, never read
+    tl.store(HC + (r * n_chunk + c) * NBH + tl.arange(0, NBH), hist)
 
 
 @triton.jit
-def _spotlight_threshold_kernel(HIST, KSEL, ROW, OFF, H, n_chunk,
-                                TOP: tl.constexpr, NB: tl.constexpr, NCP: tl.constexpr):
-    """Program (row): from the chunks' histograms, the n-th best key t, how many of the ties at t are
-    left out, the slots read, and each chunk's count of earlier slots above t and at t (its rank offsets)."""
+def _spotlight_coarse(HC, KSEL, r, H, n_chunk, LO: tl.constexpr, FORCED: tl.constexpr, NBH: tl.constexpr,
+                      NCP: tl.constexpr):
+    """A row's chunk histograms of coarse digits [NCP, NBH], n (forced + k) and c, the coarse digit of
+    the n-th best key (0 if fewer than n slots are filled)."""
+    ch, v = tl.arange(0, NCP), tl.arange(0, NBH)
+    hc = tl.load(HC + (r * n_chunk + ch[:, None]) * NBH + v[None, :], mask=ch[:, None] < n_chunk, other=0)
+    total = tl.sum(hc, 0)
+    n = tl.sum(tl.where(v == FORCED >> LO, total, 0)) + tl.load(KSEL + r // H).to(tl.int32)  # forced + k
+    at_least = tl.cumsum(total, 0, reverse=True)  # [v] = slots whose coarse digit is >= v
+    return hc, n, tl.maximum(tl.sum((at_least >= n).to(tl.int32)) - 1, 0)
+
+
+@triton.jit
+def _spotlight_fine_kernel(KEYS, HC, KSEL, HF, S, H, n_chunk, CHUNK: tl.constexpr, LO: tl.constexpr,
+                           FORCED: tl.constexpr, NBH: tl.constexpr, NBL: tl.constexpr, NCP: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """Program (row, chunk): the chunk's histogram of fine digits among its keys in coarse digit c."""
+    r, ch = tl.program_id(0), tl.program_id(1)
+    _, _, c = _spotlight_coarse(HC, KSEL, r, H, n_chunk, LO, FORCED, NBH, NCP)
+    hist = tl.zeros([NBL], tl.int32)
+    for off in range(0, CHUNK, BLOCK):
+        s = ch * CHUNK + off + tl.arange(0, BLOCK)
+        key = tl.load(KEYS + r * S + s, mask=s < S, other=0).to(tl.int32)  # past S: key 0, as in HC
+        hist += tl.histogram(key & (NBL - 1), NBL, mask=(key >> LO) == c)
+    tl.store(HF + (r * n_chunk + ch) * NBL + tl.arange(0, NBL), hist)
+
+
+@triton.jit
+def _spotlight_threshold_kernel(HC, HF, KSEL, ROW, OFF, H, n_chunk, LO: tl.constexpr, FORCED: tl.constexpr,
+                                NBH: tl.constexpr, NBL: tl.constexpr, NCP: tl.constexpr):
+    """Program (row): the n-th best key t = (c << LO) + its fine digit, how many of the ties at t are left
+    out, the slots read, and each chunk's count of earlier slots above t and at t (its rank offsets)."""
     r = tl.program_id(0)
-    ch, v = tl.arange(0, NCP), tl.arange(0, NB)
-    hist = tl.load(HIST + (r * n_chunk + ch[:, None]) * NB + v[None, :], mask=ch[:, None] < n_chunk, other=0)
-    total = tl.sum(hist, 0)
-    at_least = tl.cumsum(total, 0, reverse=True)  # [v] = slots with key >= v
-    n = tl.sum(tl.where(v == TOP, total, 0)) + tl.load(KSEL + r // H).to(tl.int32)  # forced + k
-    t = tl.maximum(tl.sum((at_least >= n).to(tl.int32)) - 1, 1)  # the n-th best key (1 if fewer filled)
-    n_above, n_tie = tl.sum(tl.where(v > t, total, 0)), tl.sum(tl.where(v == t, total, 0))
+    hc, n, c = _spotlight_coarse(HC, KSEL, r, H, n_chunk, LO, FORCED, NBH, NCP)
+    ch, v, u = tl.arange(0, NCP), tl.arange(0, NBH), tl.arange(0, NBL)
+    hf = tl.load(HF + (r * n_chunk + ch[:, None]) * NBL + u[None, :], mask=ch[:, None] < n_chunk, other=0)
+    above_c = tl.sum(tl.where(v[None, :] > c, hc, 0), 1)  # [NCP] per chunk: coarse digit above c
+    fine = tl.sum(hf, 0)
+    at_least = tl.sum(above_c) + tl.cumsum(fine, 0, reverse=True)  # [u] = slots with key >= (c << LO) + u
+    f = tl.sum((at_least >= n).to(tl.int32)) - 1  # -1 only when fewer than n are filled (then c = 0)
+    t = tl.maximum((c << LO) + f, 1)  # the n-th best key (1 if fewer filled), in digit c
+    ft = t - (c << LO)
+    n_above, n_tie = tl.sum(above_c) + tl.sum(tl.where(u > ft, fine, 0)), tl.sum(tl.where(u == ft, fine, 0))
     skip = tl.maximum(n_tie - (n - n_above), 0)  # the earliest ties are left out (count_select)
     tl.store(ROW + r * 3, t)
     tl.store(ROW + r * 3 + 1, skip)
     tl.store(ROW + r * 3 + 2, n_above + n_tie - skip)  # slots read
-    above = tl.sum(tl.where(v[None, :] > t, hist, 0), 1)  # [NCP] per chunk
-    tie = tl.sum(tl.where(v[None, :] == t, hist, 0), 1)
+    above = above_c + tl.sum(tl.where(u[None, :] > ft, hf, 0), 1)  # [NCP] per chunk
+    tie = tl.sum(tl.where(u[None, :] == ft, hf, 0), 1)
     tl.store(OFF + (r * n_chunk + ch) * 2, tl.cumsum(above, 0) - above, mask=ch < n_chunk)
     tl.store(OFF + (r * n_chunk + ch) * 2 + 1, tl.cumsum(tie, 0) - tie, mask=ch < n_chunk)
 
@@ -262,6 +312,19 @@ def _spotlight_pick_kernel(KEYS, ROW, OFF, IDX, OK, S, n_chunk, K: tl.constexpr,
             tl.store(OK + r * K + j, (j < taken).to(tl.int8), mask=j < K)
 
 
+def _spotlight_digits(gd):
+    """The key split for G d = gd: LO fine bits, the forced key, the coarse digit's bins. The fine digit has
+    32 bins, tl.histogram's floor (bins are padded to a warp's 32 lanes), more only while the coarse digit
+    would need more bins than the fine. G d = 512: keys <= FORCED = 544, coarse digits 0..17 in 32 bins
+    (LO = 4 would need 64 coarse bins, LO = 6 64 fine ones)."""
+    LO = 5
+    while ((gd + 1) >> LO) + 2 > 1 << LO:
+        LO += 1
+    FORCED = (((gd + 1) >> LO) + 1) << LO
+    assert FORCED < 2 ** 15, "keys are int16"
+    return LO, FORCED, triton.next_power_of_2((FORCED >> LO) + 1)
+
+
 @triton_op("kvcompress::spotlight_select", mutates_args={})
 def spotlight_select(q_codes: torch.Tensor, codes: torch.Tensor, pos: torch.Tensor, input_pos: torch.Tensor,
                      k: torch.Tensor, K: int, d: int, sinks: int, recent: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,23 +332,27 @@ def spotlight_select(q_codes: torch.Tensor, codes: torch.Tensor, pos: torch.Tens
     and codes [B, H, S, W] (packed int64), pos [B, H, S], input_pos and k [B] -> (idx, ok) [B, H, K]."""
     B, H, G, W = q_codes.shape
     S = codes.shape[2]
-    NB = triton.next_power_of_2(G * d + 3)
-    max_chunks = max(2, 32768 // NB)  # the threshold kernel holds every chunk's histogram in registers
-    chunk = max(1024, triton.next_power_of_2(triton.cdiv(S, max_chunks)))
+    LO, FORCED, NBH = _spotlight_digits(G * d)
+    # <= 32 chunks: every fine program re-reads the row's n_chunk x NBH coarse histogram (<= 4 KB)
+    chunk = max(1024, triton.next_power_of_2(triton.cdiv(S, 32)))
     n_chunk = triton.cdiv(S, chunk)
+    NCP = triton.next_power_of_2(n_chunk)
     dev = codes.device
-    keys = torch.empty(B, H, S, dtype=torch.int32, device=dev)
-    hist = torch.empty(B * H, n_chunk, NB, dtype=torch.int32, device=dev)
+    keys = torch.empty(B, H, S, dtype=torch.int16, device=dev)  # keys <= FORCED; half of int32's traffic
+    hc = torch.empty(B * H, n_chunk, NBH, dtype=torch.int32, device=dev)
+    hf = torch.empty(B * H, n_chunk, 2 ** LO, dtype=torch.int32, device=dev)
+    row = torch.empty(B * H, 3, dtype=torch.int32, device=dev)  # t, ties left out, slots read
+    offsets = torch.empty(B * H, n_chunk, 2, dtype=torch.int32, device=dev)
     idx = torch.empty(B, H, K, dtype=torch.long, device=dev)
     ok = torch.empty(B, H, K, dtype=torch.int8, device=dev)
     q_codes, codes, pos, input_pos, k = (x.contiguous() for x in (q_codes, codes, pos, input_pos, k))  # flat indexing
-    wrap_triton(_spotlight_keys_kernel)[(B * H, n_chunk)](  # BLOCK 1024, 4 warps: the fastest of 5 tried
-        q_codes, codes, pos, input_pos, keys, hist, S, H, n_chunk, sinks, recent, CHUNK=chunk,
-        G=G, W=W, TOP=G * d + 2, NB=NB, BLOCK=1024, POPC=dev.type == "cuda")
-    row = torch.empty(B * H, 3, dtype=torch.int32, device=dev)  # t, ties left out, slots read
-    offsets = torch.empty(B * H, n_chunk, 2, dtype=torch.int32, device=dev)
+    wrap_triton(_spotlight_keys_kernel)[(B * H, n_chunk)](  # BLOCK 1024, 4 warps: fastest of 5 (1024 bins)
+        q_codes, codes, pos, input_pos, keys, hc, S, H, n_chunk, sinks, recent, CHUNK=chunk,
+        G=G, W=W, BEST=G * d + 1, FORCED=FORCED, LO=LO, NBH=NBH, BLOCK=1024, POPC=dev.type == "cuda")
+    wrap_triton(_spotlight_fine_kernel)[(B * H, n_chunk)](
+        keys, hc, k, hf, S, H, n_chunk, CHUNK=chunk, LO=LO, FORCED=FORCED, NBH=NBH, NBL=2 ** LO, NCP=NCP, BLOCK=1024)
     wrap_triton(_spotlight_threshold_kernel)[(B * H,)](
-        hist, k, row, offsets, H, n_chunk, TOP=G * d + 2, NB=NB, NCP=triton.next_power_of_2(n_chunk), num_warps=8)
+        hc, hf, k, row, offsets, H, n_chunk, LO=LO, FORCED=FORCED, NBH=NBH, NBL=2 ** LO, NCP=NCP)
     wrap_triton(_spotlight_pick_kernel)[(B * H, n_chunk)](
         keys, row, offsets, idx, ok, S, n_chunk, K=K, CHUNK=chunk, BLOCK=1024)
     return idx, ok.bool()

@@ -276,9 +276,10 @@ def test_count_select_matches_naive():
 
 def check_triton_kernels(device):
     """triton_kernels.py against independent references: gather_attend against masked SDPA, and
-    spotlight_select against the naive selection over plain-Python Hamming scores. Runs on CUDA, or on
-    CPU in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported: a subprocess)."""
-    from triton_kernels import gather_attend, spotlight_select
+    spotlight_select against the naive selection over plain-Python Hamming scores, also at the edges of its
+    two-level select (check_spotlight_edges). Runs on CUDA, or on CPU in Triton's interpreter
+    (TRITON_INTERPRET=1, set before triton is imported: a subprocess)."""
+    from triton_kernels import gather_attend
     g = torch.Generator().manual_seed(0)
     dt = torch.bfloat16 if device == "cuda" else torch.float32
     for B, H, G, S, K, D in [(2, 3, 4, 700, 300, 64), (1, 2, 3, 200, 77, 64)]:
@@ -298,17 +299,62 @@ def check_triton_kernels(device):
         pos[pos > ip[:, None, None]] = -1
         pos[-1, :, :40] = -1  # left padding
         k = ((ip + 1) * 0.1).long() + 1
-        K = int(k.max()) + sinks + recent + 1
-        got = spotlight_select(*(x.to(device) for x in (kv.pack_bits(qbits), kv.pack_bits(kbits), pos, ip, k)),
-                               K, d, sinks, recent)
-        for b in range(B):
-            for h in range(H):
-                q_rows, p = [r.tolist() for r in qbits[b, h]], pos[b, h].tolist()
-                score = [sum(naive_sim(qr, kb) for qr in q_rows) for kb in kbits[b, h].tolist()]
-                forced = [0 <= x < sinks or x > ip[b] - recent or x == ip[b] for x in p]
-                want = naive_count_selection(score, forced, [x >= 0 for x in p], int(k[b]))
-                idx, ok = got[0][b, h].cpu(), got[1][b, h].cpu()
-                assert idx[ok].tolist() == want and ok.tolist() == [i < len(want) for i in range(K)], (b, h)
+        check_spotlight_select(device, qbits, kbits, pos, ip, k, sinks, recent)
+    check_spotlight_edges(device, g, sinks, recent)
+
+
+def check_spotlight_edges(device, g, sinks, recent):
+    """spotlight_select where its two-level select could slip, at G d = 1024 (G d + 3 just above 2^10:
+    6-bit fine digits, 64 keys per coarse digit) in chunks of 1024 slots. Sequence 0: a run of equal codes
+    across both chunk boundaries, cut inside by the threshold; 1: n exactly at a coarse boundary (t = 512 =
+    8 << 6, every key of digit 8 read); 2: one slot more (t = 511, digit 7's last fine digit); 3: fewer
+    filled slots than n."""
+    B, H, G, d, S = 4, 1, 8, 128, 2200
+    qbits, kbits = torch.rand(B, H, G, d, generator=g) > 0.5, torch.rand(B, H, S, d, generator=g) > 0.5
+    kbits[:, :, 900:1150] = kbits[:, :, 2000:2100] = kbits[:, :, 900:901]
+    for b, parity in ((1, 0), (2, 1)):  # G even: a row's keys all have the parity of 1 + its queries' bits
+        qbits[b, 0, 0, 0] ^= (1 + int(qbits[b].sum()) + parity) % 2 == 1  # 1: key 512 exists; 2: t = 511
+    pos = torch.arange(S).expand(B, H, S).clone()
+    pos[3, :, :1800] = -1
+    ip = torch.full((B,), S - 1)
+    scores = [[naive_code_scores(qbits[b, h], kbits[b, h]) for h in range(H)] for b in range(B)]
+    keys = [[1 + (s + G * d) // 2 for s in scores[b][0][sinks:S - recent]] for b in range(B)]  # not forced
+    tie = keys[0][900 - sinks]  # the run's key; k: the tied slots from 1000 on are read
+    k = [sum(x > tie for x in keys[0]) + sum(x == tie for x in keys[0][1000 - sinks:])]
+    k += [sum(x >= 512 for x in keys[1]), sum(x >= 512 for x in keys[2]) + 1]  # the median key is ~513
+    k = torch.tensor(k + [1500])
+    want = check_spotlight_select(device, qbits, kbits, pos, ip, k, sinks, recent, scores)
+    assert 1000 in want[0][0] and 999 not in want[0][0]  # the cut falls inside the run, in chunk 0
+    assert 512 in keys[1] and 512 not in keys[2]  # t = 512 (fine digit 0) and 511 (the last fine digit)
+
+
+def naive_code_scores(qbits, kbits):
+    """Summed code similarity (d - 2 Hamming) of one row's keys kbits [S, d] to its queries qbits [G, d],
+    in plain Python: a code as one integer, Hamming = the bits set in the xor."""
+    d = qbits.shape[-1]
+    q, k = ([int("".join("1" if x else "0" for x in r), 2) for r in bits.tolist()] for bits in (qbits, kbits))
+    return [sum(d - 2 * bin(qi ^ ki).count("1") for qi in q) for ki in k]
+
+
+def check_spotlight_select(device, qbits, kbits, pos, ip, k, sinks, recent, scores=None):
+    """spotlight_select against naive_count_selection over naive_code_scores, every row; -> the slots
+    each row reads, [b][h]."""
+    from triton_kernels import spotlight_select
+    B, H, _, d = qbits.shape
+    K = int(k.max()) + sinks + recent + 1
+    got = spotlight_select(*(x.to(device) for x in (kv.pack_bits(qbits), kv.pack_bits(kbits), pos, ip, k)),
+                           K, d, sinks, recent)
+    wants = [[] for _ in range(B)]
+    for b in range(B):
+        for h in range(H):
+            p = pos[b, h].tolist()
+            score = scores[b][h] if scores else naive_code_scores(qbits[b, h], kbits[b, h])
+            forced = [0 <= x < sinks or x > ip[b] - recent or x == ip[b] for x in p]
+            want = naive_count_selection(score, forced, [x >= 0 for x in p], int(k[b]))
+            idx, ok = got[0][b, h].cpu(), got[1][b, h].cpu()
+            assert idx[ok].tolist() == want and ok.tolist() == [i < len(want) for i in range(K)], (b, h)
+            wants[b].append(want)
+    return wants
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test below runs everywhere")
