@@ -214,8 +214,8 @@ def measure_bandwidth(device) -> float:
 
 
 def other_gpu_processes() -> list[str]:
-    """Compute processes on the GPU, as nvidia-smi lists them (call before this process touches CUDA,
-    or expect to see it)."""
+    """Compute processes on the GPU, as nvidia-smi lists them: called before this process touches CUDA,
+    and at the end, when this process is one of them (its pid as nvidia-smi sees it may differ from ours)."""
     import shutil
     import subprocess
     if not shutil.which("nvidia-smi"):
@@ -378,7 +378,8 @@ def gpu(a):
         del model  # its weights would sit beside transformers' copy
         free_memory(None, device)
         lines += ["", *hf_rows(a, args, device, dtype)]
-    busy += [p for p in other_gpu_processes() if p not in busy] if device == "cuda" else []
+    if device == "cuda" and len(now := other_gpu_processes()) > 1:  # this process is one of them now
+        busy += [f"at the end: {p}" for p in now]
     if busy:
         lines += ["", "WARNING: other compute processes were seen on the GPU (timings may be low): " + "; ".join(busy)]
     if failed:
