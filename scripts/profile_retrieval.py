@@ -8,7 +8,7 @@ is compiled (fullgraph) and timed as CUDA-graph replays (triton.testing.do_bench
 the whole layer step against the full cache's, and for Spotlight its parts (query hashing, the Triton
 selection against the torch path's scores + top-k, the gather-attend kernel, the code write). A torch.profiler table of the
 layer step (compiled, no CUDA graphs) lists its kernels. Multiply a per-layer time by the model's
-non-dense layers (30 of 32) to compare with bench_retrieval.py's per-token step.
+non-dense layers (30 of 32) to compare with bench.py's per-token step.
 """
 import argparse
 import sys
@@ -49,7 +49,7 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's kernel table")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("profile_retrieval.py times CUDA kernels: it needs a GPU (CPU smoke test: bench_retrieval.py --tiny)")
+        sys.exit("profile_retrieval.py times CUDA kernels: it needs a GPU (CPU smoke test: bench.py --gpu --tiny --cpu)")
     args = ModelArgs.from_name(a.model)
     ckpt = Path(tempfile.mkdtemp())
     random_spotlight_hashes(args, ckpt)
