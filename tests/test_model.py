@@ -178,6 +178,26 @@ def test_compiled_decode_equals_eager():
     assert compiled == eager
 
 
+def test_regional_compile_equals_eager_and_compiles_one_layer():
+    """compile_decode's regional mode (the default on CUDA, where DecodeGraph then replays it): one
+    compiled TransformerBlock.forward serves every layer, gives the eager tokens, and never recompiles
+    while the cache fills and evicts (an evicting, attention-scored strategy)."""
+    torch._dynamo.reset()
+    model = tiny_model(n_layer=3)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (40, 25)]
+    cfg = kv.CacheConfig(strategy="h2o", max_cache_length=["30"])
+    eager = gen.generate(model, prompts, 40, cfg).tokens
+    before = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = gen.generate(model, prompts, 40, cfg, decode_step=gen.compile_decode(model, "cpu", regional=True))
+    assert compiled.tokens == eager
+    assert counters["stats"]["unique_graphs"] - before == 1  # three layers, one graph
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from model import TransformerBlock
+    assert len(_debug_get_cache_entry_list(TransformerBlock.forward.__code__)) == 1  # the graph is the layer's
+
+
 def strategy_config(name, prompt_len, max_new_tokens, checkpoint_dir="") -> kv.CacheConfig:
     """A budget that makes the strategy do its work: evicting ones start over budget (prompt compression,
     then an eviction every step); prefill-only ones compress the prompt; retrieval ones ignore it."""
