@@ -32,9 +32,10 @@ Kinds of strategy (class flags):
 Decode attention on CUDA is Triton (triton_kernels.py): dense_attend over the filled slots, attend_scores
 when the probabilities are needed, gather_attend for a selection; on CPU, SDPA with a mask.
 Per-layer budgets are per-layer S, from the classmethod `layer_slots` (budget_slots: one budget shaped
-by --budget_pattern, or the strategy's own rule, e.g. PyramidKV's); per-head budgets are the `limit`
-buffer [H_kv] (slots at or past a head's limit are never used). Each sequence of a batch evicts on its
-own. Ties (integer scores: Hamming distances, indicator counts) evict the oldest token, in prefill and
+by --budget_pattern, or the strategy's own rule, e.g. PyramidKV's); the `limit` buffer [B, H_kv] gives
+each row its own budget within S (slots at or past it are never used): a batch of prompts of different
+lengths shares one buffer sized for the longest, each sequence compressed to its own fraction. Each
+sequence of a batch evicts on its own. Ties (integer scores: Hamming distances, indicator counts) evict the oldest token, in prefill and
 decode alike. `attach_attention_loss` (debug) measures the attention mass evicted tokens would have had.
 """
 import math
@@ -87,7 +88,9 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(batch, n_kv, n_slots, head_dim, dtype=dtype))
         self.register_buffer("v", torch.zeros(batch, n_kv, n_slots, head_dim, dtype=dtype))
         self.register_buffer("pos", torch.full((batch, n_kv, n_slots), -1, dtype=torch.long))
-        self.register_buffer("limit", torch.full((n_kv,), n_slots, dtype=torch.long))  # per-head budget
+        # each (sequence, KV head)'s budget: slots at or past it are never used (a batch of prompts of
+        # different lengths shares one buffer, each sequence compressed to its own fraction; make_caches)
+        self.register_buffer("limit", torch.full((batch, n_kv), n_slots, dtype=torch.long))
 
     @property
     def n_slots(self):
@@ -132,9 +135,10 @@ class KVCache(nn.Module):
         """Store a layer's prompt KV (q [B, H, T, D], k/v [B, H_kv, T, D], pos [B, T]), compressing
         it to the budget with this strategy's (or the configured) prompt rule when it does not fit."""
         B, H, T, _ = k.shape
-        room = self.n_slots - (self.max_new_tokens if self.prefill_only else 0)
+        reserve = self.max_new_tokens if self.prefill_only else 0
+        room, rooms = self.n_slots - reserve, self.limit - reserve  # the buffer's, and each row's [B, H]
         tok_pos = pos[:, None, :].expand(B, H, T)
-        if T <= room and bool((self.limit >= T).all()):
+        if T <= room and bool(((pos >= 0).sum(1)[:, None] <= rooms).all()):
             # everything fits: slot = position (padding dropped), so a cache that never evicts keeps
             # the invariant and its decode writes go straight to slot input_pos
             pad = (pos < 0).sum(dim=1)
@@ -145,15 +149,15 @@ class KVCache(nn.Module):
             scores = scorer.prefill_scores(q, k, v, pos).float()
             now = pos.max(dim=1).values
             scores = scores.masked_fill(self.protected(tok_pos, now), math.inf).masked_fill(tok_pos < 0, -math.inf)
-            # top `room` by score; ties keep the newer token (stable sort of the reversed prompt)
+            # each row's best `rooms` by score; ties keep the newer token (stable sort of the reversed
+            # prompt); those past a row's own budget sort last (index >= T) and are stored empty
             order = scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :min(room, T)]
-            keep = (T - 1 - order).sort(dim=-1).values
-            beyond = torch.zeros_like(keep, dtype=torch.bool)
+            rank = torch.arange(order.shape[-1], device=k.device)
+            keep = torch.where(rank < rooms[..., None], T - 1 - order, T + rank).sort(dim=-1).values
+            beyond, keep = keep >= T, keep.clamp(max=T - 1)
         n = keep.shape[-1]
-        kept_pos = tok_pos.gather(-1, keep).masked_fill(beyond, -1)
-        rank_ok = torch.arange(n, device=k.device) < self.limit[:, None]  # per-head budgets
         self.pos.fill_(-1)
-        self.pos[:, :, :n] = kept_pos.masked_fill(~rank_ok, -1)
+        self.pos[:, :, :n] = tok_pos.gather(-1, keep).masked_fill(beyond, -1)
         idx = keep[..., None].expand(-1, -1, -1, k.shape[-1])
         self.k[:, :, :n] = k.gather(2, idx)
         self.v[:, :, :n] = v.gather(2, idx)
@@ -170,15 +174,18 @@ class KVCache(nn.Module):
         B, H, S = self.pos.shape
         new_pos = input_pos[:, None, None].expand(B, H, 1)
         all_pos = torch.cat([self.pos, new_pos], dim=-1)
-        usable = torch.arange(S + 1, device=keep.device) < self.limit[:, None]  # [H, S+1]
-        usable[:, S] = True
+        usable = torch.cat([self.usable(), torch.ones_like(new_pos, dtype=torch.bool)], -1)  # the new token: always
         keep = keep.float().masked_fill(self.protected(all_pos, input_pos), math.inf)
-        keep = keep.masked_fill(all_pos < 0, -math.inf).masked_fill(~usable, math.inf) + 0.0  # -0.0 -> 0.0
+        keep = keep.masked_fill(all_pos < 0, -math.inf) + 0.0  # -0.0 -> 0.0
         # the lowest score; ties (integer scores: Hamming distances, indicator counts) evict the oldest,
         # empty slots first: one argmin over (score's order-preserving bits, position + 1) in an int64
         bits = keep.view(torch.int32)
         ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()  # int32 order = the floats' order
-        return ((ordered << 32) + all_pos + 1).argmin(dim=-1)
+        return ((ordered << 32) + all_pos + 1).masked_fill(~usable, MAX64).argmin(dim=-1)
+
+    def usable(self):
+        """[B, H_kv, S]: the slots below each row's budget (`limit`)."""
+        return torch.arange(self.n_slots, device=self.limit.device) < self.limit[..., None]
 
     def write(self, slot, k_new, v_new, input_pos):
         """Put the new token in `slot` [B, H_kv]; slot == S means it was evicted on arrival.
@@ -251,7 +258,7 @@ class KVCache(nn.Module):
             if self.evicts:
                 slot = self.choose_slot(self.decode_scores(qg, k_new, input_pos), input_pos)
             elif self.prefill_only:  # generated tokens fill the reserved (empty) slots, first one first
-                empty = self.pos < 0
+                empty = (self.pos < 0) & self.usable()
                 slot = torch.where(empty.any(-1), empty.int().argmax(-1), self.n_slots)  # none left: dropped
             else:  # no eviction: slot = position (prefill set it up so; lengths are validated)
                 slot = input_pos[:, None].expand(B, H // self.n_group)
@@ -540,7 +547,7 @@ class Scissorhands(KVCache):
         key = ((mean << 24) | self.pos.clamp(min=0)).masked_fill(~filled | self.protected(self.pos, input_pos), MAX64)
         victim = (key.argmin(-1, keepdim=True) if self.m == 1 else  # one reduction, not topk's sort
                   key.topk(min(self.m, self.n_slots), dim=-1, largest=False).indices)
-        free = filled.all(-1, keepdim=True) & (key.gather(-1, victim) < MAX64)
+        free = (filled | ~self.usable()).all(-1, keepdim=True) & (key.gather(-1, victim) < MAX64)
         b, h = grid(victim)
         self.pos[b[..., None], h[..., None], victim] = self.pos.gather(-1, victim).masked_fill(free, -1)
         return torch.zeros_like(probs)
@@ -754,18 +761,27 @@ def prompt_probs(q, k, pos, rows=None, chunk_bytes=256 << 20):
 def parse_budget(values, n_layer, max_seq_length) -> list[int]:
     """--max_cache_length: fractions (<= 1, of prompt + max_new_tokens) or token counts; one value
     for every layer or one per layer. Returns slots per layer."""
-    values = [float(v) for v in values]
+    values = [budget_value(v) for v in values]
     if len(values) == 1:
         values = values * n_layer
     if len(values) != n_layer:
         raise ValueError(f"--max_cache_length has {len(values)} values; give 1 or one per layer ({n_layer})")
     slots = []
     for v in values:
-        if v <= 0:
-            raise ValueError(f"--max_cache_length {v:g} must be > 0")
         n = math.ceil(v * max_seq_length) if v <= 1 else int(v)
         slots.append(min(n, max_seq_length))  # a token budget above the sequence: nothing to compress
     return slots
+
+
+def budget_value(v) -> float:
+    """One --max_cache_length value: a fraction in (0, 1] or a whole number of tokens."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"--max_cache_length {v!r} is not a number: give a fraction in (0, 1] or a token count") from None
+    if not x > 0 or (x > 1 and x != int(x)) or math.isinf(x):
+        raise ValueError(f"--max_cache_length {v}: give a fraction in (0, 1] or a whole number of tokens")
+    return x
 
 
 def recent_slots(recent_window, n_slots) -> int:
@@ -823,8 +839,11 @@ def pyramid_budgets(budget, n_layer, cap, reserve=0, beta=20.0) -> list[int]:
 ALLOC_STEP = 1024
 
 
-def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, device, dtype) -> list[KVCache]:
-    """One cache per layer for model args `args`, sized by the strategy's budget."""
+def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, device, dtype,
+                lengths=None) -> list[KVCache]:
+    """One cache per layer for model args `args`, sized by the strategy's budget. `lengths` (each
+    sequence's prompt + new tokens) gives a compressing strategy each sequence's own budget: the buffers
+    hold the longest's, `limit` each one's share of its own length."""
     if cfg.strategy not in REGISTRY:
         raise ValueError(f"unknown cache strategy {cfg.strategy!r}; known: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[cfg.strategy]
@@ -837,8 +856,22 @@ def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, d
     whole = min(-(-max_seq_length // ALLOC_STEP) * ALLOC_STEP, max(args.block_size, max_seq_length))
     slots = [whole if s == max_seq_length and not (cls.evicts or cls.prefill_only) else s for s in slots]
     G = args.n_head // args.n_local_heads
-    return [cls(batch, args.n_local_heads, s, args.head_dim, G, dtype, i, args.n_layer, cfg, max_new_tokens)
-            .to(device) for i, s in enumerate(slots)]
+    caches = [cls(batch, args.n_local_heads, s, args.head_dim, G, dtype, i, args.n_layer, cfg, max_new_tokens)
+              .to(device) for i, s in enumerate(slots)]
+    if lengths is not None and (cls.evicts or cls.prefill_only):
+        for b, n in enumerate(lengths):
+            for c, own in zip(caches, sequence_slots(cls, cfg, args.n_layer, n, max_new_tokens)):
+                c.limit[b] = min(own, c.n_slots)
+    return caches
+
+
+def sequence_slots(cls, cfg: CacheConfig, n_layer, length, max_new_tokens) -> list[int]:
+    """One sequence's own slots per layer; a sequence too short for the budget's floor (sinks + recent
+    window + 1) keeps every token."""
+    try:
+        return cls.layer_slots(cfg, n_layer, length, max_new_tokens)
+    except ValueError:
+        return [length] * n_layer
 
 
 def cache_bytes(caches) -> int:

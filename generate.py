@@ -6,6 +6,7 @@ syncs with the host except every `STOP_CHECK` steps to see whether every sequenc
 Every run prints the numbers the README reports from this one code path.
 """
 import argparse
+import os
 import resource
 import sys
 import time
@@ -18,7 +19,8 @@ from safetensors import SafetensorError
 import cache as kv
 from model import load_model
 
-DEFAULT_CHECKPOINT = "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
+ROOT = Path(__file__).resolve().parent  # defaults resolve here, not in the current folder
+DEFAULT_CHECKPOINT = str(ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")
 PREPARE_DEFAULT = "bash scripts/prepare_default.sh"
 DEFAULT_PROMPT = "Explain in a few sentences why a language model's KV cache grows with the length of the text."
 STOP_CHECK = 32  # decode steps between host syncs that test whether every sequence hit a stop token
@@ -26,6 +28,50 @@ STOP_CHECK = 32  # decode steps between host syncs that test whether every seque
 
 class UserError(Exception):
     """Bad input: reported as one line and a non-zero exit, never a traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`error: ...`) and exit 2, as UserError's are."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def flag_bool(text: str) -> bool:
+    """A boolean flag's value: true/false, yes/no, on/off, 1/0; anything else is an error."""
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true or false)")
+
+
+def set_threads(n: int | None = None) -> int:
+    """torch's CPU threads: n, or one per idle core (at most 8). With every core busy, each OpenMP
+    barrier waits a scheduler slice: on a 2-core machine with one core busy, 2 threads decoded the default
+    model at 4.6 tok/s and 1 thread at 13.2; with both idle, 2 threads 22.8 and 1 thread 14.3."""
+    if n is not None and n < 1:
+        raise UserError(f"--threads {n}: give at least 1")
+    n = n or idle_cores()
+    torch.set_num_threads(n)
+    return n
+
+
+def idle_cores(window: float = 0.1) -> int:
+    """Cores this process may use that are idle now: /proc/stat sampled over `window` seconds (the load
+    average where there is no /proc)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        def sample():
+            head = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+            ticks = [int(x) for x in head]
+            return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+        (t0, i0), _, (t1, i1) = sample(), time.sleep(window), sample()
+        busy = (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
+    except (OSError, IndexError, ValueError):
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(8, cores - round(busy)))
 
 
 @dataclass
@@ -167,7 +213,8 @@ def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, tempe
         if max(float(v) for v in cache_cfg.max_cache_length) > model.args.block_size:  # a typo, not a budget
             raise ValueError(f"--max_cache_length {' '.join(map(str, cache_cfg.max_cache_length))} exceeds the "
                              f"model's maximum context of {model.args.block_size} tokens")
-        caches = kv.make_caches(model.args, cache_cfg, B, max_len, n_sfx + max_new_tokens, device, dtype)
+        caches = kv.make_caches(model.args, cache_cfg, B, max_len, n_sfx + max_new_tokens, device, dtype,
+                                lengths=[len(p) + n_sfx + max_new_tokens for p in prompts])
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     model.setup_caches(caches)
@@ -250,8 +297,7 @@ def strategy_flags(parser):
                 continue
             seen[key] = default
             if isinstance(default, bool):
-                parser.add_argument(f"--{key}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
-                                    help=f"{cls.name} (default {default})")
+                parser.add_argument(f"--{key}", type=flag_bool, default=None, help=f"{cls.name} (default {default})")
             elif isinstance(default, (list, tuple)):
                 parser.add_argument(f"--{key}", nargs="*", type=type(default[0]) if default else int, default=None,
                                     help=f"{cls.name} (default {default})")
@@ -265,8 +311,9 @@ def add_cache_args(parser):
     """The cache flags shared by generate.py and eval.py."""
     g = parser.add_argument_group("cache")
     g.add_argument("--cache_strategy", default="full", help=f"one of: {', '.join(sorted(kv.REGISTRY))}")
-    g.add_argument("--max_cache_length", nargs="+", default=["1.0"],
-                   help="fraction (<= 1) of prompt + max_new_tokens, or tokens; one value or one per layer")
+    g.add_argument("--max_cache_length", nargs="+", default=None,
+                   help=f"fraction (<= 1) of each sequence's prompt + max_new_tokens, or tokens; one value or one per "
+                        f"layer (default {DEFAULT_BUDGET} for strategies that compress; unused by the others)")
     g.add_argument("--global_tokens", type=int, default=4, help="attention sinks kept")
     g.add_argument("--recent_window", type=float, default=10,
                    help="most recent tokens kept (below 1: a fraction of each layer's slots, H2O's recent ratio)")
@@ -285,10 +332,15 @@ def parse_with_config(parser, argv=None):
         import yaml
         path = Path(args.cache_config)
         if not path.exists():
-            path = Path("cache_configs") / f"{args.cache_config}.yaml"
+            path = ROOT / "cache_configs" / f"{args.cache_config}.yaml"
         if not path.exists():
             parser.error(f"no cache config {args.cache_config} (looked in cache_configs/)")
-        conf = yaml.safe_load(path.read_text()) or {}
+        try:
+            conf = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(conf, dict):
+            raise UserError(f"{path} must be a YAML mapping of flag: value, not a {type(conf).__name__}")
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(conf) - known)
         if unknown:
@@ -300,9 +352,28 @@ def parse_with_config(parser, argv=None):
     return args
 
 
+DEFAULT_BUDGET = "0.5"  # of each sequence's tokens, when a compressing strategy is given no --max_cache_length
+
+
+def compresses(strategy: str) -> bool:
+    cls = kv.REGISTRY[strategy]
+    return cls.evicts or cls.prefill_only
+
+
 def cache_config_from_args(args, param_keys, checkpoint_dir="") -> kv.CacheConfig:
+    """The CacheConfig of parsed flags, each checked (bad values are a UserError naming the flag)."""
     if args.cache_strategy not in kv.REGISTRY:
         raise UserError(f"unknown cache strategy {args.cache_strategy!r}; known: {', '.join(sorted(kv.REGISTRY))}")
+    args.budget_defaulted = args.max_cache_length is None
+    if args.budget_defaulted:
+        args.max_cache_length = [DEFAULT_BUDGET if compresses(args.cache_strategy) else "1.0"]
+    try:
+        for v in args.max_cache_length:
+            kv.budget_value(v)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.global_tokens < 0 or args.recent_window < 0:
+        raise UserError(f"--global_tokens {args.global_tokens} / --recent_window {args.recent_window:g}: give counts >= 0")
     params = {k: getattr(args, k) for k in param_keys if getattr(args, k, None) is not None}
     return kv.CacheConfig(strategy=args.cache_strategy, max_cache_length=[str(v) for v in args.max_cache_length],
                           global_tokens=args.global_tokens, recent_window=args.recent_window,
@@ -317,13 +388,31 @@ def read_prompts(values):
         if p.endswith(".txt"):
             if not Path(p).exists():
                 raise UserError(f"prompt file {p} does not exist")
-            p = Path(p).read_text()
+            try:
+                p = Path(p).read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"prompt file {p} is not UTF-8 text") from None
         prompts.append(p)
     return prompts
 
 
+def check_device(device: str, dtype: str | None) -> torch.dtype:
+    """--device and --dtype, checked: one line for a device this machine lacks or a dtype we don't run."""
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: give cpu or cuda (cuda:N)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu")
+    if kind == "cuda" and ":" in device and not int(device.split(":")[1] or 0) < torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    name = dtype or ("bfloat16" if kind == "cuda" else "float32")
+    if name not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {dtype}: give float32, bfloat16 or float16")
+    return getattr(torch, name)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", action="append", help="text or a .txt path; repeat for a batch")
     parser.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT)
     parser.add_argument("--max_new_tokens", type=int, default=128)
@@ -335,6 +424,7 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="compile the decode step (fullgraph)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per idle core, at most 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--debug_attention_loss", action="store_true",
                         help="run a full cache beside the compressed one; report the attention mass on evicted tokens")
@@ -342,17 +432,23 @@ def main(argv=None):
     args = parse_with_config(parser, argv)
 
     torch.manual_seed(args.seed)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if "cuda" in args.device else "float32"), None)
-    if not isinstance(dtype, torch.dtype):
-        raise UserError(f"unknown --dtype {args.dtype}")
-    if args.max_new_tokens < 1:
-        raise UserError("--max_new_tokens must be at least 1")
+    dtype = check_device(args.device, args.dtype)
+    for flag, value, low in (("--max_new_tokens", args.max_new_tokens, 1), ("--num_samples", args.num_samples, 1),
+                             ("--batch_size", args.batch_size, 1), ("--top_k", args.top_k, 1)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} {value}: give at least {low}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature:g}: give 0 (greedy) or more")
     cfg = cache_config_from_args(args, param_keys, args.checkpoint_path)
+    threads = set_threads(args.threads) if args.device == "cpu" else None
     model, tokenizer = load(args.checkpoint_path, args.device, dtype)
     texts = read_prompts(args.prompt)
     batch = args.batch_size or len(texts)
     texts = [texts[i % len(texts)] for i in range(batch)]
     prompts = [tokenizer.encode_prompt(t, chat=not args.no_chat) for t in texts]
+    if empty := [i for i, p in enumerate(prompts) if not p]:
+        raise UserError(f"prompt {empty[0]} is empty (no tokens{' with --no_chat' if args.no_chat else ''})")
+    print(settings_line(cfg, args, threads))
     step = compile_decode(model, args.device) if args.compile else None
     for n in range(args.num_samples):
         probes = []
@@ -367,6 +463,18 @@ def main(argv=None):
         report(res, model, prompts, args)
         if probes:
             print_attention_loss(torch.stack([p.loss for p in probes]).cpu())
+
+
+def settings_line(cfg, args, threads) -> str:
+    """What this run does that the user may not have asked for: the budget, the threads."""
+    if compresses(cfg.strategy):
+        default = " (the default; --max_cache_length to change)" if args.budget_defaulted else ""
+        budget = f"budget {' '.join(cfg.max_cache_length)} of each sequence's tokens{default}"
+    else:
+        budget = "no compression (every token kept)"
+    cpu = f"; {threads} CPU thread(s) ({'--threads' if args.threads else 'one per idle core; --threads to set'})" \
+        if threads else ""
+    return f"{cfg.strategy}: {budget}{cpu}"
 
 
 def print_attention_loss(loss):
@@ -409,12 +517,16 @@ def report(res: Result, model, prompts, args):
 
 
 def cli(fn, argv=None):
-    """Run fn, turning bad input into one line on stderr and exit status 2."""
+    """Run fn, turning bad input into one line on stderr and exit status 2, and Ctrl-C into one line
+    and status 130."""
     try:
         fn(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -47,9 +47,15 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path) -> "ModelArgs":
+        """A converted checkpoint's config.json: every field, and nothing else but the tokenizer's entry
+        (a missing rope_base must not quietly become 10000)."""
         raw = json.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        if missing := sorted(known - raw.keys()):
+            raise ValueError(f"{path} lacks {', '.join(missing)}")
+        if unknown := sorted(raw.keys() - known - {"tokenizer"}):
+            raise ValueError(f"{path} has unknown keys {', '.join(unknown)}")
+        return cls(**{k: raw[k] for k in known})
 
 
 _L31 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)

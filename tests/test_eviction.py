@@ -513,10 +513,10 @@ def test_chunked_feed_equals_decode_steps(name, params):
 
 
 def expected_bytes(name, params, slots, B_, H, D_, elt):
-    """K + V + positions + per-head limits + each strategy's auxiliary buffers, counted by hand."""
+    """K + V + positions + per-row limits + each strategy's auxiliary buffers, counted by hand."""
     n = 0
     for S in slots:
-        n += 2 * B_ * H * S * D_ * elt + B_ * H * S * 8 + H * 8
+        n += 2 * B_ * H * S * D_ * elt + B_ * H * S * 8 + B_ * H * 8  # K, V, positions, per-row budgets
         if name == "lsh":
             L = params.get("lsh_dim", 16)
             n += B_ * H * S * (2 if L <= 16 else 4 if L <= 32 else 8) + D_ * L * 4  # codes + R (fp32)

@@ -1,12 +1,16 @@
 """`python generate.py ...` as a user runs it: bad input exits non-zero with one clear line on stderr and
 no traceback; a normal run prints the numbers the README reports."""
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import cache as kv
 
@@ -39,8 +43,9 @@ def test_unknown_strategy_lists_the_known_ones():
     assert "no_such_press" in err and all(name in err for name in kv.REGISTRY)
 
 
-@pytest.mark.parametrize("budget, says", [("0", "must be > 0"), ("-3", "must be > 0"), ("5", "too small"),
-                                          ("100000", "exceeds the model's maximum context of 8192")])
+@pytest.mark.parametrize("budget, says", [("0", "a fraction in (0, 1]"), ("-3", "a fraction in (0, 1]"),
+                                          ("1.5", "whole number of tokens"), ("abc", "is not a number"),
+                                          ("5", "too small"), ("100000", "exceeds the model's maximum context of 8192")])
 def test_bad_budget(default_checkpoint, budget, says):
     err = one_line_error("--cache_strategy", an_evicting_strategy(), "--max_cache_length", budget,
                          "--max_new_tokens", "2")
@@ -60,9 +65,75 @@ def test_prompt_longer_than_the_model_maximum(default_checkpoint, tmp_path):
 def test_missing_checkpoint_names_the_prepare_command(tmp_path):
     err = one_line_error("--checkpoint_path", tmp_path / "nowhere", "--max_new_tokens", "2")
     assert "nowhere" in err and "scripts/prepare.sh" in err
-    # the default path, from a directory where it does not exist: the default's own prepare script
-    err = one_line_error("--max_new_tokens", "2", cwd=tmp_path)
-    assert "bash scripts/prepare_default.sh" in err
+
+
+def test_defaults_resolve_in_the_repository_not_the_current_folder(default_checkpoint, tmp_path):
+    r = run("--max_new_tokens", "2", "--cache_config", "h2o", cwd=tmp_path)  # checkpoint and cache_configs/
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--device", "tpu"], "--device tpu: give cpu or cuda"),
+    (["--dtype", "int8"], "--dtype int8: give float32, bfloat16 or float16"),
+    (["--top_k", "-5"], "--top_k -5"),
+    (["--batch_size", "0"], "--batch_size 0"),
+    (["--num_samples", "0"], "--num_samples 0"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--threads", "0"], "--threads 0"),
+    (["--max_new_tokens", "abc"], "--max_new_tokens"),
+    (["--cache_strategy", "h2o", "--global_tokens", "-3"], "--global_tokens -3"),
+    (["--cache_strategy", "h2o", "--recent_window", "-2"], "--recent_window -2"),
+    (["--cache_strategy", "tova", "--tova_per_head", "maybe"], "--tova_per_head"),
+    (["--no_chat", "--prompt", ""], "prompt 0 is empty"),
+])
+def test_bad_flags_are_one_line(default_checkpoint, flags, says):
+    assert says in one_line_error(*flags, "--max_new_tokens", "2")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_machine_without_it(default_checkpoint):
+    assert "--device cuda: this machine has no CUDA GPU" in one_line_error("--device", "cuda", "--max_new_tokens", "2")
+
+
+def test_bad_prompt_file_and_cache_config(default_checkpoint, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    assert "is not UTF-8 text" in one_line_error("--prompt", tmp_path / "latin1.txt", "--max_new_tokens", "2")
+    (tmp_path / "bad.yaml").write_text("cache_strategy: [h2o\n")
+    assert "is not valid YAML" in one_line_error("--cache_config", tmp_path / "bad.yaml", "--max_new_tokens", "2")
+    (tmp_path / "list.yaml").write_text("- cache_strategy\n- h2o\n")
+    assert "must be a YAML mapping" in one_line_error("--cache_config", tmp_path / "list.yaml", "--max_new_tokens", "2")
+
+
+@pytest.mark.parametrize("edit, says", [(lambda c: c.pop("rope_base"), "lacks rope_base"),
+                                        (lambda c: c.pop("block_size"), "lacks block_size"),
+                                        (lambda c: c.update(rope_theta=1.0), "unknown keys rope_theta")])
+def test_checkpoint_config_is_validated(default_checkpoint, tmp_path, edit, says):
+    ck = copy_checkpoint(default_checkpoint, tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    edit(cfg)
+    (ck / "config.json").write_text(json.dumps(cfg))
+    assert says in one_line_error("--checkpoint_path", ck, "--max_new_tokens", "2")
+
+
+def test_ctrl_c_is_one_line(default_checkpoint):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--max_new_tokens", "2000", "--threads", "1"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.readline()  # the settings line: the model is loaded and about to generate
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip() == "interrupted (Ctrl-C)", err
+
+
+def test_compressing_strategy_compresses_by_default_and_says_so(default_checkpoint):
+    r = run("--cache_strategy", "h2o", "--max_new_tokens", "16", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "h2o: budget 0.5 of each sequence's tokens (the default" in r.stdout
+    ratio = float(r.stdout.split("compression ratio ")[1].split()[0])
+    assert 0.45 < ratio < 0.55, r.stdout
+    r = run("--max_new_tokens", "4")  # full: nothing compressed; the threads picked from the idle cores
+    assert "full: no compression" in r.stdout and "one per idle core" in r.stdout
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
@@ -105,3 +176,10 @@ def test_happy_path_prints_the_reported_numbers(default_checkpoint):
     for needle in ("prefill:", "ms for", "decode:", "tok/s", "MiB allocated", "compression ratio", "peak"):
         assert needle in out, out
     assert "Paris" in out  # the 135M model knows this one
+
+
+def test_boolean_flags_are_strict():
+    import generate as gen
+    assert [gen.flag_bool(v) for v in ("on", "True", "1", "off", "no", "0")] == [True] * 3 + [False] * 3
+    with pytest.raises(Exception, match="not a boolean"):
+        gen.flag_bool("maybe")

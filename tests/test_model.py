@@ -198,6 +198,22 @@ def test_regional_compile_equals_eager_and_compiles_one_layer():
     assert len(_debug_get_cache_entry_list(TransformerBlock.forward.__code__)) == 1  # the graph is the layer's
 
 
+@pytest.mark.parametrize("strategy", ["streamingllm", "l2", "h2o", "tova", "snapkv", "pyramid"])
+def test_fractional_budget_is_each_sequences_own_in_a_batch(strategy):
+    """A batch of a long and a short prompt with --max_cache_length 0.5: each sequence keeps half of its
+    own tokens (not of the longest's) and decodes exactly as it does alone."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (150, 45)]
+    cfg, kept = kv.CacheConfig(strategy=strategy, max_cache_length=["0.5"]), []
+    batch = gen.generate(model, prompts, 20, cfg, on_caches=kept.append)
+    used = sum((c.pos >= 0).sum(dim=(1, 2)) for c in kept[0]) / (len(kept[0]) * model.args.n_local_heads)
+    for b, p in enumerate(prompts):
+        alone = gen.generate(model, [p], 20, cfg)
+        assert batch.tokens[b] == alone.tokens[0], f"sequence {b}"
+        assert abs(used[b].item() - 0.5 * (len(p) + 20)) <= 2  # its own half (+ rounding), not the longest's
+
+
 def strategy_config(name, prompt_len, max_new_tokens, checkpoint_dir="") -> kv.CacheConfig:
     """A budget that makes the strategy do its work: evicting ones start over budget (prompt compression,
     then an eviction every step); prefill-only ones compress the prompt; retrieval ones ignore it."""
