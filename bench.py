@@ -253,7 +253,7 @@ def bench_one(model, a, spec, context, batch, device, dtype, spot_dir) -> dict:
     gen.sync(device)
     timed_s = time.perf_counter() - t0
     check_honest(step, device, a.steps, counts, replays)
-    kept = sum(int((c.pos >= 0).sum()) for c in caches) / (len(caches) * caches[0].pos.shape[1] * batch * (context + steps))
+    kept = 1 - kv.compression_ratio(caches, torch.full((batch,), context + steps, device=device))
     prof = profile_step(step, tok, input_pos) if a.profile else None
     cache_gb = kv.cache_bytes(caches) / 1e9
     model.setup_caches([None] * len(caches))

@@ -81,7 +81,7 @@ class KVCache(nn.Module):
     def __init__(self, batch, n_kv, n_slots, head_dim, n_group, dtype, layer, n_layer, cfg: CacheConfig,
                  max_new_tokens: int = 0):
         super().__init__()
-        self.layer, self.n_layer, self.n_group, self.cfg = layer, n_layer, n_group, cfg
+        self.layer, self.n_layer, self.n_group, self.n_kv, self.cfg = layer, n_layer, n_group, n_kv, cfg
         self.max_new_tokens = max_new_tokens
         self.p = self.hparams(cfg)
         self.recent = recent_slots(cfg.recent_window, n_slots)
@@ -205,6 +205,16 @@ class KVCache(nn.Module):
     def index_bytes(self) -> int:
         """Bytes of auxiliary index a decode step scans besides K/V rows (retrieval: codes, page bounds)."""
         return 0
+
+    def rows_held(self):
+        """[B]: the (KV head, token) rows each sequence holds."""
+        return (self.pos >= 0).sum(dim=(1, 2))
+
+    def rows_read(self, input_pos) -> int:
+        """K/V rows a decode step at input_pos [B] reads (a retrieval strategy's selection's size does not
+        depend on the query's values)."""
+        qg = torch.zeros(*self.k.shape[:2], self.n_group, self.k.shape[-1], device=self.k.device, dtype=self.k.dtype)
+        return int(self.attend_mask(qg, input_pos).sum())
 
     def attend_mask(self, q, input_pos):
         """Which slots the decode query reads: [B, H_kv, S] bool. Retrieval strategies narrow it."""
@@ -886,19 +896,16 @@ def read_bytes(caches, input_pos) -> tuple[int, int]:
     plus the index scanned, against every filled slot's K/V."""
     read = held = 0
     for c in caches:
-        B, H, S, D = c.k.shape
-        row = 2 * D * c.k.element_size()
-        qg = torch.zeros(B, H, c.n_group, D, device=c.k.device, dtype=c.k.dtype)
-        read += int(c.attend_mask(qg, input_pos).sum()) * row + c.index_bytes()
-        held += int((c.pos >= 0).sum()) * row
+        row = 2 * c.k.shape[-1] * c.k.element_size()
+        read += c.rows_read(input_pos) * row + c.index_bytes()
+        held += int(c.rows_held().sum()) * row
     return read, held
 
 
 def compression_ratio(caches, tokens_seen: torch.Tensor) -> float:
     """1 - slots used / tokens seen, measured over layers, heads and sequences (tokens_seen [B])."""
-    used = sum((c.pos >= 0).sum(dim=(1, 2)).float() for c in caches)  # [B]
-    H = caches[0].pos.shape[1]
-    seen = tokens_seen.float() * H * len(caches)
+    used = sum(c.rows_held().float() for c in caches)  # [B]
+    seen = tokens_seen.float() * caches[0].n_kv * len(caches)
     return float(1 - (used / seen).mean())
 
 
