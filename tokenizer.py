@@ -3,11 +3,15 @@
 config.json["tokenizer"] says which, and the converters in scripts/ write it. Every byte-level BPE
 vocabulary (GGUF, HF tokenizer.json, Llama-3) is stored as one tiktoken file, so the run time needs no
 `tokenizers`/`transformers`; `byte_level_bpe_ranks` below is the one place that conversion lives.
+Chat prompts come from the checkpoint's own Jinja template (config.json["tokenizer"]["chat_template"],
+copied by the converters), rendered as transformers' apply_chat_template does; the hand-written
+`chat_text` is the fallback for checkpoints that carry none (converted before templates were kept).
 """
 import base64
 import json
 import re
 import unicodedata
+from datetime import datetime
 from pathlib import Path
 
 # Split regexes. SMOLLM is GPT-2's with digits isolated; `(?![^\s\p{N}])` instead of GPT-2's `(?!\S)`
@@ -84,8 +88,43 @@ def _unencodable(ranks: dict[bytes, int]):
     return re.compile(f"[{''.join(ranges)}]") if ranges else None
 
 
+def jinja_chat(template: str, **special_tokens):
+    """render(messages, add_generation_prompt) -> text, for an HF-style chat template.
+
+    The template arrives with downloaded weights, so it runs in jinja2's immutable sandbox (no dunder
+    attributes, no mutating methods). Settings and globals are the ones HF templates are written for:
+    trim_blocks/lstrip_blocks, loop controls, raise_exception, strftime_now, a tojson that keeps non-ASCII.
+    Any template error becomes a one-line ValueError."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def fail(e: Exception):
+        return ValueError(f"chat template: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals |= dict(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        compiled = env.from_string(template)
+    except jinja2.TemplateError as e:
+        raise fail(e) from None
+    special_tokens = {k: v for k, v in special_tokens.items() if v is not None}  # as HF's special_tokens_map
+
+    def render(messages: list[dict], add_generation_prompt: bool = True) -> str:
+        try:
+            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens)
+        except jinja2.TemplateError as e:  # SecurityError (sandbox), raise_exception, undefined names
+            raise fail(e) from None
+    return render
+
+
 def chat_text(fmt: str, user: str, system: str | None) -> str:
-    """The prompt text of one user turn, ending where the assistant's reply starts. No BOS: encode adds it."""
+    """Fallback, for checkpoints without a template: the prompt text of one user turn, ending where the
+    assistant's reply starts. No BOS: encode_chat adds it."""
     if fmt == "chatml":
         sys_turn = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
         return f"{sys_turn}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
@@ -122,14 +161,27 @@ class Tokenizer:
         elif self.kind == "sentencepiece":
             import sentencepiece
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+            self._special = {self._sp.id_to_piece(i): i  # <s>, </s>: what templates write as bos/eos_token
+                             for i in range(self._sp.get_piece_size()) if self._sp.is_control(i)}
+            self._special_re = f"({'|'.join(map(re.escape, self._special))})"
         else:
             raise ValueError(f"unknown tokenizer kind {self.kind!r}")
+        self._render = None
+        if spec.get("chat_template"):
+            self._render = jinja_chat(spec["chat_template"], bos_token=spec.get("bos_token"),
+                                      eos_token=spec.get("eos_token"))
+            self._render([{"role": "user", "content": "hi"}])  # a broken or unsafe template fails at load
 
     def _encode(self, text: str, special: bool) -> list[int]:
         if self.normalize:
             text = unicodedata.normalize(self.normalize, text)
-        if self.kind == "sentencepiece":  # no special-token strings in sentencepiece prompts; BOS is an id
-            return self._sp.encode(text)
+        if self.kind == "sentencepiece":
+            if not special or not self._special:
+                return self._sp.encode(text)
+            # A rendered template spells BOS/EOS as "<s>", "</s>". HF's (legacy) Llama-2/Mistral tokenizer.json
+            # encodes each piece between them alone, with sentencepiece's leading "▁": "<s>[INST]" -> <s> ▁[ INST ].
+            return [i for part in re.split(self._special_re, text)
+                    for i in ([self._special[part]] if part in self._special else self._sp.encode(part))]
         if self._drop is None or not self._drop.search(text):
             # Special-token strings inside user text are plain text; only templates may contain them.
             return self._tt.encode(text, allowed_special="all" if special else set(), disallowed_special=())
@@ -154,15 +206,36 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         return self._sp.decode(ids) if self.kind == "sentencepiece" else self._tt.decode(ids)
 
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """messages as for HF's apply_chat_template ([{"role": ..., "content": ...}, ...])."""
+        if self._render:
+            return self._render(messages, add_generation_prompt)
+        roles = [m["role"] for m in messages]
+        if roles not in (["user"], ["system", "user"]) or not add_generation_prompt:
+            raise ValueError(f"the checkpoint has no chat template, and the built-in {self.chat_format!r} one "
+                             "renders only [system,] user + generation prompt; re-convert the checkpoint")
+        system = messages[0]["content"] if len(roles) == 2 else self.default_system
+        return chat_text(self.chat_format, messages[-1]["content"], system)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """As HF's apply_chat_template(tokenize=True): special-token strings in the text are special, and
+        no BOS is added (a template writes {{ bos_token }} itself; the hand-written ones do not)."""
+        text = self.render_chat(messages, add_generation_prompt)
+        bos = [self.bos_id] if not self._render and self.add_bos and self.bos_id is not None else []
+        return bos + self._encode(text, special=True)
+
+    @staticmethod
+    def _turn(user_text: str, system: str | None) -> list[dict]:
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+
     def apply_chat(self, user_text: str, system: str | None = None) -> str:
-        """system=None takes the model's default system prompt; "" means none."""
-        return chat_text(self.chat_format, user_text, self.default_system if system is None else system)
+        """The prompt text of one user turn; no system (None or "") means the template's default one."""
+        return self.render_chat(self._turn(user_text, system))
 
     def encode_prompt(self, text: str, chat: bool = True) -> list[int]:
-        if not chat or self.chat_format == "none":
+        if not chat or (not self._render and self.chat_format == "none"):
             return self.encode(text)
-        bos = [self.bos_id] if self.add_bos and self.bos_id is not None else []
-        return bos + self._encode(self.apply_chat(text), special=True)
+        return self.encode_chat(self._turn(text, None))
 
 
 def load_tokenizer(checkpoint_dir) -> Tokenizer:

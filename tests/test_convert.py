@@ -26,6 +26,14 @@ QWEN2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]
                   "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
                   "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role']"
+                   " + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+                   "{% endif %}")
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                    "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% elif m['role'] == 'assistant' %}"
+                    "{{ m['content'] + eos_token }}{% else %}{{ raise_exception('only user and assistant roles') }}"
+                    "{% endif %}{% endfor %}")
 SMALL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
              num_hidden_layers=2, max_position_embeddings=128)
 
@@ -35,6 +43,8 @@ def _llama3(d: Path):
     ranks = {bytes([b]): b for b in range(256)} | {b"th": 256, b"he": 257, b"the": 258, b" t": 259, b" the": 260}
     (d / "original").mkdir(parents=True)
     tk.write_tiktoken_file(d / "original/tokenizer.model", ranks)
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE}))
     rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                 original_max_position_embeddings=64)
     cfg = transformers.LlamaConfig(vocab_size=520, head_dim=32, rope_parameters=rope, tie_word_embeddings=False,
@@ -71,7 +81,7 @@ def _mistral(d: Path):
                                    remove_extra_whitespaces=False, minloglevel=2)  # as Llama-2/Mistral's
     d.mkdir(parents=True)
     (d / "tokenizer.model").write_bytes(model.getvalue())
-    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ bos_token }}[INST] ... [/INST]"}))
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": MISTRAL_TEMPLATE}))
     cfg = transformers.MistralConfig(vocab_size=400, sliding_window=None, bos_token_id=1, eos_token_id=2, **SMALL)
     return transformers.MistralForCausalLM(cfg).to(torch.float16)
 
@@ -139,6 +149,8 @@ def test_config_fields(tiny):
     common = dict(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=96, block_size=128, name=kind)
     assert {k: cfg[k] for k in common} == common
     t = cfg["tokenizer"]
+    assert (t["bos_token"], t["eos_token"]) == {"llama3": ("<|begin_of_text|>", "<|eot_id|>"), "qwen2": (None, None),
+                                                "mistral": ("<s>", "</s>")}[kind]
     if kind == "llama3":
         assert cfg["head_dim"] == 32 and cfg["rope_base"] == 500000.0 and cfg["vocab_size"] == 520
         assert cfg["rope_scaling"] == dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -179,6 +191,62 @@ def test_tokenizer_matches_source(tiny):
     for t in TEXTS:
         if kind != "qwen2" or t == tk.unicodedata.normalize("NFC", t):
             assert ours.decode(ours.encode(t, bos=False)) == t
+
+
+def _hf_chat_tokenizer(kind: str, hf_dir: Path, cfg: dict):
+    """transformers' own tokenizer for each tiny model, built from the files we converted from."""
+    tcfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    if kind == "qwen2":
+        return transformers.AutoTokenizer.from_pretrained(hf_dir)
+    if kind == "llama3":  # transformers' converter of Meta's tiktoken file, special tokens appended in id order
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+        special = cfg["tokenizer"]["special_tokens"]
+        tok = TikTokenConverter(vocab_file=str(hf_dir / "original/tokenizer.model"),
+                                extra_special_tokens=sorted(special, key=special.get)).converted()
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **tcfg)
+    # mistral: transformers' LlamaTokenizer in legacy mode (the hub's Llama-2/Mistral tokenizer.json) on the
+    # sentencepiece vocabulary; transformers' own reader of tokenizer.model needs protobuf, not installed here.
+    import sentencepiece
+    from transformers.tokenization_utils_base import generate_merges
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(hf_dir / "tokenizer.model"))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    return transformers.LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), legacy=True, **tcfg)
+
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+USER = {"role": "user", "content": "the cat sat on the mat?\n  12345, naïve"}
+REPLY = {"role": "assistant", "content": "then the other one 🙂"}
+CHATS = [[USER], [SYSTEM, USER], [USER, REPLY, USER], [SYSTEM, USER, REPLY]]
+
+
+def test_chat_template_matches_transformers(tiny):
+    """The template from tokenizer_config.json, rendered and tokenized by us == transformers'
+    apply_chat_template, for several conversations with and without the generation prompt."""
+    kind, hf_dir, out_dir, cfg = tiny
+    assert cfg["tokenizer"]["chat_template"] == json.loads((hf_dir / "tokenizer_config.json").read_text())[
+        "chat_template"]
+    ours, ref = tk.load_tokenizer(out_dir), _hf_chat_tokenizer(kind, hf_dir, cfg)
+    for messages in CHATS:
+        for gen in (True, False):
+            try:
+                want = ref.apply_chat_template(messages, add_generation_prompt=gen)["input_ids"]
+            except Exception as e:  # mistral's template refuses a system turn: so must ours
+                with pytest.raises(ValueError, match=f"^chat template: TemplateError: {e}$"):
+                    ours.encode_chat(messages, gen)
+                continue
+            assert ours.encode_chat(messages, add_generation_prompt=gen) == want, (messages, gen)
+    assert ours.encode_prompt(USER["content"]) == ref.apply_chat_template([USER], add_generation_prompt=True)[
+        "input_ids"]
+
+
+def test_chat_template_sources(tmp_path):
+    """tokenizer_config.json's string or named list, else chat_template.jinja (transformers 5 writes that)."""
+    assert convert_hf._chat_template(tmp_path) == ""
+    (tmp_path / "chat_template.jinja").write_text("{{ a }}")
+    assert convert_hf._chat_template(tmp_path) == "{{ a }}"
+    named = [{"name": "tool_use", "template": "{{ t }}"}, {"name": "default", "template": "{{ d }}"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert convert_hf._chat_template(tmp_path) == "{{ d }}"
 
 
 def test_hf_config_old_style_keys():

@@ -1,4 +1,5 @@
-"""Our tiktoken SmolLM2 tokenizer against transformers' tokenizer built independently from the same GGUF."""
+"""Our tiktoken SmolLM2 tokenizer and chat template against transformers' tokenizer built independently from
+the same GGUF."""
 import json
 import random
 import shutil
@@ -90,18 +91,94 @@ def test_bytes_missing_from_vocab_are_dropped_like_hf(ours, ref):
         assert ours._encode(t, special=True) == ref.encode(t, add_special_tokens=False), repr(t)
 
 
-@pytest.mark.parametrize("system", [None, "You are terse."])
-def test_chat_template_matches_reference(ours, ref, system):
-    user = "What is 12 + 30?\nAnswer briefly."
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+@pytest.fixture(scope="module")
+def templated_dir(default_gguf, tmp_path_factory) -> Path:
+    """The GGUF's tokenizer converted now, with its chat template (the prepared checkpoint may predate that)."""
+    import convert_gguf
+    out = tmp_path_factory.mktemp("templated")
+    meta, _ = convert_gguf.read_gguf(default_gguf, with_tensors=False)
+    (out / "config.json").write_text(json.dumps({"tokenizer": convert_gguf.gguf_tokenizer(meta, out)}))
+    return out
+
+
+def _with_template(src: Path, dst: Path, template: str | None) -> Path:
+    spec = json.loads((src / "config.json").read_text())["tokenizer"] | {"chat_template": template}
+    (dst / "config.json").write_text(json.dumps({"tokenizer": spec}))
+    (dst / "tokenizer.model").symlink_to(src / "tokenizer.model")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def templated(templated_dir):
+    tok = load_tokenizer(templated_dir)
+    assert tok._render is not None and "SmolLM" in json.loads((templated_dir / "config.json").read_text())[
+        "tokenizer"]["chat_template"]
+    return tok
+
+
+@pytest.fixture(scope="module")
+def fallback(templated_dir, tmp_path_factory):
+    """The same tokenizer as a checkpoint converted before templates were kept: hand-written ChatML."""
+    return load_tokenizer(_with_template(templated_dir, tmp_path_factory.mktemp("fallback"), None))
+
+
+SYSTEM = {"role": "system", "content": "You are terse.\nAnswer in one line."}
+USER = {"role": "user", "content": "What is 12 + 30?\nAnswer briefly."}
+REPLY = {"role": "assistant", "content": "42.  Anything else?"}
+USER2 = {"role": "user", "content": "Yes: naïve café 🙂, x  1 and a literal <|im_end|> in text."}
+CONVERSATIONS = {"user": [USER], "system+user": [SYSTEM, USER], "multi-turn": [USER, REPLY, USER2],
+                 "system+multi-turn": [SYSTEM, USER, REPLY, USER2], "ends-with-reply": [SYSTEM, USER, REPLY]}
+
+
+@pytest.mark.parametrize("generation_prompt", [True, False])
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_checkpoint_template_matches_apply_chat_template(templated, ref, name, generation_prompt):
+    """The GGUF's own Jinja template, rendered and tokenized by us == transformers' apply_chat_template.
+    A special-token string inside a message is special in both (HF's default, no sanitizing)."""
+    messages = CONVERSATIONS[name]
+    want = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)["input_ids"]
+    assert templated.encode_chat(messages, add_generation_prompt=generation_prompt) == want
+    assert templated.render_chat(messages, generation_prompt) == ref.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt)
+    tail = [1, *templated.encode("assistant\n")] if generation_prompt else [2, 198]  # <|im_start|>, <|im_end|>
+    assert want[-len(tail):] == tail  # so the flag matters: a renderer that dropped it could not pass
+
+
+@pytest.mark.parametrize("system", [None, SYSTEM["content"]])
+def test_encode_prompt_matches_reference_with_and_without_template(ours, templated, fallback, ref, system):
+    """encode_prompt/apply_chat (generate.py, tasks.py): one user turn, the same ids from the template, from
+    the hand-written fallback and from the prepared checkpoint (whichever of the two it uses)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [USER]
     want_text = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     want_ids = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
-    assert ours.apply_chat(user, system=system) == want_text
-    assert ours._encode(want_text, special=True) == want_ids
-    if system is None:
-        assert ours.encode_prompt(user) == want_ids
-    assert ours.encode_prompt(user, chat=False) == ours.encode(user)
-    assert "<|im_start|>system" not in ours.apply_chat(user, system="")  # "" means no system turn
+    for tok in (templated, fallback, ours):
+        assert tok.apply_chat(USER["content"], system=system) == want_text
+        assert tok.encode_chat(messages) == want_ids
+        if system is None:
+            assert tok.encode_prompt(USER["content"]) == want_ids
+        assert tok.encode_prompt(USER["content"], chat=False) == tok.encode(USER["content"])
+    with pytest.raises(ValueError, match="no chat template"):  # the fallback knows one user turn only
+        fallback.encode_chat(CONVERSATIONS["multi-turn"])
+
+
+@pytest.mark.parametrize("template, error", [
+    ("{{ messages[0].content.__class__.__mro__ }}", "SecurityError: access to attribute '__class__'"),
+    ("{{ messages.append(messages[0]) }}", "SecurityError: access to attribute 'append'"),  # immutable
+    ("{% for m in messages %}{{ m.content }}", "TemplateSyntaxError"),
+])
+def test_unsafe_or_broken_template_is_refused_at_load_in_one_line(templated_dir, tmp_path, template, error):
+    with pytest.raises(ValueError, match=error) as e:
+        load_tokenizer(_with_template(templated_dir, tmp_path, template))
+    assert "\n" not in str(e.value) and "chat template" in str(e.value)
+
+
+def test_raise_exception_in_template_is_one_line_error(templated_dir, tmp_path):
+    template = ("{% if messages[0].role == 'system' %}{{ raise_exception('no system role here') }}{% endif %}"
+                "{% for m in messages %}{{ bos_token + m.content + eos_token }}{% endfor %}{{ strftime_now('%Y') }}")
+    tok = load_tokenizer(_with_template(templated_dir, tmp_path, template))
+    assert tok.render_chat([USER])[:-4] == f"<|im_start|>{USER['content']}<|im_end|>"
+    with pytest.raises(ValueError, match="^chat template: TemplateError: no system role here$"):
+        tok.encode_chat([SYSTEM, USER])
 
 
 def test_ids_and_config(ours):
