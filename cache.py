@@ -237,8 +237,10 @@ class KVCache(nn.Module):
         if not qg.is_cuda:
             return attend(qg, self.k, self.v, self.pos >= 0)
         from triton_kernels import dense_attend  # Triton: imported only on CUDA
-        limit = input_pos + 1 if self.slot_is_position else torch.full_like(input_pos, self.n_slots)
-        return dense_attend(qg, self.k, self.v, self.pos, limit)
+        B, H, S = self.pos.shape
+        limit = input_pos + 1 if self.slot_is_position else torch.full_like(input_pos, S)
+        runs = torch.stack([torch.zeros_like(limit), limit], -1)[:, None].expand(B, H, 2)
+        return dense_attend(qg, self.k, self.v, self.pos, runs, S)
 
     def attend_selected(self, qg, input_pos):
         """Retrieval decode attention. On CUDA a gather kernel reads only the selected rows of K and V

@@ -37,10 +37,10 @@ def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale,
                    CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                    BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr):
     """Program (sequence x KV head, split): online softmax of the GQA group over rows
-    split*CHUNK .. +CHUNK of the list (IDX's slots where OK != 0; DENSE: slots 0..n_sel-1 themselves,
-    valid where the position buffer OK [B, H, S] is >= 0 and the slot is below IDX[b], the sequence's
-    limit: slots past it are never loaded), stored as partials PO [.., G, D], PM, PL [.., G]. SCORES
-    also stores the scaled logits PS [B, H, G, n_sel] (-1e30 at invalid slots: exp of it is 0)."""
+    split*CHUNK .. +CHUNK of the list (IDX's slots where OK != 0; DENSE: the run of slots start + n for
+    n < length, (start, length) = IDX[b, h, :2], valid where the position buffer OK is >= 0: slots past
+    the run are never loaded), stored as partials PO [.., G, D], PM, PL [.., G]. SCORES also stores the
+    scaled logits PS [B, H, G, n_sel] (-1e30 at invalid slots: exp of it is 0)."""
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     g, d = tl.arange(0, GP), tl.arange(0, D)
@@ -54,9 +54,9 @@ def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale,
         n = split * CHUNK + off + tl.arange(0, BLOCK)
         inb = n < n_sel
         if DENSE:  # contiguous rows: no index list to read; validity from the positions themselves
-            inb = inb & (n < tl.load(IDX + b))
-            ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=-1) >= 0) & inb
-            idx = n
+            inb = inb & (n < tl.load(IDX + bh * 2 + 1))
+            idx = tl.load(IDX + bh * 2) + n
+            ok = (tl.load(OK + b * sib + h * sih + idx, mask=inb, other=-1) >= 0) & inb
         else:
             ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=0) != 0) & inb
             idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
@@ -81,7 +81,7 @@ def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale,
 def _attend_partials(q, k, v, idx, ok, n, dense, scores):
     """Launch _attend_kernel over n rows; -> partials po [B, H, splits, G, D], pm, pl [B, H, splits, G]
     and (scores) the logits [B, H, G, n]. Gather: ok is int8 sharing idx's strides; dense: ok is the
-    position buffer and idx the per-sequence slot limit [B]."""
+    position buffer and idx each row's run of slots, (start, length) [B, H, 2] contiguous."""
     B, H, G, D = q.shape
     GP = max(16, triton.next_power_of_2(G))  # tl.dot needs >= 16 rows
     # ~per_sm programs per SM (H200: 132 SMs), each a chunk of whole blocks. Bytes per (sequence, KV head,
@@ -153,8 +153,8 @@ def attend_scores(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
     the group-mean probabilities [B, H_kv, S + 1] fp32 (cached slots, then the new token). One pass over
     K/V that also stores the logits; the final max and normaliser then turn them into probabilities."""
     S = k.shape[2]
-    limit = torch.full((qg.shape[0],), S, dtype=torch.long, device=qg.device)
-    po, pm, pl, s = _attend_partials(qg, k, v, limit, pos, S, dense=True, scores=True)
+    runs = torch.tensor([0, S], device=qg.device).expand(*qg.shape[:2], 2).contiguous()  # every slot
+    po, pm, pl, s = _attend_partials(qg, k, v, runs, pos, S, dense=True, scores=True)
     s_new = (qg.float() * k_new.float()).sum(-1) * qg.shape[-1] ** -0.5  # [B, H_kv, G], fp32
     out, m, z = _merge(po, pm, pl, s_new, v_new)
     probs = (torch.exp(s - m[..., None]) / z[..., None]).mean(2)
@@ -162,12 +162,14 @@ def attend_scores(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
 
 
 @triton_op("kvcompress::dense_attend", mutates_args={})
-def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                 limit: torch.Tensor) -> torch.Tensor:
-    """cache.attend on CUDA: qg [B, H_kv, G, D] over the slots s < limit [B] of k/v [B, H_kv, S, D]
-    where pos [B, H_kv, S] >= 0 -> [B, H_kv, G, D]. Every valid slot's row is read once; masked loads
-    never fetch an invalid one. A row with no valid slot gives nan."""
-    po, pm, pl, _ = _attend_partials(qg, k, v, limit, pos, k.shape[2], dense=True, scores=False)
+def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, runs: torch.Tensor,
+                 n: int) -> torch.Tensor:
+    """cache.attend on CUDA: qg [B, H_kv, G, D] over each row's run of slots start .. start + length - 1,
+    (start, length) = runs [B, H_kv, 2] with length <= n, of k/v [B, H_kv, S, D] where pos [B, H_kv, S]
+    >= 0 -> [B, H_kv, G, D]. Every valid slot's row is read once; masked loads never fetch another. A
+    row with no valid slot gives nan. (Head-budget caches pass one flat buffer per sequence, expanded
+    over heads with stride 0, and each head's run in it.)"""
+    po, pm, pl, _ = _attend_partials(qg, k, v, runs.contiguous(), pos, n, dense=True, scores=False)
     return _merge(po, pm, pl)[0].to(qg.dtype)
 
 

@@ -78,10 +78,15 @@ def check_attend_scores(device):
             torch.testing.assert_close(got[0], want_out, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got[1], want_probs, atol=1e-5, rtol=1e-5)
         pos[1, 0, 0] = 0  # dense_attend has no new token: every row needs a filled slot
-        S = pos.shape[-1]
-        limit = torch.tensor([S, S - 11])  # slots at or past a sequence's limit are never read
-        want_out, _ = naive_attend(q, k, v, (pos >= 0) & (torch.arange(S) < limit[:, None, None]))
-        out = dense_attend(*(x.to(device) for x in (case[0], case[1], case[2], pos, limit)))
+        B, H, S = pos.shape
+        start = torch.randint(0, 5, (B, H), generator=g)  # each row reads its own run of slots
+        start[1, 0] = 0  # that row's one filled slot
+        length = torch.randint(5, S - 5, (B, H), generator=g)
+        slot = torch.arange(S)
+        run = (slot >= start[..., None]) & (slot < (start + length)[..., None])
+        want_out, _ = naive_attend(q, k, v, (pos >= 0) & run)
+        out = dense_attend(*(x.to(device) for x in (case[0], case[1], case[2], pos, torch.stack([start, length], -1))),
+                           S - 5)
         torch.testing.assert_close(out.float().cpu(), want_out, **tol)
 
 
