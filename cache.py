@@ -666,6 +666,213 @@ class PyramidKV(KVCache):
         return snap_scores(q, k, pos, self.p)
 
 
+# ---- head-level budgets ----
+# Each KV head keeps its own number of tokens, decided at prefill. A layer's cache is one flat buffer per
+# sequence (k/v [B, L, D], pos [B, L]); head h's tokens are the run start[b, h] .. start + count - 1, its
+# capacity cap[b, h] (its budget + max_new_tokens: generated tokens are appended, as SnapKV's are). So the
+# bytes are the sum of the heads' budgets, not H x the largest. A strategy gives only its budget rule;
+# the tokens inside a head are SnapKV's (the window plus the best pooled window attention), or any other
+# strategy's prefill scores through --prompt_compression.
+
+class HeadBudgetCache(KVCache):
+    """Storage and mechanics of per-KV-head budgets. n_slots is the AVERAGE budget per head (prompt +
+    max_new_tokens, as --max_cache_length gives it); `budgets` splits a row's prompt budget over heads."""
+    prefill_only = True
+    protects = False
+    defaults = {"snap_window": 32, "snap_kernel": 7, "snap_pool": "max"}
+
+    def __init__(self, batch, n_kv, n_slots, head_dim, n_group, dtype, *args, **kwargs):
+        super().__init__(batch, n_kv, 0, head_dim, n_group, dtype, *args, **kwargs)  # flat buffers below
+        self.budget = n_slots
+        self.limit.fill_(n_slots)
+        L = self.flat_length(n_slots)
+        self.k = torch.zeros(batch, L, head_dim, dtype=dtype)
+        self.v = torch.zeros(batch, L, head_dim, dtype=dtype)
+        self.pos = torch.full((batch, L), -1, dtype=torch.long)
+        for name in ("start", "count", "cap"):  # each (sequence, KV head)'s run in the flat buffer
+            self.register_buffer(name, torch.zeros(batch, n_kv, dtype=torch.long))
+
+    @property
+    def n_slots(self):
+        return self.budget
+
+    def flat_length(self, slots) -> int:
+        """Slots a sequence's flat buffer needs when the average head budget is `slots`."""
+        return self.n_kv * slots
+
+    def budgets(self, scores, rooms):
+        """Tokens each head keeps from the prompt: scores [B, H_kv, T] (the scorer's), rooms [B, H_kv] the
+        average prompt budget per head -> [B, H_kv] (window included)."""
+        raise NotImplementedError
+
+    def prefill_scores(self, q, k, v, pos):
+        return snap_scores(q, k, pos, self.p)
+
+    def prefill(self, q, k, v, pos):
+        B, H, T, D = k.shape
+        scorer = self if self.cfg.prompt_compression == "own" else self.prompt_scorer()
+        tok_pos = pos[:, None, :].expand(B, H, T)
+        scores = scorer.prefill_scores(q, k, v, pos).float().masked_fill(tok_pos < 0, -math.inf)
+        real = (pos >= 0).sum(1, keepdim=True)  # [B, 1]
+        caps = torch.minimum(self.budgets(scores, self.limit - self.max_new_tokens), real)
+        kept = best_in_row(scores, caps)  # [B, H, T]
+        self.cap.copy_(caps + self.max_new_tokens)
+        self.start.copy_(self.cap.cumsum(-1) - self.cap)
+        self.count.copy_(caps)
+        b, h, t = kept.nonzero(as_tuple=True)  # in position order within each head
+        dest = (self.start[..., None] + kept.cumsum(-1) - 1)[b, h, t]
+        self.pos.fill_(-1)
+        self.pos[b, dest], self.k[b, dest], self.v[b, dest] = tok_pos[b, h, t], k[b, h, t], v[b, h, t]
+
+    def decode(self, q, k_new, v_new, input_pos):
+        B, H, _, D = q.shape
+        qg = q.view(B, self.n_kv, self.n_group, D)
+        room = self.count < self.cap  # always, with max_new_tokens reserved; else the new token is dropped
+        slot = (self.start + self.count).clamp(max=self.pos.shape[1] - 1)
+        b = torch.arange(B, device=q.device)[:, None]
+        self.pos[b, slot] = torch.where(room, input_pos[:, None], self.pos[b, slot])
+        for buf, new in ((self.k, k_new[:, :, 0]), (self.v, v_new[:, :, 0])):
+            buf[b, slot] = torch.where(room[..., None], new, buf[b, slot])
+        self.count += room.long()
+        return self.attend_runs(qg).view(B, H, 1, D)
+
+    def attend_runs(self, qg):
+        """Each head's query group over its own run of the flat buffer (CUDA: dense_attend's runs)."""
+        B, H, G, D = qg.shape
+        L = self.pos.shape[1]
+        k, v, pos = (x[:, None].expand(B, H, *x.shape[1:]) for x in (self.k, self.v, self.pos))  # stride-0 heads
+        if qg.is_cuda:
+            from triton_kernels import dense_attend  # Triton: imported only on CUDA
+            return dense_attend(qg, k, v, pos, torch.stack([self.start, self.count], -1), L)
+        slot = torch.arange(L, device=qg.device)
+        run = (slot >= self.start[..., None]) & (slot < (self.start + self.count)[..., None]) & (pos >= 0)
+        return attend(qg, k, v, run)
+
+    def rows_held(self):
+        return (self.pos >= 0).sum(-1)
+
+    def rows_read(self, input_pos) -> int:
+        return int(self.count.sum())
+
+
+def best_in_row(scores, n):
+    """[B, H, T] bool: each row's n [B, H] best-scored entries; ties keep the later one (as prefill does)."""
+    order = scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return rank.flip(-1) < n[..., None]
+
+
+@register
+class AdaKV(HeadBudgetCache):
+    """Ada-KV, Feng et al. 2024 (arXiv 2407.11550): a layer keeps H_kv x B prompt tokens per sequence;
+    every head first keeps its best floor(alpha B) (the safeguard, alpha = `ada_alpha` 0.2, kvpress's
+    default), the rest go to the best scores of all the layer's heads at once (flattened top-k), so each
+    head's budget is how many of its tokens won; decided per sequence at prefill, generated tokens then
+    appended to every head. Scores: SnapKV's (w 32, kernel 7, max pooling; group mean for GQA), or any
+    prefill scorer by --prompt_compression. Memory: the layer's H_kv x budget, flat (HeadBudgetCache),
+    unlike kvpress's AdaKVPress, which only masks. Ties: the later token, then the lower head."""
+    # follows arXiv 2407.11550 (AdaKV + SnapKV scorer); departs: GQA group-mean scores, per KV head
+    name = "adakv"
+    defaults = {**HeadBudgetCache.defaults, "ada_alpha": 0.2}
+
+    def budgets(self, scores, rooms):
+        B, H, T = scores.shape
+        guarded = best_in_row(scores, (self.p["ada_alpha"] * rooms).floor().long())
+        # the layer's flattened top-k, each head's safeguard first (+inf); ties to the later token, then
+        # the lower head: flatten newest token first, heads in order, and sort stably
+        flat = scores.masked_fill(guarded, math.inf).flip(-1).transpose(1, 2).reshape(B, T * H)
+        order = flat.sort(dim=-1, descending=True, stable=True).indices
+        won = torch.arange(T * H, device=scores.device) < rooms.sum(-1, keepdim=True)
+        won = torch.zeros_like(won).scatter(-1, order, won).view(B, T, H).transpose(1, 2).flip(-1)
+        return won.sum(-1)
+
+
+class OfflineHeadBudgets(HeadBudgetCache):
+    """Budgets from offline head scores (head_scores.py's <checkpoint>/head_scores/<kind>.json, keyed
+    "layer-head" per query head; GQA: each KV head gets its group's mean score). With B the average
+    prompt budget per head, w the window and B' = B - w, every head keeps w + a floor B' - B' // beta
+    plus a share of the pool (B' // beta) N (N = the model's KV heads) in proportion to its score, so
+    the budgets of all heads sum to N B' (up to rounding) and differ across layers too."""
+    kind = key = ""  # head_scores.py --score <kind> writes head_scores/<kind>.json; each entry's <key> is the score
+
+    def shares(self):
+        """This layer's [H_kv] shares of the pool, normalised over every head of the model."""
+        path = Path(self.p["head_scores"] or Path(self.cfg.checkpoint_dir or ".") / "head_scores" / f"{self.kind}.json")
+        if not path.exists():
+            raise FileNotFoundError(f"{self.name} needs head scores at {path}; make them with: python head_scores.py "
+                                    f"--score {self.kind} --checkpoint_path {self.cfg.checkpoint_dir or '<checkpoint>'}")
+        s = head_score_table(str(path), path.stat().st_mtime_ns, self.key, self.n_layer, self.n_kv, self.n_group)
+        return self.transform(s / s.sum())[self.layer]
+
+    def transform(self, s):
+        """[n_layer, H_kv] normalised scores -> the pool shares (HeadKV: s^temp, normalised)."""
+        s = s ** self.p["head_temp"]
+        return s / s.sum()
+
+    def floor_and_pool(self, rooms):
+        w = self.p["snap_window"]
+        Bp = rooms - w
+        if (Bp < 0).any():
+            raise ValueError(f"{self.name}: a budget of {int(rooms.min()) + self.max_new_tokens} slots per head leaves "
+                             f"nothing beyond the {w}-token window and max_new_tokens; raise --max_cache_length")
+        pool = torch.div(Bp, self.p["head_beta"], rounding_mode="floor")
+        return Bp - pool, pool, self.n_layer * self.n_kv
+
+    def budgets(self, scores, rooms):
+        floor, pool, N = self.floor_and_pool(rooms)
+        return torch.round(self.shares().to(rooms.device) * pool * N + floor).long() + self.p["snap_window"]
+
+    def flat_length(self, slots) -> int:
+        rooms = torch.full((1, self.n_kv), slots - self.max_new_tokens)
+        return int(self.budgets(None, rooms).sum()) + self.n_kv * self.max_new_tokens
+
+
+@lru_cache(maxsize=8)
+def head_score_table(path: str, mtime_ns: int, key: str, n_layer: int, n_kv: int, n_group: int) -> torch.Tensor:
+    """head_scores.py's JSON -> [n_layer, H_kv] scores (each KV head's query-group mean); all zero -> uniform."""
+    import json
+    table = json.loads(Path(path).read_text())["scores"]
+    s = torch.tensor([[[float(table[f"{l}-{h * n_group + g}"][key]) for g in range(n_group)] for h in range(n_kv)]
+                      for l in range(n_layer)], dtype=torch.float64).mean(-1)
+    return s if s.sum() > 0 else torch.ones_like(s)
+
+
+@register
+class HeadKV(OfflineHeadBudgets):
+    """HeadKV-R2, Fu et al. 2024 (arXiv 2410.19258; FYYFU/HeadKV): budgets from each head's
+    retrieval-reasoning score (head_scores.py --score headkv), cap = round(p (B' // beta) N + B' -
+    B' // beta) + w, p = s^temp normalised, beta = `head_beta` 1.01 and temp 1 (their LongBench runs);
+    SnapKV's selection inside each head. Departures: per KV head (group-mean scores; their Llama-3
+    code scores and stores every query head, KV repeated); a head never keeps more than the prompt."""
+    # follows arXiv 2410.19258; departs: per KV head with group-mean scores
+    name = kind = key = "headkv"
+    defaults = {**HeadBudgetCache.defaults, "head_beta": 1.01, "head_temp": 1.0, "head_scores": ""}
+
+
+@register
+class DiliLazyKV(OfflineHeadBudgets):
+    """DiliLazyKV (seed 002, built on HeadKV; ../shared/seeds/dililazykv.md): budgets from each head's
+    InfScore (head_scores.py --score dililazy), SA = s^temp, SA' = SA + 0.01 SA / sum of the layer's SA,
+    p' = SA' normalised over all heads, cap = round(p' ((B' // beta) N - N / 2) + B' - B' // beta + 1/2) + w,
+    beta = `head_beta` 1.351 (the seed's example), temp 1; SnapKV's selection inside each head.
+    Departures: per KV head (group-mean InfScore); scores normalised before the exponent, as HeadKV does."""
+    # follows the DiliLazyKV seed; departs: per KV head with group-mean scores
+    name = kind = "dililazy"
+    key = "infscore"
+    defaults = {**HeadBudgetCache.defaults, "head_beta": 1.351, "head_temp": 1.0, "head_scores": ""}
+
+    def transform(self, s):
+        sa = s ** self.p["head_temp"]
+        layer = sa.sum(-1, keepdim=True)
+        sa = sa + 0.01 * sa / torch.where(layer > 0, layer, 1.0)
+        return sa / sa.sum()
+
+    def budgets(self, scores, rooms):
+        floor, pool, N = self.floor_and_pool(rooms)
+        p = self.shares().to(rooms.device)
+        return torch.round(p * (pool * N - 0.5 * N) + floor + 0.5).long() + self.p["snap_window"]
+
+
 class AttentionLossProbe(nn.Module):
     """--debug_attention_loss: a full cache beside one layer's compressed cache. Each decode step it
     records, per sequence, the attention mass that the current query (full cache, mean over query
@@ -711,6 +918,8 @@ class AttentionLossProbe(nn.Module):
 def attach_attention_loss(model, max_seq_length: int, steps: int) -> list[AttentionLossProbe]:
     """Wrap each layer's cache of `model` (after model.setup_caches) in an AttentionLossProbe and return
     the probes; torch.stack([p.loss for p in probes]) is the [n_layer, B, steps] table."""
+    if isinstance(model.layers[0].attention.kv_cache, HeadBudgetCache):
+        raise ValueError("--debug_attention_loss compares slot layouts; head-budget strategies store heads flat")
     probes = [AttentionLossProbe(layer.attention.kv_cache, max_seq_length, steps) for layer in model.layers]
     model.setup_caches(probes)
     return probes
