@@ -289,22 +289,21 @@ def cut_at_stop(tokens, stop_ids):
 
 
 def strategy_flags(parser):
-    """Every hyperparameter of every registered strategy becomes a --flag (its class default)."""
-    seen = {}
+    """Every hyperparameter of every registered strategy becomes a --flag; its help names each strategy
+    that has it with that strategy's default (head_beta: headkv 1.01, dililazy 1.351)."""
+    owners = {}
     for cls in kv.REGISTRY.values():
         for key, default in cls.defaults.items():
-            if key in seen:
-                continue
-            seen[key] = default
-            if isinstance(default, bool):
-                parser.add_argument(f"--{key}", type=flag_bool, default=None, help=f"{cls.name} (default {default})")
-            elif isinstance(default, (list, tuple)):
-                parser.add_argument(f"--{key}", nargs="*", type=type(default[0]) if default else int, default=None,
-                                    help=f"{cls.name} (default {default})")
-            else:
-                parser.add_argument(f"--{key}", type=type(default), default=None,
-                                    help=f"{cls.name} (default {default})")
-    return list(seen)
+            owners.setdefault(key, []).append((cls.name, default))
+    for key, pairs in owners.items():
+        default = pairs[0][1]
+        kind = dict(type=flag_bool) if isinstance(default, bool) else \
+            dict(nargs="*", type=type(default[0]) if default else int) if isinstance(default, (list, tuple)) else \
+            dict(type=type(default))
+        shown = sorted({f"{n} (default {d})" if len({str(x) for _, x in pairs}) > 1 else n for n, d in pairs})
+        help_ = ", ".join(shown) + ("" if len({str(x) for _, x in pairs}) > 1 else f" (default {default})")
+        parser.add_argument(f"--{key}", default=None, help=help_, **kind)
+    return list(owners)
 
 
 def add_cache_args(parser):

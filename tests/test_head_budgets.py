@@ -184,3 +184,44 @@ def test_attention_reads_only_each_heads_run():
             s, n = int(c.start[b, h]), int(c.count[b, h])
             ref = torch.softmax(qg[b, h] @ c.k[b, s:s + n].T / 4.0, -1) @ c.v[b, s:s + n]
             torch.testing.assert_close(out[b, h], ref)
+
+
+def check_flat_runs(device):
+    """dense_attend over a flat per-sequence buffer expanded over heads with stride 0 (HeadBudgetCache's
+    CUDA path) equals each head's plain attention over its own run."""
+    from triton_kernels import dense_attend
+    g = torch.Generator().manual_seed(7)
+    B, H, G, L, D = 2, 3, 3, 130, 64
+    k, v = torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g)
+    pos = torch.arange(L).expand(B, L).clone()
+    pos[0, 100:] = -1  # an unwritten tail
+    qg = torch.randn(B, H, G, D, generator=g)
+    runs = torch.tensor([[[0, 40], [40, 30], [70, 30]], [[0, 5], [5, 100], [105, 25]]])
+    expand = lambda x: x[:, None].expand(B, H, *x.shape[1:])  # noqa: E731
+    dt, tol = (torch.bfloat16, 2e-2) if device == "cuda" else (torch.float32, 1e-5)
+    qg, k, v = (x.to(dt).float() for x in (qg, k, v))  # the reference sees the kernel's values
+    out = dense_attend(*(x.to(device, dt) for x in (qg, expand(k), expand(v))),
+                       *(x.to(device) for x in (expand(pos), runs)), 100).float().cpu()
+    for b in range(B):
+        for h in range(H):
+            s, n = runs[b, h].tolist()
+            keep = [t for t in range(s, s + n) if pos[b, t] >= 0]
+            ref = torch.softmax(qg[b, h] @ k[b, keep].T / D ** 0.5, -1) @ v[b, keep]
+            torch.testing.assert_close(out[b, h], ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test below runs everywhere")
+def test_flat_runs_on_cuda():
+    check_flat_runs("cuda")
+
+
+def test_flat_runs_in_interpreter():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    pytest.importorskip("triton")
+    code = "import sys; sys.path[:0] = ['tests', '.']; import test_head_budgets; test_head_budgets.check_flat_runs('cpu')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
