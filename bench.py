@@ -140,12 +140,18 @@ def random_model(args: ModelArgs, device, dtype) -> Transformer:
     return model
 
 
-def random_spotlight_hashes(args: ModelArgs, d: Path) -> Path:
-    """Stand-ins for train_spotlight.py's hashes (same names and shapes): speed does not depend on them."""
+def random_learned_files(args: ModelArgs, d: Path) -> Path:
+    """Stand-ins for train_spotlight.py's hashes and head_scores.py's head scores (same names and shapes):
+    speed does not depend on their values."""
+    import json
     from safetensors.torch import save_file
     H, D = args.n_local_heads, args.head_dim
     save_file({f"layers.{i}.{n}": torch.randn(H, D, D) * 0.1 if n.startswith("w") else torch.zeros(H, D)
                for i in range(args.n_layer) for n in ("w1", "b1", "w2", "b2")}, d / "spotlight.safetensors")
+    (d / "head_scores").mkdir(exist_ok=True)
+    for kind, key in (("headkv", "headkv"), ("dililazy", "infscore")):
+        scores = {f"{l}-{h}": {key: float(torch.rand(1))} for l in range(args.n_layer) for h in range(args.n_head)}
+        (d / "head_scores" / f"{kind}.json").write_text(json.dumps({"scores": scores}))
     return d
 
 
@@ -163,8 +169,8 @@ def fill_caches(args, caches, batch, context, device, dtype):
 
 
 ALL = ["full", "streamingllm", "random", "l2", "l2:l2_one_shot=true", "lsh", "h2o", "tova", "scissorhands", "snapkv",
-       "pyramid", "spotlight:spotlight_prune=0.9", "spotlight:spotlight_prune=0.98", "spotlight_linear", "lsh_retrieval",
-       "quest:quest_budget=0.1"]
+       "pyramid", "adakv", "headkv", "dililazy", "spotlight:spotlight_prune=0.9", "spotlight:spotlight_prune=0.98",
+       "spotlight_linear", "lsh_retrieval", "quest:quest_budget=0.1"]
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
@@ -337,7 +343,7 @@ def gpu(a):
     specs = ["full"] + [s for s in (a.strategies or ALL) if s != "full"]  # full first: the ratios' reference
     args.block_size = max(args.block_size, max(a.contexts) + a.warmup + a.steps + 1)  # a longer RoPE table only
     model = random_model(args, device, dtype)
-    spot_dir = random_spotlight_hashes(args, Path(tempfile.mkdtemp()))
+    spot_dir = random_learned_files(args, Path(tempfile.mkdtemp()))
     title = (f"Decode speed, {args.name} shape ({RANDOM}), {str(dtype).removeprefix('torch.')}, "
              f"compiled decode{' as one CUDA graph' if device == 'cuda' else ''}, {a.steps} timed steps")
     lines = header(device, title) + [

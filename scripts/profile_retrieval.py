@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cache as kv  # noqa: E402
-from bench import fill_caches, random_spotlight_hashes  # noqa: E402
+from bench import fill_caches, random_learned_files  # noqa: E402
 from model import ModelArgs  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main(argv=None):
         sys.exit("profile_retrieval.py times CUDA kernels: it needs a GPU (CPU smoke test: bench.py --gpu --tiny --cpu)")
     args = ModelArgs.from_name(a.model)
     ckpt = Path(tempfile.mkdtemp())
-    random_spotlight_hashes(args, ckpt)
+    random_learned_files(args, ckpt)
     H, G, D = args.n_local_heads, args.n_head // args.n_local_heads, args.head_dim
     compile_ = lambda f: torch.compile(f, fullgraph=True, dynamic=False)  # noqa: E731
     print(f"{args.name} layer shape, RANDOM K/V, bf16, {torch.cuda.get_device_name()}, context {a.context}; "
