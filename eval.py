@@ -17,10 +17,18 @@ from its own length. Query-agnostic by default: the context is prefilled (and co
 question is fed token by token through decode steps, so it sees only what the cache kept and eviction
 goes on (generate.generate's `suffixes`); --query_aware prefills the question with the context.
 
-Results go to results/<model>/<task>/<config>/: config.json (the effective config), predictions.jsonl
-(one line per sample, appended and fsynced as made) and metrics.json. A rerun skips finished samples
-(a truncated last line is dropped) and refuses to mix configurations; --overwrite restarts. Under
-torchrun each rank writes its shard to predictions.rank<r>.jsonl and rank 0 merges them.
+Each task runs its first --num_samples samples (default: the task's, about 10 minutes per configuration
+on 2 CPU cores, said at the start; 'all' for every one); answers end at the task's stop strings (the task
+table of --help). Data are read from --data_dir, else the repository's data/ (scripts/prepare_data.py),
+then ../shared/data beside the repository.
+
+Results go to results/<model>/<task>/<config>/, <config> a readable name plus a hash of every setting
+that changes results: config.json (the effective config), predictions.jsonl (one line per sample,
+appended and fsynced as made) and metrics.json; the run ends with a line per task and configuration
+(score ± standard error, n, folder). A rerun skips finished samples (a truncated last line is dropped),
+so a larger --num_samples extends a run, and refuses to mix configurations; --overwrite restarts;
+Ctrl-C says what is saved. Under torchrun each rank writes its shard to predictions.rank<r>.jsonl and
+rank 0 merges them. Bad input is one line and exit status 2 (generate.UserError), never a traceback.
 """
 import argparse
 import dataclasses
@@ -40,41 +48,83 @@ import cache as kv
 import generate as gen
 import tasks as T
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
+REPO = Path(__file__).resolve().parent
 SWEEP = ("cache_config", "cache_strategy", "max_cache_length")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag (gen.cli prints it), not the 40-line usage
+        raise gen.UserError(f"{message} (python eval.py --help lists the flags)")
+
+
+def positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return n
+
+
+def sample_count(text: str):
+    if text == "all":
+        return text
+    try:
+        return positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of samples (at least 1) or 'all'") from None
+
+
+def device_name(text: str) -> str:
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine; use --device cpu")
+    return text
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = Parser(description=__doc__.splitlines()[0], allow_abbrev=False, epilog="tasks:\n" + T.task_table(),
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["gsm8k"],
                    help=f"tasks or groups: {', '.join([*T.SIMPLE, *T.RULER_NIAH, *T.GROUPS])}, longbench_<dataset>")
-    p.add_argument("--num_samples", type=int, default=None,
-                   help="first N samples of each task (synthetic tasks: N generated, default 100)")
+    p.add_argument("--num_samples", type=sample_count, default=None,
+                   help="first N samples of each task (synthetic: N generated), or 'all'; default: the task's "
+                        "(table below, about 10 minutes per configuration on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0, help="few-shot exemplars, synthetic data, random strategies")
-    p.add_argument("--checkpoint_path", default=gen.DEFAULT_CHECKPOINT)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--checkpoint_path", default=gen.DEFAULT_CHECKPOINT, help="relative paths: to the current "
+                   "folder, else to the repository")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=positive, default=None, help="CPU threads (default: generate.set_threads's)")
     p.add_argument("--query_aware", action="store_true", help="prefill the question with the context")
     p.add_argument("--no_chat", action="store_true", help="never apply the chat template")
-    p.add_argument("--max_new_tokens", type=int, default=None, help="override every task's output length")
+    p.add_argument("--max_new_tokens", type=positive, default=None, help="override every task's output length")
     p.add_argument("--results_dir", default="results")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results of these runs")
     p.add_argument("--report", metavar="DIR", help="print the markdown table of DIR and write Pareto plots")
     p.add_argument("--report_out", default=None, help="folder for the --report plots (default: DIR)")
-    p.add_argument("--data_dir", default=str(DATA_DIR))
+    p.add_argument("--data_dir", default=None, help="evaluation data (only this folder); default: the "
+                   f"repository's data/ ({T.PREPARE_DATA} fills it), then ../shared/data beside the repository")
     t = p.add_argument_group("tasks")
-    t.add_argument("--context_length", type=int, default=4096, help="synthetic, niah, ppl, longbench (tokens)")
+    t.add_argument("--context_length", type=positive, default=4096, help="synthetic, niah, ppl, longbench (tokens)")
     t.add_argument("--num_fewshot", type=int, default=5, help="gsm8k exemplars")
     t.add_argument("--longbench_dir", default=None, help="unzipped LongBench data.zip (data/*.jsonl)")
-    t.add_argument("--niah_lengths", type=int, nargs="+", default=None, help="default: L/4, L/2, L")
-    t.add_argument("--niah_depths", type=int, nargs="+", default=[0, 25, 50, 75, 100])
+    t.add_argument("--niah_lengths", type=positive, nargs="+", default=None, help="default: L/4, L/2, L")
+    t.add_argument("--niah_depths", type=int, nargs="+", default=T.NIAH_DEPTHS)
     t.add_argument("--ppl_corpus", choices=["pg19", "wikitext2"], default="pg19")
-    t.add_argument("--ppl_prefill", type=int, default=512, help="tokens prefilled before teacher forcing")
-    t.add_argument("--ppl_bin", type=int, default=128, help="positions per point of the perplexity curve")
+    t.add_argument("--ppl_prefill", type=positive, default=T.PPL_PREFILL,
+                   help="tokens prefilled before teacher forcing")
+    t.add_argument("--ppl_bin", type=positive, default=T.PPL_BIN, help="positions per point of the perplexity curve")
     t.add_argument("--fidelity_task", default="gsm8k", help="generation task whose prompts fidelity uses")
-    t.add_argument("--fidelity_tokens", type=int, default=64)
+    t.add_argument("--fidelity_tokens", type=positive, default=64)
     return p, gen.add_cache_args(p)
 
 
@@ -92,16 +142,19 @@ def task_settings(task, args) -> dict:
 # ---------------------------------------------------------------- configurations and sweeps
 def parse_configs(argv) -> dict:
     """{config name: (CacheConfig, args)}, one per point of the sweep, duplicates dropped."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = Parser(add_help=False, allow_abbrev=False)
     for k in SWEEP:
         pre.add_argument(f"--{k}", nargs="+")
     sweep, rest = pre.parse_known_args(argv)
+    if sweep.cache_config:
+        sweep.cache_config = [str(cache_config_file(c)) for c in sweep.cache_config]
     configs = {}
     for point in itertools.product(*[getattr(sweep, k) or [None] for k in SWEEP]):
         sub = rest + [x for k, v in zip(SWEEP, point) if v is not None for x in (f"--{k}", v)]
         parser, keys = build_parser()  # fresh: parse_with_config writes a YAML's values into the defaults
         args = gen.parse_with_config(parser, sub)
-        args.max_cache_length = [v for x in args.max_cache_length for v in str(x).split(",") if v]
+        args.max_cache_length = budget_values(args.max_cache_length)
+        args.checkpoint_path = checkpoint_path(args.checkpoint_path)
         cfg = gen.cache_config_from_args(args, keys, args.checkpoint_path)
         cls = kv.REGISTRY[cfg.strategy]
         if not (cls.evicts or cls.prefill_only):
@@ -110,12 +163,78 @@ def parse_configs(argv) -> dict:
     return configs
 
 
+def checkpoint_path(path: str) -> str:
+    """A relative checkpoint path from the current folder if it is there, else from the repository."""
+    return str(REPO / path) if not Path(path).exists() and (REPO / path).exists() else path
+
+
+def cache_config_file(name: str) -> Path:
+    """--cache_config: a YAML file (from the current folder, else from the repository) or a name in the
+    repository's cache_configs/; read here so that a file that is not a mapping of flags is one line."""
+    import yaml
+    path = next((p for p in (Path(name), REPO / name, REPO / "cache_configs" / f"{name}.yaml") if p.is_file()), None)
+    if path is None:
+        known = ", ".join(sorted(p.stem for p in (REPO / "cache_configs").glob("*.yaml")))
+        raise gen.UserError(f"--cache_config {name}: no such file, nor a name in cache_configs/ ({known})")
+    try:
+        conf = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or e
+        raise gen.UserError(f"--cache_config {name}: not valid YAML{where} ({problem})") from None
+    if not isinstance(conf, (dict, type(None))):
+        raise gen.UserError(f"--cache_config {name}: expected a mapping of flag: value (as in cache_configs/h2o.yaml), "
+                            f"not a {type(conf).__name__}")
+    return path.resolve()
+
+
+def budget_values(values) -> list[str]:
+    """--max_cache_length values, a comma list split (one per-layer budget), each a number above 0."""
+    out = [v.strip() for x in values for v in str(x).split(",") if v.strip()]
+    for v in out:
+        try:
+            ok = 0 < float(v) < math.inf
+        except ValueError:
+            ok = False
+        if not ok:
+            raise gen.UserError(f"--max_cache_length {v}: expected a fraction (0 < f <= 1) of prompt + new tokens "
+                                f"or a token count (> 1), one value or one per layer (comma-separated)")
+    return out
+
+
+def config_settings(cfg: kv.CacheConfig, args) -> dict:
+    """Every setting of a configuration that changes its results, as config.json records it (the task's
+    own settings are in the task folder's name, and the run's sample count may grow on a rerun)."""
+    cls = kv.REGISTRY[cfg.strategy]
+    cache = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_dir"}
+    cache["params"] = {**cls.defaults, **{k: v for k, v in cfg.params.items() if k in cls.defaults}}
+    return json.loads(json.dumps({"cache": cache, "prompt_rule": prompt_rule(cfg), "query_aware": args.query_aware,
+                                  "chat": not args.no_chat, "seed": args.seed, "dtype": dtype_name(args),
+                                  "max_new_tokens": args.max_new_tokens}))
+
+
+def dtype_name(args) -> str:
+    return args.dtype or ("bfloat16" if "cuda" in args.device else "float32")
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
+
+
 def config_name(cfg: kv.CacheConfig, args) -> str:
-    """strategy[-budget][-non-default settings][-qa], e.g. h2o-0.25, snapkv-0.1-snapkv_window=8-qa."""
+    """strategy[-budget][-non-default settings][-qa]-hash, e.g. h2o-0.25-1c9e0a, snapkv-0.1-snapkv_window=8-qa-
+    77b2f3: readable, and the hash of config_settings (seed, dtype, chat, max_new_tokens and every cache
+    setting) keeps two configurations from sharing a name."""
+    return f"{readable_name(cfg, args)}-{settings_hash(config_settings(cfg, args))}"
+
+
+def readable_name(cfg: kv.CacheConfig, args, budget=True) -> str:
+    """strategy[-budget][-non-default settings][-qa]; without the budget, the line a plot draws it on."""
     cls = kv.REGISTRY[cfg.strategy]
     short = lambda v: "_".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     parts = [cfg.strategy]
-    if cls.evicts or cls.prefill_only:
+    if (cls.evicts or cls.prefill_only) and budget:
         b = cfg.max_cache_length
         parts.append(b[0] if len(set(b)) == 1 else "layers" + hashlib.sha1(short(b).encode()).hexdigest()[:6])
     extra = {k: v for k, v in cfg.params.items() if k in cls.defaults and v != cls.defaults[k]}
@@ -123,6 +242,8 @@ def config_name(cfg: kv.CacheConfig, args) -> str:
     extra |= {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
               if f.name not in ("strategy", "max_cache_length", "params", "checkpoint_dir")
               and getattr(cfg, f.name) != getattr(default, f.name)}
+    extra |= {k: v for k, v in (("seed", args.seed), ("max_new_tokens", args.max_new_tokens)) if v}
+    extra |= {"no_chat": 1} if args.no_chat else {}
     tail = "-".join(f"{k}={short(v)}" for k, v in sorted(extra.items()))
     if len(tail) > 60:
         tail = "h" + hashlib.sha1(tail.encode()).hexdigest()[:8]
@@ -139,15 +260,11 @@ def prompt_rule(cfg: kv.CacheConfig) -> str:
     return f"{cfg.strategy}'s own prefill scores" if own else "sinks + most recent (shared default)"
 
 
-def effective_config(ctx, task, name, cfg, args) -> dict:
-    cls = kv.REGISTRY[cfg.strategy]
-    cache = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_dir"}
-    cache["params"] = {**cls.defaults, **{k: v for k, v in cfg.params.items() if k in cls.defaults}}
-    meta = {"model": Path(args.checkpoint_path).name, "task": task.tag, "config": name, "cache": cache,
-            "prompt_rule": prompt_rule(cfg), "query_aware": args.query_aware, "chat": not args.no_chat,
-            "seed": args.seed, "dtype": str(ctx.dtype).replace("torch.", ""), "max_new_tokens": args.max_new_tokens,
+def effective_config(ctx, task, name, cfg, args, n) -> dict:
+    meta = {"model": Path(args.checkpoint_path).name, "task": task.tag, "config": name,
+            "series": readable_name(cfg, args, budget=False), **config_settings(cfg, args),
             "task_settings": task_settings(task, args),
-            "run": {"num_samples": args.num_samples, "device": str(ctx.device), "compile": args.compile,
+            "run": {"num_samples": n, "device": str(ctx.device), "compile": args.compile,
                     "world_size": ctx.world, "torch": torch.__version__}}  # "run" may change on resume
     return json.loads(json.dumps(meta))
 
@@ -181,13 +298,47 @@ def stats(cache_bytes, ratio, prefill_s, steps, decode_s, prefix, suffix):
 
 
 def run_generate(ctx, task, s, cfg):
+    """Greedy answer, ended by the tokenizer's stop ids or the task's stop strings (decode)."""
     prefix, suffix = split_prompt(ctx, s)
-    res = gen.generate(ctx.model, [prefix], new_tokens(ctx, task, s), cfg, stop_ids=ctx.tok.stop_ids,
-                       decode_step=ctx.step, device=ctx.device, suffixes=[suffix] if suffix else None)
-    text = ctx.tok.decode(res.tokens[0])
-    return {"prediction": text, "reference": s.reference, "score": task.score(text, s),
-            **stats(res.cache_bytes, res.compression_ratio, res.prefill_s, res.decode_steps, res.decode_s,
+    n = new_tokens(ctx, task, s)
+    _, last, ip, prefill_s, caches = start(ctx, cfg, prefix, suffix, n)
+    ids, text, n_out, steps, decode_s = decode(ctx, last, ip, n, task.cut)
+    seen = torch.tensor([len(prefix) + len(suffix) + n_out - 1], device=ctx.device)  # the last token is not fed
+    return {"prediction": text, "reference": s.reference, "score": task.score(text, s), "n_new": len(ids),
+            **stats(kv.cache_bytes(caches), kv.compression_ratio(caches, seen), prefill_s, steps, decode_s,
                     prefix, suffix)}
+
+
+STOP_EVERY = 4  # decode steps between looks at the text for a stop (a host sync on GPU; at most 3 extra tokens)
+
+
+@torch.no_grad()
+def decode(ctx, logits, ip, n, cut):
+    """Greedy decoding from `logits` [1, vocab] at position ip, at most n tokens, the same steps as
+    generate.generate, ended early by a tokenizer stop id or, seen every STOP_EVERY steps, a stop of the
+    task's cut(text) -> (text cut at its stop, stop seen) (a stop string, for instance).
+    Returns (tokens up to a stop id, their text cut before a stop string, tokens generated, timed decode
+    steps, seconds); the first step, which may compile, is not timed (as in generate.generate)."""
+    step, out = ctx.step or ctx.model.forward, [gen.sample(logits)]
+    t0, steps = time.perf_counter(), 0
+    while len(out) < n and (len(out) % STOP_EVERY or not stopped(ctx, out, cut)[2]):
+        out.append(gen.sample(step(out[-1], ip)[:, -1].clone()))  # clone: a CUDA graph reuses its output
+        ip, steps = ip + 1, steps + 1
+        if len(out) == 2:
+            gen.sync(ctx.device)
+            t0, steps = time.perf_counter(), 0
+    gen.sync(ctx.device)
+    decode_s = time.perf_counter() - t0
+    ids, text, _ = stopped(ctx, out, cut)
+    return ids, text, len(out), steps, decode_s
+
+
+def stopped(ctx, out, cut) -> tuple[list[int], str, bool]:
+    """(tokens up to a stop id, their text cut by the task, whether either stop was met)."""
+    ids = torch.cat(out, 1)[0].tolist()
+    kept = gen.cut_at_stop(ids, ctx.tok.stop_ids)
+    text, hit = cut(ctx.tok.decode(kept))
+    return kept, text, hit or len(kept) < len(ids)
 
 
 @torch.no_grad()
@@ -198,6 +349,9 @@ def start(ctx, cfg, prefix, suffix, n_more, all_logits=False):
     n_new = len(suffix) + n_more
     if len(prefix) + n_new > m.args.block_size:
         raise gen.UserError(f"{len(prefix) + n_new} tokens exceed the model's context of {m.args.block_size}")
+    if max(float(v) for v in cfg.max_cache_length) > m.args.block_size:  # a typo, not a budget (as in generate)
+        raise gen.UserError(f"--max_cache_length {' '.join(map(str, cfg.max_cache_length))} exceeds the model's "
+                            f"context of {m.args.block_size} tokens")
     try:
         caches = kv.make_caches(m.args, cfg, 1, len(prefix) + n_new, n_new, dev, ctx.dtype)
     except (ValueError, FileNotFoundError) as e:
@@ -207,11 +361,11 @@ def start(ctx, cfg, prefix, suffix, n_more, all_logits=False):
     t0 = time.perf_counter()
     logits = m.prefill(torch.tensor([prefix], device=dev), torch.arange(len(prefix), device=dev)[None],
                        all_logits=all_logits)
-    last, ip = (logits[:, -1] if all_logits else logits), torch.tensor([len(prefix)], device=dev)
-    if suffix:
-        last, ip, _ = gen.feed(m, ctx.step, torch.tensor([suffix], device=dev), ip, dev)
+    last, ip, first = (logits[:, -1] if all_logits else logits), torch.tensor([len(prefix)], device=dev), 0.0
+    if suffix:  # `first`: a compiled step compiles on its first call; not prefill time (as in generate)
+        last, ip, first = gen.feed(m, ctx.step, torch.tensor([suffix], device=dev), ip, dev)
     gen.sync(dev)
-    return logits, last, ip, time.perf_counter() - t0, caches
+    return logits, last, ip, time.perf_counter() - t0 - first, caches
 
 
 FORCE_CHUNK = 256  # tokens per Transformer.feed call: bounds the [chunk, vocab] logits
@@ -361,11 +515,26 @@ def merge(out_dir: Path, samples) -> list[dict]:
     return [r for r in merged if r["id"] in order]
 
 
+def read_json(path: Path, fix: str) -> dict:
+    """A JSON object from a results file; anything else is one line saying `fix`."""
+    try:
+        out = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise gen.UserError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(out, dict):
+        raise gen.UserError(f"{path} holds a {type(out).__name__}, not a JSON object; {fix}")
+    return out
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    """Keys of two config.json whose values differ, "run" (how it ran, not what) aside."""
+    return sorted(k for k in set(a) | set(b) if k != "run" and a.get(k) != b.get(k))
+
+
 def check_config(out_dir: Path, meta: dict):
     path = out_dir / "config.json"
     if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(meta) if k != "run" and old.get(k) != meta.get(k))
+        diff = differences(read_json(path, "pass --overwrite to start this run again"), meta)
         if diff:
             raise gen.UserError(f"{out_dir} holds results of another configuration (differs in {', '.join(diff)}); "
                                 f"pass --overwrite or another --results_dir")
@@ -373,14 +542,15 @@ def check_config(out_dir: Path, meta: dict):
 
 def summarize(task, rows, meta) -> dict:
     mean = lambda k: (lambda v: sum(v) / len(v) if v else None)([r[k] for r in rows if r.get(k) is not None])
-    out = {"task": meta["task"], "config": meta["config"], "model": meta["model"], "strategy": meta["cache"]["strategy"],
-           "max_cache_length": meta["cache"]["max_cache_length"], "query_aware": meta["query_aware"],
+    out = {"task": meta["task"], "config": meta["config"], "series": meta["series"], "model": meta["model"],
+           "strategy": meta["cache"]["strategy"], "max_cache_length": meta["cache"]["max_cache_length"],
+           "query_aware": meta["query_aware"],
            "prompt_rule": meta["prompt_rule"], "metric": task.metric, "higher_is_better": task.higher_is_better,
            "n": len(rows), **task.aggregate(rows)}
     if rows and "score_norm" in rows[0]:  # choice tasks: also the gold option's log-likelihood, which moves
         out["acc_norm"] = 100 * mean("score_norm")  # long before the argmax does
         out["gold_loglik"] = sum(r["option_loglik"][r["reference"]] for r in rows) / len(rows)
-    for k in ("compression_ratio", "cache_bytes", "prefill_ms", "decode_tok_s", "n_prompt"):
+    for k in ("compression_ratio", "cache_bytes", "prefill_ms", "decode_tok_s", "n_prompt", "n_new"):
         out[k] = mean(k)
     return out
 
@@ -391,9 +561,10 @@ def barrier(ctx):
         torch.distributed.barrier()
 
 
-def run_config(ctx, task, samples, name, cfg, args) -> bool:
+def run_config(ctx, task, samples, name, cfg, args) -> tuple[bool, str]:
+    """Evaluates the samples its folder lacks. Returns (complete without error, the line to print at the end)."""
     out_dir = Path(args.results_dir) / Path(args.checkpoint_path).name / task.tag / name
-    meta = effective_config(ctx, task, name, cfg, args)
+    meta = effective_config(ctx, task, name, cfg, args, len(samples))
     if not args.overwrite:
         check_config(out_dir, meta)  # every rank raises alike, before anyone writes
     barrier(ctx)
@@ -407,29 +578,51 @@ def run_config(ctx, task, samples, name, cfg, args) -> bool:
     done = finished_ids(out_dir)
     barrier(ctx)  # everyone has the same view before anyone appends
     index = {s.id: i for i, s in enumerate(samples)}
-    mine = [s for s in samples if s.id not in done][ctx.rank::ctx.world]
+    todo = [s for s in samples if s.id not in done]
     target = out_dir / ("predictions.jsonl" if ctx.world == 1 else f"predictions.rank{ctx.rank}.jsonl")
     repair(target)
-    error = run_samples(ctx, task, mine, cfg, target, index, f"{task.tag}/{name}")
-    barrier(ctx)
-    complete = True
-    if ctx.rank == 0:
-        rows = merge(out_dir, samples)
-        complete = len(rows) == len(samples)
-        if complete:
-            write_atomic(out_dir / "metrics.json", json.dumps(summarize(task, rows, meta), indent=1) + "\n")
-            task.plot(rows, out_dir)
-        else:
-            print(f"{task.tag}/{name}: {len(rows)} of {len(samples)} samples done; no metrics.json", file=sys.stderr)
-    barrier(ctx)
-    return complete and not error
-
-
-def run_samples(ctx, task, mine, cfg, target, index, desc):
-    from tqdm import tqdm
-    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        for s in tqdm(mine, desc=desc, disable=ctx.rank != 0 or not mine, dynamic_ncols=True, file=sys.stderr):
+        error = run_samples(ctx, task, todo, cfg, target, index, f"{task.tag}/{name}")
+    except KeyboardInterrupt:  # Ctrl-C: one line; nothing is lost (each sample was appended and fsynced)
+        saved = len(finished_ids(out_dir) & set(index))
+        say(ctx, f"\ninterrupted: {saved} of {len(samples)} samples of {task.tag}/{name} are saved in {out_dir}; "
+                 f"run the same command again to resume")
+        sys.exit(130)
+    barrier(ctx)
+    complete, line = finish(task, samples, meta, out_dir) if ctx.rank == 0 else (True, "")
+    barrier(ctx)
+    return complete and not error, line
+
+
+def finish(task, samples, meta, out_dir) -> tuple[bool, str]:
+    """Rank 0: merge the predictions; when every sample is there, metrics.json and the task's plots.
+    Returns (complete, the line to print at the end of the run)."""
+    rows = merge(out_dir, samples)
+    if len(rows) < len(samples):
+        return False, f"{task.tag} {meta['config']}: {len(rows)} of {len(samples)} samples done, no score -> {out_dir}"
+    m = summarize(task, rows, meta)
+    write_atomic(out_dir / "metrics.json", json.dumps(m, indent=1) + "\n")
+    task.plot(rows, out_dir)
+    return True, score_line(m, out_dir)
+
+
+def score_line(m: dict, out_dir) -> str:
+    """task config: metric score ± standard error (n=...) -> results folder."""
+    se = f" ± {m['score_stderr']:.2f}" if m.get("score_stderr") is not None else ""
+    lower = "" if m["higher_is_better"] else " (lower is better)"
+    return f"{m['task']} {m['config']}: {m['metric']} {m['score']:.2f}{se}{lower} (n={m['n']}) -> {out_dir}"
+
+
+def run_samples(ctx, task, todo, cfg, target, index, desc) -> bool:
+    """Runs this rank's share of `todo`, appending a line per sample; True after a sample's error. The bar
+    counts samples already saved as done; under torchrun rank 0's advances by the number of ranks."""
+    from tqdm import tqdm
+    mine = todo[ctx.rank::ctx.world]
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    bar = tqdm(total=len(index), initial=len(index) - len(todo), desc=desc, disable=ctx.rank != 0 or not mine,
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        for s in mine:
             torch.manual_seed(ctx.args.seed * 1_000_003 + index[s.id])  # random strategies: same in any shard
             try:
                 row = RUNNERS[task.kind](ctx, task, s, cfg)
@@ -439,7 +632,9 @@ def run_samples(ctx, task, mine, cfg, target, index, desc):
                 tqdm.write(f"error: {desc}: sample {s.id}: {e}{hint}", file=sys.stderr)
                 return True
             append_line(fd, {"id": s.id, **row, **({"meta": s.meta} if s.meta else {})})
+            bar.update(min(ctx.world, bar.total - bar.n))
     finally:
+        bar.close()
         os.close(fd)
     return False
 
@@ -452,46 +647,84 @@ def setup_dist():
     return rank, world
 
 
-def main(argv=None, loaded=None):
-    """`loaded` = (model, tokenizer) to evaluate instead of loading --checkpoint_path (tests)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser, _ = build_parser()
-    if "--report" in argv:
-        args = parser.parse_args(argv)
-        return print(report(Path(args.report), Path(args.report_out or args.report)))
-    configs = parse_configs(argv)
-    args = next(iter(configs.values()))[1]  # task and run flags are the same in every config
-    rank, world = setup_dist()
+def make_tasks(args) -> list:
+    """Every task of --tasks, before the model loads: a misspelt name or a bad task setting is an error
+    even beside valid tasks; absent data is found later (T.Unavailable) and only skips its task."""
+    try:
+        return [T.make_task(name, args) for name in T.expand(args.tasks)]
+    except ValueError as e:
+        raise gen.UserError(f"--tasks: {e}" if str(e).startswith("unknown task") else str(e)) from None
+
+
+def make_ctx(args, configs, loaded, rank, world) -> Ctx:
     device = args.device
     if world > 1 and device.startswith("cuda"):  # one GPU per rank (ranks share GPUs if there are fewer)
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-    dtype = getattr(torch, args.dtype or ("bfloat16" if "cuda" in device else "float32"), None)
-    if not isinstance(dtype, torch.dtype):
-        raise gen.UserError(f"unknown --dtype {args.dtype}")
-    if args.threads:
+    dtype = getattr(torch, dtype_name(args))
+    set_threads = getattr(gen, "set_threads", None)  # generate.set_threads: None = a default from the idle cores
+    if set_threads:
+        set_threads(args.threads)
+    elif args.threads:
         torch.set_num_threads(args.threads)
     model, tok = loaded or gen.load(args.checkpoint_path, device, dtype)
-    ctx = Ctx(model, tok, args, device, dtype, gen.compile_decode(model, device) if args.compile else None, rank, world)
     budgeted = [n for n, (c, _) in configs.items() if (kv.REGISTRY[c.strategy].evicts or kv.REGISTRY[c.strategy].prefill_only)
                 and any(float(v) <= 1 for v in c.max_cache_length)]
     if args.compile and budgeted and rank == 0:  # buffers sized from each sample's length: one shape each
         print(f"note: with --compile, a fractional budget recompiles the decode step for every prompt length "
               f"({', '.join(budgeted)}); a budget in tokens (--max_cache_length 256) compiles once", file=sys.stderr)
-    ran, ok = 0, True
-    for name in T.expand(args.tasks):
-        try:
-            task = T.make_task(name, args)
-            samples = task.samples(tok)
-        except T.Unavailable as e:  # absent data: one line, and the other tasks still run
-            if rank == 0:
-                print(f"skip {name}: {e}", file=sys.stderr)
-            continue
-        ran += 1
-        for cname, (cfg, cargs) in configs.items():
-            ok &= run_config(ctx, task, samples, cname, cfg, cargs)
+    return Ctx(model, tok, args, device, dtype, gen.compile_decode(model, device) if args.compile else None, rank, world)
+
+
+def say(ctx, line: str):
+    if ctx.rank == 0:
+        print(line, file=sys.stderr)
+
+
+def plan_line(task, samples) -> str:
+    """What a task will run, said before it starts: how many samples of how many, how to run them all."""
+    n, size = len(samples), task.size
+    said = [json.dumps(s) for s in task.stop] + ([task.stop_also] if task.stop_also else [])
+    stops = f"; stops at {' or '.join(said)}" if task.kind == "generate" and said else ""
+    if size is None:
+        return f"{task.tag}: {n} generated samples (--num_samples N sets how many){stops}"
+    if n == size:
+        return f"{task.tag}: all {n} samples{stops}"
+    how = "the default" if task.args.num_samples is None else "--num_samples"
+    return f"{task.tag}: {n} of {size} samples ({how}; --num_samples all runs all {size}){stops}"
+
+
+def main(argv=None, loaded=None):
+    """`loaded` = (model, tokenizer) to evaluate instead of loading --checkpoint_path (tests)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--report" in argv:
+        args = build_parser()[0].parse_args(argv)
+        return print(report(Path(args.report), Path(args.report_out or args.report)))
+    configs = parse_configs(argv)
+    args = next(iter(configs.values()))[1]  # task and run flags are the same in every config
+    tasks = make_tasks(args)
+    rank, world = setup_dist()
+    try:
+        ctx = make_ctx(args, configs, loaded, rank, world)
+        lines, skipped, ok = [], [], True
+        for task in tasks:
+            try:
+                samples = task.samples(ctx.tok)
+            except T.Unavailable as e:  # absent data: one line, and the other tasks still run
+                skipped.append(f"skip {task.name}: {e}")
+                say(ctx, skipped[-1])
+                continue
+            say(ctx, plan_line(task, samples))
+            for cname, (cfg, cargs) in configs.items():
+                done, line = run_config(ctx, task, samples, cname, cfg, cargs)
+                ok, lines = ok and done, lines + [line]
+    except KeyboardInterrupt:  # outside a sample loop (loading, preparing samples): nothing to save
+        print("\ninterrupted; finished samples are saved and the same command resumes", file=sys.stderr)
+        sys.exit(130)
     if world > 1:
         torch.distributed.destroy_process_group()
-    if not ran:
+    if rank == 0 and lines:
+        print("\n".join([*lines, *skipped]))
+    if len(skipped) == len(tasks):
         raise gen.UserError("no task could run")
     if not ok:
         sys.exit(1)
@@ -503,20 +736,55 @@ def config_order(m):
     return (m["strategy"] != "full", m["strategy"], -float(b[0]) if len(b) == 1 else 0, m["config"])
 
 
-def report(root: Path, out: Path) -> str:
-    """Markdown tables (task x config: the task's metric, then the compression ratio) per model, and one
-    Pareto plot per model and task (metric vs compression ratio, a line per strategy) written to `out`."""
-    found = [json.loads(p.read_text()) for p in sorted(root.rglob("metrics.json"))]
+NEEDED = ("model", "task", "config", "strategy", "max_cache_length", "metric", "higher_is_better", "score", "n",
+          "compression_ratio")
+
+
+def load_metrics(root: Path) -> list[dict]:
+    """Every metrics.json under root (with `dir`, its folder), one per model, task and configuration name.
+    Two folders with one name: refused when their config.json differ, else the one with more samples is
+    shown and a warning names both."""
+    found = {}
+    for path in sorted(root.rglob("metrics.json")):
+        m = read_json(path, "delete it and rerun that eval to rewrite it")
+        missing = [k for k in NEEDED if k not in m]
+        if missing:
+            raise gen.UserError(f"{path} lacks {', '.join(missing)}; delete it and rerun that eval to rewrite it")
+        m["dir"] = str(path.parent)
+        key = (m["model"], m["task"], m["config"])
+        found[key] = same_config(found[key], m) if key in found else m
     if not found:
-        raise gen.UserError(f"no metrics.json under {root}")
-    lines = []
+        raise gen.UserError(f"--report {root}: no metrics.json there")
+    return list(found.values())
+
+
+def same_config(a: dict, b: dict) -> dict:
+    conf = lambda m: Path(m["dir"]) / "config.json"
+    diff = differences(*(read_json(conf(m), "rerun that eval") if conf(m).exists() else {} for m in (a, b)))
+    if diff:
+        raise gen.UserError(f"--report: {a['dir']} and {b['dir']} both hold {a['task']} {a['config']} with different "
+                            f"settings ({', '.join(diff)}); report each folder on its own")
+    keep = max(a, b, key=lambda m: m["n"])
+    print(f"warning: {a['dir']} and {b['dir']} hold the same configuration; the report shows {keep['dir']} "
+          f"(n={keep['n']})", file=sys.stderr)
+    return keep
+
+
+def cell_text(m: dict) -> str:
+    se = f" ± {m['score_stderr']:.2f}" if m.get("score_stderr") is not None else ""
+    return f"{m['score']:.2f}{se} (n={m['n']})"
+
+
+def report(root: Path, out: Path) -> str:
+    """Markdown tables (task x config: the task's metric ± standard error and n, then the compression
+    ratio) per model, and one Pareto plot per model and task (metric vs compression ratio, a line per
+    strategy and settings, error bars) written to `out`."""
+    found, lines = load_metrics(root), []
     for model in sorted({m["model"] for m in found}):
         ms = [m for m in found if m["model"] == model]
         configs = [m["config"] for m in sorted({m["config"]: m for m in ms}.values(), key=config_order)]
         cell = {(m["task"], m["config"]): m for m in ms}
-        for title, fmt in (("", lambda m: f"{m['score']:.2f}" + (f" ± {m['score_stderr']:.2f}"
-                                                                  if m.get("score_stderr") is not None else "")),
-                           (" (compression ratio)", lambda m: f"{m['compression_ratio']:.3f}")):
+        for title, fmt in (("", cell_text), (" (compression ratio)", lambda m: f"{m['compression_ratio']:.3f}")):
             lines += [f"### {model}{title}", "", "| task | metric | " + " | ".join(configs) + " |",
                       "|---|---|" + "---:|" * len(configs)]
             for task in sorted({m["task"] for m in ms}):
@@ -531,6 +799,10 @@ def report(root: Path, out: Path) -> str:
     return "\n".join(lines)
 
 
+MARKERS = "os^vD<>pXh"
+LINES = ("-", "--", ":", "-.")
+
+
 def curve_plot(ms, path: Path):
     """Perplexity over position, one line per configuration (from metrics.json's `curve`)."""
     import matplotlib
@@ -538,13 +810,14 @@ def curve_plot(ms, path: Path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     strategies = sorted({m["strategy"] for m in ms} - {"full"})
-    seen = {}  # colour = strategy, line style = its budgets from large to small
+    seen = {}  # colour = strategy, line style and marker = its budgets from large to small
     for m in sorted(ms, key=config_order):
         full = m["strategy"] == "full"
         k = seen[m["strategy"]] = seen.get(m["strategy"], -1) + 1
         ax.plot([p[0] for p in m["curve"]], [p[1] for p in m["curve"]], label=m["config"], linewidth=2.5 if full else 1.2,
                 color="black" if full else plt.cm.tab10(strategies.index(m["strategy"]) % 10),
-                linestyle=("-", "--", ":", "-.")[k % 4])
+                linestyle=LINES[k % 4], marker=MARKERS[k % len(MARKERS)], markersize=4,
+                markevery=max(1, len(m["curve"]) // 8))
     ax.set_xlabel("position (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"{ms[0]['model']}: {ms[0]['task']}")
@@ -555,8 +828,26 @@ def curve_plot(ms, path: Path):
     plt.close(fig)
 
 
+SHIFT = 0.006  # x offset between neighbouring lines of a Pareto plot: equal points stay visible side by side
+
+
+def pareto_series(ms, key: str) -> list[dict]:
+    """The lines of a Pareto panel: one per series (strategy and settings, every budget on it), its points
+    sorted by compression ratio and shifted by SHIFT per line, error bars from score_stderr (score
+    only), a marker per line (the full cache: a star)."""
+    names = sorted({m.get("series", m["strategy"]) for m in ms}, key=lambda s: (not s.startswith("full"), s))
+    out = []
+    for i, name in enumerate(names):
+        pts = sorted((m["compression_ratio"], m[key], m.get("score_stderr") if key == "score" else None)
+                     for m in ms if m.get("series", m["strategy"]) == name)
+        dx = (i - (len(names) - 1) / 2) * SHIFT
+        out.append({"label": name, "x": [p[0] + dx for p in pts], "y": [p[1] for p in pts],
+                    "yerr": [p[2] or 0.0 for p in pts], "marker": "*" if name == "full" else MARKERS[i % len(MARKERS)]})
+    return out
+
+
 def pareto_plot(ms, path: Path):
-    """Metric vs measured compression ratio, a line per strategy; choice tasks get a second panel with
+    """Metric vs measured compression ratio, a line per series; choice tasks get a second panel with
     the gold option's log-likelihood, which shows a cache's damage long before the accuracy does."""
     import matplotlib
     matplotlib.use("Agg")
@@ -566,12 +857,11 @@ def pareto_plot(ms, path: Path):
         panels.append(("gold_loglik", "log-likelihood of the gold option"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
-        for strat in sorted({m["strategy"] for m in ms}, key=lambda s: (s != "full", s)):
-            pts = sorted((m["compression_ratio"], m[key]) for m in ms if m["strategy"] == strat)
-            style = dict(marker="*", markersize=12, linestyle="none") if strat == "full" else dict(marker="o")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=strat, **style)
-        ax.set_xlabel("compression ratio (1 - slots used / tokens seen)")
-        ax.set_ylabel(label)
+        for i, s in enumerate(pareto_series(ms, key)):
+            ax.errorbar(s["x"], s["y"], yerr=s["yerr"], label=s["label"], marker=s["marker"], capsize=3,
+                        markersize=11 if s["marker"] == "*" else 6, linestyle=LINES[i % 4], alpha=0.85)
+        ax.set_xlabel(f"compression ratio (1 - slots used / tokens seen; lines shifted by {SHIFT} each)")
+        ax.set_ylabel(label + (" ± standard error" if key == "score" else ""))
         ax.set_title(f"{ms[0]['model']}: {ms[0]['task']}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

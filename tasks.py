@@ -24,9 +24,36 @@ from pathlib import Path
 
 import metrics as M
 
+REPO = Path(__file__).resolve().parent
+DATA_ROOTS = (REPO / "data", REPO.parent / "shared" / "data")  # scripts/prepare_data.py writes the first
+PREPARE_DATA = "python scripts/prepare_data.py"
+NIAH_DEPTHS, PPL_PREFILL, PPL_BIN = [0, 25, 50, 75, 100], 512, 128  # eval.py's defaults (folder names omit them)
+
 
 class Unavailable(Exception):
     """A task that cannot run here (its data is absent): reported in one line and skipped."""
+
+
+def data_roots(data_dir) -> list[Path]:
+    """Where data files are looked up: --data_dir alone when given (explicit wins), else the repository's
+    data/, then ../shared/data beside the repository; never relative to the current folder."""
+    return [Path(data_dir)] if data_dir else list(DATA_ROOTS)
+
+
+def find_data(roots: list[Path], rel: str) -> Path:
+    """The first root holding `rel` (a file or folder), else Unavailable naming it and the fetch command."""
+    for root in roots:
+        if (root / rel).exists():
+            return root / rel
+    raise Unavailable(f"no {rel} in {' or '.join(map(str, roots))}; fetch the data with: {PREPARE_DATA}")
+
+
+def cut_at_stop(text: str, stops) -> tuple[str, bool]:
+    """text cut before the first stop string, and whether one was found. Leading whitespace is never a
+    stop (a "\n" stop must not end an answer that starts on a new line)."""
+    start = len(text) - len(text.lstrip())
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
 
 
 @dataclass
@@ -112,20 +139,26 @@ class Task:
     metric = "accuracy"
     higher_is_better = True
     max_new_tokens = 32
+    stop = ()             # stop strings: generation ends at the first (besides the tokenizer's stop ids)
+    stop_also = ""        # any other stop of cut(), in words
+    default_samples = 50  # --num_samples when not given: about 10 minutes per configuration on 2 CPU cores
+    size = None           # samples in the whole task, set by limit() (None: generated, any number)
 
     def __init__(self, args):
         self.args = args
-        self.data = Path(args.data_dir)
+        self.roots = data_roots(args.data_dir)
 
     @property
     def tag(self) -> str:
         """Results directory name: the task plus every setting that changes its samples."""
         return self.name
 
-    def need(self, path: Path) -> Path:
-        if not path.exists():
-            raise Unavailable(f"no data at {path}")
-        return path
+    def find(self, rel: str) -> Path:
+        return find_data(self.roots, rel)
+
+    def cut(self, text: str) -> tuple[str, bool]:
+        """A generated answer cut at a stop, and whether generation may end (eval.decode asks as it goes)."""
+        return cut_at_stop(text, self.stop)
 
     def samples(self, tok) -> list[Sample]:
         raise NotImplementedError
@@ -140,9 +173,14 @@ class Task:
     def plot(self, rows: list[dict], out_dir: Path):
         """Task-specific figures next to metrics.json (needle heatmap, perplexity curve)."""
 
-    def limit(self, items):
+    def count(self) -> int | None:
+        """Samples to run: --num_samples, else the task's default; None for all ('all')."""
         n = self.args.num_samples
-        return items[:n] if n else items
+        return None if n == "all" else n or self.default_samples
+
+    def limit(self, items):
+        self.size, n = len(items), self.count()
+        return items if n is None else items[:n]
 
 
 def stderr(values: list[float], scale: float = 1.0):
@@ -164,6 +202,7 @@ def number(text: str):
 
 
 NUM = r"-?\$?\d[\d,]*(?:\.\d+)?"
+ANSWERED = re.compile(rf"answer is:?\s*{NUM}[^\n]*\n", re.IGNORECASE)  # the line gsm8k_extract reads, ended
 
 
 def gsm8k_extract(text: str):
@@ -181,13 +220,16 @@ class GSM8K(Task):
     The exemplars are the context, the test question is the question."""
     name = "gsm8k"
     max_new_tokens = 256
+    stop = ("Question:",)  # lm-eval's `until`: the model starts the next exemplar
+    stop_also = 'the end of the first "The answer is N" line'
+    default_samples = 30   # ~20 s each on 2 CPU cores (5 s prompt, ~100 tokens at 10 tok/s)
 
     @property
     def tag(self):
         return f"{self.name}-{self.args.num_fewshot}shot"
 
     def exemplars(self, short=False):
-        train = read_jsonl(self.need(self.data / "gsm8k/train.jsonl"))
+        train = read_jsonl(self.find("gsm8k/train.jsonl"))
         picks = random.Random(self.args.seed).sample(range(len(train)), self.args.num_fewshot)
         out = []
         for i in picks:
@@ -198,12 +240,19 @@ class GSM8K(Task):
         return "".join(out)
 
     def rows(self):
-        test = read_jsonl(self.need(self.data / "gsm8k/test.jsonl"))
+        test = read_jsonl(self.find("gsm8k/test.jsonl"))
         return [(str(i), r["question"], r["answer"].split("####")[-1].strip()) for i, r in enumerate(test)]
 
     def samples(self, tok):
         shots = self.exemplars()
         return [Sample(i, shots, f"Question: {q}\nAnswer:", gold) for i, q, gold in self.limit(self.rows())]
+
+    def cut(self, text):
+        """Also ends once the first "answer is N" line is complete: gsm8k_extract reads nothing after it,
+        so the score is the same as without this stop (a small model often repeats that line to the end)."""
+        text, hit = super().cut(text)
+        m = ANSWERED.search(text)
+        return (text[:m.end()], True) if m else (text, hit)
 
     def score(self, prediction, s):
         pred = gsm8k_extract(prediction)
@@ -234,6 +283,7 @@ class GSM8KMC(GSM8K):
     rng seeded by (--seed, question index). Metric: the option of highest summed log-probability."""
     name = "gsm8k_mc"
     kind = "choice"
+    stop, default_samples = (), 100  # ~5 s each: one prompt, four short options
 
     def samples(self, tok):
         shots, out = self.exemplars(short=True), []
@@ -275,11 +325,11 @@ class MedQA(Task):
     actual question), the options and the instruction are the question; up to 32 new tokens, letter
     parsed by medqa_letter."""
     name = "medqa"
-    max_new_tokens = 32
+    max_new_tokens = 32  # no stop string: the letter parser reads the whole (short) answer
     instruction = "\n\nAnswer with the letter of the correct option (A, B, C or D)."
 
     def records(self):
-        return list(enumerate(self.limit(read_jsonl(self.need(self.data / "medqa/test.jsonl")))))
+        return list(enumerate(self.limit(read_jsonl(self.find("medqa/test.jsonl")))))
 
     def samples(self, tok):
         out = []
@@ -298,6 +348,7 @@ class MedQAMC(MedQA):
     format: question, 'A. ...' lines, 'Answer:', choices ' A'..' D'), no chat template."""
     name = "medqa_mc"
     kind = "choice"
+    default_samples = 100  # ~3 s each
 
     def samples(self, tok):
         out = []
@@ -317,8 +368,15 @@ NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. The
 class Synthetic(Task):
     """Generated at --context_length tokens (prompt + new tokens) of this model's tokenizer; sample i
     uses random.Random(f"{task}-{seed}-{i}"), so samples do not depend on --num_samples or sharding."""
-    default_samples = 100
+    default_samples = 20  # ~30 s each at the default 4096 tokens on 2 CPU cores
     metric = "string_match_all"
+    stop = ("\n",)  # the answer is one line after the answer prefix
+
+    def __init__(self, args):
+        super().__init__(args)
+        if args.num_samples == "all":
+            raise ValueError(f"--num_samples all: {self.name} generates its samples, so give a number "
+                             f"(default {self.default_samples})")
 
     @property
     def tag(self):
@@ -328,8 +386,7 @@ class Synthetic(Task):
         return random.Random(f"{self.name}-{self.args.seed}-{i}")
 
     def samples(self, tok):
-        n = self.args.num_samples or self.default_samples
-        return [self.make(tok, i) for i in range(n)]
+        return [self.make(tok, i) for i in range(self.count())]
 
     def fit(self, tok, make, hi):
         return fit(make, 1, hi, self.args.context_length, tok, not self.args.no_chat, self.max_new_tokens)
@@ -360,11 +417,12 @@ class Passkey(Synthetic):
         return self.fit(tok, make, self.args.context_length // 8)
 
 
+WORDS = "ruler/wonderwords_v2.2.0"
+
+
 @lru_cache(maxsize=2)
-def ruler_words(data: Path, kind: str) -> tuple:
-    d = data / "ruler/wonderwords_v2.2.0"
-    if not d.exists():
-        raise Unavailable(f"no RULER word lists at {d}")
+def ruler_words(d: Path, kind: str) -> tuple:
+    """The wonderwords lists in folder d (WORDS)."""
     read = lambda f: [w for w in (d / f).read_text().splitlines() if w.strip()]
     if kind == "keys":  # niah keys: an adjective and a noun, uniform over the pairs as in RULER
         return tuple(sorted(set(read("adjectivelist.txt")))), tuple(sorted(set(read("nounlist.txt"))))
@@ -372,10 +430,7 @@ def ruler_words(data: Path, kind: str) -> tuple:
 
 
 @lru_cache(maxsize=1)
-def essay_words(data: Path) -> tuple:
-    path = data / "ruler/PaulGrahamEssays.json"
-    if not path.exists():
-        raise Unavailable(f"no RULER essay haystack at {path}")
+def essay_words(path: Path) -> tuple:
     return tuple(re.sub(r"\s+", " ", json.loads(path.read_text())["text"]).split(" "))
 
 
@@ -392,11 +447,12 @@ class RulerNIAH(Synthetic):
     prefix = " The special magic number for {query} mentioned in the provided text is"
 
     def __init__(self, args, name, num_keys):
-        super().__init__(args)
         self.name, self.num_keys = name, num_keys
+        super().__init__(args)
 
     def make(self, tok, i):
-        rng, hay, (adjs, nouns) = self.rng(i), essay_words(self.data), ruler_words(self.data, "keys")
+        rng, hay, (adjs, nouns) = self.rng(i), essay_words(self.find("ruler/PaulGrahamEssays.json")), \
+            ruler_words(self.find(WORDS), "keys")
         keys = []
         while len(keys) < self.num_keys:
             k = f"{rng.choice(adjs)}-{rng.choice(nouns)}"
@@ -465,6 +521,7 @@ class RulerCWE(Synthetic):
     example uses the plain task template, not the model's chat template nested inside."""
     name = "rulercwe"
     max_new_tokens = 120
+    stop = ()  # the 10-word list may span lines
     template = ("Below is a numbered list of words. In these words, some appear more often than others. "
                 "Memorize the ones that appear most often.\n")
     question = "\nQuestion: What are the 10 most common words in the above list?"
@@ -477,7 +534,7 @@ class RulerCWE(Synthetic):
         return " ".join(f"{j + 1}. {w}" for j, w in enumerate(lst)), pick[:10]
 
     def make(self, tok, i):
-        words = list(ruler_words(self.data, "all"))
+        words = list(ruler_words(self.find(WORDS), "all"))
         random.Random(self.args.seed).shuffle(words)
         short = self.args.context_length < 4096
         seed = f"{self.name}-{self.args.seed}-{i}"
@@ -500,23 +557,27 @@ class NIAH(Task):
     score: share of the needle's 7 content words found in the answer. Heatmap: heatmap.png."""
     name = "niah"
     metric = "needle words found"
-    max_new_tokens = 48
+    max_new_tokens = 48  # free text, no stop string
     needle = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
     words = ("eat", "sandwich", "sit", "dolores", "park", "sunny", "day")
 
     @property
     def tag(self):
-        return f"{self.name}-{max(self.lengths())}"
+        a = self.args
+        if a.niah_lengths is None and a.niah_depths == NIAH_DEPTHS:
+            return f"{self.name}-{max(self.lengths())}"
+        return f"{self.name}-{'_'.join(map(str, self.lengths()))}-d{'_'.join(map(str, a.niah_depths))}"
 
     def lengths(self):
         L = self.args.context_length
         return self.args.niah_lengths or [L // 4, L // 2, L]
 
     def samples(self, tok):
-        files = sorted((self.data / "paul_graham_essays/essays").glob("*.txt"))
+        files = sorted(self.find("paul_graham_essays/essays").glob("*.txt"))
         if not files:
-            raise Unavailable(f"no essays in {self.data / 'paul_graham_essays/essays'}")
+            raise Unavailable(f"no essays in {self.find('paul_graham_essays/essays')}; fetch them with: {PREPARE_DATA}")
         hay_ids = tok.encode("".join(f.read_text() for f in files), bos=False)
+        self.size = len(self.lengths()) * len(self.args.niah_depths)
         return [self.cell(tok, hay_ids, L, d) for L in self.lengths() for d in self.args.niah_depths]
 
     def cell(self, tok, hay_ids, L, depth):
@@ -566,18 +627,22 @@ class PPL(Task):
     kind = "ppl"
     metric = "perplexity"
     higher_is_better = False
+    default_samples = 20  # windows (pg19 has 4 books here: one window each)
 
     @property
     def tag(self):
-        return f"{self.name}-{self.args.ppl_corpus}-{self.args.context_length}"
+        a = self.args
+        extra = (f"-p{a.ppl_prefill}" if a.ppl_prefill != PPL_PREFILL else "") + (
+            f"-bin{a.ppl_bin}" if a.ppl_bin != PPL_BIN else "")
+        return f"{self.name}-{a.ppl_corpus}-{a.context_length}{extra}"
 
     def texts(self):
         if self.args.ppl_corpus == "wikitext2":
-            path = self.need(self.data / "wikitext2_raw/wiki.test.raw")
+            path = self.find("wikitext2_raw/wiki.test.raw")
             return [path.read_text(encoding="utf-8").replace("\r\n", "\n")]
-        books = sorted((self.data / "pg19_test_gutenberg").glob("*.txt"))
+        books = sorted(self.find("pg19_test_gutenberg").glob("*.txt"))
         if not books:
-            raise Unavailable(f"no PG-19 books in {self.data / 'pg19_test_gutenberg'}")
+            raise Unavailable(f"no PG-19 books in {self.find('pg19_test_gutenberg')}; fetch them with: {PREPARE_DATA}")
         out = []
         for b in books:  # the body lies between the ***START OF / ***END OF lines
             t = b.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
@@ -635,11 +700,14 @@ class LongBench(Task):
     """LongBench v1 with its official prompts (dataset2prompt.json), output lengths (dataset2maxlen.json)
     and metrics; the chat template is skipped for the few-shot and code tasks, as LongBench does.
     Prompts longer than --context_length minus the output length are cut in the middle of the context
-    (LongBench cuts the middle of the prompt). Everything up to the end of {context} is the context."""
+    (LongBench cuts the middle of the prompt). Everything up to the end of {context} is the context.
+    Stop strings as LongBench's pred.py: "\n" for samsum (else it writes the next dialogue), none else."""
+    default_samples = 10  # up to 512 new tokens each (multi_news): ~1 minute each on 2 CPU cores
 
     def __init__(self, args, dataset):
         super().__init__(args)
         self.dataset, self.name = dataset, f"longbench_{dataset}"
+        self.stop = ("\n",) if dataset == "samsum" else ()
         self.metric = {"qa_f1": "F1", "rouge_l": "ROUGE-L", "code_sim": "edit similarity"}.get(
             M.LONGBENCH[dataset].__name__, "accuracy")
 
@@ -648,12 +716,12 @@ class LongBench(Task):
         return f"{self.name}-{self.args.context_length}"
 
     def samples(self, tok):
-        lb = self.data / "longbench"
-        path = Path(self.args.longbench_dir or lb) / f"{self.dataset}.jsonl"
+        name = f"{self.dataset}.jsonl"
+        path = Path(self.args.longbench_dir) / name if self.args.longbench_dir else self.longbench_file(name)
         if not path.exists():
-            raise Unavailable(f"no data at {path} (unzip LongBench's data.zip and pass --longbench_dir)")
-        template = json.loads(self.need(lb / "dataset2prompt.json").read_text())[self.dataset]
-        max_new = json.loads(self.need(lb / "dataset2maxlen.json").read_text())[self.dataset]
+            raise Unavailable(f"no {path} (unzip LongBench's data.zip and pass --longbench_dir)")
+        template = json.loads(self.find("longbench/dataset2prompt.json").read_text())[self.dataset]
+        max_new = json.loads(self.find("longbench/dataset2maxlen.json").read_text())[self.dataset]
         head, tail = template.split("{context}")
         out = []
         for r in self.limit(read_jsonl(path)):
@@ -662,6 +730,13 @@ class LongBench(Task):
                        meta={"all_classes": r.get("all_classes"), "length": r.get("length")})
             out.append(self.truncate(tok, s, head, r["context"]))
         return out
+
+    def longbench_file(self, name):
+        try:
+            return self.find(f"longbench/{name}")
+        except Unavailable as e:  # only multi_news is in the offline data
+            raise Unavailable(f"{e} (multi_news only; for the other datasets unzip LongBench's data.zip and "
+                              f"pass --longbench_dir)") from None
 
     def truncate(self, tok, s, head, ctx):
         budget = self.args.context_length - s.max_new_tokens
@@ -689,12 +764,15 @@ class Fidelity(Task):
     name = "fidelity"
     kind = "fidelity"
     metric = "token agreement"
+    default_samples = 10  # two generations and two teacher-forced passes per sample
 
     def __init__(self, args):
         super().__init__(args)
         self.inner = make_task(args.fidelity_task, args)
         if self.inner.kind != "generate":
-            raise Unavailable(f"--fidelity_task {args.fidelity_task} is not a generation task")
+            raise ValueError(f"--fidelity_task {args.fidelity_task}: not a generation task; "
+                             f"one of {', '.join(n for n, c in SIMPLE.items() if c.kind == 'generate')}")
+        self.inner.default_samples = self.default_samples
         self.max_new_tokens = args.fidelity_tokens
 
     @property
@@ -702,7 +780,9 @@ class Fidelity(Task):
         return f"{self.name}-{self.inner.tag}-{self.max_new_tokens}"
 
     def samples(self, tok):
-        return self.inner.samples(tok)
+        out = self.inner.samples(tok)
+        self.size = self.inner.size
+        return out
 
     def aggregate(self, rows):
         n = max(1, len(rows))
@@ -737,4 +817,27 @@ def make_task(name: str, args) -> Task:
         return RulerNIAH(args, name, RULER_NIAH[name])
     if name.startswith("longbench_") and name[10:] in LONGBENCH_EN:
         return LongBench(args, name[10:])
-    raise Unavailable(f"unknown task {name!r}; known: {', '.join([*NAMES, *GROUPS])}")
+    raise ValueError(f"unknown task {name!r}; known: {', '.join([*NAMES, *GROUPS])}")
+
+
+def task_table() -> str:
+    """The task table of `eval.py --help` (markdown, aligned): samples run by default, output length and
+    stop strings, read from the classes so that it cannot drift from them."""
+    show = lambda c: "-" if c.kind != "generate" else ", ".join(
+        [json.dumps(s) for s in c.stop] + ([f"or {c.stop_also}"] if c.stop_also else [])) or "none"
+    gen = lambda c: str(c.max_new_tokens) if c.kind == "generate" else f"- ({c.kind})"
+    rows = [("task", "samples by default (of all)", "new tokens", "stop strings (and the tokenizer's stop ids)")]
+    for names, c, size in [("gsm8k", GSM8K, "1319"), ("gsm8k_mc", GSM8KMC, "1319"), ("medqa", MedQA, "1273"),
+                           ("medqa_mc", MedQAMC, "1273"), ("passkey", Passkey, None),
+                           ("rulerniah_single, rulerniah_multikey", RulerNIAH, None), ("rulervt", RulerVT, None),
+                           ("rulercwe", RulerCWE, None)]:
+        rows.append((names, f"{c.default_samples} of {size}" if size else f"{c.default_samples} (generated)",
+                     gen(c), show(c)))
+    rows += [("niah", "lengths x depths grid (15)", gen(NIAH), show(NIAH)),
+             ("ppl", f"{PPL.default_samples} windows (pg19: 4 books)", gen(PPL), "-"),
+             ("longbench_<dataset>", f"{LongBench.default_samples} of 200 (multi_news)", "dataset2maxlen.json",
+              'samsum: "\\n" (as LongBench); others: none'),
+             ("fidelity", f"{Fidelity.default_samples} of --fidelity_task's", "--fidelity_tokens", "none (raw tokens)")]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([line(rows[0]), line(["-" * w for w in widths]), *map(line, rows[1:])])

@@ -1,9 +1,12 @@
 """The eval runner on CPU with the tiny model: sweeps, every task kind, fair budgets, resuming after a
 failure or a SIGKILL, two torchrun ranks against one process, and the report against metrics.json."""
+import argparse
 import base64
 import dataclasses
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +18,7 @@ import torch
 import cache as kv
 import eval as E
 import generate as gen
+import tasks as T
 from model import ModelArgs, Transformer
 from test_tasks import ByteTok
 
@@ -49,7 +53,8 @@ def data(tmp_path):
 
 
 def run(model, out, *argv, tok=None):
-    E.main(["--results_dir", str(out), "--checkpoint_path", "tiny", "--device", "cpu", *argv],
+    threads = [] if "--threads" in argv else ["--threads", "1"]  # as the fixture: a default could spin idle cores
+    E.main(["--results_dir", str(out), "--checkpoint_path", "tiny", "--device", "cpu", *threads, *argv],
            loaded=(model, tok or ByteTok()))
 
 
@@ -61,11 +66,21 @@ def metrics(path: Path):
     return {k: v for k, v in json.loads(path.read_text()).items() if k not in TIMING}
 
 
+def names(*argv) -> list[str]:
+    """The configuration folders eval.py makes for these flags (readable name + settings hash)."""
+    return list(E.parse_configs(["--device", "cpu", *argv]))
+
+
+HASHED = r"-[0-9a-f]{6}"
+
+
 # ---------------------------------------------------------------- sweeps
 @needs_evict
 def test_sweep_expansion_and_yaml_configs(tmp_path):
-    names = list(E.parse_configs(["--cache_strategy", "full", EVICT, "--max_cache_length", "0.5", "0.25"]))
-    assert names == ["full", f"{EVICT}-0.5", f"{EVICT}-0.25"]  # full ignores the budget: one run
+    found = names("--cache_strategy", "full", EVICT, "--max_cache_length", "0.5", "0.25")
+    assert len(found) == 3  # full ignores the budget: one run
+    for name, readable in zip(found, ["full", f"{EVICT}-0.5", f"{EVICT}-0.25"]):
+        assert re.fullmatch(re.escape(readable) + HASHED, name)
     (name, (cfg, _)), = E.parse_configs(["--cache_strategy", EVICT, "--max_cache_length", "0.5,0.25"]).items()
     assert cfg.max_cache_length == ["0.5", "0.25"]  # a comma list is one per-layer budget, not a sweep
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
@@ -76,34 +91,40 @@ def test_sweep_expansion_and_yaml_configs(tmp_path):
     assert [c.recent_window for c, _ in confs] == [20, 10]  # a's YAML does not leak into b's run
     (cfg, args), = E.parse_configs(["--cache_config", str(a), "--max_cache_length", "0.1", "--query_aware"]).values()
     assert cfg.max_cache_length == ["0.1"] and cfg.recent_window == 20  # the command line wins
-    assert E.config_name(cfg, args) == f"{EVICT}-0.1-recent_window=20-qa"
+    assert re.fullmatch(re.escape(f"{EVICT}-0.1-recent_window=20-qa") + HASHED, E.config_name(cfg, args))
 
 
 # ---------------------------------------------------------------- every kind of task
 @needs_evict
-def test_every_task_kind_runs_and_records(tiny, tmp_path, data):
+def test_every_task_kind_runs_and_records(tiny, tmp_path, data, capsys):
+    sweep = ["--max_new_tokens", "4", "--cache_strategy", "full", EVICT, "--max_cache_length", "0.5"]
     run(tiny, tmp_path, "--data_dir", str(data), "--tasks", "passkey", "medqa_mc", "ppl", "fidelity",
-        "--num_samples", "2", "--context_length", "450", "--max_new_tokens", "4", "--ppl_prefill", "350",
-        "--ppl_bin", "50", "--fidelity_task", "passkey", "--fidelity_tokens", "4",
-        "--cache_strategy", "full", EVICT, "--max_cache_length", "0.5")
-    res = tmp_path / "tiny"
-    for task in ("passkey-450", "medqa_mc", "ppl-pg19-450", "fidelity-passkey-450-4"):
-        for conf in ("full", f"{EVICT}-0.5"):
+        "--num_samples", "2", "--context_length", "450", "--ppl_prefill", "350",
+        "--ppl_bin", "50", "--fidelity_task", "passkey", "--fidelity_tokens", "4", *sweep)
+    res, (full, ev) = tmp_path / "tiny", names(*sweep)
+    finish = capsys.readouterr().out.splitlines()
+    tags = ("passkey-450", "medqa_mc", "ppl-pg19-450-p350-bin50", "fidelity-passkey-450-4")
+    for task in tags:
+        for conf in (full, ev):
             d = res / task / conf
             m, cfg = json.loads((d / "metrics.json").read_text()), json.loads((d / "config.json").read_text())
             assert m["n"] == 2 and len(rows(d / "predictions.jsonl")) == 2
             assert cfg["cache"]["strategy"] == conf.split("-")[0] and cfg["query_aware"] is False
-            if conf == "full":
+            if conf == full:
                 assert m["compression_ratio"] == 0.0
             else:
                 assert m["compression_ratio"] == pytest.approx(0.5, abs=0.05)
-    assert len(rows(res / "medqa_mc/full/predictions.jsonl")[0]["option_loglik"]) == 4
-    assert (res / "ppl-pg19-450/full/curve.png").exists()
-    ppl = json.loads((res / "ppl-pg19-450/full/metrics.json").read_text())
+            se = f" ± {m['score_stderr']:.2f}" if m["score_stderr"] is not None else ""
+            assert f"{task} {conf}: {m['metric']} {m['score']:.2f}{se}" in "\n".join(finish)
+    # the finish: one line per task and configuration, with n and the results folder
+    assert len(finish) == 8 and all(re.fullmatch(rf"(\S+) (\S+): .* \(n=2\) -> {res}/\1/\2", ln) for ln in finish)
+    assert len(rows(res / "medqa_mc" / full / "predictions.jsonl")[0]["option_loglik"]) == 4
+    assert (res / tags[2] / full / "curve.png").exists()
+    ppl = json.loads((res / tags[2] / full / "metrics.json").read_text())
     assert [p for p, _ in ppl["curve"]] == [0, 50, 100, 150, 200, 250, 300, 350, 400]  # bins of --ppl_bin
     E.report(tmp_path, tmp_path / "plots")
-    assert (tmp_path / "plots/curve-tiny-ppl-pg19-450.png").exists()  # one line per configuration
-    full = json.loads((res / "fidelity-passkey-450-4/full/metrics.json").read_text())
+    assert (tmp_path / f"plots/curve-tiny-{tags[2]}.png").exists()  # one line per configuration
+    full = json.loads((res / tags[3] / full / "metrics.json").read_text())
     assert full["score"] == 100.0 and abs(full["kl"]) < 1e-4  # the full cache against itself
 
 
@@ -112,17 +133,18 @@ def test_full_cache_gives_the_same_answer_in_both_query_modes(tiny, tmp_path):
     common = ["--tasks", "passkey", "--num_samples", "3", "--context_length", "450", "--max_new_tokens", "6"]
     run(tiny, tmp_path, *common)
     run(tiny, tmp_path, *common, "--query_aware")
-    agnostic = rows(tmp_path / "tiny/passkey-450/full/predictions.jsonl")
-    aware = rows(tmp_path / "tiny/passkey-450/full-qa/predictions.jsonl")
+    (a,), (b,) = names(*common), names(*common, "--query_aware")
+    agnostic = rows(tmp_path / "tiny/passkey-450" / a / "predictions.jsonl")
+    aware = rows(tmp_path / "tiny/passkey-450" / b / "predictions.jsonl")
     assert [r["prediction"] for r in agnostic] == [r["prediction"] for r in aware]
     assert all(a["n_context"] < b["n_context"] == b["n_prompt"] for a, b in zip(agnostic, aware))
 
 
 @needs_evict
 def test_each_sample_budget_comes_from_its_own_length(tiny, tmp_path, data):
-    run(tiny, tmp_path, "--data_dir", str(data), "--tasks", "medqa", "--max_new_tokens", "4",
-        "--cache_strategy", EVICT, "--max_cache_length", "0.5")
-    short, long = rows(tmp_path / f"tiny/medqa/{EVICT}-0.5/predictions.jsonl")
+    conf = ["--max_new_tokens", "4", "--cache_strategy", EVICT, "--max_cache_length", "0.5"]
+    run(tiny, tmp_path, "--data_dir", str(data), "--tasks", "medqa", *conf)
+    short, long = rows(tmp_path / "tiny/medqa" / names(*conf)[0] / "predictions.jsonl")
     assert short["n_prompt"] < long["n_prompt"] and short["cache_bytes"] < long["cache_bytes"]
     for r in (short, long):  # measured, so a cache sized from the longest sample would show here
         assert r["compression_ratio"] == pytest.approx(0.5, abs=0.01)
@@ -142,7 +164,7 @@ def test_compiled_eval_matches_eager_and_compiles_once_per_config(tiny, tmp_path
     assert counters["stats"]["unique_graphs"] - before == 2  # 5 prompt lengths x 2 configs: 2 graphs
     lengths = set()
     for task in ("medqa", "medqa_mc", "passkey-450"):
-        for conf in ("full", f"{EVICT}-100"):
+        for conf in names(*common[8:]):
             eager, compiled = (rows(tmp_path / d / f"tiny/{task}/{conf}/predictions.jsonl") for d in ("eager", "compiled"))
             assert [r["prediction"] for r in eager] == [r["prediction"] for r in compiled]
             if task == "medqa_mc":  # options teacher-forced by compiled steps vs Transformer.feed
@@ -152,7 +174,8 @@ def test_compiled_eval_matches_eager_and_compiles_once_per_config(tiny, tmp_path
     assert len(lengths) == 5  # medqa 2, medqa_mc 2 (the options come after), passkey 1
     run(tiny, tmp_path / "frac", "--tasks", "passkey", "--num_samples", "1", "--context_length", "450",
         "--max_new_tokens", "2", "--cache_strategy", EVICT, "--max_cache_length", "0.5", "--compile")
-    assert f"a fractional budget recompiles the decode step for every prompt length ({EVICT}-0.5)" in capsys.readouterr().err
+    assert re.search(f"a fractional budget recompiles the decode step for every prompt length \\({EVICT}-0.5-max_new_tokens=2"
+                     f"{HASHED}\\)", capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------- resuming
@@ -161,7 +184,8 @@ def test_rerun_after_a_failure_and_a_torn_line_matches_an_uninterrupted_run(tiny
     args = ["--tasks", "passkey", "--num_samples", "6", "--context_length", "450", "--max_new_tokens", "4",
             "--cache_strategy", EVICT, "--max_cache_length", "0.5"]
     run(tiny, tmp_path / "a", *args)
-    reference = rows(tmp_path / f"a/tiny/passkey-450/{EVICT}-0.5/predictions.jsonl")
+    conf = names(*args)[0]
+    reference = rows(tmp_path / "a/tiny/passkey-450" / conf / "predictions.jsonl")
 
     real, calls = E.RUNNERS["generate"], []
 
@@ -173,7 +197,7 @@ def test_rerun_after_a_failure_and_a_torn_line_matches_an_uninterrupted_run(tiny
     monkeypatch.setitem(E.RUNNERS, "generate", flaky)
     with pytest.raises(RuntimeError):
         run(tiny, tmp_path / "b", *args)
-    pred = tmp_path / f"b/tiny/passkey-450/{EVICT}-0.5/predictions.jsonl"
+    pred = tmp_path / "b/tiny/passkey-450" / conf / "predictions.jsonl"
     assert len(rows(pred)) == 3 and not (pred.parent / "metrics.json").exists()
     with open(pred, "ab") as f:  # a process killed in the middle of a write
         f.write(b'{"id": "3", "predic')
@@ -196,9 +220,9 @@ def write_checkpoint(d: Path, model) -> Path:
     return d
 
 
-def cli(*argv, **kw):
+def cli(*argv, cwd=ROOT, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -207,8 +231,8 @@ def test_sigkilled_run_resumes_without_loss_or_duplicates(tiny, tmp_path):
     args = ["--checkpoint_path", str(ckpt), "--device", "cpu", "--tasks", "passkey", "--num_samples", "30",
             "--context_length", "450", "--max_new_tokens", "24"]
     E.main(["--results_dir", str(tmp_path / "a"), *args], loaded=gen.load(ckpt, "cpu", torch.float32))
-    reference = rows(tmp_path / "a/ckpt/passkey-450/full/predictions.jsonl")
-    pred = tmp_path / "b/ckpt/passkey-450/full/predictions.jsonl"
+    reference = rows(tmp_path / "a/ckpt/passkey-450" / names(*args)[0] / "predictions.jsonl")
+    pred = tmp_path / "b/ckpt/passkey-450" / names(*args)[0] / "predictions.jsonl"
     proc = cli("eval.py", "--results_dir", str(tmp_path / "b"), *args)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and (not pred.exists() or pred.read_text().count("\n") < 3):
@@ -232,7 +256,7 @@ def test_two_torchrun_ranks_match_one_process(tiny, tmp_path):
     proc = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval.py",
                "--results_dir", str(tmp_path / "two"), *args)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
-    for conf in ("full", f"{EVICT}-0.5"):
+    for conf in names(*args):
         one, two = tmp_path / "one/ckpt/passkey-450" / conf, tmp_path / "two/ckpt/passkey-450" / conf
         drop = {"run"}
         assert {k: v for k, v in metrics(one / "metrics.json").items() if k not in drop} == \
@@ -246,38 +270,267 @@ def test_two_torchrun_ranks_match_one_process(tiny, tmp_path):
 def test_report_table_matches_metrics(tiny, tmp_path):
     run(tiny, tmp_path, "--tasks", "passkey", "niah", "--num_samples", "2", "--context_length", "450",
         "--niah_lengths", "450", "--niah_depths", "0", "100", "--max_new_tokens", "4",
-        "--cache_strategy", "full", EVICT, "--max_cache_length", "0.5", "0.25", "--data_dir", str(E.DATA_DIR))
+        "--cache_strategy", "full", EVICT, "--max_cache_length", "0.5", "0.25")
     found = {(m["task"], m["config"]): m for m in map(json.loads, map(Path.read_text, tmp_path.rglob("metrics.json")))}
     text = E.report(tmp_path, tmp_path / "plots")
     table = text.splitlines()[:text.splitlines().index("", 2)]  # "### tiny", "", header, rule, rows
     header = [c.strip() for c in table[2].strip("|").split("|")]
-    assert header[:2] == ["task", "metric"] and header[2] == "full"
+    assert header[:2] == ["task", "metric"] and header[2].startswith("full-")
     seen = 0
     for line in table[4:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         for conf, cell in zip(header[2:], cells[2:]):
             if (cells[0], conf) in found:
                 m = found[cells[0], conf]
-                assert cell == f"{m['score']:.2f} ± {m['score_stderr']:.2f}"  # n = 2: a standard error
+                assert cell == f"{m['score']:.2f} ± {m['score_stderr']:.2f} (n={m['n']})"  # n = 2: a standard error
                 seen += 1
     assert seen == len(found) >= 5
     assert (tmp_path / "plots/pareto-tiny-passkey-450.png").exists()
 
 
-def test_rerun_with_another_config_is_refused(tiny, tmp_path):
+def test_rerun_into_a_folder_of_another_config_is_refused(tiny, tmp_path):
+    """A folder whose config.json differs (written before names had a hash, or edited) is never mixed."""
     common = ["--tasks", "passkey", "--num_samples", "2", "--context_length", "450", "--max_new_tokens", "4"]
     run(tiny, tmp_path, *common)
-    with pytest.raises(gen.UserError, match="another configuration"):
-        run(tiny, tmp_path, *common, "--seed", "1")
-    run(tiny, tmp_path, *common, "--seed", "1", "--overwrite")
-    assert json.loads((tmp_path / "tiny/passkey-450/full/config.json").read_text())["seed"] == 1
+    path = tmp_path / "tiny/passkey-450" / names(*common)[0] / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "seed": 7}))
+    with pytest.raises(gen.UserError, match=r"another configuration \(differs in seed\)"):
+        run(tiny, tmp_path, *common)
+    run(tiny, tmp_path, *common, "--overwrite")
+    assert json.loads(path.read_text())["seed"] == 0
 
 
 def test_absent_data_is_one_line(tiny, tmp_path, capsys):
     run(tiny, tmp_path, "--tasks", "longbench_qasper", "passkey", "--num_samples", "1", "--context_length", "450",
         "--max_new_tokens", "2", "--data_dir", str(tmp_path))
     err = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.startswith("skip")]
-    assert len(err) == 1 and err[0].startswith("skip longbench_qasper: no data at")
-    assert (tmp_path / "tiny/passkey-450/full/metrics.json").exists()
+    assert len(err) == 1 and err[0].startswith(f"skip longbench_qasper: no longbench/qasper.jsonl in {tmp_path}; "
+                                               "fetch the data with: python scripts/prepare_data.py")
+    assert len(list(tmp_path.glob("tiny/passkey-450/full-*/metrics.json"))) == 1
     with pytest.raises(gen.UserError, match="no task could run"):
         run(tiny, tmp_path, "--tasks", "medqa", "--data_dir", str(tmp_path))
+
+
+# ---------------------------------------------------------------- a researcher's first hour (#14)
+needs_random = pytest.mark.skipif("random" not in kv.REGISTRY, reason="no random strategy registered")
+
+
+@needs_random
+def test_config_names_differ_in_every_setting_that_changes_results(tmp_path):
+    base = ["--cache_strategy", "random", "--max_cache_length", "0.5"]
+    (name,) = names(*base)
+    assert names(*base) == [name] and re.fullmatch(r"random-0\.5" + HASHED, name)  # the same flags, the same name
+    yaml = tmp_path / "r.yaml"
+    yaml.write_text("cache_strategy: random\nmax_cache_length: 0.5\n")
+    assert names("--cache_config", str(yaml)) == [name]  # however the settings were given
+    variants = [["--seed", "1"], ["--max_new_tokens", "8"], ["--dtype", "bfloat16"], ["--no_chat"], ["--query_aware"],
+                ["--recent_window", "20"], ["--global_tokens", "2"], ["--random_seed", "1"],
+                ["--prompt_compression", "h2o"], ["--budget_pattern", "pyramid"], ["--max_cache_length", "0.25"]]
+    found = [names(*base, *v)[0] for v in variants]
+    assert len(set(found) | {name}) == len(variants) + 1, found
+    assert found[2] == "random-0.5-" + found[2][-6:]  # dtype is not in the readable part: the hash tells them apart
+    assert names(*base, "--num_samples", "7", "--threads", "1", "--compile") == [name]  # how many and how: same folder
+
+
+def scripted_step(script: bytes, calls: list):
+    """A decode step that writes `script` one byte per call (logits one-hot on the next byte)."""
+    def step(tok, ip):
+        calls.append(int(ip))
+        return torch.nn.functional.one_hot(torch.tensor([[script[len(calls)]]]), 256).float()
+    return step
+
+
+def test_decode_stops_at_a_stop_string_without_generating_on():
+    script, calls = b"  abc Question: and then many more tokens " * 4, []
+    ctx = E.Ctx(None, ByteTok(), None, "cpu", torch.float32, step=scripted_step(script, calls))
+    first = torch.nn.functional.one_hot(torch.tensor([script[0]]), 256).float()
+    stop = lambda text: T.cut_at_stop(text, ["Question:"])  # noqa: E731
+    ids, text, n_out, steps, _ = E.decode(ctx, first, torch.tensor([100]), 128, stop)
+    assert text == "  abc " and bytes(ids) == script[:n_out]
+    end = script.index(b"Question:") + len("Question:")
+    assert end <= n_out < end + E.STOP_EVERY and len(calls) == n_out - 1  # not the 128 tokens
+    assert calls == list(range(100, 100 + len(calls)))  # one position per step
+    calls.clear()
+    ids, text, n_out, _, _ = E.decode(ctx, first, torch.tensor([0]), 128, lambda t: (t, False))
+    assert n_out == 128 and text == script[:128].decode()  # without a stop: every token
+
+
+@needs_evict
+def test_decode_gives_generate_generate_tokens(tiny):
+    """eval's decode loop (which can stop at text) takes the same steps as generate.generate."""
+    ctx = E.Ctx(tiny, ByteTok(), argparse.Namespace(query_aware=False, no_chat=True), "cpu", torch.float32)
+    prompt = list(range(40, 140)) * 2
+    for strategy in ("full", EVICT):
+        cfg = kv.CacheConfig(strategy=strategy, max_cache_length=["0.5"])
+        want = gen.generate(tiny, [prompt[:150]], 30, cfg, suffixes=[prompt[150:]]).tokens[0]
+        _, last, ip, _, _ = E.start(ctx, cfg, prompt[:150], prompt[150:], 30)
+        ids, _, n_out, _, _ = E.decode(ctx, last, ip, 30, lambda t: (t, False))
+        assert ids == want and n_out == 30
+
+
+def test_a_run_stops_each_answer_at_the_task_stop(tiny, tmp_path, monkeypatch):
+    args = ["--tasks", "passkey", "--num_samples", "3", "--context_length", "450", "--max_new_tokens", "24"]
+    monkeypatch.setattr(T.Passkey, "stop", ())
+    run(tiny, tmp_path / "a", *args)
+    free = rows(tmp_path / "a/tiny/passkey-450" / names(*args)[0] / "predictions.jsonl")
+    assert all(r["n_new"] == 24 for r in free)  # the tiny model has no stop id: 24 tokens each
+    body = free[0]["prediction"].lstrip()
+    stop = body[3]  # a character the first answer writes early
+    monkeypatch.setattr(T.Passkey, "stop", (stop,))
+    run(tiny, tmp_path / "b", *args)
+    cut = rows(tmp_path / "b/tiny/passkey-450" / names(*args)[0] / "predictions.jsonl")
+    assert [r["prediction"] for r in cut] == [T.cut_at_stop(r["prediction"], [stop])[0] for r in free]
+    assert len(free[0]["prediction"]) - len(body) + 3 < cut[0]["n_new"] < 3 + 8 + E.STOP_EVERY < 24
+
+
+def test_default_num_samples_is_said_and_all_extends_the_same_folder(tiny, tmp_path, data, capsys, monkeypatch):
+    monkeypatch.setattr(T.MedQA, "default_samples", 1)
+    args = ["--data_dir", str(data), "--tasks", "medqa", "--max_new_tokens", "2"]
+    run(tiny, tmp_path, *args)
+    err = capsys.readouterr().err
+    assert "medqa: 1 of 2 samples (the default; --num_samples all runs all 2)" in err
+    pred = tmp_path / "tiny/medqa" / names(*args)[0] / "predictions.jsonl"
+    assert len(rows(pred)) == 1
+    run(tiny, tmp_path, *args, "--num_samples", "all")
+    err = capsys.readouterr().err
+    assert "medqa: all 2 samples" in err and "| 1/2 [" in err.replace("\r", "\n")  # the bar starts at the saved one
+    assert len(rows(pred)) == 2
+
+
+def test_threads_go_through_generate_set_threads(tiny, tmp_path, monkeypatch):
+    args = ["--tasks", "passkey", "--num_samples", "1", "--context_length", "450", "--max_new_tokens", "2"]
+    asked = []
+    monkeypatch.setattr(gen, "set_threads", asked.append, raising=False)
+    run(tiny, tmp_path, *args, "--threads", "3")
+    run(tiny, tmp_path, *args, "--threads", "1")
+    assert asked == [3, 1]
+    monkeypatch.delattr(gen, "set_threads")  # not there (yet): torch.set_num_threads
+    run(tiny, tmp_path, *args, "--threads", "2")
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+
+
+def test_paths_are_relative_to_the_repository_not_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert E.checkpoint_path("tests/conftest.py") == str(ROOT / "tests/conftest.py")
+    assert E.cache_config_file("cache_configs/h2o.yaml") == ROOT / "cache_configs/h2o.yaml"
+    assert E.cache_config_file("h2o") == ROOT / "cache_configs/h2o.yaml"
+    (tmp_path / "cache_configs").mkdir()
+    (tmp_path / "cache_configs/h2o.yaml").write_text("cache_strategy: full\n")
+    assert E.cache_config_file("cache_configs/h2o.yaml") == tmp_path / "cache_configs/h2o.yaml"  # a local file wins
+    assert all(r.is_absolute() for r in T.data_roots(None))
+
+
+def test_report_shows_n_and_refuses_one_name_with_two_settings(tiny, tmp_path, capsys):
+    args = ["--tasks", "passkey", "--context_length", "450", "--max_new_tokens", "2"]
+    run(tiny, tmp_path / "a", *args, "--num_samples", "2")
+    run(tiny, tmp_path / "b", *args, "--num_samples", "3")
+    (name,) = names(*args)
+    capsys.readouterr()
+    table = E.report(tmp_path, tmp_path / "plots")
+    err = capsys.readouterr().err
+    a, b = (tmp_path / d / "tiny/passkey-450" / name for d in "ab")
+    assert f"warning: {a} and {b} hold the same configuration; the report shows {b} (n=3)" in err
+    assert re.search(r"\| passkey-450 \| accuracy \| \d+\.\d\d ± \d+\.\d\d \(n=3\) \|", table)
+    config = b / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "seed": 7}))  # another setting, one name
+    with pytest.raises(gen.UserError, match=f"{re.escape(str(a))} and {re.escape(str(b))} both hold passkey-450 "
+                                            f"{name} with different settings \\(seed\\)"):
+        E.report(tmp_path, tmp_path / "plots")
+
+
+def test_pareto_lines_have_error_bars_and_stay_apart():
+    m = lambda series, ratio, score, se: {"strategy": series.split("-")[0], "series": series,  # noqa: E731
+                                          "compression_ratio": ratio, "score": score, "score_stderr": se}
+    ms = [m("full", 0.0, 50, 5), m("h2o", 0.5, 40, 4), m("h2o", 0.25, 45, 3), m("l2", 0.5, 40, 4), m("l2", 0.25, 45, 3)]
+    full, h2o, l2 = E.pareto_series(ms, "score")
+    assert full["marker"] == "*" and len({full["marker"], h2o["marker"], l2["marker"]}) == 3
+    assert h2o["y"] == l2["y"] == [45, 40] and h2o["yerr"] == l2["yerr"] == [3, 4]
+    assert h2o["x"][0] != l2["x"][0] and abs(h2o["x"][0] - 0.25) < 0.02 and abs(l2["x"][0] - 0.25) < 0.02
+    assert [round(b - a, 6) for a, b in zip(h2o["x"], l2["x"])] == [E.SHIFT] * 2
+    assert E.pareto_series(ms, "score")[1]["x"] == h2o["x"]  # the same offsets each time
+
+
+def test_bad_input_is_one_line(tiny, tmp_path, capsys):
+    """Each bad input through eval.py's entry point (gen.cli(main), what `python eval.py` runs): exit status
+    2, one line on stderr naming the flag or file and what is allowed, no traceback."""
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny)
+    bad_yaml, list_yaml, corrupt, empty = (tmp_path / n for n in ("bad.yaml", "list.yaml", "rep", "empty"))
+    bad_yaml.write_text("max_cache_length: [0.5\n")
+    list_yaml.write_text("- cache_strategy: full\n")
+    (corrupt / "m/t/c").mkdir(parents=True)
+    (corrupt / "m/t/c/metrics.json").write_text('{"score": 1')
+    empty.mkdir()
+    cases = {("--device", "tpu"): "argument --device: 'tpu': expected cpu, cuda or cuda:N",
+             ("--max_cache_length", "abc", "--cache_strategy", EVICT or "full"): "--max_cache_length abc: expected",
+             ("--max_cache_length", "0.5,x", "--cache_strategy", EVICT or "full"): "--max_cache_length x: expected",
+             ("--cache_config", str(bad_yaml)): f"--cache_config {bad_yaml}: not valid YAML at line 2",
+             ("--cache_config", str(list_yaml)): f"--cache_config {list_yaml}: expected a mapping of flag: value",
+             ("--cache_config", "nope"): "--cache_config nope: no such file, nor a name in cache_configs/ (h2o,",
+             ("--dtype", "int8"): "argument --dtype: invalid choice: 'int8' (choose from 'float32', 'bfloat16'",
+             ("--num_samples", "0"): "argument --num_samples: '0': give a number of samples (at least 1) or 'all'",
+             ("--num_samples", "-1"): "argument --num_samples: '-1': give a number of samples",
+             ("--tasks", "passkey", "gsm8kk"): "--tasks: unknown task 'gsm8kk'; known: gsm8k, gsm8k_mc,",
+             ("--tasks", "passkey", "--num_samples", "all"): "--num_samples all: passkey generates its samples",
+             ("--report", str(corrupt)): f"{corrupt}/m/t/c/metrics.json is not valid JSON",
+             ("--tasks", "medqa", "--data_dir", str(empty)): "no task could run"}
+    if not torch.cuda.is_available():
+        cases["--device", "cuda"] = "argument --device: 'cuda': CUDA is not available on this machine; use --device cpu"
+    for argv, want in cases.items():
+        with pytest.raises(SystemExit) as exit:
+            gen.cli(E.main, ["--checkpoint_path", str(ckpt), "--results_dir", str(tmp_path / "r"), "--threads", "1",
+                             *argv])
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert exit.value.code == 2 and lines[-1].startswith("error: ") and want in lines[-1], (argv, lines)
+        if "--data_dir" in argv:  # the skipped task's line names the file and the command that fetches it
+            assert lines[0] == (f"skip medqa: no medqa/test.jsonl in {empty}; fetch the data with: "
+                                f"python scripts/prepare_data.py") and len(lines) == 2, lines
+        else:
+            assert len(lines) == 1, (argv, lines)
+
+
+def test_the_cli_from_another_folder(tiny, tmp_path):
+    """`python eval.py` run elsewhere: a bad flag is one line and status 2; the data are found beside the
+    repository (its data/, then ../shared/data), whatever the current folder; --help shows the task table."""
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny)
+    common = [str(ROOT / "eval.py"), "--checkpoint_path", str(ckpt), "--results_dir", str(tmp_path / "r")]
+    bad = cli(*common, "--device", "tpu", cwd=tmp_path)
+    helped = cli(str(ROOT / "eval.py"), "--help", cwd=tmp_path)
+    found = any((root / "gsm8k/test.jsonl").exists() for root in T.DATA_ROOTS)
+    good = cli(*common, "--tasks", "gsm8k", "--num_fewshot", "0", "--num_samples", "1", "--max_new_tokens", "2",
+               cwd=tmp_path) if found else None
+    out, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and err.splitlines() == ["error: argument --device: 'tpu': expected cpu, cuda or "
+                                                        "cuda:N (python eval.py --help lists the flags)"]
+    out, _ = helped.communicate(timeout=120)
+    assert helped.returncode == 0 and "| gsm8k " in out and '"Question:"' in out  # the task table, with stops
+    if good:
+        out, err = good.communicate(timeout=120)
+        assert good.returncode == 0 and "gsm8k-0shot full-" in out and "(n=1) -> " in out, err
+        assert "gsm8k-0shot: 1 of 1319 samples (--num_samples; --num_samples all runs all 1319)" in err
+
+
+def test_ctrl_c_is_one_line_and_a_rerun_resumes_with_the_bar_counting_saved_samples(tiny, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny)
+    args = [str(ROOT / "eval.py"), "--checkpoint_path", str(ckpt), "--device", "cpu", "--tasks", "passkey",
+            "--num_samples", "30", "--context_length", "450", "--max_new_tokens", "24",
+            "--results_dir", str(tmp_path / "r")]
+    out_dir = tmp_path / "r/ckpt/passkey-450" / names(*args[1:])[0]
+    pred = out_dir / "predictions.jsonl"
+    proc = cli(*args)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and (not pred.exists() or pred.read_text().count("\n") < 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    saved = len(rows(pred))
+    assert proc.returncode == 130 and "Traceback" not in err and 3 <= saved < 30, err
+    assert err.splitlines()[-1] == (f"interrupted: {saved} of 30 samples of passkey-450/{out_dir.name} are saved in "
+                                    f"{out_dir}; run the same command again to resume")
+    out, err = cli(*args).communicate(timeout=120)
+    bar = err.replace("\r", "\n")
+    assert f"| {saved}/30 [" in bar and re.search(r"\| \d+/30 \[\d\d:\d\d<\d\d:\d\d", bar)  # resumed count, an ETA
+    m = json.loads((out_dir / "metrics.json").read_text())
+    assert out.splitlines() == [f"passkey-450 {out_dir.name}: accuracy {m['score']:.2f} ± {m['score_stderr']:.2f} "
+                                f"(n=30) -> {out_dir}"]
+    assert len(rows(pred)) == 30

@@ -33,7 +33,7 @@ class ByteTok:
 
 
 def make_args(data_dir=DATA, **kw):
-    base = dict(data_dir=str(data_dir), num_samples=None, seed=0, context_length=600, num_fewshot=2,
+    base = dict(data_dir=data_dir and str(data_dir), num_samples=None, seed=0, context_length=600, num_fewshot=2,
                 longbench_dir=None, niah_lengths=None, niah_depths=[0, 50, 100], ppl_corpus="pg19", ppl_prefill=64,
                 ppl_bin=32, fidelity_task="gsm8k", fidelity_tokens=16, no_chat=False)
     return argparse.Namespace(**{**base, **kw})
@@ -105,7 +105,7 @@ def test_split_sentences_regex():
 def test_groups_expand():
     assert T.expand(["rulerniah", "passkey", "rulerniah_single"]) == ["rulerniah_single", "rulerniah_multikey", "passkey"]
     assert len(T.expand(["longbench"])) == 16
-    with pytest.raises(T.Unavailable):
+    with pytest.raises(ValueError, match="unknown task 'nope'; known: gsm8k"):  # bad input, not absent data
         T.make_task("nope", make_args())
 
 
@@ -273,8 +273,11 @@ def test_longbench_prompt_truncation_and_chat(tmp_path, shared):
     assert trec.score("Entity\nLocation", s) == 1.0 and trec.score("Location", s) == 0.0
     (q,) = T.LongBench(args, "qasper").samples(ByteTok())
     assert q.chat and q.question.endswith("Question: What is it?\n\nAnswer:")
-    with pytest.raises(T.Unavailable, match="no data"):
+    with pytest.raises(T.Unavailable, match="hotpotqa.jsonl .*pass --longbench_dir"):
         T.LongBench(make_args(longbench_dir=str(tmp_path / "none")), "hotpotqa").samples(ByteTok())
+    with pytest.raises(T.Unavailable, match=f"no longbench/hotpotqa.jsonl in {tmp_path}; fetch the data with: "
+                                            "python scripts/prepare_data.py .multi_news only"):
+        T.LongBench(make_args(tmp_path), "hotpotqa").samples(ByteTok())
 
 
 def test_longbench_multi_news_official_prompt(shared):
@@ -287,7 +290,7 @@ def test_longbench_multi_news_official_prompt(shared):
 
 
 def test_fidelity_needs_a_generation_task():
-    with pytest.raises(T.Unavailable):
+    with pytest.raises(ValueError, match="--fidelity_task medqa_mc: not a generation task; one of gsm8k, medqa"):
         T.Fidelity(make_args(fidelity_task="medqa_mc"))
     assert T.Fidelity(make_args(fidelity_task="passkey")).tag == "fidelity-passkey-600-16"
 
@@ -299,3 +302,76 @@ def test_standard_error_of_a_mean_score():
     # mean 0.75; variance (3 x 0.25^2 + 0.75^2) / 3 = 0.25; sqrt(0.25 / 4) = 0.25
     assert agg["score"] == pytest.approx(75.0) and agg["score_stderr"] == pytest.approx(25.0)
     assert Task.aggregate(None, [{"score": 1.0}])["score_stderr"] is None
+
+
+# ---------------------------------------------------------------- stops, sample counts, data lookup (#14)
+def test_stop_strings_cut_the_answer():
+    assert T.cut_at_stop(" 12345.\nThe pass key", ["\n"]) == (" 12345.", True)
+    assert T.cut_at_stop("\n\n 12345.\nmore", ["\n"]) == ("\n\n 12345.", True)  # leading whitespace is no stop
+    assert T.cut_at_stop("a Q: b Question: c", ["Question:", "Q:"]) == ("a ", True)  # the first of any
+    assert T.cut_at_stop("no stop here", ["\n"]) == ("no stop here", False)
+
+
+def test_gsm8k_stops_keep_the_score():
+    """gsm8k ends at the next "Question:" and once the first "The answer is N" line is complete: the
+    extracted number, so the score, is the same as for the whole text."""
+    task, s = T.GSM8K(make_args()), T.Sample("0", "", "", "7")
+    assert task.cut("3 + 4 = 7.\nThe answer is 7.\n\nThe answer is 7.\n") == ("3 + 4 = 7.\nThe answer is 7.\n", True)
+    assert task.cut("So\n\nQuestion: next? The answer is 9\n") == ("So\n\n", True)
+    assert task.cut("The answer is 1,2") == ("The answer is 1,2", False)  # the number may go on
+    assert task.cut("The answer is 12 apples") == ("The answer is 12 apples", False)  # its line may go on
+    texts = ["3 + 4 = 7.\nThe answer is 7.\nThe answer is 8.\n", "The answer is $7.00 in all.\nso 9\n",
+             "We get 7\nQuestion: The answer is 9.\n", "the answer is: 7\n12", "no answer\n7\n"]
+    for text in texts:
+        assert task.score(task.cut(text)[0], s) == task.score(text, s) == 1.0, text
+
+
+def test_task_table_lists_default_samples_and_stops():
+    table = T.task_table().splitlines()
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in table[2:]}
+    assert rows["gsm8k"] == ["30 of 1319", "256", '"Question:", or the end of the first "The answer is N" line']
+    assert rows["passkey"] == [f"{T.Passkey.default_samples} (generated)", "16", '"\\n"']
+    assert rows["medqa_mc"] == ["100 of 1273", "- (choice)", "-"]
+    named = " ".join(rows)
+    assert all(name in named for name in [*T.SIMPLE, *T.RULER_NIAH])  # every task has a row
+
+
+def test_num_samples_default_all_and_sizes(tmp_path):
+    (tmp_path / "medqa").mkdir()
+    (tmp_path / "medqa/test.jsonl").write_text((json.dumps(REC) + "\n") * 60)
+    counts = [len(T.MedQA(make_args(tmp_path, num_samples=n)).samples(ByteTok())) for n in (None, "all", 3)]
+    assert counts == [50, 60, 3]
+    task = T.MedQA(make_args(tmp_path))
+    task.samples(ByteTok())
+    assert task.size == 60 and task.count() == T.MedQA.default_samples == 50
+    assert len(T.Passkey(make_args(context_length=800)).samples(ByteTok())) == T.Passkey.default_samples
+    with pytest.raises(ValueError, match="--num_samples all: passkey generates its samples, so give a number"):
+        T.Passkey(make_args(num_samples="all"))
+
+
+def test_data_lookup_data_dir_then_repository_then_shared(tmp_path, monkeypatch):
+    assert T.data_roots(None) == [T.REPO / "data", T.REPO.parent / "shared" / "data"]
+    assert T.REPO == Path(__file__).resolve().parents[1]
+    repo, shared, mine = tmp_path / "repo", tmp_path / "shared", tmp_path / "mine"
+    (shared / "medqa").mkdir(parents=True)
+    (shared / "medqa/test.jsonl").write_text(json.dumps(REC) + "\n")
+    monkeypatch.setattr(T, "DATA_ROOTS", (repo, shared))
+    monkeypatch.chdir(tmp_path)  # never looked up from the current folder
+    assert T.MedQA(make_args(None)).records()[0][1] == REC  # not in repo/data: the shared copy
+    (repo / "medqa").mkdir(parents=True)
+    (repo / "medqa/test.jsonl").write_text(json.dumps({**REC, "answer_idx": "A"}) + "\n")
+    assert T.MedQA(make_args(None)).records()[0][1]["answer_idx"] == "A"  # the repository's data/ first
+    with pytest.raises(T.Unavailable, match=f"^no medqa/test.jsonl in {mine}; fetch the data with: "
+                                            "python scripts/prepare_data.py$"):
+        T.MedQA(make_args(mine)).records()  # --data_dir alone when given
+    with pytest.raises(T.Unavailable, match=f"^no gsm8k/train.jsonl in {repo} or {shared}; fetch"):
+        T.GSM8K(make_args(None)).samples(ByteTok())
+
+
+def test_task_folder_names_hold_every_task_setting():
+    tag = lambda cls, **kw: cls(make_args(**kw)).tag  # noqa: E731
+    assert tag(T.NIAH, context_length=800, niah_depths=T.NIAH_DEPTHS) == "niah-800"
+    assert tag(T.NIAH, context_length=800, niah_depths=[0, 50]) == "niah-200_400_800-d0_50"
+    assert tag(T.NIAH, context_length=800, niah_lengths=[400], niah_depths=T.NIAH_DEPTHS) == "niah-400-d0_25_50_75_100"
+    assert tag(T.PPL, context_length=600, ppl_prefill=T.PPL_PREFILL, ppl_bin=T.PPL_BIN) == "ppl-pg19-600"
+    assert tag(T.PPL, context_length=600, ppl_prefill=64, ppl_bin=32) == "ppl-pg19-600-p64-bin32"
