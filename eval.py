@@ -696,7 +696,7 @@ def plan_line(task, samples) -> str:
 def main(argv=None, loaded=None):
     """`loaded` = (model, tokenizer) to evaluate instead of loading --checkpoint_path (tests)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--report" in argv:
+    if any(a == "--report" or a.startswith("--report=") for a in argv):
         args = build_parser()[0].parse_args(argv)
         return print(report(Path(args.report), Path(args.report_out or args.report)))
     configs = parse_configs(argv)
