@@ -689,7 +689,7 @@ def plan_line(task, samples) -> str:
         return f"{task.tag}: {n} generated samples (--num_samples N sets how many){stops}"
     if n == size:
         return f"{task.tag}: all {n} samples{stops}"
-    how = "the default" if task.args.num_samples is None else "--num_samples"
+    how = "the default" if task.args.num_samples is None else f"--num_samples {n}"
     return f"{task.tag}: {n} of {size} samples ({how}; --num_samples all runs all {size}){stops}"
 
 

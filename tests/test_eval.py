@@ -508,7 +508,7 @@ def test_the_cli_from_another_folder(tiny, tmp_path):
     if good:
         out, err = good.communicate(timeout=120)
         assert good.returncode == 0 and "gsm8k-0shot full-" in out and "(n=1) -> " in out, err
-        assert "gsm8k-0shot: 1 of 1319 samples (--num_samples; --num_samples all runs all 1319)" in err
+        assert "gsm8k-0shot: 1 of 1319 samples (--num_samples 1; --num_samples all runs all 1319)" in err
 
 
 def test_ctrl_c_is_one_line_and_a_rerun_resumes_with_the_bar_counting_saved_samples(tiny, tmp_path):
