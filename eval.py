@@ -15,7 +15,7 @@ Fair by construction: every config sees the same prompt tokens and one prompt-co
 default, sinks + most recent), written to config.json as `prompt_rule`. Each sample's cache is sized
 from its own length. Query-agnostic by default: the context is prefilled (and compressed), then the
 question is fed token by token through decode steps, so it sees only what the cache kept and eviction
-goes on (generate.generate's `suffixes`); --query_aware prefills the question with the context.
+goes on (gen.feed, as generate.generate's `suffixes`); --query_aware prefills the question with the context.
 
 Each task runs its first --num_samples samples (default: the task's, about 10 minutes per configuration
 on 2 CPU cores, said at the start; 'all' for every one); answers end at the task's stop strings (the task
