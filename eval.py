@@ -50,12 +50,6 @@ import tasks as T
 
 REPO = Path(__file__).resolve().parent
 SWEEP = ("cache_config", "cache_strategy", "max_cache_length")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the flag (gen.cli prints it), not the 40-line usage
-        raise gen.UserError(f"{message} (python eval.py --help lists the flags)")
 
 
 def positive(text: str) -> int:
@@ -77,20 +71,8 @@ def sample_count(text: str):
         raise argparse.ArgumentTypeError(f"{text!r}: give a number of samples (at least 1) or 'all'") from None
 
 
-def device_name(text: str) -> str:
-    try:
-        kind = torch.device(text).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda or cuda:N")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine; use --device cpu")
-    return text
-
-
 def build_parser():
-    p = Parser(description=__doc__.splitlines()[0], allow_abbrev=False, epilog="tasks:\n" + T.task_table(),
+    p = gen.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False, epilog="tasks:\n" + T.task_table(),
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["gsm8k"],
                    help=f"tasks or groups: {', '.join([*T.SIMPLE, *T.RULER_NIAH, *T.GROUPS])}, longbench_<dataset>")
@@ -100,10 +82,11 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="few-shot exemplars, synthetic data, random strategies")
     p.add_argument("--checkpoint_path", default=gen.DEFAULT_CHECKPOINT, help="relative paths: to the current "
                    "folder, else to the repository")
-    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, "
+                   "float32 on CPU)")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
-    p.add_argument("--threads", type=positive, default=None, help="CPU threads (default: generate.set_threads's)")
+    p.add_argument("--threads", type=positive, default=None, help="CPU threads (default: one per idle core)")
     p.add_argument("--query_aware", action="store_true", help="prefill the question with the context")
     p.add_argument("--no_chat", action="store_true", help="never apply the chat template")
     p.add_argument("--max_new_tokens", type=positive, default=None, help="override every task's output length")
@@ -142,7 +125,7 @@ def task_settings(task, args) -> dict:
 # ---------------------------------------------------------------- configurations and sweeps
 def parse_configs(argv) -> dict:
     """{config name: (CacheConfig, args)}, one per point of the sweep, duplicates dropped."""
-    pre = Parser(add_help=False, allow_abbrev=False)
+    pre = gen.ArgumentParser(add_help=False, allow_abbrev=False)
     for k in SWEEP:
         pre.add_argument(f"--{k}", nargs="+")
     sweep, rest = pre.parse_known_args(argv)
@@ -153,7 +136,8 @@ def parse_configs(argv) -> dict:
         sub = rest + [x for k, v in zip(SWEEP, point) if v is not None for x in (f"--{k}", v)]
         parser, keys = build_parser()  # fresh: parse_with_config writes a YAML's values into the defaults
         args = gen.parse_with_config(parser, sub)
-        args.max_cache_length = budget_values(args.max_cache_length)
+        if args.max_cache_length is not None:  # None: generate's default (0.5 for strategies that compress)
+            args.max_cache_length = [v.strip() for x in args.max_cache_length for v in str(x).split(",") if v.strip()]
         args.checkpoint_path = checkpoint_path(args.checkpoint_path)
         cfg = gen.cache_config_from_args(args, keys, args.checkpoint_path)
         cls = kv.REGISTRY[cfg.strategy]
@@ -170,37 +154,12 @@ def checkpoint_path(path: str) -> str:
 
 def cache_config_file(name: str) -> Path:
     """--cache_config: a YAML file (from the current folder, else from the repository) or a name in the
-    repository's cache_configs/; read here so that a file that is not a mapping of flags is one line."""
-    import yaml
+    repository's cache_configs/ (generate.parse_with_config reads and checks it)."""
     path = next((p for p in (Path(name), REPO / name, REPO / "cache_configs" / f"{name}.yaml") if p.is_file()), None)
     if path is None:
         known = ", ".join(sorted(p.stem for p in (REPO / "cache_configs").glob("*.yaml")))
         raise gen.UserError(f"--cache_config {name}: no such file, nor a name in cache_configs/ ({known})")
-    try:
-        conf = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or e
-        raise gen.UserError(f"--cache_config {name}: not valid YAML{where} ({problem})") from None
-    if not isinstance(conf, (dict, type(None))):
-        raise gen.UserError(f"--cache_config {name}: expected a mapping of flag: value (as in cache_configs/h2o.yaml), "
-                            f"not a {type(conf).__name__}")
     return path.resolve()
-
-
-def budget_values(values) -> list[str]:
-    """--max_cache_length values, a comma list split (one per-layer budget), each a number above 0."""
-    out = [v.strip() for x in values for v in str(x).split(",") if v.strip()]
-    for v in out:
-        try:
-            ok = 0 < float(v) < math.inf
-        except ValueError:
-            ok = False
-        if not ok:
-            raise gen.UserError(f"--max_cache_length {v}: expected a fraction (0 < f <= 1) of prompt + new tokens "
-                                f"or a token count (> 1), one value or one per layer (comma-separated)")
-    return out
 
 
 def config_settings(cfg: kv.CacheConfig, args) -> dict:
@@ -660,12 +619,8 @@ def make_ctx(args, configs, loaded, rank, world) -> Ctx:
     device = args.device
     if world > 1 and device.startswith("cuda"):  # one GPU per rank (ranks share GPUs if there are fewer)
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-    dtype = getattr(torch, dtype_name(args))
-    set_threads = getattr(gen, "set_threads", None)  # generate.set_threads: None = a default from the idle cores
-    if set_threads:
-        set_threads(args.threads)
-    elif args.threads:
-        torch.set_num_threads(args.threads)
+    dtype = gen.check_device(device, args.dtype)  # one line for a device or dtype this machine lacks
+    gen.set_threads(args.threads)  # None: one per idle core
     model, tok = loaded or gen.load(args.checkpoint_path, device, dtype)
     budgeted = [n for n, (c, _) in configs.items() if (kv.REGISTRY[c.strategy].evicts or kv.REGISTRY[c.strategy].prefill_only)
                 and any(float(v) <= 1 for v in c.max_cache_length)]
@@ -703,23 +658,19 @@ def main(argv=None, loaded=None):
     args = next(iter(configs.values()))[1]  # task and run flags are the same in every config
     tasks = make_tasks(args)
     rank, world = setup_dist()
-    try:
-        ctx = make_ctx(args, configs, loaded, rank, world)
-        lines, skipped, ok = [], [], True
-        for task in tasks:
-            try:
-                samples = task.samples(ctx.tok)
-            except T.Unavailable as e:  # absent data: one line, and the other tasks still run
-                skipped.append(f"skip {task.name}: {e}")
-                say(ctx, skipped[-1])
-                continue
-            say(ctx, plan_line(task, samples))
-            for cname, (cfg, cargs) in configs.items():
-                done, line = run_config(ctx, task, samples, cname, cfg, cargs)
-                ok, lines = ok and done, lines + [line]
-    except KeyboardInterrupt:  # outside a sample loop (loading, preparing samples): nothing to save
-        print("\ninterrupted; finished samples are saved and the same command resumes", file=sys.stderr)
-        sys.exit(130)
+    ctx = make_ctx(args, configs, loaded, rank, world)
+    lines, skipped, ok = [], [], True
+    for task in tasks:
+        try:
+            samples = task.samples(ctx.tok)
+        except T.Unavailable as e:  # absent data: one line, and the other tasks still run
+            skipped.append(f"skip {task.name}: {e}")
+            say(ctx, skipped[-1])
+            continue
+        say(ctx, plan_line(task, samples))
+        for cname, (cfg, cargs) in configs.items():
+            done, line = run_config(ctx, task, samples, cname, cfg, cargs)
+            ok, lines = ok and done, lines + [line]
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank == 0 and lines:

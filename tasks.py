@@ -45,7 +45,8 @@ def find_data(roots: list[Path], rel: str) -> Path:
     for root in roots:
         if (root / rel).exists():
             return root / rel
-    raise Unavailable(f"no {rel} in {' or '.join(map(str, roots))}; fetch the data with: {PREPARE_DATA}")
+    raise Unavailable(f"no {rel} in {' or '.join(map(str, roots))}; fetch it with: {PREPARE_DATA} --only "
+                      f"{rel.split('/')[0]}")
 
 
 def cut_at_stop(text: str, stops) -> tuple[str, bool]:
@@ -575,7 +576,8 @@ class NIAH(Task):
     def samples(self, tok):
         files = sorted(self.find("paul_graham_essays/essays").glob("*.txt"))
         if not files:
-            raise Unavailable(f"no essays in {self.find('paul_graham_essays/essays')}; fetch them with: {PREPARE_DATA}")
+            raise Unavailable(f"no essays in {self.find('paul_graham_essays/essays')}; fetch them with: "
+                              f"{PREPARE_DATA} --only paul_graham_essays")
         hay_ids = tok.encode("".join(f.read_text() for f in files), bos=False)
         self.size = len(self.lengths()) * len(self.args.niah_depths)
         return [self.cell(tok, hay_ids, L, d) for L in self.lengths() for d in self.args.niah_depths]
@@ -642,7 +644,8 @@ class PPL(Task):
             return [path.read_text(encoding="utf-8").replace("\r\n", "\n")]
         books = sorted(self.find("pg19_test_gutenberg").glob("*.txt"))
         if not books:
-            raise Unavailable(f"no PG-19 books in {self.find('pg19_test_gutenberg')}; fetch them with: {PREPARE_DATA}")
+            raise Unavailable(f"no PG-19 books in {self.find('pg19_test_gutenberg')}; fetch them with: "
+                              f"{PREPARE_DATA} --only pg19_test_gutenberg")
         out = []
         for b in books:  # the body lies between the ***START OF / ***END OF lines
             t = b.read_text(encoding="utf-8-sig").replace("\r\n", "\n")

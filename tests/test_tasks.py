@@ -275,8 +275,8 @@ def test_longbench_prompt_truncation_and_chat(tmp_path, shared):
     assert q.chat and q.question.endswith("Question: What is it?\n\nAnswer:")
     with pytest.raises(T.Unavailable, match="hotpotqa.jsonl .*pass --longbench_dir"):
         T.LongBench(make_args(longbench_dir=str(tmp_path / "none")), "hotpotqa").samples(ByteTok())
-    with pytest.raises(T.Unavailable, match=f"no longbench/hotpotqa.jsonl in {tmp_path}; fetch the data with: "
-                                            "python scripts/prepare_data.py .multi_news only"):
+    with pytest.raises(T.Unavailable, match=f"no longbench/hotpotqa.jsonl in {tmp_path}; fetch it with: "
+                                            "python scripts/prepare_data.py --only longbench .multi_news only"):
         T.LongBench(make_args(tmp_path), "hotpotqa").samples(ByteTok())
 
 
@@ -361,8 +361,8 @@ def test_data_lookup_data_dir_then_repository_then_shared(tmp_path, monkeypatch)
     (repo / "medqa").mkdir(parents=True)
     (repo / "medqa/test.jsonl").write_text(json.dumps({**REC, "answer_idx": "A"}) + "\n")
     assert T.MedQA(make_args(None)).records()[0][1]["answer_idx"] == "A"  # the repository's data/ first
-    with pytest.raises(T.Unavailable, match=f"^no medqa/test.jsonl in {mine}; fetch the data with: "
-                                            "python scripts/prepare_data.py$"):
+    with pytest.raises(T.Unavailable, match=f"^no medqa/test.jsonl in {mine}; fetch it with: "
+                                            "python scripts/prepare_data.py --only medqa$"):
         T.MedQA(make_args(mine)).records()  # --data_dir alone when given
     with pytest.raises(T.Unavailable, match=f"^no gsm8k/train.jsonl in {repo} or {shared}; fetch"):
         T.GSM8K(make_args(None)).samples(ByteTok())
