@@ -48,8 +48,9 @@ def main():
             "--cache_strategy", "full", "h2o", "--max_cache_length", "200"])
     print(f"compiled: {time.time() - t:.0f} s", flush=True)
     ok = True
+    names = lambda *sweep: list(E.parse_configs([*common, *sweep]))  # noqa: E731  (names carry a settings hash)
     for task in ("passkey-450", "medqa"):
-        for conf in ("full", "h2o-200"):
+        for conf in names("--cache_strategy", "full", "h2o", "--max_cache_length", "200"):
             a, b = (predictions(tmp / r / "ckpt" / task / conf / "predictions.jsonl") for r in ("eager", "compiled"))
             print(f"compiled == eager, {task} {conf}: {a == b}")
             ok &= a == b
@@ -61,7 +62,7 @@ def main():
     print("torchrun x2 exit code", r.returncode, r.stderr[-2000:] if r.returncode else "")
     ok &= r.returncode == 0
     for task in ("passkey-450", "medqa_mc"):
-        for conf in ("full", "streamingllm-200"):
+        for conf in names("--cache_strategy", "full", "streamingllm", "--max_cache_length", "200"):
             one, two = (json.loads((tmp / r / "ckpt" / task / conf / "metrics.json").read_text()) for r in ("eager", "ranks"))
             same = (one["score"], one["compression_ratio"]) == (two["score"], two["compression_ratio"]) and \
                 predictions(tmp / "eager/ckpt" / task / conf / "predictions.jsonl") == \
