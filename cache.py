@@ -29,6 +29,10 @@ Kinds of strategy (class flags):
 - retrieval (`retrieves = True`): S covers the whole sequence; each step attends only to the slots
   `select(q, input_pos)` returns (static-K indices + validity; sinks and the recent window included);
   on CUDA triton_kernels.gather_attend reads just those rows.
+Two storage layouts: the one above, S slots per (sequence, KV head), and HeadBudgetCache's for
+per-head budgets (AdaKV, HeadKV, DiliLazyKV): one flat buffer per sequence holding each KV head's
+tokens as its own run, so the bytes are the sum of the heads' budgets. A head-budget strategy gives only
+its budget rule (`budgets`); the tokens inside a head come from any strategy's prefill scores.
 Decode attention on CUDA is Triton (triton_kernels.py): dense_attend over the filled slots, attend_scores
 when the probabilities are needed, gather_attend for a selection; on CPU, SDPA with a mask.
 Per-layer budgets are per-layer S, from the classmethod `layer_slots` (budget_slots: one budget shaped
