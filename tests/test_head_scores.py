@@ -89,13 +89,15 @@ def test_step_stats_columns():
     assert stats[0, hs.STATS.index("headkv")] == pytest.approx(0.2)
 
 
-# ---------------------------------------------------------------- the gate
+# ---------------------------------------------------------------- the gate: token F1, and the reference's numbers
 @pytest.mark.parametrize("answer, ref, f1, ok", [
     ("Relax and do nothing.", "Relax and do nothing.", 1.0, True),
     ("The good ways to spend time in campus include relax and do nothing.", "Relax and do nothing.", 0.5, True),
     ("Exercise, healthy diet.", "Exercise and healthy diet.", 6 / 7, True),
     ("The year was 2020.", "Tom started high school in 2020.", 2 / 9, False),
     ("", "Relax and do nothing.", 0.0, False),
+    ("Tom started high school in 2020", "Tom started high school in 2020.", 1.0, True),
+    ("The year 2010 was the year when Tom started high school.", "Tom started high school in 2020.", 8 / 15, False),
 ])
 def test_gate(answer, ref, f1, ok):
     assert hs.gate(answer, ref, 0.5) == (pytest.approx(f1), ok)
@@ -208,7 +210,7 @@ def test_nothing_passes_the_gate_is_one_line(tiny, tmp_path, capsys):
                  "--context_intervals", "1", "--depths", "50", "--needles", "2", "--max_new_tokens", "3"])
     assert exit_.value.code == 2 and not out.exists()
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert len(err) == 1 and "no test's answer reached token F1 >= 0.5" in err[0]
+    assert len(err) == 1 and "no test passed the gate (token F1 >= 0.5" in err[0]
 
 
 # ---------------------------------------------------------------- bad flags
