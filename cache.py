@@ -63,12 +63,16 @@ def register(cls):
 class CacheConfig:
     strategy: str = "full"
     max_cache_length: list = field(default_factory=lambda: [1.0])  # fraction (<= 1) or tokens, one or per layer
-    global_tokens: int = 4      # sinks: never evicted where the strategy protects them
-    recent_window: float = 10   # the newest tokens (or, if < 1, a fraction of each layer's slots), protected
+    global_tokens: int | None = None    # sinks never evicted; None: the strategy's own (its paper's)
+    recent_window: float | None = None  # newest tokens (< 1: a fraction of the slots) protected; None: own
     prompt_compression: str = "own"  # a strategy name whose prefill rule cuts long prompts, or "own"
     params: dict = field(default_factory=dict)  # strategy hyperparameters (each class's `defaults`)
     checkpoint_dir: str = ""    # where strategies with learned parts (spotlight) find their weights
     budget_pattern: str = "uniform"  # per-layer shape of one budget: uniform, pyramid or funnel (budget_slots)
+    # "stream": a question fed after the prefill goes through the cache like any token and counts in the
+    # prompt the budget is a fraction of; "context" (kvpress's): the budget is a fraction of the prefilled
+    # context alone, and the question and answer are appended without eviction
+    protocol: str = "stream"
 
 
 @register
@@ -77,6 +81,8 @@ class KVCache(nn.Module):
     name = "full"
     defaults: dict = {}
     protects = True        # sinks and recent window are never evicted
+    sinks, window = 4, 10  # their sizes unless --global_tokens / --recent_window say otherwise (cold-compress's)
+    source = ""            # the paper the defaults come from (generate.py --help's strategy table)
     evicts = False
     needs_attn = False
     prefill_only = False
@@ -88,7 +94,8 @@ class KVCache(nn.Module):
         self.layer, self.n_layer, self.n_group, self.n_kv, self.cfg = layer, n_layer, n_group, n_kv, cfg
         self.max_new_tokens = max_new_tokens
         self.p = self.hparams(cfg)
-        self.recent = recent_slots(cfg.recent_window, n_slots)
+        self.n_sinks, window = self.protection(cfg)
+        self.recent = recent_slots(window, n_slots)
         self.register_buffer("k", torch.zeros(batch, n_kv, n_slots, head_dim, dtype=dtype))
         self.register_buffer("v", torch.zeros(batch, n_kv, n_slots, head_dim, dtype=dtype))
         self.register_buffer("pos", torch.full((batch, n_kv, n_slots), -1, dtype=torch.long))
@@ -105,12 +112,20 @@ class KVCache(nn.Module):
         return {**cls.defaults, **{k: v for k, v in cfg.params.items() if k in cls.defaults}}
 
     @classmethod
-    def layer_slots(cls, cfg: CacheConfig, n_layer, max_seq_length, max_new_tokens) -> list[int]:
+    def protection(cls, cfg: CacheConfig) -> tuple[int, float]:
+        """(sinks, recent window): the flags' values, else the strategy's own; none if it protects nothing."""
+        if not cls.protects:
+            return 0, 0
+        return (cls.sinks if cfg.global_tokens is None else cfg.global_tokens,
+                cls.window if cfg.recent_window is None else cfg.recent_window)
+
+    @classmethod
+    def layer_slots(cls, cfg: CacheConfig, n_layer, max_seq_length, max_new_tokens, fed=0) -> list[int]:
         """Slots per layer (make_caches): the whole sequence unless the strategy evicts or compresses the
         prompt, else the budget (budget_slots). A strategy with its own per-layer rule overrides this."""
         if not (cls.evicts or cls.prefill_only):
             return [max_seq_length] * n_layer
-        return budget_slots(cfg, n_layer, max_seq_length, max_new_tokens, cls.protects, cls.prefill_only)
+        return budget_slots(cfg, n_layer, max_seq_length, max_new_tokens, fed, cls.protection(cfg), cls.prefill_only)
 
     # ---- the scoring rules a strategy overrides -------------------------------------------------
     def prefill_scores(self, q, k, v, pos):
@@ -133,13 +148,13 @@ class KVCache(nn.Module):
         if not self.protects:
             return torch.zeros_like(pos, dtype=torch.bool)
         recent = pos > now[:, None, None] - self.recent
-        return (pos < self.cfg.global_tokens) | recent
+        return (pos < self.n_sinks) | recent
 
     def prefill(self, q, k, v, pos):
         """Store a layer's prompt KV (q [B, H, T, D], k/v [B, H_kv, T, D], pos [B, T]), compressing
         it to the budget with this strategy's (or the configured) prompt rule when it does not fit."""
         B, H, T, _ = k.shape
-        reserve = self.max_new_tokens if self.prefill_only else 0
+        reserve = self.max_new_tokens if self.prefill_only or self.cfg.protocol == "context" else 0
         room, rooms = self.n_slots - reserve, self.limit - reserve  # the buffer's, and each row's [B, H]
         tok_pos = pos[:, None, :].expand(B, H, T)
         if T <= room and bool(((pos >= 0).sum(1)[:, None] <= rooms).all()):
@@ -290,13 +305,15 @@ class KVCache(nn.Module):
 
 @register
 class StreamingLLM(KVCache):
-    """StreamingLLM, Xiao et al. 2023: `global_tokens` attention sinks (paper: 4) + the most recent
+    """StreamingLLM, Xiao et al. 2023: 4 attention sinks (--global_tokens) + the most recent
     tokens; the base's default score (the position) is exactly that rule. Departure: keys are cached
     after RoPE, so kept tokens keep their original positions; the paper re-numbers positions inside
     the cache (kvpress does not either)."""
     # follows arXiv 2309.17453; departs: original positions instead of cache-relative ones
     name = "streamingllm"
+    source = "arXiv 2309.17453"
     evicts = True
+    window = 0  # the position score keeps the newest anyway: only the 4 sinks need protecting
 
 
 def hash_uniform(*keys, device=None):
@@ -319,6 +336,7 @@ class Random(KVCache):
     goes. Sinks and the recent window are protected."""
     # the floor every method must beat (ALGORITHMS.md); no paper
     name = "random"
+    source = "no paper: the floor"
     evicts = True
     defaults = {"random_seed": 0}
 
@@ -349,6 +367,7 @@ class L2(KVCache):
     tokens are appended in reserved slots. Paper: lossless at 50% (LM, needle), 90% on passkey."""
     # follows arXiv 2406.11430; departs: continuous eviction by default (cold-compress), one-shot by flag
     name = "l2"
+    source = "arXiv 2406.11430"
     evicts = True
     defaults = {"l2_one_shot": False, "l2_skip_layers": [0, 1]}
 
@@ -360,11 +379,11 @@ class L2(KVCache):
         self.register_buffer("norms", torch.zeros(batch, n_kv, 0 if self.p["l2_one_shot"] else n_slots))
 
     @classmethod
-    def layer_slots(cls, cfg, n_layer, max_seq_length, max_new_tokens):
+    def layer_slots(cls, cfg, n_layer, max_seq_length, max_new_tokens, fed=0):
         p = cls.hparams(cfg)
         if not p["l2_one_shot"]:
-            return super().layer_slots(cfg, n_layer, max_seq_length, max_new_tokens)
-        slots = budget_slots(cfg, n_layer, max_seq_length, max_new_tokens, protects=False, prefill_only=True)
+            return super().layer_slots(cfg, n_layer, max_seq_length, max_new_tokens, fed)
+        slots = budget_slots(cfg, n_layer, max_seq_length, max_new_tokens, fed, (0, 0), prefill_only=True)
         return [max_seq_length if i in p["l2_skip_layers"] else s for i, s in enumerate(slots)]
 
     def prefill_scores(self, q, k, v, pos):
@@ -394,6 +413,7 @@ class LSH(KVCache):
     as the authors' code does. Prompts over the budget: cut to sinks + recent (their default)."""
     # follows arXiv 2412.16187; departs: GQA group-mean query, codes bit-packed (authors: a bool per bit)
     name = "lsh"
+    source = "arXiv 2412.16187"
     evicts = True
     defaults = {"lsh_dim": 16, "lsh_hash_key": False, "lsh_seed": 0}
 
@@ -440,12 +460,14 @@ class H2O(KVCache):
     (un-normalised: early tokens are favoured, that is the method), group-mean over a KV head's query
     heads (as cold-compress). Prefill: S = the prompt's column sums (in query chunks). Each step keep
     the recent window + the top-S others; the refilled slot's S restarts at the new token's own
-    attention. Paper scripts: heavy 10% + recent 10% of the prompt, i.e. recent_window 0.5 of the
-    budget and no sinks (cache_configs/h2o.yaml). Reported: 5x KV reduction at 20% budget."""
+    attention. Defaults as the paper's scripts: heavy 10% + recent 10% of the prompt, i.e. a recent
+    window of half the budget (recent_window 0.5) and no sinks. Reported: 5x KV reduction at 20% budget."""
     # follows arXiv 2306.14048; departs: GQA group mean (the paper is MHA)
     name = "h2o"
+    source = "arXiv 2306.14048"
     evicts = True
     needs_attn = True
+    sinks, window = 0, 0.5
 
     def __init__(self, batch, n_kv, n_slots, *args, **kwargs):
         super().__init__(batch, n_kv, n_slots, *args, **kwargs)
@@ -479,11 +501,13 @@ class TOVA(KVCache):
     attention weight from the current query. The paper found averaging over the layer's heads better
     than per-head policies, so by default every head of a layer drops the same token (layer-mean
     probabilities); `tova_per_head` selects per KV head (group mean) instead. Prefill: the last prompt
-    token's attention. No sinks or window in the paper (cache_configs/tova.yaml sets both to 0)."""
+    token's attention. Nothing protected, as in the paper: the new token itself may be dropped."""
     # follows arXiv 2401.06104; departs: none at the defaults (per-KV-head selection is a flag)
     name = "tova"
+    source = "arXiv 2401.06104"
     evicts = True
     needs_attn = True
+    sinks, window = 0, 0
     defaults = {"tova_per_head": False}
 
     def __init__(self, *args, **kwargs):
@@ -514,6 +538,7 @@ class Scissorhands(KVCache):
     the new token's own indicator. Prefill: the indicators of the last w prompt queries."""
     # follows arXiv 2305.17118 (Alg. 2 as cold-compress reads it); departs: GQA group mean, ties -> oldest
     name = "scissorhands"
+    source = "arXiv 2305.17118"
     evicts = True
     needs_attn = True
     defaults = {"sh_history": 400, "sh_drop": 1}
@@ -630,6 +655,7 @@ class SnapKV(KVCache):
     question sits inside the window."""
     # follows arXiv 2404.14469; departs: GQA group mean before pooling (paper is per head, no GQA)
     name = "snapkv"
+    source = "arXiv 2404.14469"
     prefill_only = True
     protects = False  # the window is its own protection; no sinks
     defaults = {"snap_window": 32, "snap_kernel": 7, "snap_pool": "max"}
@@ -648,16 +674,17 @@ class PyramidKV(KVCache):
     KVCache-Factory's runners use w = 8 (cache_configs/pyramid.yaml)."""
     # follows arXiv 2406.02069; departs: float budgets with exact mean B (official code floors)
     name = "pyramid"
+    source = "arXiv 2406.02069"
     prefill_only = True
     protects = False
     defaults = {"snap_window": 32, "snap_kernel": 7, "snap_pool": "max", "pyramid_beta": 20.0}
 
     @classmethod
-    def layer_slots(cls, cfg, n_layer, max_seq_length, max_new_tokens):
-        slots = super().layer_slots(cfg, n_layer, max_seq_length, max_new_tokens)
+    def layer_slots(cls, cfg, n_layer, max_seq_length, max_new_tokens, fed=0):
+        slots = super().layer_slots(cfg, n_layer, max_seq_length, max_new_tokens, fed)
         if cfg.budget_pattern != "uniform" or len(set(slots)) > 1:
             raise ValueError("pyramid sets its own per-layer budgets: give one --max_cache_length, no pattern")
-        p, N = cls.hparams(cfg), max_new_tokens
+        p, N = cls.hparams(cfg), max_new_tokens  # B: the prefilled context's room; T: its length
         B, T, w = slots[0] - N, max_seq_length - N, p["snap_window"]
         if T <= B or B <= w or T < 2 * (B - w):
             return slots
@@ -777,6 +804,7 @@ class AdaKV(HeadBudgetCache):
     unlike kvpress's AdaKVPress, which only masks. Ties: the later token, then the lower head."""
     # follows arXiv 2407.11550 (AdaKV + SnapKV scorer); departs: GQA group-mean scores, per KV head
     name = "adakv"
+    source = "arXiv 2407.11550"
     defaults = {**HeadBudgetCache.defaults, "ada_alpha": 0.2}
 
     def budgets(self, scores, rooms):
@@ -850,6 +878,7 @@ class HeadKV(OfflineHeadBudgets):
     code scores and stores every query head, KV repeated); a head never keeps more than the prompt."""
     # follows arXiv 2410.19258; departs: per KV head with group-mean scores
     name = kind = key = "headkv"
+    source = "arXiv 2410.19258"
     defaults = {**HeadBudgetCache.defaults, "head_beta": 1.01, "head_temp": 1.0, "head_scores": ""}
 
 
@@ -862,6 +891,7 @@ class DiliLazyKV(OfflineHeadBudgets):
     Departures: per KV head (group-mean InfScore); scores normalised before the exponent, as HeadKV does."""
     # follows the DiliLazyKV seed; departs: per KV head with group-mean scores
     name = kind = "dililazy"
+    source = "seed: shared/seeds/dililazykv.md"
     key = "infscore"
     defaults = {**HeadBudgetCache.defaults, "head_beta": 1.351, "head_temp": 1.0, "head_scores": ""}
 
@@ -983,9 +1013,9 @@ def prompt_probs(q, k, pos, rows=None, chunk_bytes=256 << 20):
         yield i, probs.view(B, H_kv, H // H_kv, -1, T).mean(2), qp
 
 
-def parse_budget(values, n_layer, max_seq_length) -> list[int]:
-    """--max_cache_length: fractions (<= 1, of prompt + max_new_tokens) or token counts; one value
-    for every layer or one per layer. Returns slots per layer."""
+def parse_budget(values, n_layer, max_seq_length, cap=None) -> list[int]:
+    """--max_cache_length: fractions (<= 1, of max_seq_length: the prompt, budget_plan) or token counts
+    (at most `cap`, the whole sequence); one value for every layer or one per layer. Returns slots per layer."""
     values = [budget_value(v) for v in values]
     if len(values) == 1:
         values = values * n_layer
@@ -994,7 +1024,7 @@ def parse_budget(values, n_layer, max_seq_length) -> list[int]:
     slots = []
     for v in values:
         n = math.ceil(v * max_seq_length) if v <= 1 else int(v)
-        slots.append(min(n, max_seq_length))  # a token budget above the sequence: nothing to compress
+        slots.append(min(n, cap or max_seq_length))  # a token budget above the sequence: nothing to compress
     return slots
 
 
@@ -1014,31 +1044,48 @@ def recent_slots(recent_window, n_slots) -> int:
     return round(recent_window * n_slots) if 0 < recent_window < 1 else int(recent_window)
 
 
-def budget_slots(cfg: CacheConfig, n_layer, max_seq_length, max_new_tokens, protects, prefill_only) -> list[int]:
-    """Slots per layer of a compressing strategy: --max_cache_length (parse_budget), one budget B shaped
-    over layers by cfg.budget_pattern, each layer checked against its floor (sinks + recent window + 1,
-    plus max_new_tokens where generated tokens are appended). Patterns, each with mean B:
+def budget_plan(cfg: CacheConfig, max_seq_length, max_new_tokens, fed, prefill_only) -> tuple[int, int]:
+    """(the tokens a fractional budget is a fraction of, the slots added on top of the budget). Of a
+    sequence's max_seq_length tokens the last max_new_tokens come after the prefill: first `fed` prompt
+    tokens (a query-agnostic question), then generated or teacher-forced ones. The budget never counts
+    generated tokens. "stream": it is a fraction of the prompt (prefill + fed); a prefill-only strategy
+    adds slots for the generated tokens, an evicting one none (they evict). "context" (kvpress's): a
+    fraction of the prefilled context; everything after the prefill is added, so nothing evicts."""
+    if cfg.protocol not in ("stream", "context"):
+        raise ValueError(f"unknown --protocol {cfg.protocol!r}; known: context, stream")
+    if cfg.protocol == "context":
+        return max_seq_length - max_new_tokens, max_new_tokens
+    return max_seq_length - max_new_tokens + fed, (max_new_tokens - fed if prefill_only else 0)
+
+
+def budget_slots(cfg: CacheConfig, n_layer, max_seq_length, max_new_tokens, fed, protection, prefill_only) -> list[int]:
+    """Slots per layer of a compressing strategy: --max_cache_length (parse_budget) of the prompt
+    (budget_plan), one budget B shaped over layers by cfg.budget_pattern, each layer checked against its
+    floor (sinks + recent window + 1; a prefill-only strategy's B must also hold a fed question), plus
+    the slots budget_plan adds. Patterns, each with mean B:
       uniform: B in every layer;
       pyramid: PyramidKV's arithmetic progression (pyramid_budgets, beta 20) over the slots above the
                floor: most slots in layer 0, fewest in the last;
       funnel:  the same, reversed: fewest in layer 0 (more compression at lower layers, as cold-compress)."""
-    slots = parse_budget(cfg.max_cache_length, n_layer, max_seq_length)
-    extra = max_new_tokens if prefill_only else 0
+    base, extra = budget_plan(cfg, max_seq_length, max_new_tokens, fed, prefill_only)
+    budgets = parse_budget(cfg.max_cache_length, n_layer, base, cap=max_seq_length - extra)
+    sinks, window = protection
+    held = fed if prefill_only and cfg.protocol == "stream" else 0  # the fed question sits in the budget
 
-    def floor(s):
-        return (cfg.global_tokens + recent_slots(cfg.recent_window, s) + 1 if protects else 1) + extra
+    def floor(b):
+        return (sinks + recent_slots(window, b + extra) + 1 if sinks or window else 1) + held
     if cfg.budget_pattern not in ("uniform", "pyramid", "funnel"):
         raise ValueError(f"unknown --budget_pattern {cfg.budget_pattern!r}; known: uniform, pyramid, funnel")
     if cfg.budget_pattern != "uniform":
-        if len(set(slots)) > 1:
+        if len(set(budgets)) > 1:
             raise ValueError("--budget_pattern shapes one --max_cache_length value; got one per layer")
-        slots = pyramid_budgets(slots[0], n_layer, max_seq_length, floor(slots[0]) - 1)
-        slots = slots if cfg.budget_pattern == "pyramid" else slots[::-1]
-    for s in slots:
-        if s < floor(s):
-            raise ValueError(f"budget of {s} slots is too small for {cfg.strategy}: it needs at least {floor(s)} "
-                             f"(sinks + recent window + 1{' + max_new_tokens' if prefill_only else ''})")
-    return slots
+        budgets = pyramid_budgets(budgets[0], n_layer, base, floor(budgets[0]) - 1)
+        budgets = budgets if cfg.budget_pattern == "pyramid" else budgets[::-1]
+    for b in budgets:
+        if b < floor(b):
+            raise ValueError(f"budget of {b} slots is too small for {cfg.strategy}: it needs at least {floor(b)} "
+                             f"(sinks + recent window + 1{' + the fed question' if held else ''})")
+    return [b + extra for b in budgets]
 
 
 def pyramid_budgets(budget, n_layer, cap, reserve=0, beta=20.0) -> list[int]:
@@ -1065,17 +1112,18 @@ ALLOC_STEP = 1024
 
 
 def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, device, dtype,
-                lengths=None) -> list[KVCache]:
-    """One cache per layer for model args `args`, sized by the strategy's budget. `lengths` (each
-    sequence's prompt + new tokens) gives a compressing strategy each sequence's own budget: the buffers
-    hold the longest's, `limit` each one's share of its own length."""
+                lengths=None, fed=0) -> list[KVCache]:
+    """One cache per layer for model args `args`, sized by the strategy's budget (budget_plan: of the
+    max_seq_length tokens, the last max_new_tokens come after the prefill, `fed` of them prompt).
+    `lengths` (each sequence's max_seq_length) gives a compressing strategy each sequence's own budget:
+    the buffers hold the longest's, `limit` each one's share of its own length."""
     if cfg.strategy not in REGISTRY:
         raise ValueError(f"unknown cache strategy {cfg.strategy!r}; known: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[cfg.strategy]
     if cfg.prompt_compression != "own" and cfg.prompt_compression not in REGISTRY:
         raise ValueError(f"unknown --prompt_compression {cfg.prompt_compression!r}; "
                          f"known: own, {', '.join(sorted(REGISTRY))}")
-    slots = cls.layer_slots(cfg, args.n_layer, max_seq_length, max_new_tokens)
+    slots = cls.layer_slots(cfg, args.n_layer, max_seq_length, max_new_tokens, fed)
     # a cache that holds the whole sequence is allocated in steps of ALLOC_STEP slots, so that prompts of
     # many lengths share a few static shapes (a compiled decode step recompiles once per shape, not per length)
     whole = min(-(-max_seq_length // ALLOC_STEP) * ALLOC_STEP, max(args.block_size, max_seq_length))
@@ -1085,16 +1133,16 @@ def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, d
               .to(device) for i, s in enumerate(slots)]
     if lengths is not None and (cls.evicts or cls.prefill_only):
         for b, n in enumerate(lengths):
-            for c, own in zip(caches, sequence_slots(cls, cfg, args.n_layer, n, max_new_tokens)):
+            for c, own in zip(caches, sequence_slots(cls, cfg, args.n_layer, n, max_new_tokens, fed)):
                 c.limit[b] = min(own, c.n_slots)
     return caches
 
 
-def sequence_slots(cls, cfg: CacheConfig, n_layer, length, max_new_tokens) -> list[int]:
+def sequence_slots(cls, cfg: CacheConfig, n_layer, length, max_new_tokens, fed=0) -> list[int]:
     """One sequence's own slots per layer; a sequence too short for the budget's floor (sinks + recent
     window + 1) keeps every token."""
     try:
-        return cls.layer_slots(cfg, n_layer, length, max_new_tokens)
+        return cls.layer_slots(cfg, n_layer, length, max_new_tokens, fed)
     except ValueError:
         return [length] * n_layer
 
@@ -1239,6 +1287,7 @@ class Spotlight(KVCache):
     (the authors hash per query head; the choice was measured, see README) and selection per KV head.
     Hashes come from `python train_spotlight.py` (<checkpoint>/spotlight.safetensors)."""
     name = "spotlight"
+    source = "arXiv 2508.19740"
     retrieves = True
     hash_kind = "mlp"  # spotlight_linear: sign(x) (untrained); lsh_retrieval: sign(xR), R ~ N(0, 1)
     defaults = {"spotlight_prune": 0.9, "spotlight_sinks": 4, "spotlight_recent": 64,
@@ -1328,6 +1377,7 @@ class SpotlightLinear(Spotlight):
     """Spotlight's retrieval with its hash untrained (h = identity at the near-zero init): code = sign(x),
     the d post-RoPE coordinates' signs. Training-free; the baseline trained Spotlight must beat."""
     name = "spotlight_linear"
+    source = "Spotlight's untrained baseline"
     hash_kind = "sign"
 
 
@@ -1336,6 +1386,7 @@ class LSHRetrieval(Spotlight):
     """SimHash top-k, the random linear hashing Spotlight compares against: code = sign(x R),
     R ~ N(0, 1)^{d x d} per layer and KV head (seeded by layer), top-k exactly as Spotlight."""
     name = "lsh_retrieval"
+    source = "SimHash, Spotlight's baseline"
     hash_kind = "simhash"
 
 
@@ -1349,6 +1400,7 @@ class Quest(KVCache):
     group's scores are combined by `quest_group` (mean, or max: mean recalled as well or better, README),
     selection per KV head. CUDA: triton_kernels.quest_select (2 launches); CPU: page_scores + pick."""
     name = "quest"
+    source = "arXiv 2406.10774"
     retrieves = True
     defaults = {"quest_page_size": 16, "quest_budget": 0.1, "quest_dense_layers": [0, 1], "quest_group": "mean"}
 

@@ -87,6 +87,10 @@ def build_parser():
                    "float32 on CPU)")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--threads", type=positive, default=None, help="CPU threads (default: one per idle core)")
+    p.add_argument("--protocol", choices=["context", "stream"], default="context",
+                   help="query-agnostic protocol: context (kvpress's: the context compressed to the budget, a fraction "
+                        "of the context; question and answer appended without eviction) or stream (the question fed "
+                        "through the cache like any token, counted in the budget's prompt)")
     p.add_argument("--query_aware", action="store_true", help="prefill the question with the context")
     p.add_argument("--no_chat", action="store_true", help="never apply the chat template")
     p.add_argument("--max_new_tokens", type=positive, default=None, help="override every task's output length")
@@ -168,6 +172,7 @@ def config_settings(cfg: kv.CacheConfig, args) -> dict:
     cls = kv.REGISTRY[cfg.strategy]
     cache = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_dir"}
     cache["params"] = {**cls.defaults, **{k: v for k, v in cfg.params.items() if k in cls.defaults}}
+    cache["protection"] = dict(zip(("sinks", "recent_window"), cls.protection(cfg)))  # the flags', else the paper's
     return json.loads(json.dumps({"cache": cache, "prompt_rule": prompt_rule(cfg), "query_aware": args.query_aware,
                                   "chat": not args.no_chat, "seed": args.seed, "dtype": dtype_name(args),
                                   "max_new_tokens": args.max_new_tokens}))
@@ -199,14 +204,15 @@ def readable_name(cfg: kv.CacheConfig, args, budget=True) -> str:
     extra = {k: v for k, v in cfg.params.items() if k in cls.defaults and v != cls.defaults[k]}
     default = kv.CacheConfig()  # and every other CacheConfig field off its default (sinks, window, ...)
     extra |= {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-              if f.name not in ("strategy", "max_cache_length", "params", "checkpoint_dir")
+              if f.name not in ("strategy", "max_cache_length", "params", "checkpoint_dir", "protocol")
               and getattr(cfg, f.name) != getattr(default, f.name)}
     extra |= {k: v for k, v in (("seed", args.seed), ("max_new_tokens", args.max_new_tokens)) if v}
     extra |= {"no_chat": 1} if args.no_chat else {}
     tail = "-".join(f"{k}={short(v)}" for k, v in sorted(extra.items()))
     if len(tail) > 60:
         tail = "h" + hashlib.sha1(tail.encode()).hexdigest()[:8]
-    return "-".join(parts + ([tail] if tail else []) + (["qa"] if args.query_aware else []))
+    mode = ["qa"] if args.query_aware else ["stream"] if cfg.protocol == "stream" else []  # context: the default
+    return "-".join(parts + ([tail] if tail else []) + mode)
 
 
 def prompt_rule(cfg: kv.CacheConfig) -> str:
@@ -301,9 +307,10 @@ def stopped(ctx, out, cut) -> tuple[list[int], str, bool]:
 
 
 @torch.no_grad()
-def start(ctx, cfg, prefix, suffix, n_more, all_logits=False):
-    """Caches sized for this sample (prefix + suffix + n_more tokens), prefix prefilled, suffix fed by
-    decode steps. Returns (prefill logits, logits predicting the next token, next position, seconds, caches)."""
+def start(ctx, cfg, prefix, suffix, n_more, all_logits=False, fed=None):
+    """Caches sized for this sample (prefix + suffix + n_more tokens; the budget per cfg.protocol, the
+    suffix, or `fed` tokens, being prompt), prefix prefilled, suffix fed by decode steps. Returns
+    (prefill logits, logits predicting the next token, next position, seconds, caches)."""
     m, dev = ctx.model, ctx.device
     n_new = len(suffix) + n_more
     if len(prefix) + n_new > m.args.block_size:
@@ -312,7 +319,8 @@ def start(ctx, cfg, prefix, suffix, n_more, all_logits=False):
         raise gen.UserError(f"--max_cache_length {' '.join(map(str, cfg.max_cache_length))} exceeds the model's "
                             f"context of {m.args.block_size} tokens")
     try:
-        caches = kv.make_caches(m.args, cfg, 1, len(prefix) + n_new, n_new, dev, ctx.dtype)
+        caches = kv.make_caches(m.args, cfg, 1, len(prefix) + n_new, n_new, dev, ctx.dtype,
+                                fed=len(suffix) if fed is None else fed)
     except (ValueError, FileNotFoundError) as e:
         raise gen.UserError(str(e)) from None
     m.setup_caches(caches)
@@ -372,7 +380,9 @@ def run_choice(ctx, task, s, cfg):
 
 def run_ppl(ctx, task, s, cfg):
     ids, P, bin_ = s.reference, min(ctx.args.ppl_prefill, len(s.reference) - 1), ctx.args.ppl_bin
-    logits, last, ip, prefill_s, caches = start(ctx, cfg, ids[:P], [], len(ids) - P, all_logits=True)
+    # the text after the prefill is read through the cache (stream), all of it prompt: no question to protect
+    logits, last, ip, prefill_s, caches = start(ctx, dataclasses.replace(cfg, protocol="stream"), ids[:P], [],
+                                                len(ids) - P, all_logits=True, fed=len(ids) - P)
     target = torch.tensor(ids[1:P], device=ctx.device)
     head = -logits[0, :-1].float().log_softmax(-1).gather(-1, target[:, None])[:, 0]
     t0 = time.perf_counter()

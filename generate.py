@@ -214,7 +214,7 @@ def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, tempe
             raise ValueError(f"--max_cache_length {' '.join(map(str, cache_cfg.max_cache_length))} exceeds the "
                              f"model's maximum context of {model.args.block_size} tokens")
         caches = kv.make_caches(model.args, cache_cfg, B, max_len, n_sfx + max_new_tokens, device, dtype,
-                                lengths=[len(p) + n_sfx + max_new_tokens for p in prompts])
+                                lengths=[len(p) + n_sfx + max_new_tokens for p in prompts], fed=n_sfx)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     model.setup_caches(caches)
@@ -306,16 +306,29 @@ def strategy_flags(parser):
     return list(owners)
 
 
+def strategy_table() -> str:
+    """Every strategy's defaults (protection, hyperparameters) and their source, for --help."""
+    rows = ["strategies (defaults; --flags override them):"]
+    for name, cls in sorted(kv.REGISTRY.items()):
+        sinks, window = cls.protection(kv.CacheConfig())
+        kind = "keeps every token" if not (cls.evicts or cls.prefill_only) else \
+            f"sinks {sinks}, recent {window:g}" if cls.protects else "no sinks or window"
+        params = ", ".join(f"{k} {v}" for k, v in cls.defaults.items() if v != "")
+        rows.append(f"  {name:<17} {kind}{'; ' + params if params else ''}{' [' + cls.source + ']' if cls.source else ''}")
+    return "\n".join(rows)
+
+
 def add_cache_args(parser):
     """The cache flags shared by generate.py and eval.py."""
     g = parser.add_argument_group("cache")
     g.add_argument("--cache_strategy", default="full", help=f"one of: {', '.join(sorted(kv.REGISTRY))}")
     g.add_argument("--max_cache_length", nargs="+", default=None,
-                   help=f"fraction (<= 1) of each sequence's prompt + max_new_tokens, or tokens; one value or one per "
-                        f"layer (default {DEFAULT_BUDGET} for strategies that compress; unused by the others)")
-    g.add_argument("--global_tokens", type=int, default=4, help="attention sinks kept")
-    g.add_argument("--recent_window", type=float, default=10,
-                   help="most recent tokens kept (below 1: a fraction of each layer's slots, H2O's recent ratio)")
+                   help=f"fraction (<= 1) of each prompt's tokens, or tokens; one value or one per layer (default "
+                        f"{DEFAULT_BUDGET} for strategies that compress; unused by the others). Generated tokens never count")
+    g.add_argument("--global_tokens", type=int, default=None,
+                   help="attention sinks kept (default: the strategy's own; see the table below)")
+    g.add_argument("--recent_window", type=float, default=None,
+                   help="most recent tokens kept, below 1 a fraction of each layer's slots (default: the strategy's own)")
     g.add_argument("--budget_pattern", default="uniform", choices=["uniform", "pyramid", "funnel"],
                    help="per-layer shape of one --max_cache_length value")
     g.add_argument("--prompt_compression", default="own",
@@ -371,12 +384,13 @@ def cache_config_from_args(args, param_keys, checkpoint_dir="") -> kv.CacheConfi
             kv.budget_value(v)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if args.global_tokens < 0 or args.recent_window < 0:
-        raise UserError(f"--global_tokens {args.global_tokens} / --recent_window {args.recent_window:g}: give counts >= 0")
+    for flag, value in (("--global_tokens", args.global_tokens), ("--recent_window", args.recent_window)):
+        if value is not None and value < 0:
+            raise UserError(f"{flag} {value:g}: give a count >= 0")
     params = {k: getattr(args, k) for k in param_keys if getattr(args, k, None) is not None}
     return kv.CacheConfig(strategy=args.cache_strategy, max_cache_length=[str(v) for v in args.max_cache_length],
                           global_tokens=args.global_tokens, recent_window=args.recent_window,
-                          budget_pattern=args.budget_pattern,
+                          budget_pattern=args.budget_pattern, protocol=getattr(args, "protocol", "stream"),
                           prompt_compression=args.prompt_compression, params=params,
                           checkpoint_dir=str(checkpoint_dir))
 
@@ -411,7 +425,8 @@ def check_device(device: str, dtype: str | None) -> torch.dtype:
 
 
 def main(argv=None):
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0], epilog=strategy_table(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", action="append", help="text or a .txt path; repeat for a batch")
     parser.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT)
     parser.add_argument("--max_new_tokens", type=int, default=128)
@@ -468,7 +483,7 @@ def settings_line(cfg, args, threads) -> str:
     """What this run does that the user may not have asked for: the budget, the threads."""
     if compresses(cfg.strategy):
         default = " (the default; --max_cache_length to change)" if args.budget_defaulted else ""
-        budget = f"budget {' '.join(cfg.max_cache_length)} of each sequence's tokens{default}"
+        budget = f"budget {' '.join(cfg.max_cache_length)} of each prompt's tokens{default}"
     else:
         budget = "no compression (every token kept)"
     cpu = f"; {threads} CPU thread(s) ({'--threads' if args.threads else 'one per idle core; --threads to set'})" \

@@ -188,7 +188,7 @@ def test_l2_continuous():
 def test_l2_one_shot(layer):
     """Authors' code: the prompt is cut once to the lowest norms (no sinks, no window), generated
     tokens are appended; skipped layers get full-size buffers and keep everything."""
-    cfg = kv.CacheConfig(strategy="l2", max_cache_length=[str(ROOM + STEPS)], params={"l2_one_shot": True})
+    cfg = kv.CacheConfig(strategy="l2", max_cache_length=[str(ROOM)], params={"l2_one_shot": True})  # the prompt's
     slots = kv.REGISTRY["l2"].layer_slots(cfg, 3, T + STEPS, STEPS)
     assert slots == [T + STEPS, T + STEPS, ROOM + STEPS]  # l2_skip_layers default [0, 1]
 
@@ -386,7 +386,7 @@ def pyramid_formula(B_, n_layer, T_, w, beta=20.0):
 @pytest.mark.parametrize("B_,n_layer,T_,w", [(128, 32, 4096, 32), (64, 32, 4096, 8), (100, 7, 230, 8), (10, 4, T, 4)])
 def test_pyramid_budgets(B_, n_layer, T_, w):
     """Mean exactly B (the official floors overshoot), each within 1 of the float formula, shrinking."""
-    cfg = kv.CacheConfig(strategy="pyramid", max_cache_length=[str(B_ + 5)], params={"snap_window": w})
+    cfg = kv.CacheConfig(strategy="pyramid", max_cache_length=[str(B_)], params={"snap_window": w})  # + 5 new tokens
     slots = kv.REGISTRY["pyramid"].layer_slots(cfg, n_layer, T_ + 5, 5)
     budgets = [s - 5 for s in slots]
     assert sum(budgets) == B_ * n_layer
@@ -396,7 +396,7 @@ def test_pyramid_budgets(B_, n_layer, T_, w):
 
 def test_pyramid_short_prompts():
     """Prompts shorter than 2(B - w) (or than B) get B in every layer, as in the official code."""
-    cfg = kv.CacheConfig(strategy="pyramid", max_cache_length=["138"])  # B = 128 with 10 new tokens
+    cfg = kv.CacheConfig(strategy="pyramid", max_cache_length=["128"])  # B = 128, then 10 new tokens
     for T_ in (100, 2 * (128 - 32) - 1):
         assert kv.REGISTRY["pyramid"].layer_slots(cfg, 32, T_ + 10, 10) == [min(138, T_ + 10)] * 32
     assert len(set(kv.REGISTRY["pyramid"].layer_slots(cfg, 32, 2 * (128 - 32) + 10, 10))) > 1
@@ -405,7 +405,7 @@ def test_pyramid_short_prompts():
 @pytest.mark.parametrize("layer", [0, 2, 3])
 def test_pyramid(layer):
     params = {"snap_window": 4, "snap_kernel": 3, "snap_pool": "max"}
-    cfg = kv.CacheConfig(strategy="pyramid", max_cache_length=[str(ROOM + STEPS)], params=params)
+    cfg = kv.CacheConfig(strategy="pyramid", max_cache_length=[str(ROOM)], params=params)
     slots = kv.REGISTRY["pyramid"].layer_slots(cfg, 4, T + STEPS, STEPS)
     assert [s - STEPS for s in slots] == [16, 12, 8, 4]  # 15.7, 11.9, 8.1, 4.3 rounded to mean 10
     _, hist = run_cache("pyramid", slots[layer], params, layer=layer, n_layer=4)
@@ -416,13 +416,15 @@ def test_budget_patterns():
     """uniform: B everywhere; pyramid: most slots in layer 0, fewest last; funnel: reversed; all with
     mean B and every layer above the floor (sinks + recent + 1)."""
     def slots(pattern, values=("64",)):
-        cfg = kv.CacheConfig(strategy="h2o", max_cache_length=list(values), budget_pattern=pattern)
+        cfg = kv.CacheConfig(strategy="h2o", max_cache_length=list(values), budget_pattern=pattern, global_tokens=4,
+                             recent_window=10)
         return kv.REGISTRY["h2o"].layer_slots(cfg, 6, 200, 8)
     assert slots("uniform") == [64] * 6
     pyr, fun = slots("pyramid"), slots("funnel")
     assert sum(pyr) == sum(fun) == 64 * 6 and pyr == fun[::-1] and pyr == sorted(pyr, reverse=True)
     assert min(pyr) >= 4 + 10 + 1 and pyr[0] > pyr[-1]
-    assert slots("uniform", ["0.5"]) == [100] * 6 and slots("uniform", [str(i + 20) for i in range(6)])[5] == 25
+    assert slots("uniform", ["0.5"]) == [96] * 6  # half the prompt: 200 tokens of which 8 generated
+    assert slots("uniform", [str(i + 20) for i in range(6)])[5] == 25
     with pytest.raises(ValueError):
         slots("pyramid", [str(i + 20) for i in range(6)])
     with pytest.raises(ValueError):
@@ -471,7 +473,7 @@ def tiny_run(name, params, budget, steps, step_fn=None, prompt=40):
 @pytest.mark.parametrize("name,params", VARIANTS)
 def test_budget_covering_sequence_matches_full(name, params):
     _, want = tiny_run("full", {}, "1.0", 8)
-    caches, got = tiny_run(name, params, "1.0", 8)
+    caches, got = tiny_run(name, params, str(40 + 8 + 1), 8)  # slots for the prompt and every new token (prefilled sizes for one more)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 

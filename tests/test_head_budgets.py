@@ -123,8 +123,8 @@ def test_kept_tokens_are_each_heads_best_by_snapkv_and_bytes_are_the_budgets(tmp
         runs = [set(c.pos[0, c.start[0, h]:c.start[0, h] + c.count[0, h]].tolist()) for h in range(2)]
         assert all(len(r) == int(c.count[0, h]) for h, r in enumerate(runs))
         assert all(max(r) < 160 for r in runs)  # prompt positions only (no decode step yet)
-    for c in caches:  # 69 prompt slots per head on average (one new token of 1 reserved)
-        want = 2 * 69 if name == "adakv" else c.budgets(None, torch.full((1, 2), 69))[0].clamp(max=160).sum()
+    for c in caches:  # 70 prompt slots per head on average (the budget never counts new tokens)
+        want = 2 * 70 if name == "adakv" else c.budgets(None, torch.full((1, 2), 70))[0].clamp(max=160).sum()
         assert c.count.sum() == want
 
 
