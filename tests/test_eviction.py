@@ -1,13 +1,15 @@
 """Eviction strategies (cache.py, "eviction strategies") against naive references.
 
 Each reference is written here from the paper's definition: plain Python over tokens, lists, dicts and
-Fractions, nothing imported from cache.py but the class under test (and, for LSH, its random matrix R).
-A single cache layer is driven with scripted random keys, values and queries (B=2, H_kv=2, G=2; the
-second sequence left-padded, so the two sequences evict independently) through prefill and many
-decode steps; after every step the kept positions of every (sequence, KV head) must equal the
-reference's, and budget, sinks and recent window must hold. Continuous random data keeps
-float scores tie-free; integer scores (Hamming distances, indicator counts) tie, and both sides break
-ties toward evicting the oldest token, the rule cache.py documents.
+Fractions, nothing imported from cache.py but the class under test (LSH's random matrices are rebuilt
+here from the seeding LSH documents in code). A single cache layer is driven with scripted random keys, values
+and queries (B=2, the second sequence left-padded, so the two sequences evict independently) through
+prefill and many decode steps; after every step the kept positions of every (sequence, KV head) must
+equal the reference's, and budget, sinks and recent window must hold. Every reference test runs on
+three GQA shapes (H_kv KV heads x G query heads each, SHAPES) and, where the strategy allows it, with
+and without protected tokens (WINDOWS). Continuous random data keeps float scores tie-free; integer
+scores (Hamming distances, indicator counts) tie, and both sides break ties toward evicting the
+oldest token, the rule cache.py documents.
 """
 import math
 from fractions import Fraction
@@ -20,11 +22,20 @@ from torch._dynamo.utils import counters
 import cache as kv
 from model import ModelArgs, Transformer
 
-B, H_KV, G, D = 2, 2, 2, 8
+B, D = 2, 8
 T, STEPS, PAD = 20, 25, 3  # prompt length (sequence 1 has PAD tokens of left padding), decode steps
 SINKS, RECENT = 2, 3
 SLOTS = 12                 # evicting strategies' budget
 ROOM = 10                  # prefill-only strategies' prompt budget (slots = ROOM + STEPS)
+
+# (H_kv, G): the tiny model's (2 x 2), the default model SmolLM2-135M's (3 x 3), Llama-3-8B's (8 x 4)
+SHAPES = [(2, 2), (3, 3), (8, 4)]
+H_KV, G = SHAPES[0]        # the shape of the tests that do not sweep shapes
+# sinks + recent window, and none at all (--global_tokens 0 --recent_window 0: TOVA's paper setting;
+# with no window a new token can be evicted on arrival)
+WINDOWS = [(SINKS, RECENT), (0, 0)]
+shapes = pytest.mark.parametrize("shape", SHAPES, ids=[f"{h}x{g}" for h, g in SHAPES])
+windows = pytest.mark.parametrize("sinks,recent", WINDOWS, ids=["window", "unprotected"])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,34 +46,41 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def scripted(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H_KV * G, T + STEPS, D, generator=g)
-    k = torch.randn(B, H_KV, T + STEPS, D, generator=g)
-    v = torch.randn(B, H_KV, T + STEPS, D, generator=g)
+def scripted(shape=(H_KV, G), seed=0):
+    h_kv, g = shape
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, h_kv * g, T + STEPS, D, generator=gen)
+    k = torch.randn(B, h_kv, T + STEPS, D, generator=gen)
+    v = torch.randn(B, h_kv, T + STEPS, D, generator=gen)
     pos = torch.arange(T).repeat(B, 1)
     pos[1] -= PAD
     pos[1, :PAD] = -1
     return q, k, v, pos
 
 
-def run_cache(name, slots, params=None, layer=0, n_layer=1, sinks=SINKS, recent=RECENT, prompt="own"):
-    """Drive one cache layer: prefill, then STEPS decode steps; kept positions after each."""
+def run_cache(name, slots, params=None, layer=0, n_layer=1, sinks=SINKS, recent=RECENT, prompt="own",
+              shape=(H_KV, G), each_step=None):
+    """Drive one cache layer: prefill, then STEPS decode steps; kept positions after each (each_step,
+    if given, is called with the cache after each too)."""
     cfg = kv.CacheConfig(strategy=name, global_tokens=sinks, recent_window=recent, params=params or {},
                          prompt_compression=prompt)
-    q, k, v, pos = scripted()
-    cache = kv.REGISTRY[name](B, H_KV, slots, D, G, torch.float32, layer, n_layer, cfg, STEPS)
+    q, k, v, pos = scripted(shape)
+    cache = kv.REGISTRY[name](B, shape[0], slots, D, shape[1], torch.float32, layer, n_layer, cfg, STEPS)
     cache.prefill(q[:, :, :T], k[:, :, :T], v[:, :, :T], pos)
+    each_step = each_step or (lambda cache: None)
     history = [kept(cache)]
+    each_step(cache)
     for t in range(STEPS):
         i = T + t
         cache.decode(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], pos[:, -1] + 1 + t)
         history.append(kept(cache))
+        each_step(cache)
     return cache, history
 
 
 def kept(cache):
-    return [[sorted(p for p in cache.pos[b, h].tolist() if p >= 0) for h in range(H_KV)] for b in range(B)]
+    return [[sorted(p for p in cache.pos[b, h].tolist() if p >= 0) for h in range(cache.pos.shape[1])]
+            for b in range(B)]
 
 
 # ---- the naive side ---------------------------------------------------------------------------------
@@ -70,9 +88,10 @@ def kept(cache):
 class Seq:
     """Sequence b's real tokens as Python lists: per position, its queries (per query head) and keys."""
 
-    def __init__(self, b):
-        q, k, _, pos = scripted()
+    def __init__(self, b, shape=(H_KV, G)):
+        q, k, _, pos = scripted(shape)
         last = int(pos[b, -1])
+        self.G = shape[1]
         self.q, self.k, self.prompt, self.new = {}, {}, [], []
         for i in range(T + STEPS):
             p = int(pos[b, i]) if i < T else last + 1 + i - T
@@ -84,12 +103,12 @@ class Seq:
         """Softmax attention of the query at position `at` over `keys` (positions), averaged over KV
         head h's query heads: {position: probability}."""
         out = dict.fromkeys(keys, 0.0)
-        for j in range(h * G, (h + 1) * G):
+        for j in range(h * self.G, (h + 1) * self.G):
             logits = [sum(a * b for a, b in zip(self.q[at][j], self.k[p][h])) / math.sqrt(D) for p in keys]
             top = max(logits)
             e = [math.exp(x - top) for x in logits]
             for p, x in zip(keys, e):
-                out[p] += x / sum(e) / G
+                out[p] += x / sum(e) / self.G
         return out
 
 
@@ -115,21 +134,21 @@ def evict(kept_, new, score, protected, slots):
     return (kept_ | {new}) - {victim}
 
 
-def ref_scored(seq, slots, score):
+def ref_scored(seq, slots, score, sinks=SINKS, recent=RECENT):
     """Strategies whose score needs no attention probabilities: score(p, now), higher keeps."""
     last = seq.prompt[-1]
-    keep = prompt_keep({p: score(p, last) for p in seq.prompt}, slots, lambda p: protect(p, last))
+    keep = prompt_keep({p: score(p, last) for p in seq.prompt}, slots, lambda p: protect(p, last, sinks, recent))
     out = [keep]
     for now in seq.new:
-        keep = evict(keep, now, lambda p: score(p, now), lambda p: protect(p, now), slots)
+        keep = evict(keep, now, lambda p: score(p, now), lambda p: protect(p, now, sinks, recent), slots)
         out.append(keep)
     return out
 
 
-def per_head(ref):
+def per_head(ref, h_kv=H_KV):
     """ref(b, h) -> list of kept sets per step; laid out like kept(): [step][b][h] sorted lists."""
-    runs = [[ref(b, h) for h in range(H_KV)] for b in range(B)]
-    return [[[sorted(runs[b][h][t]) for h in range(H_KV)] for b in range(B)] for t in range(STEPS + 1)]
+    runs = [[ref(b, h) for h in range(h_kv)] for b in range(B)]
+    return [[[sorted(runs[b][h][t]) for h in range(h_kv)] for b in range(B)] for t in range(STEPS + 1)]
 
 
 def assert_same(history, expected):
@@ -139,7 +158,7 @@ def assert_same(history, expected):
 
 def assert_invariants(history, slots, sinks=SINKS, recent=RECENT, protects=True):
     for b in range(B):
-        seq = Seq(b)
+        seq = Seq(b)  # positions only: the same for every shape
         for t, step in enumerate(history):
             now = seq.prompt[-1] if t == 0 else seq.new[t - 1]
             seen = [p for p in seq.prompt + seq.new if p <= now]
@@ -163,29 +182,41 @@ def hash24(*keys):
 
 # ---- one test per strategy ------------------------------------------------------------------------
 
-def test_streamingllm():
-    _, hist = run_cache("streamingllm", SLOTS)
-    assert_same(hist, per_head(lambda b, h: ref_scored(Seq(b), SLOTS, lambda p, now: p)))
-    assert_invariants(hist, SLOTS)
-
-
-def test_random():
-    _, hist = run_cache("random", SLOTS, {"random_seed": 7})
-    assert_same(hist, per_head(lambda b, h: ref_scored(Seq(b), SLOTS, lambda p, now: hash24(7, 0, b, h, now, p))))
-    assert_invariants(hist, SLOTS)
-
-
-def test_l2_continuous():
+@shapes
+@windows
+def test_streamingllm(shape, sinks, recent):
+    """Sinks + the newest tokens; with no sinks, a plain sliding window."""
     def ref(b, h):
-        seq = Seq(b)
-        return ref_scored(seq, SLOTS, lambda p, now: -math.sqrt(sum(x * x for x in seq.k[p][h])))
-    _, hist = run_cache("l2", SLOTS)
-    assert_same(hist, per_head(ref))
-    assert_invariants(hist, SLOTS)
+        return ref_scored(Seq(b, shape), SLOTS, lambda p, now: p, sinks, recent)
+    _, hist = run_cache("streamingllm", SLOTS, sinks=sinks, recent=recent, shape=shape)
+    assert_same(hist, per_head(ref, shape[0]))
+    assert_invariants(hist, SLOTS, sinks, recent)
 
 
+@shapes
+@windows
+def test_random(shape, sinks, recent):
+    def ref(b, h):
+        return ref_scored(Seq(b, shape), SLOTS, lambda p, now: hash24(7, 0, b, h, now, p), sinks, recent)
+    _, hist = run_cache("random", SLOTS, {"random_seed": 7}, sinks=sinks, recent=recent, shape=shape)
+    assert_same(hist, per_head(ref, shape[0]))
+    assert_invariants(hist, SLOTS, sinks, recent)
+
+
+@shapes
+@windows
+def test_l2_continuous(shape, sinks, recent):
+    def ref(b, h):
+        seq = Seq(b, shape)
+        return ref_scored(seq, SLOTS, lambda p, now: -math.sqrt(sum(x * x for x in seq.k[p][h])), sinks, recent)
+    _, hist = run_cache("l2", SLOTS, sinks=sinks, recent=recent, shape=shape)
+    assert_same(hist, per_head(ref, shape[0]))
+    assert_invariants(hist, SLOTS, sinks, recent)
+
+
+@shapes
 @pytest.mark.parametrize("layer", [0, 2])
-def test_l2_one_shot(layer):
+def test_l2_one_shot(layer, shape):
     """Authors' code: the prompt is cut once to the lowest norms (no sinks, no window), generated
     tokens are appended; skipped layers get full-size buffers and keep everything."""
     cfg = kv.CacheConfig(strategy="l2", max_cache_length=[str(ROOM)], params={"l2_one_shot": True})  # the prompt's
@@ -193,44 +224,74 @@ def test_l2_one_shot(layer):
     assert slots == [T + STEPS, T + STEPS, ROOM + STEPS]  # l2_skip_layers default [0, 1]
 
     def ref(b, h):
-        seq = Seq(b)
+        seq = Seq(b, shape)
         room = slots[layer] - STEPS
         norms = {p: -math.sqrt(sum(x * x for x in seq.k[p][h])) for p in seq.prompt}
         keep = prompt_keep(norms, room, lambda p: False)
         return [keep | set(seq.new[:t]) for t in range(STEPS + 1)]
-    _, hist = run_cache("l2", slots[layer], {"l2_one_shot": True}, layer=layer, n_layer=3)
-    assert_same(hist, per_head(ref))
+    _, hist = run_cache("l2", slots[layer], {"l2_one_shot": True}, layer=layer, n_layer=3, shape=shape)
+    assert_same(hist, per_head(ref, shape[0]))
     assert_invariants(hist, slots[layer], protects=False)
+
+
+def lsh_matrix(layer, head_dim=D, lsh_dim=16, seed=0):
+    """LSH's R for `layer`, rebuilt from its seeding (LSH.__init__): a torch.Generator seeded
+    lsh_seed * 100003 + layer draws R = randn(head_dim, lsh_dim), one per layer, shared by its heads."""
+    return torch.randn(head_dim, lsh_dim, generator=torch.Generator().manual_seed(seed * 100003 + layer)).tolist()
 
 
 def simhash(x, R):
     return [sum(a * R[d][j] for d, a in enumerate(x)) >= 0 for j in range(len(R[0]))]
 
 
-@pytest.mark.parametrize("params", [{}, {"lsh_hash_key": True}, {"lsh_dim": 4}])
-def test_lsh(params):
-    cache, hist = run_cache("lsh", SLOTS, params)
-    R = cache.R.tolist()
-    assert len(R) == D and len(R[0]) == params.get("lsh_dim", 16)
+def packed(bits):
+    return sum(bit << i for i, bit in enumerate(bits))
+
+
+@shapes
+@windows
+@pytest.mark.parametrize("params", [{}, {"lsh_hash_key": True}, {"lsh_dim": 4}], ids=["query", "key", "dim4"])
+def test_lsh(params, shape, sinks, recent):
+    """Layer 1 of 2, so that the reference's R (lsh_matrix) is layer 1's, not a shared one."""
+    R = lsh_matrix(1, lsh_dim=params.get("lsh_dim", 16))
+    _, hist = run_cache("lsh", SLOTS, params, layer=1, n_layer=2, sinks=sinks, recent=recent, shape=shape)
 
     def ref(b, h):
-        seq = Seq(b)
+        seq = Seq(b, shape)
 
         def score(p, now):  # -Hamming distance to the new token's code (the group's mean query, or its key)
             if p == now:
                 return math.inf
             x = seq.k[now][h] if params.get("lsh_hash_key") else \
-                [sum(c) / G for c in zip(*seq.q[now][h * G:(h + 1) * G])]
+                [sum(c) / seq.G for c in zip(*seq.q[now][h * seq.G:(h + 1) * seq.G])]
             return -sum(a != c for a, c in zip(simhash(seq.k[p][h], R), simhash(x, R)))
         last = seq.prompt[-1]  # prompts are cut to sinks + recent (their default)
-        keep = prompt_keep({p: p for p in seq.prompt}, SLOTS, lambda p: protect(p, last))
+        keep = prompt_keep({p: p for p in seq.prompt}, SLOTS, lambda p: protect(p, last, sinks, recent))
         out = [keep]
         for now in seq.new:
-            keep = evict(keep, now, lambda p: score(p, now), lambda p: protect(p, now), SLOTS)
+            keep = evict(keep, now, lambda p: score(p, now), lambda p: protect(p, now, sinks, recent), SLOTS)
             out.append(keep)
         return out
-    assert_same(hist, per_head(ref))
-    assert_invariants(hist, SLOTS)
+    assert_same(hist, per_head(ref, shape[0]))
+    assert_invariants(hist, SLOTS, sinks, recent)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_lsh_codes_differ_per_layer(seed):
+    """One R per layer (ALGORITHMS.md): the caches make_caches builds for a 2-layer model hash the same
+    keys to different codes in each layer, and each layer's codes are the naive SimHash with that
+    layer's own seeded R. Checked on the codes the caches produce (cache.hash, which on_prefill and
+    on_write store), not on their R attribute: a layer-independent seed fails here."""
+    args = ModelArgs.from_name("tiny")
+    cfg = kv.CacheConfig(strategy="lsh", max_cache_length=["0.5"], params={"lsh_seed": seed})
+    caches = kv.make_caches(args, cfg, 1, 64, 8, "cpu", torch.float32)
+    assert len(caches) == 2
+    x = torch.randn(8, args.head_dim, generator=torch.Generator().manual_seed(2))
+    codes = [[c & 0xFFFF for c in cache.hash(x).tolist()] for cache in caches]  # 16 bits, as unsigned
+    assert all(a != b for a, b in zip(*codes)), codes
+    for layer, got in enumerate(codes):
+        R = lsh_matrix(layer, args.head_dim, seed=seed)
+        assert got == [packed(simhash(v, R)) for v in x.tolist()], f"layer {layer}"
 
 
 def prompt_column_sums(seq, h):
@@ -243,27 +304,52 @@ def prompt_column_sums(seq, h):
     return acc
 
 
-@pytest.mark.parametrize("sinks,recent", [(SINKS, RECENT), (0, 0.5)])
-def test_h2o(sinks, recent):
-    """Accumulated, un-normalised attention; the refilled slot restarts at the new token's own score.
-    (0, 0.5): the paper's setting, no sinks and half the budget recent."""
-    n_recent = round(recent * SLOTS) if recent < 1 else recent
+def h2o_reference(seq, h, sinks, n_recent):
+    """H2O for one (sequence, KV head): per step, (kept positions, {position: accumulated score}).
+    Prompt and decode attention are both the group's mean (Seq.probs), summed over queries without
+    normalisation; the new token enters with its own attention as its score."""
+    acc = prompt_column_sums(seq, h)
+    last = seq.prompt[-1]
+    keep = prompt_keep(acc, SLOTS, lambda p: protect(p, last, sinks, n_recent))
+    out = [(keep, acc)]
+    for now in seq.new:
+        a = seq.probs(h, now, sorted(keep) + [now])
+        acc = {p: acc[p] + a[p] for p in keep} | {now: a[now]}
+        keep = evict(keep, now, acc.get, lambda p: protect(p, now, sinks, n_recent), SLOTS)
+        out.append((keep, acc))
+    return out
 
+
+@shapes
+@pytest.mark.parametrize("sinks,recent", [(SINKS, RECENT), (0, 0.5), (0, 0)], ids=["window", "paper", "unprotected"])
+def test_h2o(shape, sinks, recent):
+    """Accumulated, un-normalised attention; the refilled slot restarts at the new token's own score.
+    (0, 0.5): the paper's setting, no sinks and half the budget recent; (0, 0): heavy hitters only."""
+    n_recent = round(recent * SLOTS) if recent < 1 else recent
     def ref(b, h):
-        seq = Seq(b)
-        acc = prompt_column_sums(seq, h)
-        last = seq.prompt[-1]
-        keep = prompt_keep(acc, SLOTS, lambda p: protect(p, last, sinks, n_recent))
-        out = [keep]
-        for now in seq.new:
-            a = seq.probs(h, now, sorted(keep) + [now])
-            acc = {p: acc[p] + a[p] for p in keep} | {now: a[now]}
-            keep = evict(keep, now, acc.get, lambda p: protect(p, now, sinks, n_recent), SLOTS)
-            out.append(keep)
-        return out
-    _, hist = run_cache("h2o", SLOTS, sinks=sinks, recent=recent)
-    assert_same(hist, per_head(ref))
+        return [keep for keep, _ in h2o_reference(Seq(b, shape), h, sinks, n_recent)]
+    _, hist = run_cache("h2o", SLOTS, sinks=sinks, recent=recent, shape=shape)
+    assert_same(hist, per_head(ref, shape[0]))
     assert_invariants(hist, SLOTS, sinks, n_recent)
+
+
+@shapes
+def test_h2o_scores_are_group_mean_accumulations(shape):
+    """H2O's accumulated score of every cached token, after prefill and after each decode step, equals
+    the naive accumulation of GROUP-MEAN probabilities in prompt and decode alike. Decode scores summed
+    over the G query heads (prompt scores being means) would weigh each generated query G times a prompt
+    query; the kept positions alone need not show that, the scores do. The paper's window (0, 0.5)."""
+    got = []  # per step, [b][h]: {position: the cache's score}
+
+    def scores(cache):
+        got.append([[{p: s for p, s in zip(cache.pos[b, h].tolist(), cache.score[b, h].tolist()) if p >= 0}
+                     for h in range(shape[0])] for b in range(B)])
+    run_cache("h2o", SLOTS, sinks=0, recent=0.5, shape=shape, each_step=scores)
+    for b in range(B):
+        for h in range(shape[0]):
+            for t, (keep, acc) in enumerate(h2o_reference(Seq(b, shape), h, 0, round(0.5 * SLOTS))):
+                want = {p: acc[p] for p in keep}
+                assert got[t][b][h] == pytest.approx(want, rel=1e-5, abs=1e-6), f"step {t}, sequence {b}, head {h}"
 
 
 def test_prompt_compression_by_another_strategy():
@@ -284,36 +370,79 @@ def test_prompt_compression_by_another_strategy():
         run_cache("tova", SLOTS, prompt="l2")
 
 
-@pytest.mark.parametrize("per_head_flag", [False, True])
-def test_tova(per_head_flag):
+tova_modes = pytest.mark.parametrize("per_head_flag", [False, True], ids=["layer_mean", "per_head"])
+
+
+@shapes
+@windows
+@tova_modes
+def test_tova(per_head_flag, shape, sinks, recent):
     """Lowest attention of the current query leaves (the new token may); by default averaged over all
     heads of the layer, so every head drops the same token. Prefill: the last prompt query."""
     def ref_seq(b, heads):
-        seq = Seq(b)
+        seq = Seq(b, shape)
 
         def score(at, keys):  # mean over the query heads of `heads`
             per = [seq.probs(h, at, keys) for h in heads]
             return {p: sum(s[p] for s in per) / len(per) for p in keys}
         last = seq.prompt[-1]
-        keep = prompt_keep(score(last, seq.prompt), SLOTS, lambda p: protect(p, last))
+        keep = prompt_keep(score(last, seq.prompt), SLOTS, lambda p: protect(p, last, sinks, recent))
         out = [keep]
         for now in seq.new:
             s = score(now, sorted(keep) + [now])
-            keep = evict(keep, now, s.get, lambda p: protect(p, now), SLOTS)
+            keep = evict(keep, now, s.get, lambda p: protect(p, now, sinks, recent), SLOTS)
             out.append(keep)
         return out
-    ref = (lambda b, h: ref_seq(b, [h])) if per_head_flag else (lambda b, h: ref_seq(b, range(H_KV)))
-    _, hist = run_cache("tova", SLOTS, {"tova_per_head": per_head_flag})
-    assert_same(hist, per_head(ref))
-    assert_invariants(hist, SLOTS)
+    if per_head_flag:
+        ref = lambda b, h: ref_seq(b, [h])  # noqa: E731
+    else:
+        layer = [ref_seq(b, range(shape[0])) for b in range(B)]  # one run per sequence serves all its heads
+        ref = lambda b, h: layer[b]  # noqa: E731
+    _, hist = run_cache("tova", SLOTS, {"tova_per_head": per_head_flag}, sinks=sinks, recent=recent, shape=shape)
+    assert_same(hist, per_head(ref, shape[0]))
+    assert_invariants(hist, SLOTS, sinks, recent)
 
 
+@shapes
+@tova_modes
+def test_tova_drops_the_new_token(per_head_flag, shape):
+    """TOVA ranks the new token with the cached ones, so the token just arrived is the one dropped when
+    it gets the lowest attention (no sinks or window, the paper's setting). Every slot full, every query
+    head looks along u, the cached keys lie near u and the new key points away: the step's output still
+    attends to the new token, then the cache (positions, keys, values) is left exactly as it was.
+    Control: the same new key pointing along u enters every head."""
+    h_kv, g = shape
+    n, u = 6, torch.eye(D)[0]
+    gen = torch.Generator().manual_seed(1)
+    k = u + 0.3 * torch.randn(1, h_kv, n, D, generator=gen)  # q.k > 0 for every cached key
+    v = torch.randn(1, h_kv, n + 1, D, generator=gen)
+    q = (3 * u).expand(1, h_kv * g, 1, D)
+    cfg = kv.CacheConfig(strategy="tova", global_tokens=0, recent_window=0, params={"tova_per_head": per_head_flag})
+    for sign in (-1, 1):
+        cache = kv.REGISTRY["tova"](1, h_kv, n, D, g, torch.float32, 0, 1, cfg, 1)
+        cache.prefill(torch.randn(1, h_kv * g, n, D, generator=gen), k, v[:, :, :n], torch.arange(n)[None])
+        before = [buf.clone() for buf in (cache.pos, cache.k, cache.v)]
+        k_new = (2 * sign * u).expand(1, h_kv, 1, D)
+        out = cache.decode(q, k_new, v[:, :, n:], torch.tensor([n]))
+        keys, values = torch.cat([k, k_new], 2), v  # attention over the cache and the new token
+        want = ((q.view(1, h_kv, g, D) @ keys.transpose(-1, -2)) / math.sqrt(D)).softmax(-1) @ values
+        torch.testing.assert_close(out, want.view(1, h_kv * g, 1, D))
+        if sign < 0:
+            assert (cache.pos != n).all()
+            for buf, old in zip((cache.pos, cache.k, cache.v), before):
+                assert torch.equal(buf, old)
+        else:
+            assert ((cache.pos == n).sum(-1) == 1).all() and (cache.pos >= 0).all()
+
+
+@shapes
+@windows
 @pytest.mark.parametrize("w,m", [(6, 1), (6, 3), (400, 1)])
-def test_scissorhands(w, m):
+def test_scissorhands(w, m, shape, sinks, recent):
     """Indicator A_tj >= 1/n_t, last w kept per token, lowest mean indicator dropped (m at once when
     full), sinks + recent protected, a refilled slot's history restarts."""
     def ref(b, h):
-        seq = Seq(b)
+        seq = Seq(b, shape)
         hist = {p: [] for p in seq.prompt}
         for i in seq.prompt[-w:]:  # the last w prompt queries (no padding among them here)
             a = seq.probs(h, i, [p for p in seq.prompt if p <= i])
@@ -323,7 +452,7 @@ def test_scissorhands(w, m):
         def mean(p):
             return Fraction(sum(hist[p]), len(hist[p]))
         last = seq.prompt[-1]
-        keep = prompt_keep({p: mean(p) for p in seq.prompt}, SLOTS, lambda p: protect(p, last))
+        keep = prompt_keep({p: mean(p) for p in seq.prompt}, SLOTS, lambda p: protect(p, last, sinks, recent))
         out = [keep]
         for now in seq.new:
             a = seq.probs(h, now, sorted(keep) + [now])
@@ -331,14 +460,15 @@ def test_scissorhands(w, m):
                 hist[p] = (hist[p] + [a[p] >= 1 / len(a)])[-w:]
             hist[now] = [a[now] >= 1 / len(a)]
             if len(keep) == SLOTS:
-                cands = sorted((p for p in keep if not protect(p, now)), key=lambda p: (mean(p), p))
+                cands = sorted((p for p in keep if not protect(p, now, sinks, recent)), key=lambda p: (mean(p), p))
                 keep = keep - set(cands[:m])
             keep = keep | {now}
             out.append(keep)
         return out
-    cache, hist = run_cache("scissorhands", SLOTS, {"sh_history": w, "sh_drop": m})
-    assert_same(hist, per_head(ref))
-    assert_invariants(hist, SLOTS)
+    cache, hist = run_cache("scissorhands", SLOTS, {"sh_history": w, "sh_drop": m}, sinks=sinks, recent=recent,
+                            shape=shape)
+    assert_same(hist, per_head(ref, shape[0]))
+    assert_invariants(hist, SLOTS, sinks, recent)
     assert cache.hist.dtype == torch.uint8 and cache.hist.shape[2] == -(-w // 8)  # w bits per slot, packed
 
 
@@ -364,11 +494,13 @@ def snap_reference(seq, h, room, w, kernel, pool):
     return [keep | set(seq.new[:t]) for t in range(STEPS + 1)]
 
 
+@shapes
 @pytest.mark.parametrize("pool,kernel", [("max", 3), ("avg", 5)])
-def test_snapkv(pool, kernel):
+def test_snapkv(pool, kernel, shape):
+    """Prefill-only: no sinks or window but the observation window, which is always kept."""
     params = {"snap_window": 4, "snap_kernel": kernel, "snap_pool": pool}
-    _, hist = run_cache("snapkv", ROOM + STEPS, params)
-    assert_same(hist, per_head(lambda b, h: snap_reference(Seq(b), h, ROOM, 4, kernel, pool)))
+    _, hist = run_cache("snapkv", ROOM + STEPS, params, shape=shape)
+    assert_same(hist, per_head(lambda b, h: snap_reference(Seq(b, shape), h, ROOM, 4, kernel, pool), shape[0]))
     assert_invariants(hist, ROOM + STEPS, protects=False)
     for b in range(B):  # the observation window is always kept
         assert all(set(Seq(b).prompt[-4:]) <= set(kept_) for kept_ in hist[0][b])
@@ -402,14 +534,16 @@ def test_pyramid_short_prompts():
     assert len(set(kv.REGISTRY["pyramid"].layer_slots(cfg, 32, 2 * (128 - 32) + 10, 10))) > 1
 
 
+@shapes
 @pytest.mark.parametrize("layer", [0, 2, 3])
-def test_pyramid(layer):
+def test_pyramid(layer, shape):
     params = {"snap_window": 4, "snap_kernel": 3, "snap_pool": "max"}
     cfg = kv.CacheConfig(strategy="pyramid", max_cache_length=[str(ROOM)], params=params)
     slots = kv.REGISTRY["pyramid"].layer_slots(cfg, 4, T + STEPS, STEPS)
     assert [s - STEPS for s in slots] == [16, 12, 8, 4]  # 15.7, 11.9, 8.1, 4.3 rounded to mean 10
-    _, hist = run_cache("pyramid", slots[layer], params, layer=layer, n_layer=4)
-    assert_same(hist, per_head(lambda b, h: snap_reference(Seq(b), h, slots[layer] - STEPS, 4, 3, "max")))
+    _, hist = run_cache("pyramid", slots[layer], params, layer=layer, n_layer=4, shape=shape)
+    assert_same(hist, per_head(lambda b, h: snap_reference(Seq(b, shape), h, slots[layer] - STEPS, 4, 3, "max"),
+                               shape[0]))
 
 
 def test_budget_patterns():
@@ -553,13 +687,13 @@ def test_lsh_bit_packing(L, dtype):
     assert cache.codes.dtype == dtype and cache.R.shape == (D, L)
     x = torch.randn(50, D, generator=torch.Generator().manual_seed(1))
     codes = cache.hash(x)
-    R = cache.R.tolist()
+    R = lsh_matrix(3, D, L)
     width = torch.iinfo(dtype).bits
     unsigned = [c & ((1 << width) - 1) for c in codes.tolist()]
-    packed = [sum(bit << i for i, bit in enumerate(simhash(v, R))) for v in x.tolist()]
-    assert unsigned == packed
+    want = [packed(simhash(v, R)) for v in x.tolist()]
+    assert unsigned == want
     ham = cache.hamming(codes[:, None], codes[None, :]).tolist()
-    assert ham == [[bin(a ^ b).count("1") for b in packed] for a in packed]
+    assert ham == [[bin(a ^ b).count("1") for b in want] for a in want]
 
 
 @pytest.mark.parametrize("name", ["streamingllm", "h2o"])
