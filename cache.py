@@ -94,8 +94,8 @@ class KVCache(nn.Module):
         self.layer, self.n_layer, self.n_group, self.n_kv, self.cfg = layer, n_layer, n_group, n_kv, cfg
         self.max_new_tokens = max_new_tokens
         self.p = self.hparams(cfg)
-        self.n_sinks, window = self.protection(cfg)
-        self.recent = recent_slots(window, n_slots)
+        self.n_sinks, self.recent_window = self.protection(cfg)
+        self.recent = recent_slots(self.recent_window, n_slots)
         self.register_buffer("k", torch.zeros(batch, n_kv, n_slots, head_dim, dtype=dtype))
         self.register_buffer("v", torch.zeros(batch, n_kv, n_slots, head_dim, dtype=dtype))
         self.register_buffer("pos", torch.full((batch, n_kv, n_slots), -1, dtype=torch.long))
@@ -147,8 +147,10 @@ class KVCache(nn.Module):
         """Sinks and the recent window, for positions pos [B, H, N] at current positions now [B]."""
         if not self.protects:
             return torch.zeros_like(pos, dtype=torch.bool)
-        recent = pos > now[:, None, None] - self.recent
-        return (pos < self.n_sinks) | recent
+        recent = self.recent
+        if 0 < self.recent_window < 1:  # a fraction of each row's own budget (H2O's recent ratio)
+            recent = (self.limit * self.recent_window).round().long()[..., None]
+        return (pos < self.n_sinks) | (pos > now[:, None, None] - recent)
 
     def prefill(self, q, k, v, pos):
         """Store a layer's prompt KV (q [B, H, T, D], k/v [B, H_kv, T, D], pos [B, T]), compressing
@@ -405,7 +407,7 @@ class L2(KVCache):
 @register
 class LSH(KVCache):
     """LSH-E / HashEvict (arXiv 2412.16187): SimHash codes, bits of x R >= 0 with one Gaussian
-    R [head_dim, lsh_dim] per layer (seeded, shared by heads), packed lsh_dim bits to an int16/32/64
+    R [head_dim, lsh_dim] per layer (seed lsh_seed * 100003 + layer, shared by heads), packed lsh_dim bits to an int16/32/64
     per slot, stored when a key enters. Each step the new token's vector is hashed and the cached token
     at the LARGEST Hamming distance (most cosine-dissimilar: lowest expected attention) is replaced,
     per KV head; empty slots first; 4 sinks + 10 recent protected. Default lsh_dim 16 (ablation 4-64).
