@@ -29,6 +29,13 @@ appended and fsynced as made) and metrics.json; the run ends with a line per tas
 so a larger --num_samples extends a run, and refuses to mix configurations; --overwrite restarts;
 Ctrl-C says what is saved. Under torchrun each rank writes its shard to predictions.rank<r>.jsonl and
 rank 0 merges them. Bad input is one line and exit status 2 (generate.UserError), never a traceback.
+
+Paired against the full cache: when the full cache's results of the same task and settings (all but the
+cache's) are there, metrics.json gains `vs_full`: the mean per-sample difference (this configuration -
+full, on the sample ids both have; points of the metric, perplexity's per-document NLL, fidelity's KL) with
+a paired bootstrap 95% interval (--bootstrap_samples, seeded) and, for 0/1 scores, McNemar's exact p.
+--report recomputes them from predictions.jsonl, shows them per configuration and, per task and strategy
+line, the lossless budget: the smallest whose interval lies within +-(--lossless_margin) of the full cache.
 """
 import argparse
 import dataclasses
@@ -46,10 +53,12 @@ import torch
 
 import cache as kv
 import generate as gen
+import metrics as M
 import tasks as T
 
 REPO = Path(__file__).resolve().parent
 SWEEP = ("cache_config", "cache_strategy", "max_cache_length")
+BOOTSTRAP, LOSSLESS_MARGIN = 10_000, 2.0  # --bootstrap_samples, --lossless_margin
 
 
 def positive(text: str) -> int:
@@ -98,6 +107,11 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="discard earlier results of these runs")
     p.add_argument("--report", metavar="DIR", help="print the markdown table of DIR and write Pareto plots")
     p.add_argument("--report_out", default=None, help="folder for the --report plots (default: DIR)")
+    p.add_argument("--bootstrap_samples", type=positive, default=BOOTSTRAP,
+                   help="resamples of the paired bootstrap against the full cache (metrics.json and --report)")
+    p.add_argument("--lossless_margin", type=float, default=LOSSLESS_MARGIN,
+                   help="--report's lossless budget: the 95%% interval of the difference from the full cache "
+                        "within +-this many points of the metric (perplexity: percent)")
     p.add_argument("--data_dir", default=None, help="evaluation data (only this folder); default: the "
                    f"repository's data/ ({T.PREPARE_DATA} fills it), then ../shared/data beside the repository")
     t = p.add_argument_group("tasks")
@@ -570,6 +584,9 @@ def finish(task, samples, meta, out_dir) -> tuple[bool, str]:
     if len(rows) < len(samples):
         return False, f"{task.tag} {meta['config']}: {len(rows)} of {len(samples)} samples done, no score -> {out_dir}"
     m = summarize(task, rows, meta)
+    vs = compare_with_full(out_dir, m, rows, task.args.bootstrap_samples)
+    if vs and "missing" not in vs:  # no reference yet: --report looks again (a full run may come later)
+        m["vs_full"] = vs
     write_atomic(out_dir / "metrics.json", json.dumps(m, indent=1) + "\n")
     task.plot(rows, out_dir)
     return True, score_line(m, out_dir)
@@ -663,7 +680,8 @@ def main(argv=None, loaded=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--report" or a.startswith("--report=") for a in argv):
         args = build_parser()[0].parse_args(argv)
-        return print(report(Path(args.report), Path(args.report_out or args.report)))
+        return print(report(Path(args.report), Path(args.report_out or args.report), args.lossless_margin,
+                            args.bootstrap_samples))
     configs = parse_configs(argv)
     args = next(iter(configs.values()))[1]  # task and run flags are the same in every config
     tasks = make_tasks(args)
@@ -689,6 +707,109 @@ def main(argv=None, loaded=None):
         raise gen.UserError("no task could run")
     if not ok:
         sys.exit(1)
+
+
+# ---------------------------------------------------------------- paired statistics against the full cache
+BOOT_SEED = 0  # one seed: metrics.json and --report give the same interval for the same rows
+CACHE_KEYS = {"cache", "prompt_rule", "config", "series", "run"}  # config.json keys a full-cache reference may skip
+PAIRED = {  # kind: (row key, factor to the reported scale, the per-sample quantity, its unit in metrics.json)
+    "points": ("score", 100, "per-sample score x 100 (the task's metric on its 0-100 scale)", "points"),
+    "ppl": ("score", 1, "per-document mean NLL in nats; exp(mean difference) is the ratio of the perplexities",
+            "nats"),
+    "kl": ("kl", 1, "per-sample KL(full || compressed) in nats; the full cache's own is 0 by construction, so "
+                    "the reference is built into each row", "nats"),
+}
+
+
+def paired_kind(m: dict) -> str:
+    return "ppl" if m["metric"] == "perplexity" else "kl" if "kl" in m else "points"
+
+
+def shown(kind: str, x: float) -> float:
+    """A difference on the reported scale: perplexity as a percent change (exp of the NLL difference)."""
+    return 100 * math.expm1(x) if kind == "ppl" else x
+
+
+def finished_rows(out_dir: Path) -> list[dict]:
+    """Every finished row of a folder, shards included, one per id (first seen wins, as merge)."""
+    rows = {}
+    for p in [out_dir / "predictions.jsonl", *shard_files(out_dir)]:
+        for r in read_rows(p):
+            rows.setdefault(r["id"], r)
+    return list(rows.values())
+
+
+def paired_values(rows, ref, key) -> list[tuple[float, float]]:
+    """(this run's value, the full cache's) of `key` for each sample both have, matched by id, in this
+    run's order; ref None: the full cache's value is 0 (fidelity's KL)."""
+    theirs = None if ref is None else {}
+    for r in ref or ():
+        theirs.setdefault(r["id"], r.get(key))
+    out, seen = [], set()
+    for r in rows:
+        other = 0.0 if theirs is None else theirs.get(r["id"])
+        if r["id"] not in seen and r.get(key) is not None and other is not None:
+            out.append((r[key], other))
+            seen.add(r["id"])
+    return out
+
+
+def full_reference(conf_dir: Path) -> tuple[Path | None, str]:
+    """The full-cache folder beside conf_dir (same model and task folder) whose config.json matches
+    conf_dir's in every setting but the cache's (query mode, chat, seed, dtype, output length, task
+    settings); of several (the full cache ignores every cache setting, but its folder name carries them),
+    the one whose other cache settings (sinks, window, ...) match too.
+    (None, why) when there is none or several: never a guess."""
+    if not (conf_dir / "config.json").exists():
+        return None, f"no config.json in {conf_dir}"
+    mine = read_json(conf_dir / "config.json", "rerun that eval")
+    found = []
+    for p in sorted(conf_dir.parent.glob("*/config.json")):
+        c = read_json(p, "rerun that eval")
+        if c.get("cache", {}).get("strategy") == "full" and set(differences(mine, c)) <= CACHE_KEYS:
+            found.append((p.parent, c))
+    skip = ("strategy", "max_cache_length", "params")
+    other = lambda c: {k: v for k, v in c.get("cache", {}).items() if k not in skip}
+    if len(found) > 1:
+        found = [f for f in found if other(f[1]) == other(mine)] or found
+    if len(found) == 1:
+        return found[0][0], ""
+    if not found:
+        same = ", ".join(sorted(set(mine) - CACHE_KEYS))
+        return None, f"no full-cache run of {conf_dir.parent.name} with the same settings ({same})"
+    return None, f"several full-cache runs match: {', '.join(f[0].name for f in found)}"
+
+
+def vs_full(m: dict, rows, ref, ref_name: str, resamples: int) -> dict:
+    """metrics.json's `vs_full`: this run minus the full cache's (`ref` rows; None: built in) on the samples
+    both have: the mean difference, its paired bootstrap 95% interval and, for 0/1 scores, McNemar's p."""
+    kind = paired_kind(m)
+    key, scale, quantity, unit = PAIRED[kind]
+    pairs = paired_values(rows, ref, key)
+    out = {"reference": ref_name, "quantity": quantity, "difference": "this configuration - full cache",
+           "lower_is_better": kind != "points" or not m["higher_is_better"], "unit": unit,
+           "n": len(pairs), "unpaired": len(rows) - len(pairs)}
+    if not pairs:
+        return out | {"missing": f"no sample in common with {ref_name}"}
+    mean, lo, hi = M.paired_bootstrap([scale * (a - b) for a, b in pairs], resamples, BOOT_SEED)
+    out |= {"mean": mean, "ci95": [lo, hi], "bootstrap": {"resamples": resamples, "seed": BOOT_SEED,
+                                                          "interval": "percentile"}}
+    if kind == "ppl":
+        out["perplexity_change_pct"] = {"mean": shown(kind, mean), "ci95": [shown(kind, lo), shown(kind, hi)]}
+    if kind == "points" and all(v in (0, 1) for pair in pairs for v in pair):  # 0/1 accuracy
+        b, c = sum(a < f for a, f in pairs), sum(a > f for a, f in pairs)  # full right only, this run right only
+        out["mcnemar"] = {"full_only": b, "this_only": c, "p": M.mcnemar_exact(b, c)}
+    return out
+
+
+def compare_with_full(conf_dir: Path, m: dict, rows, resamples: int) -> dict | None:
+    """vs_full against the full-cache folder beside conf_dir, or {"missing": why}; None for the full cache."""
+    if m["strategy"] == "full":
+        return None
+    if paired_kind(m) == "kl":
+        return vs_full(m, rows, None, "built in (fidelity runs the full cache on each sample)", resamples)
+    ref, why = full_reference(conf_dir)
+    return {"missing": why} if ref is None else vs_full(m, rows, finished_rows(ref), ref.name, resamples)
 
 
 # ---------------------------------------------------------------- report
@@ -736,10 +857,12 @@ def cell_text(m: dict) -> str:
     return f"{m['score']:.2f}{se} (n={m['n']})"
 
 
-def report(root: Path, out: Path) -> str:
-    """Markdown tables (task x config: the task's metric ± standard error and n, then the compression
-    ratio) per model, and one Pareto plot per model and task (metric vs compression ratio, a line per
-    strategy and settings, error bars) written to `out`."""
+def report(root: Path, out: Path, margin: float = LOSSLESS_MARGIN, resamples: int = BOOTSTRAP) -> str:
+    """Markdown tables per model (task x config: the task's metric ± standard error and n; the compression
+    ratio; the difference from the full cache with its paired 95% interval; the lossless budget of each
+    strategy line), and one Pareto plot per model and task (metric vs compression ratio, a line per
+    strategy and settings, error bars) written to `out`. The paired statistics are computed afresh from
+    predictions.jsonl, whatever metrics.json holds."""
     found, lines = load_metrics(root), []
     for model in sorted({m["model"] for m in found}):
         ms = [m for m in found if m["model"] == model]
@@ -753,11 +876,85 @@ def report(root: Path, out: Path) -> str:
                 row = [fmt(cell[task, c]) if (task, c) in cell else "" for c in configs]
                 lines.append(f"| {task} | {metric} | " + " | ".join(row) + " |")
             lines.append("")
+        lines += paired_tables(model, ms, configs, margin, resamples)
         for task in sorted({m["task"] for m in ms}):
             pareto_plot([m for m in ms if m["task"] == task], out / f"pareto-{model}-{task}.png")
             if any("curve" in m for m in ms if m["task"] == task):
                 curve_plot([m for m in ms if m["task"] == task and "curve" in m], out / f"curve-{model}-{task}.png")
     return "\n".join(lines)
+
+
+def paired_tables(model: str, ms: list[dict], configs: list[str], margin: float, resamples: int) -> list[str]:
+    """'Δ vs full [95% CI]' (a column per configuration but the full cache's; a line per task whose
+    reference is missing) and the lossless budget (a column per strategy line)."""
+    vs = {(m["task"], m["config"]): compare_with_full(Path(m["dir"]), m, finished_rows(Path(m["dir"])), resamples)
+          for m in ms if m["strategy"] != "full"}
+    cols, tasks = [c for c in configs if any(k[1] == c for k in vs)], sorted({m["task"] for m in ms})
+    if not cols:
+        return []
+    cell = {(m["task"], m["config"]): m for m in ms}
+    lines = [f"### {model} (Δ vs full cache on the same samples: mean [paired bootstrap 95% CI], McNemar p for "
+             "0/1 scores)", "", "| task | Δ of | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+    notes = {}
+    for task in tasks:
+        kind = paired_kind(next(m for m in ms if m["task"] == task))
+        for c in cols:
+            if "missing" in (vs.get((task, c)) or {}):
+                notes.setdefault((task, vs[task, c]["missing"]), []).append(c)
+        row = [delta_text(vs[task, c], cell[task, c], kind) if (task, c) in vs else "" for c in cols]
+        unit = {"points": f"{cell_metric(ms, task)} (points)", "ppl": "perplexity (%)", "kl": "KL (nats)"}[kind]
+        lines.append(f"| {task} | {unit} | " + " | ".join(row) + " |")
+    lines += [""] + [f"- {task} ({', '.join(cs)}): {why}" for (task, why), cs in notes.items()] + [""] * bool(notes)
+    series = sorted({m.get("series", m["strategy"]) for m in ms if m["strategy"] != "full" and budgeted(m)})
+    if not series:
+        return lines
+    lines += [f"### {model} (lossless budget: the smallest budget, by measured compression ratio, of each strategy "
+              f"line whose 95% CI of Δ lies within ±margin of the full cache)", "",
+              "| task | margin | " + " | ".join(series) + " |", "|---|---|" + "---:|" * len(series)]
+    for task in tasks:
+        kind, metric = paired_kind(next(m for m in ms if m["task"] == task)), cell_metric(ms, task)
+        said = {"points": f"±{margin:g} points ({metric})", "ppl": f"±{margin:g}% (perplexity)",
+                "kl": "not defined (KL)"}
+        row = [lossless_text([m for m in ms if m["task"] == task and m.get("series", m["strategy"]) == s
+                              and budgeted(m)], vs, margin, kind) for s in series]
+        lines.append(f"| {task} | {said[kind]} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def cell_metric(ms, task) -> str:
+    return next(m["metric"] for m in ms if m["task"] == task)
+
+
+def budgeted(m: dict) -> bool:
+    cls = kv.REGISTRY.get(m["strategy"])
+    return cls is None or cls.evicts or cls.prefill_only  # the others keep every token: no budget to choose
+
+
+def delta_text(v: dict, m: dict, kind: str) -> str:
+    """+1.00 [-2.00, +4.00] p=0.62; perplexity in percent; (n=...) when the pairs are not the reported n."""
+    if "missing" in v:
+        return "n/a"
+    mean, (lo, hi) = shown(kind, v["mean"]), (shown(kind, x) for x in v["ci95"])
+    f = (lambda x: f"{x:.4f}") if kind == "kl" else (lambda x: f"{x:+.2f}" + ("%" if kind == "ppl" else ""))
+    p = f" p={v['mcnemar']['p']:.2g}" if "mcnemar" in v else ""
+    n = f" (n={v['n']})" if v["n"] != m["n"] else ""
+    return f"{f(mean)} [{f(lo)}, {f(hi)}]{p}{n}"
+
+
+def lossless_text(ms: list[dict], vs: dict, margin: float, kind: str) -> str:
+    """The budget of the most compressed configuration whose interval lies within ±margin, 'none', or
+    'n/a' (no reference, or a quantity without a margin)."""
+    have = [m for m in ms if "mean" in (vs.get((m["task"], m["config"])) or {})]
+    if kind == "kl" or not have:
+        return "n/a" if ms else ""
+    within = lambda v: -margin <= shown(kind, v["ci95"][0]) and shown(kind, v["ci95"][1]) <= margin
+    ok = [m for m in have if within(vs[m["task"], m["config"]])]
+    if not ok:
+        return "none"
+    b = lambda m: m["max_cache_length"]
+    best = max(ok, key=lambda m: (m["compression_ratio"] or 0.0, -float(b(m)[0]) if len(set(b(m))) == 1 else 0.0))
+    size = b(best)[0] if len(set(b(best))) == 1 else f"per-layer {best['config']}"
+    return size + (f" (ratio {best['compression_ratio']:.3f})" if best["compression_ratio"] is not None else "")
 
 
 MARKERS = "os^vD<>pXh"

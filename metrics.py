@@ -5,8 +5,12 @@
   that LongBench calls, sentences split on ".", word sets), classification, retrieval, count and
   code similarity (difflib's ratio, which is what fuzzywuzzy falls back to without python-Levenshtein).
 - RULER (Hsieh et al. 2024): string_match_all / string_match_part, per sample.
+- Paired comparisons of two runs on the same samples (eval.py's `vs_full`): the mean difference with a
+  percentile bootstrap interval over samples (Efron & Tibshirani 1993, ch. 13) and, for 0/1 scores,
+  McNemar's exact test (the binomial test on the discordant pairs; McNemar 1947).
 """
 import difflib
+import math
 import re
 import string
 from collections import Counter
@@ -123,3 +127,30 @@ def longbench_score(dataset: str, pred: str, answers: list[str], all_classes=Non
     if dataset in FIRST_LINE:
         pred = pred.lstrip("\n").split("\n")[0]
     return max(LONGBENCH[dataset](pred, a, all_classes=all_classes or ()) for a in answers)
+
+
+# ---------------------------------------------------------------- paired statistics
+BOOT_CHUNK = 500  # resamples per draw of a [chunk, n] index array: bounded memory, and part of the seed scheme
+
+
+def paired_bootstrap(diffs: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-sample paired differences and its percentile 95% interval.
+    Resamples sample indices with replacement from numpy's default_rng(seed), BOOT_CHUNK resamples per
+    draw of rng.integers(0, n, (chunk, n)); the interval is the 2.5th and 97.5th percentiles (linear
+    interpolation) of the resampled means. Deterministic for a seed; resampling pairs, not the two runs
+    apart, is what keeps their correlation (both runs see the same hard samples)."""
+    import numpy as np
+    d = np.asarray(diffs, dtype=np.float64)
+    rng, means = np.random.default_rng(seed), []
+    for i in range(0, resamples, BOOT_CHUNK):
+        means.append(d[rng.integers(0, len(d), (min(BOOT_CHUNK, resamples - i), len(d)))].mean(1))
+    lo, hi = np.percentile(np.concatenate(means), [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p for b and c discordant pairs (one run right where the other is wrong):
+    twice the smaller tail of Binomial(b + c, 1/2) at min(b, c), at most 1; 1 without discordant pairs.
+    Integer sums (math.comb) and one correctly rounded division: exact up to the last float bit."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n) if n else 1.0

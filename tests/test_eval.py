@@ -124,6 +124,13 @@ def test_every_task_kind_runs_and_records(tiny, tmp_path, data, capsys):
     assert [p for p, _ in ppl["curve"]] == [0, 50, 100, 150, 200, 250, 300, 350, 400]  # bins of --ppl_bin
     E.report(tmp_path, tmp_path / "plots")
     assert (tmp_path / f"plots/curve-tiny-{tags[2]}.png").exists()  # one line per configuration
+    got = {(t, c): json.loads((res / t / c / "metrics.json").read_text()) for t in tags for c in (full, ev)}
+    vs = {t: got[t, ev]["vs_full"] for t in tags}  # the full cache ran first: metrics.json compares with it
+    assert all(v["n"] == 2 for v in vs.values()) and {vs[t]["reference"] for t in tags[:3]} == {full}
+    assert "mcnemar" in vs[tags[0]] and "vs_full" not in got[tags[0], full]
+    assert vs[tags[2]]["mean"] == pytest.approx(got[tags[2], ev]["nll"] - got[tags[2], full]["nll"])  # NLL, nats
+    assert vs[tags[3]]["reference"].startswith("built in")  # fidelity: the KL is already against the full cache
+    assert vs[tags[3]]["mean"] == pytest.approx(got[tags[3], ev]["kl"])
     full = json.loads((res / tags[3] / full / "metrics.json").read_text())
     assert full["score"] == 100.0 and abs(full["kl"]) < 1e-4  # the full cache against itself
 
@@ -286,6 +293,27 @@ def test_report_table_matches_metrics(tiny, tmp_path):
                 seen += 1
     assert seen == len(found) >= 5
     assert (tmp_path / "plots/pareto-tiny-passkey-450.png").exists()
+
+
+@needs_evict
+def test_metrics_json_gets_the_paired_comparison_once_the_full_cache_is_there(tiny, tmp_path):
+    """Written when a configuration finishes after the full cache (a rerun adds it without recomputing a
+    sample); the same numbers as --report, which always recomputes them from predictions.jsonl."""
+    sweep = ["--tasks", "passkey", "--num_samples", "3", "--context_length", "450", "--max_new_tokens", "3",
+             "--max_cache_length", "0.25", "--bootstrap_samples", "500", "--cache_strategy", EVICT, "full"]
+    run(tiny, tmp_path, *sweep)
+    ev, full = (tmp_path / "tiny/passkey-450" / n for n in names(*sweep))
+    assert "vs_full" not in json.loads((ev / "metrics.json").read_text())  # the full cache ran after it
+    before = (ev / "predictions.jsonl").read_text()
+    run(tiny, tmp_path, *sweep)
+    assert (ev / "predictions.jsonl").read_text() == before
+    m = json.loads((ev / "metrics.json").read_text())
+    v = m["vs_full"]
+    assert v["reference"] == full.name and v["n"] == 3 and v["unpaired"] == 0
+    ours, theirs = (rows(d / "predictions.jsonl") for d in (ev, full))
+    assert v["mean"] == pytest.approx(100 * sum(a["score"] - b["score"] for a, b in zip(ours, theirs)) / 3)
+    assert v["bootstrap"]["resamples"] == 500 and set(v["mcnemar"]) == {"full_only", "this_only", "p"}
+    assert E.compare_with_full(ev, m, E.finished_rows(ev), 500) == v
 
 
 def test_rerun_into_a_folder_of_another_config_is_refused(tiny, tmp_path):
