@@ -1070,7 +1070,7 @@ def budget_slots(cfg: CacheConfig, n_layer, max_seq_length, max_new_tokens, fed,
                floor: most slots in layer 0, fewest in the last;
       funnel:  the same, reversed: fewest in layer 0 (more compression at lower layers, as cold-compress)."""
     base, extra = budget_plan(cfg, max_seq_length, max_new_tokens, fed, prefill_only)
-    budgets = parse_budget(cfg.max_cache_length, n_layer, base, cap=max_seq_length - extra)
+    budgets = parse_budget(cfg.max_cache_length, n_layer, base, cap=max_seq_length)  # tokens: one shape per budget
     sinks, window = protection
     held = fed if prefill_only and cfg.protocol == "stream" else 0  # the fed question sits in the budget
 
@@ -1111,6 +1111,7 @@ def pyramid_budgets(budget, n_layer, cap, reserve=0, beta=20.0) -> list[int]:
 
 
 ALLOC_STEP = 1024
+APPEND_STEP = 256
 
 
 def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, device, dtype,
@@ -1130,10 +1131,17 @@ def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, d
     # many lengths share a few static shapes (a compiled decode step recompiles once per shape, not per length)
     whole = min(-(-max_seq_length // ALLOC_STEP) * ALLOC_STEP, max(args.block_size, max_seq_length))
     slots = [whole if s == max_seq_length and not (cls.evicts or cls.prefill_only) else s for s in slots]
+    exact, compresses = slots, cls.evicts or cls.prefill_only
+    if cfg.protocol == "context" and compresses:  # the appended question and answer vary by sample: round
+        # them up in APPEND_STEP slots (`limit` keeps each row to its exact budget), so a compiled step
+        # meets a few shapes, not one per question length
+        slots = [s - max_new_tokens + -(-max_new_tokens // APPEND_STEP) * APPEND_STEP for s in slots]
     G = args.n_head // args.n_local_heads
     caches = [cls(batch, args.n_local_heads, s, args.head_dim, G, dtype, i, args.n_layer, cfg, max_new_tokens)
               .to(device) for i, s in enumerate(slots)]
-    if lengths is not None and (cls.evicts or cls.prefill_only):
+    for c, e in zip(caches, exact):
+        c.limit.fill_(e)
+    if lengths is not None and compresses:
         for b, n in enumerate(lengths):
             for c, own in zip(caches, sequence_slots(cls, cfg, args.n_layer, n, max_new_tokens, fed)):
                 c.limit[b] = min(own, c.n_slots)
