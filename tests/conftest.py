@@ -1,4 +1,6 @@
 """Shared fixtures. Tests that need the default checkpoint (bash scripts/prepare_default.sh) skip without it."""
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,3 +39,13 @@ def hf_gguf_model(default_gguf, tmp_path_factory):
     model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file="model.gguf", dtype=torch.float32,
                                                               attn_implementation="eager")
     return model.eval().requires_grad_(False)
+
+
+def in_triton_interpreter(module: str, check: str):
+    """Run tests/<module>.<check>('cpu') in a subprocess under Triton's interpreter on CPU (TRITON_INTERPRET=1
+    must be set before triton is imported, hence the subprocess); fail with its output if it fails."""
+    pytest.importorskip("triton")
+    code = f"import sys; sys.path[:0] = ['tests', '.']; import {module}; {module}.{check}('cpu')"
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

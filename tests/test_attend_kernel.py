@@ -1,15 +1,12 @@
 """triton_kernels.attend_scores and dense_attend (the dense modes of the attention kernel) against a naive
 reference written from the definition, on CUDA or in Triton's interpreter on CPU."""
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import cache as kv
+from conftest import in_triton_interpreter
 
 
 def naive_attend(q, k, v, filled, k_new=None, v_new=None):
@@ -96,8 +93,4 @@ def test_attend_scores_on_cuda():
 
 
 def test_attend_scores_in_interpreter():
-    pytest.importorskip("triton")
-    code = "import sys; sys.path[:0] = ['tests', '.']; import test_attend_kernel; test_attend_kernel.check_attend_scores('cpu')"
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
-                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    in_triton_interpreter("test_attend_kernel", "check_attend_scores")

@@ -10,6 +10,7 @@ import torch
 import cache as kv
 import generate as gen
 from model import ModelArgs, Transformer
+from conftest import in_triton_interpreter
 
 
 def tiny_model(n_layer=3, seed=0, n_kv=2, n_head=4):
@@ -216,12 +217,4 @@ def test_flat_runs_on_cuda():
 
 
 def test_flat_runs_in_interpreter():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    pytest.importorskip("triton")
-    code = "import sys; sys.path[:0] = ['tests', '.']; import test_head_budgets; test_head_budgets.check_flat_runs('cpu')"
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
-                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    in_triton_interpreter("test_head_budgets", "check_flat_runs")

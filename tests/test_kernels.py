@@ -1,16 +1,12 @@
 """triton_kernels.prompt_colsum (H2O / SnapKV / TOVA prompt scores) against a plain-Python reference
 written from the definition, and the torch path (cache.prompt_attention) against the same reference."""
 import math
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import cache as kv
+from conftest import in_triton_interpreter
 
 # (B, H_kv, G, T, D, left padding of sequence 1): SmolLM2's GQA (3 KV heads x 3, D 64) and a scaled-down
 # Llama-3 (4 x 4); T not a multiple of any block; padding that covers a whole key block (130) or not (70, 5)
@@ -89,10 +85,4 @@ def test_prompt_colsum_on_cuda():
 
 
 def test_prompt_colsum_in_interpreter():
-    pytest.importorskip("triton")
-    code = "import sys; sys.path[:0] = ['tests', '.']; import test_kernels; test_kernels.check_prompt_colsum('cpu')"
-    t = time.time()
-    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=Path(__file__).resolve().parent.parent,
-                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    print(f"interpreter: {time.time() - t:.0f} s")
+    in_triton_interpreter("test_kernels", "check_prompt_colsum")

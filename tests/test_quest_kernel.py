@@ -4,15 +4,12 @@ Python: page bounds from the stored keys, score = sum_d max(q_d M_d, q_d m_d) pe
 mean or max, candidates = filled pages before the current one, the current page always read, and of
 pages tied at the threshold the later ones read first."""
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import cache as kv
+from conftest import in_triton_interpreter
 
 
 def naive_bounds(keys, now, ps):
@@ -166,8 +163,4 @@ def test_quest_kernels_on_cuda():
 
 
 def test_quest_kernels_in_interpreter():
-    pytest.importorskip("triton")
-    code = "import sys; sys.path[:0] = ['tests', '.']; import test_quest_kernel as t; t.check_quest_select('cpu')"
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
-                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    in_triton_interpreter("test_quest_kernel", "check_quest_select")

@@ -1,16 +1,13 @@
 """Retrieval strategies (spotlight, spotlight_linear, lsh_retrieval, quest) against naive references."""
 import math
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import cache as kv
 from model import ModelArgs, Transformer
+from conftest import in_triton_interpreter
 
 RETRIEVERS = ("spotlight", "spotlight_linear", "lsh_retrieval", "quest")
 
@@ -363,8 +360,4 @@ def test_triton_kernels_on_cuda():
 
 
 def test_triton_kernels_in_interpreter():
-    pytest.importorskip("triton")
-    code = "import sys; sys.path[:0] = ['tests', '.']; import test_retrieval; test_retrieval.check_triton_kernels('cpu')"
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
-                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    in_triton_interpreter("test_retrieval", "check_triton_kernels")
