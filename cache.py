@@ -463,7 +463,9 @@ class H2O(KVCache):
     heads (as cold-compress). Prefill: S = the prompt's column sums (in query chunks). Each step keep
     the recent window + the top-S others; the refilled slot's S restarts at the new token's own
     attention. Defaults as the paper's scripts: heavy 10% + recent 10% of the prompt, i.e. a recent
-    window of half the budget (recent_window 0.5) and no sinks. Reported: 5x KV reduction at 20% budget."""
+    window of half the budget (recent_window 0.5) and no sinks. Reported: 5x KV reduction at 20% budget.
+    kvpress's ObservedAttentionPress differs by definition: it compresses the prompt once, keeping the keys of
+    highest MEAN attention over the queries that saw them (no early-token bias), no recent window."""
     # follows arXiv 2306.14048; departs: GQA group mean (the paper is MHA)
     name = "h2o"
     source = "arXiv 2306.14048"
@@ -673,7 +675,9 @@ class PyramidKV(KVCache):
     budget - max_new_tokens. Departure: budgets computed in floats and rounded so their mean is B (the
     official code floors each term and overshoots by up to 12%). Prompts no longer than B are not
     compressed; shorter than 2(B - w), every layer keeps B (plain SnapKV), as the official code does.
-    KVCache-Factory's runners use w = 8 (cache_configs/pyramid.yaml)."""
+    KVCache-Factory's runners use w = 8 (cache_configs/pyramid.yaml). kvpress's PyramidKVPress differs: its
+    progression spans each layer's whole budget (lowest B / beta, the window inside), rounded layer by layer,
+    and it is plain SnapKV whenever B / beta < w (B < 1280 tokens at its w = 64, beta = 20)."""
     # follows arXiv 2406.02069; departs: float budgets with exact mean B (official code floors)
     name = "pyramid"
     source = "arXiv 2406.02069"

@@ -15,4 +15,9 @@ if [ "${1:-}" = "--test" ] && [ -z "${KEEP_TORCH:-}" ]; then python -m pip insta
 elif [ "${1:-}" = "--test" ]; then  # keep the image's Triton as well: it is matched to the image's torch
   python -m pip install -q $(sed 's/#.*//' requirements-test.txt | grep -v '^-r\|^triton')
 fi
+# kvpress, a test-only reference, in its own venv (it needs an older transformers; tests/test_kvpress.py
+# skips without it); not with KEEP_TORCH, where its pinned CPU torch would not come from local disk
+if [ "${1:-}" = "--test" ] && [ -z "${KEEP_TORCH:-}" ]; then
+  bash scripts/setup_kvpress.sh || echo "setup.sh: .venv-kvpress not made; tests/test_kvpress.py will skip" >&2
+fi
 bash scripts/prepare_default.sh
