@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # convert_hf, when imp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokenizer.py
 import tokenizer as tk  # noqa: E402
 from convert_hf import default_system, save_checkpoint  # noqa: E402
+from model import CONFIG_FORMAT  # noqa: E402
 
 # llama.cpp name within blk.N. -> ours within layers.N. (q/k/v are fused separately)
 LAYER_NAMES = {"attn_norm": "attention_norm", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
@@ -62,7 +63,8 @@ def gguf_config(meta: dict, tensors: dict, name: str) -> dict:
                 dim=dim, intermediate_size=g("feed_forward_length"), head_dim=head_dim,
                 rope_base=_f32(g("rope.freq_base", 10000.0)), norm_eps=_f32(g("attention.layer_norm_rms_epsilon")),
                 rope_scaling=None, tie_embeddings="output.weight" not in tensors,
-                qkv_bias="blk.0.attn_q.bias" in tensors)
+                qkv_bias="blk.0.attn_q.bias" in tensors, qk_norm=False, post_norms=False, mlp_act="silu",
+                embed_scale=1.0, sliding_window=0, local_layers=[], local_rope_base=0.0, format=CONFIG_FORMAT)
 
 
 def gguf_weights(t: dict, cfg: dict) -> dict[str, torch.Tensor]:
