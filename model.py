@@ -42,7 +42,7 @@ class ModelArgs:
     head_dim: int = 16
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
-    rope_scaling: dict | None = None  # {"rope_type": llama3 | linear | longrope, ...}: rope_frequencies
+    rope_scaling: dict | None = None  # {"rope_type": llama3 | linear | longrope | factors, ...}: rope_frequencies
     tie_embeddings: bool = False
     qkv_bias: bool = False
     # config.json format 2 (below: each has the value format 1 implied)
@@ -62,10 +62,9 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path) -> "ModelArgs":
-        """A converted checkpoint's config.json: every field (a missing rope_base must not quietly become
-        10000), and nothing else but the tokenizer's entry and the format. A format-1 file (no "format"
-        key) predates the FORMAT_2 fields: each takes its default, what the code did then (and the
-        format-1 converters refused every model for which that is wrong)."""
+        """A converted checkpoint's config.json: every field (a missing rope_base must not quietly become 10000),
+        and nothing else but the tokenizer's entry and the format. A format-1 file (no "format") predates the
+        FORMAT_2 fields: each takes its default, what the code did then (format-1 converters refused the rest)."""
         raw = json.loads(Path(path).read_text())
         known, fmt = {f.name for f in fields(cls)}, raw.get("format", 1)
         if fmt not in (1, CONFIG_FORMAT):
@@ -126,8 +125,7 @@ CONFIGS = {
     "gemma-3-4b": _gemma3(34, 2560, 8, 4, 10240),
     "gemma-3-12b": _gemma3(48, 3840, 16, 8, 15360),
     "phi-3-mini-4k": _PHI3 | dict(block_size=4096, sliding_window=2047, local_layers=list(range(32))),  # as HF
-    # LongRoPE factors here are placeholders (1.0) for bench.py's random weights: a converted
-    # checkpoint's config.json carries the real 48 + 48 and the attention factor
+    # LongRoPE factors: placeholders (1.0) for bench.py's random weights; a checkpoint's config.json has the real ones
     "phi-3-mini-128k": _PHI3 | dict(block_size=131072, rope_scaling=dict(
         rope_type="longrope", short_factor=[1.0] * 48, long_factor=[1.0] * 48, original_max_position_embeddings=4096,
         attention_factor=math.sqrt(1 + math.log(32) / math.log(4096)))),
@@ -148,11 +146,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(args: ModelArgs, length: int, local: bool = False) -> torch.Tensor:
-    """[rows, head_dim // 2, 2] (cos, sin) table for positions 0..length-1 (rows = length). `local`: the
-    sliding-window layers' own base, unscaled (Gemma 3). LongRoPE (Phi-3): the short factors' rows, then
-    the long factors' (rows = 2 length), both times the attention factor; Transformer.prefill picks one
-    set per run, by the prompt's length, as transformers does for a prompt; a generation that crosses the
-    original context keeps the prompt's (transformers re-encodes everything then, a compressed cache cannot)."""
+    """[length, head_dim // 2, 2] (cos, sin) for positions 0..length-1; `local`: the sliding-window layers' own
+    base, unscaled (Gemma 3). LongRoPE (Phi-3): the short factors' rows, then the long ones', times the attention
+    factor; prefill picks a set per run by the prompt's length, as transformers does for a prompt (past the
+    original context mid-generation, transformers re-encodes everything with the long set; a cache cannot)."""
     base, s = (args.local_rope_base, None) if local else (args.rope_base, args.rope_scaling)
     inv = 1.0 / (base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
     kind, scale = s["rope_type"] if s else "default", 1.0
@@ -166,6 +163,8 @@ def rope_frequencies(args: ModelArgs, length: int, local: bool = False) -> torch
         inv = torch.where(wavelen > low_wl, inv / s["factor"], torch.where(wavelen < high_wl, inv, blended))
     elif kind == "linear":  # Gemma 3's global layers: positions divided by the factor
         inv = inv / s["factor"]
+    elif kind == "factors":  # llama.cpp's per-dimension divisors (a Llama 3.x GGUF's rope_freqs)
+        inv = inv / torch.tensor(s["factors"], dtype=torch.float64)
     elif kind == "longrope":
         inv = torch.stack([inv / torch.tensor(s[f], dtype=torch.float64) for f in ("short_factor", "long_factor")])
         scale = s["attention_factor"]
@@ -225,9 +224,8 @@ class Attention(nn.Module):
 
 
 def causal_attention(q, k, v, q_pos, k_pos, window=0):
-    """Prompt attention of a chunk of queries against every prompt key; padding (pos -1) is masked, and
-    with a window, keys `window` or more positions back. q [B, H, C, D], k/v [B, H_kv, T, D]; the mask is
-    [B, 1, C, T], never T x T."""
+    """Prompt attention of a chunk of queries against every prompt key; padding (pos -1) is masked, and keys
+    `window` or more back if given. q [B, H, C, D], k/v [B, H_kv, T, D]; the mask is [B, 1, C, T], never T x T."""
     kp, qp = k_pos[:, None, None, :], q_pos[:, None, :, None]
     allowed = (kp >= 0) & (kp <= qp) & ((kp > qp - window) if window else True)
     allowed = allowed | (qp < 0)  # padding queries attend to anything: no NaN rows
@@ -289,12 +287,11 @@ class Transformer(nn.Module):
         self.build_rope()
 
     def build_rope(self, device=None):
-        """The fp32 RoPE tables, whatever the weights' dtype (so: again after casting the model): `rope`,
-        `rope_local` (sliding-window layers with their own base, else None) and `rope_offset`, the
-        first row of the run's LongRoPE factor set (0 otherwise)."""
-        self.register_buffer("rope", rope_frequencies(self.args, self.args.block_size).to(device), persistent=False)
-        local = rope_frequencies(self.args, self.args.block_size, local=True).to(device) if self.args.local_rope_base \
-            else None
+        """fp32 RoPE tables whatever the weights' dtype (so: again after a cast): `rope`, `rope_local` (Gemma's
+        local layers), `rope_offset` (the first row of the run's LongRoPE factor set; else 0)."""
+        a = self.args
+        self.register_buffer("rope", rope_frequencies(a, a.block_size).to(device), persistent=False)
+        local = rope_frequencies(a, a.block_size, local=True).to(device) if a.local_rope_base else None
         self.register_buffer("rope_local", local, persistent=False)
         self.register_buffer("rope_offset", torch.zeros((), dtype=torch.long, device=device), persistent=False)
 
@@ -346,9 +343,7 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer.prefill(x, ropes[bool(layer.attention.window)], pos, chunk)
-        if all_logits:
-            return self.output(self.norm(x)).float()
-        return self.output(self.norm(x[:, -1])).float()
+        return self.output(self.norm(x if all_logits else x[:, -1])).float()
 
 
 def load_model(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Transformer:

@@ -372,6 +372,111 @@ def test_gguf_matches_transformers_gguf_loader(default_checkpoint, default_gguf,
     assert on_disk.keys() == ours.keys() and all(torch.equal(on_disk[k], v) for k, v in ours.items())
 
 
+GGUF_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+              "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_gguf(path: Path, arch: str, model, tokens: list, types: list, merges: list, eos: int, template: str,
+               extra: dict | None = None):
+    """A float32 GGUF of `model` laid out as llama.cpp's convert_hf_to_gguf.py does (as remembered): llama.cpp
+    names; q/k rows permuted to interleaved pairs for "llama" only (the others keep HF's rotate-half rows)."""
+    import gguf
+    from convert_hf import hf_to_interleaved
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    for add, v in ((w.add_context_length, c.max_position_embeddings), (w.add_embedding_length, c.hidden_size),
+                   (w.add_block_count, c.num_hidden_layers), (w.add_feed_forward_length, c.intermediate_size),
+                   (w.add_head_count, c.num_attention_heads), (w.add_head_count_kv, c.num_key_value_heads),
+                   (w.add_key_length, c.head_dim), (w.add_value_length, c.head_dim),
+                   (w.add_rope_freq_base, c.rope_parameters["rope_theta"]), (w.add_layer_norm_rms_eps, c.rms_norm_eps),
+                   (w.add_tokenizer_model, "gpt2"), (w.add_tokenizer_pre, "qwen2" if arch == "qwen3" else "llama-bpe"),
+                   (w.add_token_list, tokens), (w.add_token_types, types), (w.add_token_merges, merges),
+                   (w.add_eos_token_id, eos), (w.add_chat_template, template)):
+        add(v)
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        parts = k.split(".")  # model.layers.N.<module path>.weight
+        name = top.get(k) or f"blk.{parts[2]}.{GGUF_LAYER['.'.join(parts[3:-1])]}.weight"
+        heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}.get(name.split(".")[-2])
+        w.add_tensor(name, (hf_to_interleaved(v, heads) if arch == "llama" and heads else v).float().numpy())
+    for name, v in (extra or {}).items():
+        w.add_tensor(name, v.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@torch.no_grad()
+def gguf_logits_diff(gguf_path: Path, out: Path, model) -> float:
+    import cache as kv
+    from model import load_model
+    convert_gguf.convert(gguf_path, out, name="x")
+    ours = load_model(out, dtype=torch.float32)
+    ours.setup_caches(kv.make_caches(ours.args, kv.CacheConfig(), 1, 100, 0, "cpu", torch.float32))
+    x = torch.randint(3, 250, (1, 100), generator=torch.Generator().manual_seed(0))
+    return float((ours.prefill(x, torch.arange(100)[None], all_logits=True) - model(x).logits).abs().max())
+
+
+def test_qwen3_gguf(tmp_path):
+    """A Qwen3 GGUF (llama.cpp keeps its q/k rows in rotate-half order) read by transformers' GGUF loader
+    gives the model it was written from (so it is laid out as transformers expects llama.cpp's); ours
+    converts it to the same logits, and its qwen2 pre-tokenizer to the source tokenizer.json's tokens.
+    head_dim 128: transformers' qwen3 GGUF reader assumes it (every Qwen3 has it)."""
+    torch.manual_seed(0)
+    tok = families.write_qwen2_tokenizer(tmp_path / "hf", families.QWEN3_TEMPLATE)
+    model = families.randomised(transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=tok.get_vocab_size(), head_dim=128, num_hidden_layers=2, tie_word_embeddings=False, **families.TINY)))
+    tj = json.loads((tmp_path / "hf/tokenizer.json").read_text())
+    added = {t["content"]: t["id"] for t in tj["added_tokens"]}
+    tokens = sorted({**tj["model"]["vocab"], **added}.items(), key=lambda kv: kv[1])
+    (tmp_path / "alone").mkdir()  # alone: transformers must not see our files
+    write_gguf(tmp_path / "alone/q.gguf", "qwen3", model, [t for t, _ in tokens], [3 if t in added else 1 for t, _ in tokens],
+               [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]], added["<|im_end|>"],
+               families.QWEN3_TEMPLATE)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "alone", gguf_file="q.gguf", dtype=torch.float32)
+    assert all(torch.equal(ref.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert gguf_logits_diff(tmp_path / "alone/q.gguf", tmp_path / "out", model.eval()) < 1e-5  # measured 2e-6
+    ours, src = tk.load_tokenizer(tmp_path / "out"), transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for t in TEXTS + ["a<|im_end|>b"]:
+        if t == tk.unicodedata.normalize("NFC", t):
+            assert ours._encode(t, special=True) == src.encode(t, add_special_tokens=False), repr(t)
+    assert ours.encode_chat(CHATS[1]) == src.apply_chat_template(CHATS[1], add_generation_prompt=True)["input_ids"]
+
+
+def test_llama32_gguf_rope_freqs(tmp_path):
+    """A Llama 3.2 GGUF: tied, q/k permuted by llama.cpp, its Llama-3.1 scaling stored as llama.cpp's
+    per-dimension divisors (rope_freqs, computed here by the rule its converter applies). Ours must give
+    transformers' logits of the model it came from; without the divisors they differ."""
+    torch.manual_seed(0)
+    model = families.llama32(tmp_path / "hf").eval()
+    c, s = model.config, model.config.rope_parameters
+    inv = 1.0 / (s["rope_theta"] ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+    lo, hi, old = s["original_max_position_embeddings"] / s["low_freq_factor"], \
+        s["original_max_position_embeddings"] / s["high_freq_factor"], s["original_max_position_embeddings"]
+    divisors = []
+    for f in inv.tolist():
+        wl, smooth = 2 * math.pi / f, (old * f / (2 * math.pi) - s["low_freq_factor"]) / (
+            s["high_freq_factor"] - s["low_freq_factor"])
+        divisors.append(1.0 if wl < hi else s["factor"] if wl > lo else 1 / ((1 - smooth) / s["factor"] + smooth))
+    b2u = tk.bytes_to_unicode()
+    ranks = tk.read_tiktoken_file(tmp_path / "hf/original/tokenizer.model")
+    tokens = ["".join(b2u[b] for b in t) for t in sorted(ranks, key=ranks.get)] + ["<|begin_of_text|>", "<|eot_id|>"]
+    merges = ["t h", "h e", "th e", "Ġ t", "Ġt he"]
+    write_gguf(tmp_path / "l.gguf", "llama", model, tokens, [1] * len(ranks) + [3, 3], merges, len(ranks) + 1,
+               families.LLAMA32_TEMPLATE, extra={"rope_freqs.weight": torch.tensor(divisors)})
+    assert gguf_logits_diff(tmp_path / "l.gguf", tmp_path / "out", model) < 1e-5  # measured 2e-6
+    cfg = json.loads((tmp_path / "out/config.json").read_text())
+    assert cfg["tie_embeddings"] and cfg["rope_scaling"]["rope_type"] == "factors"
+    write_gguf(tmp_path / "plain.gguf", "llama", model, tokens, [1] * len(ranks) + [3, 3], merges, len(ranks) + 1, "")
+    assert gguf_logits_diff(tmp_path / "plain.gguf", tmp_path / "plain", model) > 0.01  # positions past 64 scale
+
+
 def _one_line_exit(script: str, *args) -> str:
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
                        capture_output=True, text=True, timeout=120)
@@ -411,6 +516,6 @@ def test_truncated_real_gguf_is_one_clear_error(default_gguf, tmp_path):
 
 
 def test_unsupported_gguf_tokenizer_refused(tmp_path):
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2"}
-    with pytest.raises(ValueError, match="pre-tokenizer 'qwen2' is not supported"):
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "deepseek-llm"}
+    with pytest.raises(ValueError, match="pre-tokenizer 'deepseek-llm' is not supported"):
         convert_gguf.gguf_tokenizer(meta, tmp_path)

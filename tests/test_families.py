@@ -181,6 +181,21 @@ def test_head_budgets_share_the_pool_among_the_strategys_layers(fam, tmp_path):
         assert len(managed) == 1 and abs(held - 2 * 60) <= 2, (strategy, held)
 
 
+def test_head_scores_recorder_reads_rings_by_position(fam):
+    """head_scores.py's recorder puts each slot's attention at its position: a ring layer's rows are the
+    window's (summing to 1 over the last W positions, 0 before), a global layer's reach further back."""
+    name, hf, ours, out_dir = fam
+    if name != "gemma3":
+        pytest.skip("the family with rings beside global layers")
+    from head_scores import answer
+    from tokenizer import load_tokenizer
+    _, rows = answer(ours, load_tokenizer(out_dir), prompt(40, seed=13), lambda p: p[:, -2 * W:], 2, "cpu")
+    rows = rows[0]  # the first step (position 39): [layers, H, 2W positions]
+    for layer in (0, 1):
+        assert torch.allclose(rows[layer, :, -W:].sum(-1), torch.ones(1)) and rows[layer, :, :-W].abs().max() == 0
+    assert rows[2, :, :-W].sum() > 0.05
+
+
 TRACED = ("gemma3", "qwen3", "phi3_longrope")  # the decode code each adds: rings + four norms, q/k norms, LongRoPE
 
 
