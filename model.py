@@ -7,7 +7,8 @@ family adds (a ModelArgs field each; the converters in scripts/ make every layou
 - Gemma 3: qk_norm; four norms a block (`post_norms`); a GELU-tanh MLP; embeddings times sqrt(dim); five
   layers of six attend to the last `sliding_window` tokens with their own RoPE base, the others with
   linear RoPE scaling. Its (1 + w) norms and its query_pre_attn_scalar are folded into stored weights.
-- Phi-3: LongRoPE (short/long factors, an attention factor); its fused qkv/gate-up are split offline.
+- Phi-3: LongRoPE at 128k (short/long factors, an attention factor); mini-4k's config windows every layer
+  (2,047 tokens); its fused qkv/gate-up are split offline.
 Attention hands keys and values to its layer's cache object (cache.py) and knows nothing of compression
 strategies; a sliding-window layer gets a ring of window slots (cache.WindowCache) whatever the strategy.
 
