@@ -1054,7 +1054,8 @@ def parse_budget(values, n_layer, max_seq_length, cap=None) -> list[int]:
     if len(values) == 1:
         values = values * n_layer
     if len(values) != n_layer:
-        raise ValueError(f"--max_cache_length has {len(values)} values; give 1 or one per layer ({n_layer})")
+        raise ValueError(f"--max_cache_length has {len(values)} values; give 1 or one per layer ({n_layer}; "
+                         "a model's sliding-window layers have their rings and no value)")
     slots = []
     for v in values:
         n = math.ceil(v * max_seq_length) if v <= 1 else int(v)
