@@ -204,14 +204,15 @@ def test_every_strategy_runs_without_recompiles(fam, strategy, tmp_path):
     """Each strategy on each family (budgets that make it evict or select; random head scores and Spotlight
     hashes). Traced with fullgraph=True for the families whose decode step adds code (one graph, no
     recompile over the steps, eager's tokens; ~1.2 s a run on 2 busy cores); eager for Llama 3.2 (Llama-3.1's
-    step, tied) and tiny Phi-3, all of whose layers are rings, so every strategy must give full's tokens."""
+    step, tied) and tiny Phi-3, all of whose layers are rings, so every strategy must give full's tokens
+    (their `full` runs traced too)."""
     name, hf, ours, _ = fam
     write_random_spotlight_hashes(tmp_path, ours.args)
     write_scores(tmp_path, ours.args)
     prompts = [prompt(80, seed=10), prompt(50, seed=11)]
     cfg = strategy_config(strategy, 80, 10, tmp_path)
     eager = gen.generate(ours, prompts, 10, cfg).tokens
-    if name in TRACED:
+    if name in TRACED or strategy == "full":
         with torch._dynamo.config.patch(error_on_recompile=True):
             warm, after, tokens = decode_graphs(ours, cfg, prompts, steps=8)
         assert (warm, after) == (1, 0), f"{name}/{strategy}: {warm} graphs to warm up, {after} recompiles"
