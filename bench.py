@@ -43,7 +43,7 @@ import torch
 
 import cache as kv
 import generate as gen
-from model import ModelArgs, Transformer, load_model, rope_frequencies
+from model import ModelArgs, Transformer, load_model
 
 RANDOM = "random weights; decode speed does not depend on weight values"
 CHAT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
@@ -136,7 +136,7 @@ def random_model(args: ModelArgs, device, dtype) -> Transformer:
             p.normal_(0, 0.02, generator=g)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    model.rope = rope_frequencies(args, args.block_size).to(device)  # fp32, as load_model keeps it
+    model.build_rope(device)  # fp32, as load_model keeps it (to_empty left the tables uninitialised)
     return model
 
 
@@ -316,7 +316,7 @@ def plain_prefill_s(model, context, batch, device, dtype) -> float:
     layer.attention.kv_cache = kv.make_caches(args, cfg, batch, context, 0, device, dtype)[0]
     x = torch.randn(batch, context, args.dim, device=device, dtype=dtype)
     pos = torch.arange(context, device=device).expand(batch, -1)
-    rope = model.rope[pos]
+    rope = model.ropes(pos)[bool(layer.attention.window)]  # layer 0: a sliding-window one in Gemma 3
     times = []
     for _ in range(3):
         gen.sync(device)

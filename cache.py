@@ -29,10 +29,12 @@ Kinds of strategy (class flags):
 - retrieval (`retrieves = True`): S covers the whole sequence; each step attends only to the slots
   `select(q, input_pos)` returns (static-K indices + validity; sinks and the recent window included);
   on CUDA triton_kernels.gather_attend reads just those rows.
-Two storage layouts: the one above, S slots per (sequence, KV head), and HeadBudgetCache's for
+Three storage layouts: the one above, S slots per (sequence, KV head); HeadBudgetCache's for
 per-head budgets (AdaKV, HeadKV, DiliLazyKV): one flat buffer per sequence holding each KV head's
-tokens as its own run, so the bytes are the sum of the heads' budgets. A head-budget strategy gives only
-its budget rule (`budgets`); the tokens inside a head come from any strategy's prefill scores.
+tokens as its own run, so the bytes are the sum of the heads' budgets (a head-budget strategy gives only
+its budget rule, `budgets`; the tokens inside a head come from any strategy's prefill scores); and
+WindowCache's ring for a model's sliding-window layers (Gemma 3's local ones): W slots, whatever the
+strategy, which manages the other layers only (make_caches; budgets, patterns and ratios count those).
 Decode attention on CUDA is Triton (triton_kernels.py): dense_attend over the filled slots, attend_scores
 when the probabilities are needed, gather_attend for a selection; on CPU, SDPA with a mask.
 Per-layer budgets are per-layer S, from the classmethod `layer_slots` (budget_slots: one budget shaped
@@ -89,9 +91,10 @@ class KVCache(nn.Module):
     retrieves = False
 
     def __init__(self, batch, n_kv, n_slots, head_dim, n_group, dtype, layer, n_layer, cfg: CacheConfig,
-                 max_new_tokens: int = 0):
+                 max_new_tokens: int = 0, peers=None):
         super().__init__()
         self.layer, self.n_layer, self.n_group, self.n_kv, self.cfg = layer, n_layer, n_group, n_kv, cfg
+        self.peers = list(range(n_layer)) if peers is None else peers  # the layers the strategy manages
         self.max_new_tokens = max_new_tokens
         self.p = self.hparams(cfg)
         self.n_sinks, self.recent_window = self.protection(cfg)
@@ -188,7 +191,8 @@ class KVCache(nn.Module):
         """A throw-away instance of the configured prompt-compression strategy, to score the prompt."""
         cls = REGISTRY[self.cfg.prompt_compression]
         B, H, S, D = self.k.shape
-        return cls(B, H, 1, D, self.n_group, self.k.dtype, self.layer, self.n_layer, self.cfg).to(self.k.device)
+        return cls(B, H, 1, D, self.n_group, self.k.dtype, self.layer, self.n_layer, self.cfg,
+                   peers=self.peers).to(self.k.device)
 
     def choose_slot(self, keep, input_pos):
         """keep [B, H_kv, S + 1] -> the slot [B, H_kv] that takes the new token (S = drop the new one)."""
@@ -299,6 +303,31 @@ class KVCache(nn.Module):
             out = self.attend_all(qg, input_pos)
         self.on_write(slot, qg, k_new, v_new, input_pos)
         return out.view(B, H, 1, D)
+
+
+class WindowCache(KVCache):
+    """A sliding-window layer's cache (Gemma 3's local layers, Phi-3-mini-4k's, Mistral-v0.1's), whatever
+    the strategy: a ring of W slots, position p in slot p % W, so it holds exactly the last W tokens, the
+    ones the layer attends to (Attention masks the prompt's beyond them). Memory: W slots, not the
+    sequence. Not registered: make_caches gives it to the model's local layers, the strategy the others."""
+    name = "window"
+    protects = False
+    slot_is_position = False  # slots wrap: CUDA's dense_attend reads validity from `pos`, all S slots
+
+    def prefill(self, q, k, v, pos):
+        B, H, T, D = k.shape
+        W = self.n_slots
+        last = pos.max(dim=1, keepdim=True).values  # [B, 1]: each row's newest position (prompts are 0..n-1)
+        p = last - (last - torch.arange(W, device=k.device)) % W  # [B, W]: the newest position of each slot
+        idx = (p + (pos < 0).sum(1, keepdim=True)).clamp(0, T - 1)[:, None, :, None].expand(B, H, W, D)  # left pad
+        self.pos.copy_(p.clamp(min=-1)[:, None].expand(B, H, W))  # negative: not yet filled
+        self.k.copy_(k.gather(2, idx))
+        self.v.copy_(v.gather(2, idx))
+
+    def decode(self, q, k_new, v_new, input_pos):
+        B, H, _, D = q.shape
+        self.write((input_pos % self.n_slots)[:, None].expand(B, self.n_kv), k_new, v_new, input_pos)
+        return self.attend_all(q.view(B, self.n_kv, self.n_group, D), input_pos).view(B, H, 1, D)
 
 
 # ---- eviction strategies ----
@@ -829,18 +858,19 @@ class OfflineHeadBudgets(HeadBudgetCache):
     """Budgets from offline head scores (head_scores.py's <checkpoint>/head_scores/<kind>.json, keyed
     "layer-head" per query head; GQA: each KV head gets its group's mean score). With B the average
     prompt budget per head, w the window and B' = B - w, every head keeps w + a floor B' - B' // beta
-    plus a share of the pool (B' // beta) N (N = the model's KV heads) in proportion to its score, so
+    plus a share of the pool (B' // beta) N (N = the KV heads of the layers it manages) by its score, so
     the budgets of all heads sum to N B' (up to rounding) and differ across layers too."""
     kind = key = ""  # head_scores.py --score <kind> writes head_scores/<kind>.json; each entry's <key> is the score
 
     def shares(self):
-        """This layer's [H_kv] shares of the pool, normalised over every head of the model."""
+        """This layer's [H_kv] shares of the pool, normalised over every head the strategy manages."""
         path = Path(self.p["head_scores"] or Path(self.cfg.checkpoint_dir or ".") / "head_scores" / f"{self.kind}.json")
         if not path.exists():
             raise FileNotFoundError(f"{self.name} needs head scores at {path}; make them with: python head_scores.py "
                                     f"--score {self.kind} --checkpoint_path {self.cfg.checkpoint_dir or '<checkpoint>'}")
         s = head_score_table(str(path), path.stat().st_mtime_ns, self.key, self.n_layer, self.n_kv, self.n_group)
-        return self.transform(s / s.sum())[self.layer]
+        s = s[self.peers]  # sliding-window layers' heads keep their window, not a share
+        return self.transform(s / s.sum())[self.peers.index(self.layer)]
 
     def transform(self, s):
         """[n_layer, H_kv] normalised scores -> the pool shares (HeadKV: s^temp, normalised)."""
@@ -854,7 +884,7 @@ class OfflineHeadBudgets(HeadBudgetCache):
             raise ValueError(f"{self.name}: a budget of {int(rooms.min()) + self.max_new_tokens} slots per head leaves "
                              f"nothing beyond the {w}-token window and max_new_tokens; raise --max_cache_length")
         pool = torch.div(Bp, self.p["head_beta"], rounding_mode="floor")
-        return Bp - pool, pool, self.n_layer * self.n_kv
+        return Bp - pool, pool, len(self.peers) * self.n_kv
 
     def budgets(self, scores, rooms):
         floor, pool, N = self.floor_and_pool(rooms)
@@ -923,8 +953,10 @@ class AttentionLossProbe(nn.Module):
         super().__init__()
         B, H, _, D = cache.k.shape
         self.cache = cache
-        self.full = KVCache(B, H, max_seq_length, D, cache.n_group, cache.k.dtype, cache.layer, cache.n_layer,
-                            CacheConfig()).to(cache.k.device)
+        ring = isinstance(cache, WindowCache)  # a sliding-window layer never attends further: its reference is a ring
+        self.full = (WindowCache if ring else KVCache)(B, H, cache.n_slots if ring else max_seq_length, D, cache.n_group,
+                                                       cache.k.dtype, cache.layer, cache.n_layer, CacheConfig()
+                                                       ).to(cache.k.device)
         self.register_buffer("loss", torch.full((B, steps), math.nan, device=cache.k.device))
         self.register_buffer("step", torch.zeros((), dtype=torch.long, device=cache.k.device))
 
@@ -958,7 +990,7 @@ class AttentionLossProbe(nn.Module):
 def attach_attention_loss(model, max_seq_length: int, steps: int) -> list[AttentionLossProbe]:
     """Wrap each layer's cache of `model` (after model.setup_caches) in an AttentionLossProbe and return
     the probes; torch.stack([p.loss for p in probes]) is the [n_layer, B, steps] table."""
-    if isinstance(model.layers[0].attention.kv_cache, HeadBudgetCache):
+    if any(isinstance(layer.attention.kv_cache, HeadBudgetCache) for layer in model.layers):
         raise ValueError("--debug_attention_loss compares slot layouts; head-budget strategies store heads flat")
     probes = [AttentionLossProbe(layer.attention.kv_cache, max_seq_length, steps) for layer in model.layers]
     model.setup_caches(probes)
@@ -1026,7 +1058,8 @@ def parse_budget(values, n_layer, max_seq_length, cap=None) -> list[int]:
     if len(values) == 1:
         values = values * n_layer
     if len(values) != n_layer:
-        raise ValueError(f"--max_cache_length has {len(values)} values; give 1 or one per layer ({n_layer})")
+        raise ValueError(f"--max_cache_length has {len(values)} values; give 1 or one per layer ({n_layer}; "
+                         "a model's sliding-window layers have their rings and no value)")
     slots = []
     for v in values:
         n = math.ceil(v * max_seq_length) if v <= 1 else int(v)
@@ -1123,14 +1156,17 @@ def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, d
     """One cache per layer for model args `args`, sized by the strategy's budget (budget_plan: of the
     max_seq_length tokens, the last max_new_tokens come after the prefill, `fed` of them prompt).
     `lengths` (each sequence's max_seq_length) gives a compressing strategy each sequence's own budget:
-    the buffers hold the longest's, `limit` each one's share of its own length."""
+    the buffers hold the longest's, `limit` each one's share of its own length. Sliding-window layers get
+    a WindowCache (a ring of the window's slots) whatever the strategy; the strategy, its budgets and
+    their per-layer shapes (--budget_pattern, PyramidKV, head budgets) apply to the other layers only."""
     if cfg.strategy not in REGISTRY:
         raise ValueError(f"unknown cache strategy {cfg.strategy!r}; known: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[cfg.strategy]
     if cfg.prompt_compression != "own" and cfg.prompt_compression not in REGISTRY:
         raise ValueError(f"unknown --prompt_compression {cfg.prompt_compression!r}; "
                          f"known: own, {', '.join(sorted(REGISTRY))}")
-    slots = cls.layer_slots(cfg, args.n_layer, max_seq_length, max_new_tokens, fed)
+    managed = managed_layers(args)
+    slots = cls.layer_slots(cfg, len(managed), max_seq_length, max_new_tokens, fed) if managed else []
     # a cache that holds the whole sequence is allocated in steps of ALLOC_STEP slots, so that prompts of
     # many lengths share a few static shapes (a compiled decode step recompiles once per shape, not per length)
     whole = min(-(-max_seq_length // ALLOC_STEP) * ALLOC_STEP, max(args.block_size, max_seq_length))
@@ -1140,16 +1176,27 @@ def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, d
         # them up in APPEND_STEP slots (`limit` keeps each row to its exact budget), so a compiled step
         # meets a few shapes, not one per question length
         slots = [s - max_new_tokens + -(-max_new_tokens // APPEND_STEP) * APPEND_STEP for s in slots]
-    G = args.n_head // args.n_local_heads
-    caches = [cls(batch, args.n_local_heads, s, args.head_dim, G, dtype, i, args.n_layer, cfg, max_new_tokens)
-              .to(device) for i, s in enumerate(slots)]
-    for c, e in zip(caches, exact):
-        c.limit.fill_(e)
-    if lengths is not None and compresses:
+    G, H, D, L = args.n_head // args.n_local_heads, args.n_local_heads, args.head_dim, args.n_layer
+    caches, budgets = [], iter(zip(slots, exact))
+    for i in range(L):
+        if i in managed:
+            s, e = next(budgets)
+            c = cls(batch, H, s, D, G, dtype, i, L, cfg, max_new_tokens, peers=managed)
+            c.limit.fill_(e)
+        else:  # the window's slots (the whole sequence's, if shorter: ALLOC_STEP-rounded as above)
+            c = WindowCache(batch, H, min(args.sliding_window, whole), D, G, dtype, i, L, cfg)
+        caches.append(c.to(device))
+    if lengths is not None and compresses and managed:
         for b, n in enumerate(lengths):
-            for c, own in zip(caches, sequence_slots(cls, cfg, args.n_layer, n, max_new_tokens, fed)):
-                c.limit[b] = min(own, c.n_slots)
+            for i, own in zip(managed, sequence_slots(cls, cfg, len(managed), n, max_new_tokens, fed)):
+                caches[i].limit[b] = min(own, caches[i].n_slots)
     return caches
+
+
+def managed_layers(args) -> list[int]:
+    """The layers a strategy manages: all but the sliding-window ones (a ring each, WindowCache)."""
+    local = set(args.local_layers) if args.sliding_window else set()
+    return [i for i in range(args.n_layer) if i not in local]
 
 
 def sequence_slots(cls, cfg: CacheConfig, n_layer, length, max_new_tokens, fed=0) -> list[int]:
@@ -1180,7 +1227,12 @@ def read_bytes(caches, input_pos) -> tuple[int, int]:
 
 
 def compression_ratio(caches, tokens_seen: torch.Tensor) -> float:
-    """1 - slots used / tokens seen, measured over layers, heads and sequences (tokens_seen [B])."""
+    """1 - slots used / tokens seen, measured over the strategy's layers, heads and sequences (tokens_seen
+    [B]). A sliding-window layer's ring is the model's own attention span, not the strategy's doing:
+    cache_bytes and read_bytes count it, this ratio does not (0 when every layer is a ring)."""
+    caches = [c for c in caches if not isinstance(c, WindowCache)]
+    if not caches:
+        return 0.0
     used = sum(c.rows_held().float() for c in caches)  # [B]
     seen = tokens_seen.float() * caches[0].n_kv * len(caches)
     return float(1 - (used / seen).mean())

@@ -85,6 +85,7 @@ class Result:
     compile_s: float = 0.0
     kv_read: int = 0        # cache bytes the next decode step reads (kv.read_bytes) ...
     kv_held: int = 0        # ... and the K/V bytes the caches hold
+    ring_bytes: int = 0     # of cache_bytes, the sliding-window layers' rings (kv.WindowCache)
 
 
 def load(checkpoint_dir, device, dtype):
@@ -257,7 +258,8 @@ def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, tempe
     seen = torch.tensor([len(p) for p in prompts], device=device) + n_sfx + len(out) - 1
     return Result([cut_at_stop(g, stop_ids) for g in generated], prefill_s, decode_s, steps,
                   kv.cache_bytes(caches), kv.compression_ratio(caches, seen), compile_s,
-                  *kv.read_bytes(caches, input_pos))
+                  *kv.read_bytes(caches, input_pos),
+                  ring_bytes=kv.cache_bytes([c for c in caches if isinstance(c, kv.WindowCache)]))
 
 
 def feed(model, step, tokens, input_pos, device, all_logits=False):
@@ -520,6 +522,11 @@ def report(res: Result, model, prompts, args):
     print(f"decode: {tok_s:.1f} tok/s per sequence, {tok_s * B:.1f} tok/s total (batch {B}, {res.decode_steps} steps)")
     print(f"cache: {res.cache_bytes / 2**20:.2f} MiB allocated ({args.cache_strategy}), "
           f"compression ratio {res.compression_ratio:.3f} (1 - slots used / tokens seen)")
+    if res.ring_bytes:  # the model's own sliding windows: the strategy manages (and the ratio counts) the others
+        a, managed = model.args, len(kv.managed_layers(model.args))
+        print(f"  of which {res.ring_bytes / 2**20:.2f} MiB: {a.n_layer - managed} of {a.n_layer} layers' sliding-window "
+              f"rings ({a.sliding_window} slots each, whatever the strategy); the strategy and the ratio: the other "
+              f"{managed} layers")
     print(f"KV read per decode step: {res.kv_read / 2**20:.2f} MiB of the {res.kv_held / 2**20:.2f} MiB of K/V cached "
           f"({100 * res.kv_read / max(res.kv_held, 1):.0f}%; retrieval strategies read their selection and index)")
     if "cuda" in args.device:

@@ -150,11 +150,16 @@ class AttentionRecorder(nn.Module):
 
     def decode(self, q, k_new, v_new, input_pos):
         y = self.cache.decode(q, k_new, v_new, input_pos)
-        n = int(input_pos[0]) + 1  # a full cache holds position p in slot p: slots 0..n-1 are the sequence
+        n = int(input_pos[0]) + 1  # positions 0..n-1 are the sequence so far
         H_kv, D = self.cache.k.shape[1], q.shape[-1]
         qg = q[0, :, 0].float().view(H_kv, -1, D)  # query head h = KV head h // G, as Attention groups them
-        logits = qg @ self.cache.k[0, :, :n].float().transpose(-1, -2) / math.sqrt(D)  # [H_kv, G, n]
-        self.out.append(self.measure(logits.softmax(-1).reshape(-1, n)))
+        logits = qg @ self.cache.k[0].float().transpose(-1, -2) / math.sqrt(D)  # [H_kv, G, slots]
+        # each slot's logit at its position (a full cache holds p in slot p; a sliding-window layer's ring,
+        # cache.WindowCache, only the window's, so the rest of its row is 0); empty slots to column n, dropped
+        pos = self.cache.pos[0]
+        rows = torch.full((*logits.shape[:2], n + 1), -math.inf, device=q.device)
+        rows.scatter_(-1, pos.masked_fill(pos < 0, n)[:, None].expand_as(logits), logits)
+        self.out.append(self.measure(rows[..., :n].softmax(-1).reshape(-1, n)))
         return y
 
 

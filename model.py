@@ -1,8 +1,16 @@
-"""One Llama-family transformer (Llama-2/3/3.1, Mistral, Qwen2, SmolLM2) in plain PyTorch.
+"""One decoder-only transformer for the Llama family and its relatives, in plain PyTorch.
 
-Grouped-query attention, interleaved (Meta) RoPE with Llama-3.1 frequency scaling, RMSNorm, SwiGLU,
-tied or untied output, optional q/k/v bias. Attention hands keys and values to its layer's cache
-object (cache.py) and knows nothing of compression strategies.
+Grouped-query attention, interleaved (Meta) RoPE, RMSNorm, a gated MLP, tied or untied output. What each
+family adds (a ModelArgs field each; the converters in scripts/ make every layout change offline):
+- Llama-2/3, Mistral, SmolLM2: the base. Llama-3.1: RoPE frequency scaling. Llama-3.2: that, tied at 1B/3B.
+- Qwen2: q/k/v biases. Qwen3: an RMSNorm over each q and k head before RoPE (`qk_norm`).
+- Gemma 3: qk_norm; four norms a block (`post_norms`); a GELU-tanh MLP; embeddings times sqrt(dim); five
+  layers of six attend to the last `sliding_window` tokens with their own RoPE base, the others with
+  linear RoPE scaling. Its (1 + w) norms and its query_pre_attn_scalar are folded into stored weights.
+- Phi-3: LongRoPE at 128k (short/long factors, an attention factor); mini-4k's config windows every layer
+  (2,047 tokens); its fused qkv/gate-up are split offline.
+Attention hands keys and values to its layer's cache object (cache.py) and knows nothing of compression
+strategies; a sliding-window layer gets a ring of window slots (cache.WindowCache) whatever the strategy.
 
 Two entry points with their own compile policy (STYLE.md 5):
 - `prefill(tokens, pos)`: the whole (left-padded) prompt, layer by layer; attention and MLP run in
@@ -14,7 +22,7 @@ Positions are per sequence; padding tokens have position -1 and are never cached
 """
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -35,9 +43,17 @@ class ModelArgs:
     head_dim: int = 16
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
-    rope_scaling: dict | None = None  # Llama-3.1: factor, low/high_freq_factor, original_max_position_embeddings
+    rope_scaling: dict | None = None  # {"rope_type": llama3 | linear | longrope | factors, ...}: rope_frequencies
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    # config.json format 2 (below: each has the value format 1 implied)
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE
+    post_norms: bool = False  # a norm on each sublayer's output too, before the residual add
+    mlp_act: str = "silu"  # or "gelu_tanh"
+    embed_scale: float = 1.0  # embeddings times this (in the weights' dtype)
+    sliding_window: int = 0  # the `local_layers` attend to the last sliding_window tokens only
+    local_layers: list = field(default_factory=list)
+    local_rope_base: float = 0.0  # the local layers' own (unscaled) RoPE base; 0: the global table
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
@@ -47,18 +63,43 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path) -> "ModelArgs":
-        """A converted checkpoint's config.json: every field, and nothing else but the tokenizer's entry
-        (a missing rope_base must not quietly become 10000)."""
+        """A converted checkpoint's config.json: every field (a missing rope_base must not quietly become 10000),
+        and nothing else but the tokenizer's entry and the format. A format-1 file (no "format") predates the
+        FORMAT_2 fields: each takes its default, what the code did then (format-1 converters refused the rest)."""
         raw = json.loads(Path(path).read_text())
-        known = {f.name for f in fields(cls)}
-        if missing := sorted(known - raw.keys()):
+        known, fmt = {f.name for f in fields(cls)}, raw.get("format", 1)
+        if fmt not in (1, CONFIG_FORMAT):
+            raise ValueError(f"{path} has format {fmt!r}; this code reads formats 1 and {CONFIG_FORMAT}")
+        if missing := sorted(known - raw.keys() - (set(FORMAT_2) if fmt == 1 else set())):
             raise ValueError(f"{path} lacks {', '.join(missing)}")
-        if unknown := sorted(raw.keys() - known - {"tokenizer"}):
+        if unknown := sorted(raw.keys() - known - {"tokenizer", "format"}):
             raise ValueError(f"{path} has unknown keys {', '.join(unknown)}")
-        return cls(**{k: raw[k] for k in known})
+        args = cls(**{k: raw[k] for k in known & raw.keys()})
+        if fmt == 1 and args.rope_scaling:  # format 1 knew one scaling, Llama-3.1's, and wrote no type
+            args.rope_scaling = {"rope_type": "llama3", **args.rope_scaling}
+        return args
 
 
-_L31 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+CONFIG_FORMAT = 2  # what the converters write: every field, FORMAT_2's included
+FORMAT_2 = ("qk_norm", "post_norms", "mlp_act", "embed_scale", "sliding_window", "local_layers", "local_rope_base")
+
+
+def _gemma3(n_layer, dim, n_head, n_kv, ff, window=1024, **kw):
+    """Gemma 3: layers 0-4 local, 5 global, ... (query_pre_attn_scalar lives in the converted weights)."""
+    return dict(block_size=131072, vocab_size=262208, n_layer=n_layer, n_head=n_head, n_local_heads=n_kv, dim=dim,
+                intermediate_size=ff, head_dim=256, rope_base=1e6, norm_eps=1e-6, tie_embeddings=True,
+                rope_scaling=dict(rope_type="linear", factor=8.0), qk_norm=True, post_norms=True,
+                mlp_act="gelu_tanh", embed_scale=math.sqrt(dim), sliding_window=window,
+                local_layers=[i for i in range(n_layer) if (i + 1) % 6], local_rope_base=10000.0) | kw
+
+
+_L31 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=8192)
+_L32 = dict(block_size=131072, vocab_size=128256, n_local_heads=8, intermediate_size=8192, rope_base=500000.0,
+            rope_scaling=_L31 | dict(factor=32.0), tie_embeddings=True)
+_Q3 = dict(block_size=40960, vocab_size=151936, n_local_heads=8, head_dim=128, rope_base=1e6, norm_eps=1e-6,
+           qk_norm=True)
+_PHI3 = dict(vocab_size=32064, n_layer=32, n_head=32, n_local_heads=32, dim=3072, intermediate_size=8192, head_dim=96)
 CONFIGS = {
     "smollm2-135m": dict(block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_local_heads=3, dim=576,
                          intermediate_size=1536, head_dim=64, rope_base=100000.0, tie_embeddings=True),
@@ -72,10 +113,23 @@ CONFIGS = {
                        intermediate_size=14336, head_dim=128, rope_base=500000.0),
     "llama-3.1-8b": dict(block_size=131072, vocab_size=128256, n_layer=32, n_head=32, n_local_heads=8, dim=4096,
                          intermediate_size=14336, head_dim=128, rope_base=500000.0, rope_scaling=_L31),
+    "llama-3.2-1b": _L32 | dict(n_layer=16, n_head=32, dim=2048, head_dim=64),
+    "llama-3.2-3b": _L32 | dict(n_layer=28, n_head=24, dim=3072, head_dim=128),
     "mistral-7b": dict(block_size=32768, vocab_size=32768, n_layer=32, n_head=32, n_local_heads=8, dim=4096,
                        intermediate_size=14336, head_dim=128, rope_base=1000000.0),  # v0.3
     "qwen2-7b": dict(block_size=32768, vocab_size=152064, n_layer=28, n_head=28, n_local_heads=4, dim=3584,
                      intermediate_size=18944, head_dim=128, rope_base=1000000.0, norm_eps=1e-6, qkv_bias=True),
+    "qwen3-0.6b": _Q3 | dict(n_layer=28, n_head=16, dim=1024, intermediate_size=3072, tie_embeddings=True),
+    "qwen3-4b": _Q3 | dict(n_layer=36, n_head=32, dim=2560, intermediate_size=9728, tie_embeddings=True),
+    "qwen3-8b": _Q3 | dict(n_layer=36, n_head=32, dim=4096, intermediate_size=12288),
+    "gemma-3-1b": _gemma3(26, 1152, 4, 1, 6912, window=512, block_size=32768, vocab_size=262144, rope_scaling=None),
+    "gemma-3-4b": _gemma3(34, 2560, 8, 4, 10240),
+    "gemma-3-12b": _gemma3(48, 3840, 16, 8, 15360),
+    "phi-3-mini-4k": _PHI3 | dict(block_size=4096, sliding_window=2047, local_layers=list(range(32))),  # as HF
+    # LongRoPE factors: placeholders (1.0) for bench.py's random weights; a checkpoint's config.json has the real ones
+    "phi-3-mini-128k": _PHI3 | dict(block_size=131072, rope_scaling=dict(
+        rope_type="longrope", short_factor=[1.0] * 48, long_factor=[1.0] * 48, original_max_position_embeddings=4096,
+        attention_factor=math.sqrt(1 + math.log(32) / math.log(4096)))),
     "tiny": dict(block_size=512, vocab_size=256, n_layer=2, n_head=4, n_local_heads=2, dim=64,
                  intermediate_size=128, head_dim=16),
 }
@@ -92,11 +146,15 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_frequencies(args: ModelArgs, length: int) -> torch.Tensor:
-    """[length, head_dim // 2, 2] (cos, sin) table for positions 0..length-1."""
-    inv = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
-    if args.rope_scaling:  # Llama-3.1: stretch long wavelengths, keep short ones, blend in between
-        s = args.rope_scaling
+def rope_frequencies(args: ModelArgs, length: int, local: bool = False) -> torch.Tensor:
+    """[length, head_dim // 2, 2] (cos, sin) for positions 0..length-1; `local`: the sliding-window layers' own
+    base, unscaled (Gemma 3). LongRoPE (Phi-3): the short factors' rows, then the long ones', times the attention
+    factor; prefill picks a set per run by the prompt's length, as transformers does for a prompt (past the
+    original context mid-generation, transformers re-encodes everything with the long set; a cache cannot)."""
+    base, s = (args.local_rope_base, None) if local else (args.rope_base, args.rope_scaling)
+    inv = 1.0 / (base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    kind, scale = s["rope_type"] if s else "default", 1.0
+    if kind == "llama3":  # Llama-3.1: stretch long wavelengths, keep short ones, blend in between
         wavelen = 2 * math.pi / inv
         low_wl = s["original_max_position_embeddings"] / s["low_freq_factor"]
         high_wl = s["original_max_position_embeddings"] / s["high_freq_factor"]
@@ -104,8 +162,17 @@ def rope_frequencies(args: ModelArgs, length: int) -> torch.Tensor:
             s["high_freq_factor"] - s["low_freq_factor"])
         blended = (1 - smooth) * inv / s["factor"] + smooth * inv
         inv = torch.where(wavelen > low_wl, inv / s["factor"], torch.where(wavelen < high_wl, inv, blended))
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+    elif kind == "linear":  # Gemma 3's global layers: positions divided by the factor
+        inv = inv / s["factor"]
+    elif kind == "factors":  # llama.cpp's per-dimension divisors (a Llama 3.x GGUF's rope_freqs)
+        inv = inv / torch.tensor(s["factors"], dtype=torch.float64)
+    elif kind == "longrope":
+        inv = torch.stack([inv / torch.tensor(s[f], dtype=torch.float64) for f in ("short_factor", "long_factor")])
+        scale = s["attention_factor"]
+    elif kind != "default":
+        raise ValueError(f"unknown rope_type {kind!r}")
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv[..., None, :]  # [(2,) length, D/2]
+    return (torch.stack([angles.cos(), angles.sin()], dim=-1) * scale).float().reshape(-1, args.head_dim // 2, 2)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -117,19 +184,24 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = args.n_head, args.n_local_heads, args.head_dim
         self.wqkv = nn.Linear(args.dim, (args.n_head + 2 * args.n_local_heads) * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        # Qwen3, Gemma 3: per-head norms (their weights permuted like q/k's head dims by the converter)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
+        # a sliding-window layer: prefill masks beyond the window, the cache (a ring) holds only the window
+        self.window = args.sliding_window if layer in args.local_layers else 0
         self.kv_cache = None  # set by Transformer.setup_caches
 
     def qkv(self, x, rope):
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, self.n_kv * self.head_dim,
                                       self.n_kv * self.head_dim], dim=-1)
-        q = apply_rope(q.view(B, T, self.n_head, self.head_dim), rope)
-        k = apply_rope(k.view(B, T, self.n_kv, self.head_dim), rope)
+        q = apply_rope(self.q_norm(q.view(B, T, self.n_head, self.head_dim)), rope)
+        k = apply_rope(self.k_norm(k.view(B, T, self.n_kv, self.head_dim)), rope)
         v = v.view(B, T, self.n_kv, self.head_dim)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
 
@@ -147,17 +219,21 @@ class Attention(nn.Module):
     def prefill(self, x, rope, pos, chunk):  # x [B, T, dim], pos [B, T]
         q, k, v = self.qkv(x, rope)
         self.kv_cache.prefill(q, k, v, pos)
-        out = torch.cat([causal_attention(q[:, :, i:i + chunk], k, v, pos[:, i:i + chunk], pos)
+        out = torch.cat([causal_attention(q[:, :, i:i + chunk], k, v, pos[:, i:i + chunk], pos, self.window)
                          for i in range(0, q.shape[2], chunk)], dim=2)
         return self.wo(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
-def causal_attention(q, k, v, q_pos, k_pos):
-    """Prompt attention of a chunk of queries against every prompt key; padding (pos -1) is masked.
-    q [B, H, C, D], k/v [B, H_kv, T, D]; the mask is [B, 1, C, T], never T x T."""
-    allowed = (k_pos[:, None, None, :] >= 0) & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
-    allowed = allowed | (q_pos[:, None, :, None] < 0)  # padding queries attend to anything: no NaN rows
+def causal_attention(q, k, v, q_pos, k_pos, window=0):
+    """Prompt attention of a chunk of queries against every prompt key; padding (pos -1) is masked, and keys
+    `window` or more back if given. q [B, H, C, D], k/v [B, H_kv, T, D]; the mask is [B, 1, C, T], never T x T."""
+    kp, qp = k_pos[:, None, None, :], q_pos[:, None, :, None]
+    allowed = (kp >= 0) & (kp <= qp) & ((kp > qp - window) if window else True)
+    allowed = allowed | (qp < 0)  # padding queries attend to anything: no NaN rows
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}  # Gemma: GELU-tanh
 
 
 class FeedForward(nn.Module):
@@ -166,31 +242,37 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
         self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
+        self.act = ACTIVATIONS[args.mlp_act]
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer)
         self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        # Gemma 3's sandwich: each sublayer's output normed too, before the residual add
+        self.post_attention_norm = RMSNorm(args.dim, args.norm_eps) if args.post_norms else nn.Identity()
+        self.post_ffn_norm = RMSNorm(args.dim, args.norm_eps) if args.post_norms else nn.Identity()
+
+    def mlp(self, h):
+        return self.post_ffn_norm(self.feed_forward(self.ffn_norm(h)))
 
     def forward(self, x, rope, input_pos):
-        h = x + self.attention(self.attention_norm(x), rope, input_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self.post_attention_norm(self.attention(self.attention_norm(x), rope, input_pos))
+        return h + self.mlp(h)
 
     def feed(self, x, rope, pos):
-        h = x + self.attention.feed(self.attention_norm(x), rope, pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self.post_attention_norm(self.attention.feed(self.attention_norm(x), rope, pos))
+        return h + self.mlp(h)
 
     def prefill(self, x, rope, pos, chunk):
-        h = x + self.attention.prefill(self.attention_norm(x), rope, pos, chunk)
-        return h + torch.cat([self.feed_forward(self.ffn_norm(h[:, i:i + chunk]))
-                              for i in range(0, h.shape[1], chunk)], dim=1)
+        h = x + self.post_attention_norm(self.attention.prefill(self.attention_norm(x), rope, pos, chunk))
+        return h + torch.cat([self.mlp(h[:, i:i + chunk]) for i in range(0, h.shape[1], chunk)], dim=1)
 
 
 class Transformer(nn.Module):
@@ -198,12 +280,21 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layer))
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layer))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("rope", rope_frequencies(args, args.block_size), persistent=False)
+        self.build_rope()
+
+    def build_rope(self, device=None):
+        """fp32 RoPE tables whatever the weights' dtype (so: again after a cast): `rope`, `rope_local` (Gemma's
+        local layers), `rope_offset` (the first row of the run's LongRoPE factor set; else 0)."""
+        a = self.args
+        self.register_buffer("rope", rope_frequencies(a, a.block_size).to(device), persistent=False)
+        local = rope_frequencies(a, a.block_size, local=True).to(device) if a.local_rope_base else None
+        self.register_buffer("rope_local", local, persistent=False)
+        self.register_buffer("rope_offset", torch.zeros((), dtype=torch.long, device=device), persistent=False)
 
     def setup_caches(self, caches: list[nn.Module]):
         """One cache object per layer (built by cache.make_caches); replaces any previous ones. The
@@ -212,12 +303,22 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = cache
         self.cache_generation = getattr(self, "cache_generation", 0) + 1
 
+    def ropes(self, pos):
+        """The RoPE rows [*pos.shape, D/2, 2] of positions pos, for global and for sliding-window layers."""
+        rope = self.rope[pos + self.rope_offset]
+        return rope, (rope if self.rope_local is None else self.rope_local[pos])
+
+    def embed(self, tokens):  # Gemma: times sqrt(dim), rounded to the weights' dtype as transformers does
+        x = self.tok_embeddings(tokens)
+        return x if self.args.embed_scale == 1.0 else x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
+
     def forward(self, tokens, input_pos, layer_step=None):
         """One decode step: tokens [B, 1], input_pos [B] -> logits [B, 1, vocab] (fp32). `layer_step`, if
         given, runs each block (generate.compile_decode: one compiled TransformerBlock.forward for all)."""
-        rope = self.rope[input_pos].unsqueeze(1)  # [B, 1, D/2, 2]
-        x = self.tok_embeddings(tokens)
+        ropes = self.ropes(input_pos[:, None])  # [B, 1, D/2, 2] each
+        x = self.embed(tokens)
         for layer in self.layers:
+            rope = ropes[bool(layer.attention.window)]
             x = layer_step(layer, x, rope, input_pos) if layer_step else layer(x, rope, input_pos)
         return self.output(self.norm(x)).float()
 
@@ -227,22 +328,23 @@ class Transformer(nn.Module):
         layer, so each weight matrix is read once for the n tokens. -> the last token's logits
         [B, vocab] (every token's [B, n, vocab] with all_logits)."""
         pos = input_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
-        rope = self.rope[pos]
-        x = self.tok_embeddings(tokens)
+        ropes = self.ropes(pos)
+        x = self.embed(tokens)
         for layer in self.layers:
-            x = layer.feed(x, rope, pos)
+            x = layer.feed(x, ropes[bool(layer.attention.window)], pos)
         return self.output(self.norm(x if all_logits else x[:, -1])).float()
 
     def prefill(self, tokens, pos, chunk: int = 1024, all_logits: bool = False):
         """Prompt tokens [B, T] at positions pos [B, T] (-1 = left padding) -> last-token logits
         [B, vocab] (or every token's [B, T, vocab] with all_logits, for scoring and tests)."""
-        rope = self.rope[pos.clamp(min=0)]
-        x = self.tok_embeddings(tokens)
+        s = self.args.rope_scaling
+        if s and s["rope_type"] == "longrope":  # this run's factor set, by the prompt's length (rope_frequencies)
+            self.rope_offset.fill_(self.args.block_size if tokens.shape[1] > s["original_max_position_embeddings"] else 0)
+        ropes = self.ropes(pos.clamp(min=0))
+        x = self.embed(tokens)
         for layer in self.layers:
-            x = layer.prefill(x, rope, pos, chunk)
-        if all_logits:
-            return self.output(self.norm(x)).float()
-        return self.output(self.norm(x[:, -1])).float()
+            x = layer.prefill(x, ropes[bool(layer.attention.window)], pos, chunk)
+        return self.output(self.norm(x if all_logits else x[:, -1])).float()
 
 
 def load_model(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Transformer:
@@ -258,7 +360,7 @@ def load_model(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Transforme
     model.load_state_dict(state, assign=True, strict=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    model.rope = torch.empty(0)  # the meta-device table cannot be moved; the real one is set below
+    model.rope = model.rope_local = model.rope_offset = None  # meta tensors cannot be moved: built below
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    model.rope = rope_frequencies(args, args.block_size).to(device)  # stays fp32 whatever the dtype
+    model.build_rope(device)  # fp32 whatever the dtype
     return model

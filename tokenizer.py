@@ -21,6 +21,7 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 SMOLLM_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2/3: digits one by one
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -163,7 +164,12 @@ class Tokenizer:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
             self._special = {self._sp.id_to_piece(i): i  # <s>, </s>: what templates write as bos/eos_token
                              for i in range(self._sp.get_piece_size()) if self._sp.is_control(i)}
-            self._special_re = f"({'|'.join(map(re.escape, self._special))})"
+            # tokenizer.json's added tokens (Phi-3's <|user|>.. live only there, past the vocabulary), and
+            # which of them eat the whitespace on their left/right ("l", "r"), as HF's AddedToken does
+            self._special |= spec.get("special_tokens", {})
+            self._strip, self._added = spec.get("strip", {}), {i: t for t, i in self._special.items()}
+            longest_first = sorted(self._special, key=len, reverse=True)
+            self._special_re = f"({'|'.join(map(re.escape, longest_first))})"
         else:
             raise ValueError(f"unknown tokenizer kind {self.kind!r}")
         self._render = None
@@ -180,8 +186,17 @@ class Tokenizer:
                 return self._sp.encode(text)
             # A rendered template spells BOS/EOS as "<s>", "</s>". HF's (legacy) Llama-2/Mistral tokenizer.json
             # encodes each piece between them alone, with sentencepiece's leading "▁": "<s>[INST]" -> <s> ▁[ INST ].
-            return [i for part in re.split(self._special_re, text)
-                    for i in ([self._special[part]] if part in self._special else self._sp.encode(part))]
+            parts, ids = re.split(self._special_re, text), []  # text, special, text, ...
+            for j, part in enumerate(parts):
+                if j % 2:
+                    ids.append(self._special[part])
+                    continue
+                if j and "r" in self._strip.get(parts[j - 1], ""):
+                    part = part.lstrip()
+                if j + 1 < len(parts) and "l" in self._strip.get(parts[j + 1], ""):
+                    part = part.rstrip()
+                ids += self._sp.encode(part) if part else []
+            return ids
         if self._drop is None or not self._drop.search(text):
             # Special-token strings inside user text are plain text; only templates may contain them.
             return self._tt.encode(text, allowed_special="all" if special else set(), disallowed_special=())
@@ -204,7 +219,15 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
-        return self._sp.decode(ids) if self.kind == "sentencepiece" else self._tt.decode(ids)
+        if self.kind != "sentencepiece":
+            return self._tt.decode(ids)
+        n, text, run = self._sp.get_piece_size(), "", []  # added tokens past the vocabulary: their text
+        for i in ids + [None]:
+            if i is not None and i < n:
+                run.append(i)
+                continue
+            text, run = text + self._sp.decode(run) + (self._added.get(i, "") if i is not None else ""), []
+        return text
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """messages as for HF's apply_chat_template ([{"role": ..., "content": ...}, ...])."""

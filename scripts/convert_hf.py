@@ -1,14 +1,23 @@
-"""Convert a Hugging Face Llama / Mistral / Qwen2 checkpoint into our layout (see model.py).
+"""Convert a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 / Phi-3 checkpoint into our layout (model.py).
 
     python scripts/convert_hf.py checkpoints/<repo>/hf checkpoints/<repo> [--name NAME]
 
 HF keeps each head's q/k rows in the rotate-half order ([x0, x2, .. | x1, x3, ..] after the permute()
 in transformers' convert_llama_weights_to_hf.py); model.py rotates interleaved pairs (2j, 2j+1) as Meta
-does, so q/k (and Qwen2's q/k biases) are un-permuted here, once, and fused into one wqkv. The dtype of
-the checkpoint is kept. `ours_to_hf` is the exact inverse, which the tests use to check the round trip.
+does, so q/k (and Qwen2's q/k biases, and Qwen3's and Gemma 3's per-head q/k norm weights, which scale
+the same head dims) are un-permuted here, once, and fused into one wqkv. Per family, also offline:
+- Gemma 3: its RMSNorms multiply by (1 + w): the +1 is folded into every stored norm weight, so model.py
+  has one RMSNorm; its attention scale query_pre_attn_scalar^-1/2 (not head_dim^-1/2) is folded into the
+  q norm's weight, as sqrt(head_dim / query_pre_attn_scalar), so every attention and every strategy's
+  scores see the model's real logits. A multimodal checkpoint (Gemma3ForConditionalGeneration, the 4B and
+  up) gives its text tower; the vision tower is dropped.
+- Phi-3: its fused qkv_proj is split to un-permute q and k, then fused again; gate_up_proj is split.
+The dtype of the checkpoint is kept (so a bf16 Gemma's folded norms are rounded to bf16 once, here).
+`ours_to_hf` is the inverse, which the tests use to check the round trip.
 """
 import argparse
 import json
+import math
 import re
 import shutil
 import sys
@@ -16,15 +25,26 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tokenizer.py at the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tokenizer.py and model.py at the repo root
 import tokenizer as tk  # noqa: E402
+from model import CONFIG_FORMAT  # noqa: E402
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")  # and "gemma3", the multimodal one
 # HF name within model.layers.N. -> ours within layers.N., for tensors that only change name.
 LAYER_NAMES = {"input_layernorm.weight": "attention_norm.weight", "self_attn.o_proj.weight": "attention.wo.weight",
                "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "feed_forward.w1.weight",
                "mlp.up_proj.weight": "feed_forward.w3.weight", "mlp.down_proj.weight": "feed_forward.w2.weight"}
+# Gemma 3's four norms: its post_attention_layernorm is the attention output's, the MLP's input norm is "pre"
+GEMMA_NORMS = {"input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight":
+               "post_attention_norm.weight", "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+               "post_feedforward_layernorm.weight": "post_ffn_norm.weight"}
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# Gemma3TextConfig's defaults (transformers 5), for the keys a multimodal hub config's text_config leaves out
+GEMMA3_TEXT_DEFAULTS = dict(model_type="gemma3_text", vocab_size=262208, num_attention_heads=8, num_key_value_heads=4,
+                            head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072,
+                            rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1e6,
+                            rope_local_base_freq=10000.0, tie_word_embeddings=True)
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF's name -> model.py's
 
 
 def hf_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -51,6 +71,10 @@ def expected_shapes(cfg: dict) -> dict[str, tuple]:
                    p + "feed_forward.w2.weight": (d, f)}
         if cfg["qkv_bias"]:
             shapes[p + "attention.wqkv.bias"] = (qkv,)
+        if cfg.get("qk_norm"):
+            shapes |= {p + "attention.q_norm.weight": (hd,), p + "attention.k_norm.weight": (hd,)}
+        if cfg.get("post_norms"):
+            shapes |= {p + "post_attention_norm.weight": (d,), p + "post_ffn_norm.weight": (d,)}
     return shapes
 
 
@@ -95,54 +119,158 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def hf_config(c: dict, weights: dict, name: str) -> dict:
-    if c.get("model_type") not in MODEL_TYPES:
-        raise ValueError(f"model_type {c.get('model_type')!r} is not one of {MODEL_TYPES}")
-    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}  # transformers 5 writes rope_parameters
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "llama3"):
-        raise ValueError(f"rope scaling {kind!r} is not supported (only Llama-3.1 style)")
-    n_head, dim = c["num_attention_heads"], c["hidden_size"]
-    cfg = dict(name=name, block_size=c["max_position_embeddings"],
-               vocab_size=weights["model.embed_tokens.weight"].shape[0],  # the tensor decides
-               n_layer=c["num_hidden_layers"], n_head=n_head, n_local_heads=c.get("num_key_value_heads") or n_head,
-               dim=dim, intermediate_size=c["intermediate_size"], head_dim=c.get("head_dim") or dim // n_head,
-               rope_base=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
-               norm_eps=float(c["rms_norm_eps"]),
-               rope_scaling={k: rope[k] for k in LLAMA3_ROPE_KEYS} if kind == "llama3" else None,
-               tie_embeddings=c.get("tie_word_embeddings", "lm_head.weight" not in weights),
-               qkv_bias="model.layers.0.self_attn.q_proj.bias" in weights)
+def text_model(c: dict, weights: dict) -> tuple[dict, dict]:
+    """A multimodal Gemma 3 checkpoint's text tower: (its config, defaults filled in, and its weights under
+    the text-only names, model.* and lm_head.*; the hub's language_model.model.* or transformers 5's
+    model.language_model.*); any other checkpoint as it is."""
+    if c.get("model_type") != "gemma3":
+        return c, weights
+    renames = (("language_model.model.", "model."), ("model.language_model.", "model."),
+               ("language_model.lm_head.", "lm_head."))
+    text = {}
+    for k, v in weights.items():
+        new = next((to + k[len(fro):] for fro, to in renames if k.startswith(fro)), k)
+        if new.startswith(("model.", "lm_head.")) and not new.startswith(("model.vision", "model.multi_modal")):
+            text[new] = v
+    return GEMMA3_TEXT_DEFAULTS | {"tie_word_embeddings": c.get("tie_word_embeddings", True)} | c["text_config"], text
+
+
+def hf_rope(c: dict) -> tuple[dict, dict]:
+    """(global layers' RoPE parameters, sliding-window layers'), from either config style: transformers 5's
+    rope_parameters (per layer type for Gemma 3) or the hub's older rope_theta + rope_scaling
+    (+ Gemma 3's rope_local_base_freq)."""
+    rp = c.get("rope_parameters") or {}
+    if "full_attention" in rp:
+        return rp["full_attention"], rp.get("sliding_attention") or {}
+    g = {**rp, **(c.get("rope_scaling") or {})}
+    g.setdefault("rope_theta", c.get("rope_theta", 10000.0))
+    return g, {"rope_theta": c.get("rope_local_base_freq", 10000.0)}
+
+
+def hf_rope_scaling(g: dict, c: dict, head_dim: int) -> dict | None:
+    """config.json's rope_scaling (model.rope_frequencies) from HF's parameters `g`."""
+    kind = g.get("rope_type", g.get("type", "default"))
+    if float(g.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+    if kind == "default":
+        return None
+    if kind == "llama3":
+        return {"rope_type": "llama3", **{k: g[k] for k in LLAMA3_ROPE_KEYS}}
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(g["factor"])}
+    if kind in ("longrope", "su"):  # Phi-3's; "su" is its first name
+        orig = g.get("original_max_position_embeddings") or c["original_max_position_embeddings"]
+        factor = g.get("factor") or c["max_position_embeddings"] / orig  # as transformers derives both
+        attn = g.get("attention_factor") or (math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0)
+        short, long = [list(map(float, g[k])) for k in ("short_factor", "long_factor")]
+        if len(short) != head_dim // 2 or len(long) != head_dim // 2:
+            raise ValueError(f"longrope factors: {len(short)} short, {len(long)} long; want head_dim / 2 = {head_dim // 2}")
+        return dict(rope_type="longrope", short_factor=short, long_factor=long, original_max_position_embeddings=orig,
+                    attention_factor=float(attn))
+    raise ValueError(f"rope scaling {kind!r} is not supported (llama3, linear, longrope)")
+
+
+def hf_window(c: dict, n_layer: int, block_size: int) -> tuple[int, list]:
+    """(sliding window, its layers) as transformers attends: the config's layer_types when it lists them,
+    else Gemma 3's pattern (every sliding_window_pattern-th layer global), Qwen2/3's (the layers from
+    max_window_layers on), or every layer (Mistral, Phi-3)."""
     window = c.get("sliding_window") if c.get("use_sliding_window", True) else None
-    if window and window < cfg["block_size"]:
-        print(f"note: sliding window {window} is ignored; outputs differ from HF past {window} tokens")
+    if not window or window >= block_size:
+        return 0, []
+    if c.get("layer_types"):
+        local = [i for i, t in enumerate(c["layer_types"]) if t == "sliding_attention"]
+    elif c["model_type"] == "gemma3_text":
+        local = [i for i in range(n_layer) if (i + 1) % c.get("sliding_window_pattern", 6)]
+    elif c["model_type"] in ("qwen2", "qwen3"):
+        local = list(range(c.get("max_window_layers", n_layer), n_layer))
+    else:
+        local = list(range(n_layer))
+    return (window, local) if local else (0, [])
+
+
+def hf_config(c: dict, weights: dict, name: str) -> dict:
+    """config.json's model fields (every ModelArgs field, and the format) from HF's config.json `c` (a
+    text model's: see text_model) and the weights."""
+    if c.get("model_type") not in MODEL_TYPES:
+        raise ValueError(f"model_type {c.get('model_type')!r} is not one of {MODEL_TYPES + ('gemma3',)}")
+    gemma = c["model_type"] == "gemma3_text"
+    if any(c.get(k) for k in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention")):
+        raise ValueError("logit soft-capping and bidirectional attention are not supported")
+    act = c.get("hidden_activation") or c.get("hidden_act") or "silu"
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation {act!r} is not one of {', '.join(ACTIVATIONS)}")
+    g, local_rope = hf_rope(c)
+    n_head, dim, n_layer, block = c["num_attention_heads"], c["hidden_size"], c["num_hidden_layers"], \
+        c["max_position_embeddings"]
+    head_dim = c.get("head_dim") or dim // n_head
+    window, local, scaling = *hf_window(c, n_layer, block), hf_rope_scaling(g, c, head_dim)
+    if local and local_rope.get("rope_type", "default") != "default":
+        raise ValueError(f"sliding-window layers with rope scaling {local_rope['rope_type']!r} are not supported")
+    cfg = dict(name=name, block_size=block,
+               vocab_size=weights["model.embed_tokens.weight"].shape[0],  # the tensor decides
+               n_layer=n_layer, n_head=n_head, n_local_heads=c.get("num_key_value_heads") or n_head,
+               dim=dim, intermediate_size=c["intermediate_size"], head_dim=head_dim,
+               rope_base=float(g["rope_theta"]), norm_eps=float(c["rms_norm_eps"]),
+               rope_scaling=scaling,
+               tie_embeddings=c.get("tie_word_embeddings", "lm_head.weight" not in weights),
+               qkv_bias="model.layers.0.self_attn.q_proj.bias" in weights,
+               qk_norm="model.layers.0.self_attn.q_norm.weight" in weights, post_norms=gemma,
+               mlp_act=ACTIVATIONS[act], embed_scale=math.sqrt(dim) if gemma else 1.0,
+               sliding_window=window, local_layers=local,
+               local_rope_base=float(local_rope["rope_theta"]) if gemma and local else 0.0, format=CONFIG_FORMAT)
+    if window:
+        print(f"note: {len(local)} of {n_layer} layers attend to a sliding window of {window} tokens "
+              "(a ring cache each, whatever the strategy)")
     return cfg
 
 
-def hf_to_ours(w: dict, cfg: dict) -> dict[str, torch.Tensor]:
-    w = dict(w)
+def gemma_norm_scales(c: dict | None) -> tuple[float, float] | None:
+    """Gemma 3: (the +1 of its (1 + w) norms, its q norm's extra factor sqrt(head_dim / query_pre_attn_scalar),
+    which makes our 1/sqrt(head_dim) attention scale its query_pre_attn_scalar^-1/2); None for others."""
+    if not c or c.get("model_type") != "gemma3_text":
+        return None
+    return 1.0, math.sqrt((c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]) / c["query_pre_attn_scalar"])
+
+
+def hf_to_ours(w: dict, cfg: dict, c: dict | None = None) -> dict[str, torch.Tensor]:
+    """HF's tensors (text model names) -> ours; `c`, HF's config.json (text model's), says the family."""
+    w, gemma = dict(w), gemma_norm_scales(c)
     take = w.pop
-    out = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    fold = (lambda t, s=1.0: ((t.float() + 1) * s).to(t.dtype)) if gemma else (lambda t, s=1.0: t)
+    out = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": fold(take("model.norm.weight"))}
     lm_head = w.pop("lm_head.weight", None)
     if not cfg["tie_embeddings"]:
         if lm_head is None:
             raise ValueError("config says untied embeddings but there is no lm_head.weight")
         out["output.weight"] = lm_head
-    nh, nkv = cfg["n_head"], cfg["n_local_heads"]
+    nh, nkv, hd = cfg["n_head"], cfg["n_local_heads"], cfg["head_dim"]
     for i in range(cfg["n_layer"]):
         p, q = f"model.layers.{i}.", f"layers.{i}."
+        if p + "self_attn.qkv_proj.weight" in w:  # Phi-3: fused q, k, v rows
+            w |= dict(zip((f"{p}self_attn.{x}_proj.weight" for x in "qkv"),
+                          take(p + "self_attn.qkv_proj.weight").split([nh * hd, nkv * hd, nkv * hd])))
+        if p + "mlp.gate_up_proj.weight" in w:  # Phi-3: gate rows, then up rows
+            w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"] = take(p + "mlp.gate_up_proj.weight").chunk(2)
         for kind in ("weight", "bias") if cfg["qkv_bias"] else ("weight",):
             parts = [hf_to_interleaved(take(f"{p}self_attn.q_proj.{kind}"), nh),
                      hf_to_interleaved(take(f"{p}self_attn.k_proj.{kind}"), nkv), take(f"{p}self_attn.v_proj.{kind}")]
             out[f"{q}attention.wqkv.{kind}"] = torch.cat(parts)
-        out |= {q + ours: take(p + theirs) for theirs, ours in LAYER_NAMES.items()}
+        if cfg["qk_norm"]:  # one weight per head dim, shared by the heads: permuted as one head's rows
+            out[q + "attention.q_norm.weight"] = hf_to_interleaved(
+                fold(take(p + "self_attn.q_norm.weight"), gemma[1] if gemma else 1.0), 1)
+            out[q + "attention.k_norm.weight"] = hf_to_interleaved(fold(take(p + "self_attn.k_norm.weight")), 1)
+        names = {**LAYER_NAMES, **GEMMA_NORMS} if gemma else LAYER_NAMES
+        out |= {q + ours: fold(take(p + theirs)) if "norm" in ours else take(p + theirs) for theirs, ours in names.items()}
     if left := [k for k in w if not k.endswith("rotary_emb.inv_freq")]:  # old checkpoints store inv_freq
         raise ValueError(f"{len(left)} tensors not understood, e.g. {left[0]} (unsupported variant?)")
     return out
 
 
-def ours_to_hf(w: dict, cfg: dict) -> dict[str, torch.Tensor]:
-    hd, nh, nkv = cfg["head_dim"], cfg["n_head"], cfg["n_local_heads"]
-    out = {"model.embed_tokens.weight": w["tok_embeddings.weight"], "model.norm.weight": w["norm.weight"]}
+def ours_to_hf(w: dict, cfg: dict, c: dict | None = None) -> dict[str, torch.Tensor]:
+    """The inverse of hf_to_ours (Phi-3's tensors fused again when c says phi3)."""
+    hd, nh, nkv, gemma = cfg["head_dim"], cfg["n_head"], cfg["n_local_heads"], gemma_norm_scales(c)
+    unfold = (lambda t, s=1.0: (t.float() / s - 1).to(t.dtype)) if gemma else (lambda t, s=1.0: t)
+    out = {"model.embed_tokens.weight": w["tok_embeddings.weight"], "model.norm.weight": unfold(w["norm.weight"])}
     if not cfg["tie_embeddings"]:
         out["lm_head.weight"] = w["output.weight"]
     for i in range(cfg["n_layer"]):
@@ -151,7 +279,16 @@ def ours_to_hf(w: dict, cfg: dict) -> dict[str, torch.Tensor]:
             wq, wk, wv = w[f"{q}attention.wqkv.{kind}"].split([nh * hd, nkv * hd, nkv * hd])
             out |= {f"{p}self_attn.q_proj.{kind}": interleaved_to_hf(wq, nh),
                     f"{p}self_attn.k_proj.{kind}": interleaved_to_hf(wk, nkv), f"{p}self_attn.v_proj.{kind}": wv}
-        out |= {p + theirs: w[q + ours] for theirs, ours in LAYER_NAMES.items()}
+        if cfg["qk_norm"]:
+            out[p + "self_attn.q_norm.weight"] = unfold(interleaved_to_hf(w[q + "attention.q_norm.weight"], 1),
+                                                        gemma[1] if gemma else 1.0)
+            out[p + "self_attn.k_norm.weight"] = unfold(interleaved_to_hf(w[q + "attention.k_norm.weight"], 1))
+        names = {**LAYER_NAMES, **GEMMA_NORMS} if gemma else LAYER_NAMES
+        out |= {p + theirs: unfold(w[q + ours]) if "norm" in ours else w[q + ours] for theirs, ours in names.items()}
+        if c and c.get("model_type") == "phi3":
+            out[p + "self_attn.qkv_proj.weight"] = torch.cat([out.pop(f"{p}self_attn.{x}_proj.weight") for x in "qkv"])
+            out[p + "mlp.gate_up_proj.weight"] = torch.cat([out.pop(p + "mlp.gate_proj.weight"),
+                                                            out.pop(p + "mlp.up_proj.weight")])
     return out
 
 
@@ -232,6 +369,16 @@ def _llama3_tokenizer(hf_dir: Path, out_dir: Path) -> dict:
                 stop=[special["<|end_of_text|>"], special["<|eot_id|>"]])
 
 
+def _added_tokens(hf_dir: Path) -> dict:
+    """A sentencepiece checkpoint's tokenizer.json added tokens (Phi-3's chat tokens exist only there, past
+    the vocabulary; Gemma's turn markers are pieces too), matched before sentencepiece runs, and those
+    that strip whitespace on their left ("l") or right ("r")."""
+    tj = hf_dir / "tokenizer.json"
+    added = json.loads(tj.read_text()).get("added_tokens", []) if tj.exists() else []
+    strip = {t["content"]: "l" * bool(t.get("lstrip")) + "r" * bool(t.get("rstrip")) for t in added}
+    return dict(special_tokens={t["content"]: t["id"] for t in added}, strip={t: s for t, s in strip.items() if s})
+
+
 def hf_tokenizer(hf_dir: Path, out_dir: Path, model_type: str) -> dict:
     """Write the tokenizer file into out_dir and return config.json's "tokenizer" entry."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +395,7 @@ def hf_tokenizer(hf_dir: Path, out_dir: Path, model_type: str) -> dict:
         piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # "<s>", "</s>"; -1: the model has none
         spec = dict(kind="sentencepiece", bos_id=sp.bos_id(), add_bos=tcfg.get("add_bos_token", True),
                     bos_token=piece(sp.bos_id()), eos_token=piece(sp.eos_id()),
-                    chat_format=fmt, default_system=None, stop=[sp.eos_id()])
+                    chat_format=fmt, default_system=None, stop=[sp.eos_id()], **_added_tokens(hf_dir))
     elif (hf_dir / "tokenizer.json").exists():
         spec = _byte_level_tokenizer(json.loads((hf_dir / "tokenizer.json").read_text()), tcfg, out_dir, template)
     else:
@@ -268,10 +415,10 @@ def convert(hf_dir, out_dir, name: str | None = None) -> dict:
         c = json.loads((hf_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {hf_dir / 'config.json'}: {e}") from None
-    weights = read_hf_weights(hf_dir)
+    c, weights = text_model(c, read_hf_weights(hf_dir))
     cfg = hf_config(c, weights, name or out_dir.name.lower())
     cfg["tokenizer"] = hf_tokenizer(hf_dir, out_dir, c["model_type"])
-    save_checkpoint(out_dir, hf_to_ours(weights, cfg), cfg)
+    save_checkpoint(out_dir, hf_to_ours(weights, cfg, c), cfg)
     return cfg
 
 

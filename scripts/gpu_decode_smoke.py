@@ -4,7 +4,7 @@ The prompt KV is random, written straight into the cache buffers. bench.py --gpu
 import sys, time, torch
 sys.path.insert(0, ".")
 import cache as kv
-from model import Transformer, ModelArgs, rope_frequencies
+from model import Transformer, ModelArgs
 print(torch.__version__, torch.cuda.get_device_name())
 a = ModelArgs.from_name("llama-3.1-8b")  # same dims as Llama-3-8B, RoPE table long enough for 32k
 with torch.device("meta"):
@@ -12,7 +12,7 @@ with torch.device("meta"):
 m = m.to_empty(device="cuda").to(torch.bfloat16)
 for p in m.parameters():
     p.data.normal_(0, 0.02)
-m.rope = rope_frequencies(a, a.block_size).cuda()
+m.build_rope("cuda")
 m.eval().requires_grad_(False)
 cfgs = [tuple(map(int, c.split("x"))) for c in sys.argv[1:]]
 for B, ctx in cfgs:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Download a Hugging Face Llama / Mistral / Qwen2 checkpoint and convert it (needs the hub; honours HF_TOKEN).
+# Download a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 / Phi-3 checkpoint and convert it (needs
+# the hub; honours HF_TOKEN: Llama and Gemma repos are gated). A multimodal Gemma 3 (4B and up) gives its text model.
 #   bash scripts/prepare.sh meta-llama/Llama-3.2-1B-Instruct   ->  checkpoints/meta-llama/Llama-3.2-1B-Instruct/
 set -euo pipefail
 cd "$(dirname "$0")/.."
