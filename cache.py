@@ -809,7 +809,7 @@ class HeadBudgetCache(KVCache):
         k, v, pos = (x[:, None].expand(B, H, *x.shape[1:]) for x in (self.k, self.v, self.pos))  # stride-0 heads
         if qg.is_cuda:
             from triton_kernels import dense_attend  # Triton: imported only on CUDA
-            return dense_attend(qg, k, v, pos, torch.stack([self.start, self.count], -1), L)
+            return dense_attend(qg, k, v, pos, torch.stack([self.start, self.count], -1), L, True)
         slot = torch.arange(L, device=qg.device)
         run = (slot >= self.start[..., None]) & (slot < (self.start + self.count)[..., None]) & (pos >= 0)
         return attend(qg, k, v, run)

@@ -35,12 +35,13 @@ from triton.language.extra import libdevice
 def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale,
                    sqb, sqh, sqg, skb, skh, sks, svb, svh, svs, sib, sih,
                    CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                   BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr):
+                   BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr, RAGGED: tl.constexpr):
     """Program (sequence x KV head, split): online softmax of the GQA group over rows
     split*CHUNK .. +CHUNK of the list (IDX's slots where OK != 0; DENSE: the run of slots start + n for
     n < length, (start, length) = IDX[b, h, :2], valid where the position buffer OK is >= 0: slots past
     the run are never loaded), stored as partials PO [.., G, D], PM, PL [.., G]. SCORES also stores the
-    scaled logits PS [B, H, G, n_sel] (-1e30 at invalid slots: exp of it is 0)."""
+    scaled logits PS [B, H, G, n_sel] (-1e30 at invalid slots: exp of it is 0). RAGGED (dense runs of
+    very different lengths, HeadBudgetCache's): each row splits its own run evenly over the splits."""
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     g, d = tl.arange(0, GP), tl.arange(0, D)
@@ -50,38 +51,57 @@ def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale,
     m_i = tl.full([GP], -1.0e30, tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    for off in range(0, CHUNK, BLOCK):
-        n = split * CHUNK + off + tl.arange(0, BLOCK)
-        inb = n < n_sel
-        if DENSE:  # contiguous rows: no index list to read; validity from the positions themselves
-            inb = inb & (n < tl.load(IDX + bh * 2 + 1))
-            idx = tl.load(IDX + bh * 2) + n
-            ok = (tl.load(OK + b * sib + h * sih + idx, mask=inb, other=-1) >= 0) & inb
-        else:
-            ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=0) != 0) & inb
-            idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
-        k = tl.load(K + b * skb + h * skh + idx[:, None] * sks + d[None, :], mask=ok[:, None], other=0.0)
-        s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # [GP, BLOCK]; inductor passes scale as fp64
-        s = tl.where(ok[None, :], s, -1.0e30)
-        if SCORES:
-            tl.store(PS + (bh * G + g[:, None]) * n_sel + n[None, :], s, mask=(g[:, None] < G) & inb[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
-        v = tl.load(V + b * svb + h * svh + idx[:, None] * svs + d[None, :], mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+    if RAGGED:  # a while loop: its bound is data (a for loop's would need a constant in the interpreter)
+        length = tl.load(IDX + bh * 2 + 1)
+        chunk = tl.cdiv(tl.cdiv(length, tl.num_programs(1)), BLOCK) * BLOCK
+        off = split * chunk
+        while off < tl.minimum(split * chunk + chunk, length):
+            m_i, l_i, acc = _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc, off + tl.arange(0, BLOCK),
+                                          n_sel, scale, b, h, bh, skb, skh, sks, svb, svh, svs, sib, sih,
+                                          G, GP, D, DENSE, SCORES)
+            off += BLOCK
+    else:  # a for loop over a constant chunk: software-pipelined (num_stages)
+        for off in range(0, CHUNK, BLOCK):
+            m_i, l_i, acc = _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc,
+                                          split * CHUNK + off + tl.arange(0, BLOCK), n_sel, scale, b, h, bh,
+                                          skb, skh, sks, svb, svh, svs, sib, sih, G, GP, D, DENSE, SCORES)
     out = (bh * tl.num_programs(1) + split) * G + g  # only the G real rows: tl.dot's padding is not stored
     tl.store(PO + out[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
     tl.store(PM + out, m_i, mask=g < G)
     tl.store(PL + out, l_i, mask=g < G)
 
 
-def _attend_partials(q, k, v, idx, ok, n, dense, scores):
+@triton.jit
+def _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc, n, n_sel, scale, b, h, bh,
+                  skb, skh, sks, svb, svh, svs, sib, sih,
+                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr):
+    """_attend_kernel's step over the BLOCK list entries n: the online softmax's (m_i, l_i, acc) updated."""
+    g, d = tl.arange(0, GP), tl.arange(0, D)
+    inb = n < n_sel
+    if DENSE:  # contiguous rows: no index list to read; validity from the positions themselves
+        inb = inb & (n < tl.load(IDX + bh * 2 + 1))
+        idx = tl.load(IDX + bh * 2) + n
+        ok = (tl.load(OK + b * sib + h * sih + idx, mask=inb, other=-1) >= 0) & inb
+    else:
+        ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=0) != 0) & inb
+        idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
+    k = tl.load(K + b * skb + h * skh + idx[:, None] * sks + d[None, :], mask=ok[:, None], other=0.0)
+    s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # [GP, BLOCK]; inductor passes scale as fp64
+    s = tl.where(ok[None, :], s, -1.0e30)
+    if SCORES:
+        tl.store(PS + (bh * G + g[:, None]) * n_sel + n[None, :], s, mask=(g[:, None] < G) & inb[None, :])
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+    v = tl.load(V + b * svb + h * svh + idx[:, None] * svs + d[None, :], mask=ok[:, None], other=0.0)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+def _attend_partials(q, k, v, idx, ok, n, dense, scores, ragged=False):
     """Launch _attend_kernel over n rows; -> partials po [B, H, splits, G, D], pm, pl [B, H, splits, G]
     and (scores) the logits [B, H, G, n]. Gather: ok is int8 sharing idx's strides; dense: ok is the
-    position buffer and idx each row's run of slots, (start, length) [B, H, 2] contiguous."""
+    position buffer and idx each row's run of slots, (start, length) [B, H, 2] contiguous. Ragged: dense
+    runs of any length <= n, about n / H on average (a flat buffer of n slots shared by H heads)."""
     B, H, G, D = q.shape
     GP = max(16, triton.next_power_of_2(G))  # tl.dot needs >= 16 rows
     # ~per_sm programs per SM (H200: 132 SMs), each a chunk of whole blocks. Bytes per (sequence, KV head,
@@ -91,9 +111,12 @@ def _attend_partials(q, k, v, idx, ok, n, dense, scores):
     # written and read, 0.8 of probs, 1.7 of positions: ~8% on top of K/V.
     tune = TUNE[("dense" if dense else "gather") + ("_few" if B * H <= 16 else "")]
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    splits = max(1, min(triton.cdiv(n, tune["block"]), triton.cdiv(tune["per_sm"] * sms, B * H)))
+    # a ragged run (per-head budgets in one flat buffer of n slots) is split by its own length, so the
+    # splits are sized for the average run; sized for n, most programs would find their chunk empty
+    per_row = triton.cdiv(n, H) if ragged else n
+    splits = max(1, min(triton.cdiv(per_row, tune["block"]), triton.cdiv(tune["per_sm"] * sms, B * H)))
     chunk = triton.cdiv(triton.cdiv(n, splits), tune["block"]) * tune["block"]
-    splits = triton.cdiv(n, chunk)
+    splits = splits if ragged else triton.cdiv(n, chunk)
     po = torch.empty(B, H, splits, G, D, device=q.device, dtype=torch.float32)
     pm = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
     pl = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
@@ -104,7 +127,7 @@ def _attend_partials(q, k, v, idx, ok, n, dense, scores):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), ok.stride(0), ok.stride(1),
         CHUNK=chunk, G=G, GP=GP, D=D, BLOCK=tune["block"], DENSE=dense, SCORES=scores,
-        num_warps=tune["warps"], num_stages=tune["stages"])
+        RAGGED=ragged, num_warps=tune["warps"], num_stages=tune["stages"])
     return po, pm, pl, s
 
 
@@ -163,13 +186,14 @@ def attend_scores(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
 
 @triton_op("kvcompress::dense_attend", mutates_args={})
 def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, runs: torch.Tensor,
-                 n: int) -> torch.Tensor:
+                 n: int, ragged: bool = False) -> torch.Tensor:
     """cache.attend on CUDA: qg [B, H_kv, G, D] over each row's run of slots start .. start + length - 1,
     (start, length) = runs [B, H_kv, 2] with length <= n, of k/v [B, H_kv, S, D] where pos [B, H_kv, S]
     >= 0 -> [B, H_kv, G, D]. Every valid slot's row is read once; masked loads never fetch another. A
-    row with no valid slot gives nan. (Head-budget caches pass one flat buffer per sequence, expanded
-    over heads with stride 0, and each head's run in it.)"""
-    po, pm, pl, _ = _attend_partials(qg, k, v, runs.contiguous(), pos, n, dense=True, scores=False)
+    row with no valid slot gives nan. Ragged: head-budget caches pass one flat buffer of n slots per
+    sequence, expanded over heads with stride 0, and each head's run in it (of any length)."""
+    po, pm, pl, _ = _attend_partials(qg, k, v, runs.contiguous(), pos, n, dense=True, scores=False,
+                                     ragged=ragged)
     return _merge(po, pm, pl)[0].to(qg.dtype)
 
 

@@ -192,23 +192,26 @@ def check_flat_runs(device):
     CUDA path) equals each head's plain attention over its own run."""
     from triton_kernels import dense_attend
     g = torch.Generator().manual_seed(7)
-    B, H, G, L, D = 2, 3, 3, 130, 64
+    B, H, G, L, D = 2, 3, 3, 400, 64
     k, v = torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g)
     pos = torch.arange(L).expand(B, L).clone()
     pos[0, 100:] = -1  # an unwritten tail
     qg = torch.randn(B, H, G, D, generator=g)
-    runs = torch.tensor([[[0, 40], [40, 30], [70, 30]], [[0, 5], [5, 100], [105, 25]]])
+    # runs of very different lengths: ragged mode splits the 300-slot run over 2 programs, and the
+    # second program of each short run finds its chunk empty
+    runs = torch.tensor([[[0, 40], [40, 30], [70, 30]], [[0, 5], [5, 300], [305, 25]]])
     expand = lambda x: x[:, None].expand(B, H, *x.shape[1:])  # noqa: E731
     dt, tol = (torch.bfloat16, 2e-2) if device == "cuda" else (torch.float32, 1e-5)
     qg, k, v = (x.to(dt).float() for x in (qg, k, v))  # the reference sees the kernel's values
-    out = dense_attend(*(x.to(device, dt) for x in (qg, expand(k), expand(v))),
-                       *(x.to(device) for x in (expand(pos), runs)), 100).float().cpu()
-    for b in range(B):
-        for h in range(H):
-            s, n = runs[b, h].tolist()
-            keep = [t for t in range(s, s + n) if pos[b, t] >= 0]
-            ref = torch.softmax(qg[b, h] @ k[b, keep].T / D ** 0.5, -1) @ v[b, keep]
-            torch.testing.assert_close(out[b, h], ref, atol=tol, rtol=tol)
+    for n, ragged in ((300, False), (L, True)):  # dense's bound: the longest run; ragged's: the buffer
+        out = dense_attend(*(x.to(device, dt) for x in (qg, expand(k), expand(v))),
+                           *(x.to(device) for x in (expand(pos), runs)), n, ragged).float().cpu()
+        for b in range(B):
+            for h in range(H):
+                s, n = runs[b, h].tolist()
+                keep = [t for t in range(s, s + n) if pos[b, t] >= 0]
+                ref = torch.softmax(qg[b, h] @ k[b, keep].T / D ** 0.5, -1) @ v[b, keep]
+                torch.testing.assert_close(out[b, h], ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test below runs everywhere")
