@@ -1,0 +1,121 @@
+"""Tensor parallelism over KV heads, gpt-fast's tp.py in plain torch.distributed (launched with torchrun).
+
+Rank r of N holds KV heads [r H_kv/N, (r+1) H_kv/N) of every layer: their rows of the fused wqkv (its query
+heads' q, its K and V heads), the matching columns of wo, a 1/N slice of the MLP's hidden units (rows of w1
+and w3, columns of w2), and only those heads' KV cache, so per-head eviction, retrieval selection and head
+budgets run where the heads are. wo and w2 produce partial sums: one all-reduce after each (a forward
+hook, so the compiled decode step traces it and the CUDA graph captures NCCL's kernel). The embedding
+table, the output projection and the norms stay replicated: every rank computes the same logits. The few
+strategies whose rule spans a layer's heads exchange what they need (cache.py: TOVA, AdaKV, HeadKV and
+DiliLazyKV, random; each class says how). Backend: NCCL on CUDA, gloo on CPU. Imported only when
+WORLD_SIZE > 1 (generate.py, eval.py --tensor_parallel, bench.py).
+"""
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+import cache as kv
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment: (0, 1) when not launched by it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init(device: str) -> str:
+    """Join the process group (NCCL on CUDA, gloo on CPU); returns this rank's device (cuda:LOCAL_RANK)."""
+    rank, world = rank_world()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=2),
+                                **({"device_id": torch.device(device)} if device.startswith("cuda") else {}))
+    return device
+
+
+def check_divides(args, world: int):
+    """The reason `world` ranks cannot split this model, or None."""
+    if args.n_local_heads % world:
+        return f"{world} processes do not divide the model's {args.n_local_heads} KV heads; use a divisor of it"
+    if args.intermediate_size % world:
+        return f"{world} processes do not divide the model's MLP width {args.intermediate_size}"
+    return None
+
+
+def all_reduce(x):
+    """Sum over ranks; traceable (torch.compile fullgraph) and captured by CUDA graphs."""
+    return funcol.all_reduce(x, "sum", dist.group.WORLD)
+
+
+def all_gather_heads(x):
+    """x [B, H_local, ...] of every rank -> [B, H, ...], heads in rank order (the single-process layout)."""
+    return funcol.all_gather_tensor(x.contiguous(), 1, dist.group.WORLD)
+
+
+def _reduce_hook(module, inputs, output):
+    return all_reduce(output)
+
+
+def _rows(w, sizes, rank):
+    """Rank's slice along dim 0 of each of the consecutive blocks of w given by `sizes` (each split N ways)."""
+    world = dist.get_world_size()
+    return torch.cat([b.chunk(world)[rank] for b in w.split(sizes)]).clone()  # clone: own only the slice
+
+
+def shard_model(model, device):
+    """Keep this rank's heads and MLP slice of a loaded (unsharded) model, in place, then move it to
+    `device`. Sets cache.SHARD so make_caches gives each layer only this rank's heads."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    a = model.args
+    if reason := check_divides(a, world):
+        raise ValueError(reason)
+    D, Hq, Hkv = a.head_dim, a.n_head, a.n_local_heads
+    P = torch.nn.Parameter
+    for layer in model.layers:
+        att, ff = layer.attention, layer.feed_forward
+        att.wqkv.weight = P(_rows(att.wqkv.weight, [Hq * D, Hkv * D, Hkv * D], rank), requires_grad=False)
+        if att.wqkv.bias is not None:
+            att.wqkv.bias = P(_rows(att.wqkv.bias, [Hq * D, Hkv * D, Hkv * D], rank), requires_grad=False)
+        att.wo.weight = P(_rows(att.wo.weight.t(), [Hq * D], rank).t().contiguous(), requires_grad=False)
+        att.n_head, att.n_kv = Hq // world, Hkv // world  # query heads of the rank's KV heads: contiguous
+        for w in (ff.w1, ff.w3):
+            w.weight = P(_rows(w.weight, [a.intermediate_size], rank), requires_grad=False)
+        ff.w2.weight = P(_rows(ff.w2.weight.t(), [a.intermediate_size], rank).t().contiguous(), requires_grad=False)
+        att.wo.register_forward_hook(_reduce_hook)
+        ff.w2.register_forward_hook(_reduce_hook)
+    kv.SHARD = (rank, world)
+    return model.to(device)
+
+
+def weight_split(model) -> tuple[int, int]:
+    """(bytes of this rank's sharded weights, bytes of the replicated ones: embedding, output, norms)."""
+    sharded = replicated = 0
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel() * p.element_size()
+        if name.startswith("layers.") and any(s in name for s in ("wqkv", "wo", "w1", "w2", "w3")):
+            sharded += n
+        else:
+            replicated += n
+    return sharded, replicated
+
+
+def memory_line(model, caches) -> str:
+    """Each rank's weight and cache bytes (what the tests check: 1/N of a single process's)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sharded, replicated = weight_split(model)
+    return (f"rank {rank}/{world}: weights {sharded / 2**20:.2f} MiB sharded + {replicated / 2**20:.2f} MiB replicated "
+            f"(embedding, output, norms); cache {kv.cache_bytes(caches) / 2**20:.2f} MiB "
+            f"[bytes: sharded {sharded} replicated {replicated} cache {kv.cache_bytes(caches)}]")
+
+
+def close():
+    if dist.is_initialized():
+        dist.destroy_process_group()
