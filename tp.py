@@ -56,6 +56,13 @@ def all_gather_heads(x):
     return funcol.all_gather_tensor(x.contiguous(), 1, dist.group.WORLD)
 
 
+def sum_over_ranks(n: int) -> int:
+    """An integer summed over ranks (eager: the whole model's cache bytes for eval's records)."""
+    t = torch.tensor([n], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 def _reduce_hook(module, inputs, output):
     return all_reduce(output)
 
@@ -107,13 +114,14 @@ def weight_split(model) -> tuple[int, int]:
     return sharded, replicated
 
 
-def memory_line(model, caches) -> str:
-    """Each rank's weight and cache bytes (what the tests check: 1/N of a single process's)."""
+def memory_line(model, cache_bytes: int) -> str:
+    """This rank's weight and cache bytes: the sharded weights and the cache are 1/N of one process's
+    (AdaKV's cache excepted, see cache.AdaKV); the replicated weights are whole on every rank."""
     rank, world = dist.get_rank(), dist.get_world_size()
     sharded, replicated = weight_split(model)
-    return (f"rank {rank}/{world}: weights {sharded / 2**20:.2f} MiB sharded + {replicated / 2**20:.2f} MiB replicated "
-            f"(embedding, output, norms); cache {kv.cache_bytes(caches) / 2**20:.2f} MiB "
-            f"[bytes: sharded {sharded} replicated {replicated} cache {kv.cache_bytes(caches)}]")
+    return (f"rank {rank} of {world}: weights {sharded / 2**20:.2f} MiB sharded + {replicated / 2**20:.2f} MiB replicated "
+            f"(embedding, output, norms); cache {cache_bytes / 2**20:.2f} MiB "
+            f"(bytes: sharded {sharded}, replicated {replicated}, cache {cache_bytes})")
 
 
 def close():

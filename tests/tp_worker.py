@@ -1,7 +1,7 @@
 """Every cache strategy on a tiny random model (6 KV heads, 12 query heads, MLP width 96: split 2 or 3
 ways), run in one process (tests/test_tp.py) or as one rank of `torchrun ... tests/tp_worker.py OUT`,
-which shards the model (tp.py) and saves each rank's logits, tokens, bytes and compile counts to
-OUT/rank<r>.pt."""
+which shards the model (tp.py) and saves each rank's logits, tokens, bytes and (with a third argument
+`compile`) the compiled step's logits, tokens and compile counts to OUT/rank<r>.pt."""
 import json
 import sys
 from pathlib import Path
@@ -87,7 +87,7 @@ def run_all(model, ckpt, compiled=()):
     return eager, comp
 
 
-def main(out: Path):
+def main(out: Path, compiled=()):
     import tp
     torch.set_num_threads(1)
     tp.init("cpu")
@@ -96,10 +96,10 @@ def main(out: Path):
     (ckpt := out / f"files{dist.get_rank()}").mkdir()
     learned_files(ckpt, model.args)
     tp.shard_model(model, "cpu")
-    eager, comp = run_all(model, ckpt, COMPILED)
+    eager, comp = run_all(model, ckpt, compiled)
     torch.save({"eager": eager, "compiled": comp, "weights": tp.weight_split(model)}, out / f"rank{dist.get_rank()}.pt")
     tp.close()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), COMPILED if "compile" in sys.argv[2:] else ())
