@@ -29,6 +29,9 @@ def init(device: str) -> str:
     """Join the process group (NCCL on CUDA, gloo on CPU); returns this rank's device (cuda:LOCAL_RANK)."""
     rank, world = rank_world()
     if device.startswith("cuda"):
+        # NVLink multicast off unless set otherwise: on a shared host it can take the GPUs out of service
+        for name, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+            os.environ.setdefault(name, value)
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
