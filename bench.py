@@ -395,7 +395,7 @@ def gpu(a):
     title = (f"Decode speed, {args.name} shape{layers} ({RANDOM}), {str(dtype).removeprefix('torch.')}, "
              f"compiled decode{' as one CUDA graph' if device == 'cuda' else ''}, {a.steps} timed steps"
              + (f", tensor parallel over {world} {'GPUs' if device == 'cuda' else 'processes'} (tp.py; bytes, "
-                f"roofline and cache GB per GPU)" if tp else ""))
+                f"roofline and cache GB per rank)" if tp else ""))
     lines = header(device, title) + [
         f"Prompt KV: random q/k/v of the context length through each cache's own prefill (no model forward). "
         f"Budget of compressing strategies: --max_cache_length {a.budget}. Bytes/step = "

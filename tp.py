@@ -56,7 +56,8 @@ def all_reduce(x):
 
 def all_gather_heads(x):
     """x [B, H_local, ...] of every rank -> [B, H, ...], heads in rank order (the single-process layout)."""
-    return funcol.all_gather_tensor(x.contiguous(), 1, dist.group.WORLD)
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # its newer name (torch 2.13)
+    return gather(x.contiguous(), 1, dist.group.WORLD)
 
 
 def sum_over_ranks(n: int) -> int:
@@ -67,6 +68,8 @@ def sum_over_ranks(n: int) -> int:
 
 
 def _reduce_hook(module, inputs, output):
+    # one function for every layer's wo and w2 (not a closure each): the regional compile of one
+    # TransformerBlock.forward reused by all layers (generate.compile_decode) then guards on one object
     return all_reduce(output)
 
 

@@ -17,7 +17,9 @@ SPARSE = {"snap_window": 8, "spotlight_prune": 0.9, "spotlight_recent": 4, "spot
 CASES = [(name, {}) for name in sorted(kv.REGISTRY)] + [
     ("l2", {"l2_one_shot": True, "l2_skip_layers": [0]}), ("lsh", {"lsh_hash_key": True}), ("tova", {"tova_per_head": True}),
     ("scissorhands", {"sh_drop": 3}), ("adakv", {"ada_alpha": 0.5}), ("snapkv", {"prompt_compression": "tova"})]
-COMPILED = ["full", "tova", "random"]  # the step with a collective in a strategy (tova), and a global head index
+# the step with a collective in a strategy (tova), a global head index (random), and generate.compile_decode's
+# CUDA layout on CPU: one compiled TransformerBlock.forward reused by every layer ("regional")
+COMPILED = ["full", "tova", "random", "tova regional"]
 B, T, STEPS = 2, 40, 12
 
 
@@ -80,9 +82,14 @@ def run_all(model, ckpt, compiled=()):
     for name in compiled:
         torch._dynamo.reset()
         counters.clear()
-        step = torch.compile(model.forward, fullgraph=True, backend="eager")
+        if name.endswith(" regional"):
+            from model import TransformerBlock
+            block = torch.compile(TransformerBlock.forward, fullgraph=True, backend="eager")
+            step = lambda tok, ip: model.forward(tok, ip, layer_step=block)  # noqa: E731
+        else:
+            step = torch.compile(model.forward, fullgraph=True, backend="eager")
         with torch._dynamo.config.patch(error_on_recompile=True):
-            logits, tokens, _ = run_case(model, name, {}, ckpt, step)
+            logits, tokens, _ = run_case(model, name.split()[0], {}, ckpt, step)
         comp[name] = (logits, tokens, counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
     return eager, comp
 
