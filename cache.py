@@ -1386,7 +1386,9 @@ class Spotlight(KVCache):
     `spotlight_sinks` first and `spotlight_recent` last tokens and the current one; prefill and
     `spotlight_dense_layers` are dense. Departures: one hash per KV head shared by its query heads
     (the authors hash per query head; the choice was measured, see README) and selection per KV head.
-    Hashes come from `python train_spotlight.py` (<checkpoint>/spotlight.safetensors)."""
+    Hashes come from `python train_spotlight.py` (<checkpoint>/spotlight.safetensors). Tensor parallel
+    (tp.py): each rank loads its heads' hashes (lsh_retrieval: draws every head's R, keeps its own) and
+    selects for its heads alone: no communication."""
     name = "spotlight"
     source = "arXiv 2508.19740"
     retrieves = True
