@@ -206,7 +206,10 @@ class DecodeGraph:
         from torch._dynamo.utils import counters
         graphs = counters["stats"]["unique_graphs"]
         self.tokens, self.input_pos, self.graph = tokens.clone(), input_pos.clone(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # tensor parallel (tp.py): NCCL's watchdog thread queries CUDA events meanwhile, which a "global"
+        # capture counts as an error; "thread_local" checks this thread only (as torch's cudagraph trees do)
+        mode = "thread_local" if torch.distributed.is_available() and torch.distributed.is_initialized() else "global"
+        with torch.cuda.graph(self.graph, capture_error_mode=mode):
             self.out = self.step(self.tokens, self.input_pos)
         if counters["stats"]["unique_graphs"] != graphs:
             raise RuntimeError("the decode step compiled again while being captured: a guard failed between "
