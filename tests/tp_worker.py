@@ -1,7 +1,15 @@
 """Every cache strategy on a tiny random model (6 KV heads, 12 query heads, MLP width 96: split 2 or 3
 ways), run in one process (tests/test_tp.py) or as one rank of `torchrun ... tests/tp_worker.py OUT`,
-which shards the model (tp.py) and saves each rank's logits, tokens, bytes and (with a third argument
-`compile`) the compiled step's logits, tokens and compile counts to OUT/rank<r>.pt."""
+which shards the model (tp.py) and saves each rank's logits, tokens, bytes and (with the word `compile`)
+the compiled step's logits, tokens and compile counts to OUT/rank<r>.pt.
+
+On GPUs (fp32; the decode step compiled as generate.compile_decode does: inductor, one CUDA graph holding
+NCCL's all-reduces), the same against one GPU, ~2-3 minutes on a 2-GPU host:
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    python tests/tp_worker.py /tmp/tp compile cuda                     # one GPU -> /tmp/tp/one.pt
+    torchrun --nproc_per_node 2 tests/tp_worker.py /tmp/tp compile cuda
+    python tests/tp_worker.py /tmp/tp compare 2                        # a line per case; exit 1 on a mismatch
+"""
 import json
 import sys
 from pathlib import Path
@@ -61,7 +69,9 @@ def run_case(model, name, params, ckpt, step=None):
     pos[1] = (pos[1] - 7).clamp(min=-1)
     cfg = kv.CacheConfig(strategy=name, max_cache_length=["0.5"], prompt_compression=prompt_rule,
                          params={**SPARSE, **params}, checkpoint_dir=str(ckpt))
-    caches = kv.make_caches(a, cfg, B, T + STEPS + 1, STEPS + 1, "cpu", torch.float32)
+    dev = model.tok_embeddings.weight.device
+    toks, pos = toks.to(dev), pos.to(dev)
+    caches = kv.make_caches(a, cfg, B, T + STEPS + 1, STEPS + 1, dev, torch.float32)
     model.setup_caches(caches)
     with torch.no_grad():
         out = [model.prefill(toks, pos)]
@@ -70,7 +80,7 @@ def run_case(model, name, params, ckpt, step=None):
             toks_out.append(tok)
             out.append((step or model.forward)(tok, ip)[:, -1].clone())
             tok, ip = out[-1].argmax(-1, keepdim=True), ip + 1
-    return torch.stack(out, 1), torch.cat(toks_out, 1), kv.cache_bytes(caches)
+    return torch.stack(out, 1).cpu(), torch.cat(toks_out, 1).cpu(), kv.cache_bytes(caches)
 
 
 def run_all(model, ckpt, compiled=()):
@@ -82,7 +92,10 @@ def run_all(model, ckpt, compiled=()):
     for name in compiled:
         torch._dynamo.reset()
         counters.clear()
-        if name.endswith(" regional"):
+        if model.tok_embeddings.weight.is_cuda:  # as generate.py --compile: inductor, one CUDA graph
+            import generate as gen
+            step = gen.compile_decode(model, "cuda")
+        elif name.endswith(" regional"):
             from model import TransformerBlock
             block = torch.compile(TransformerBlock.forward, fullgraph=True, backend="eager")
             step = lambda tok, ip: model.forward(tok, ip, layer_step=block)  # noqa: E731
@@ -94,19 +107,41 @@ def run_all(model, ckpt, compiled=()):
     return eager, comp
 
 
-def main(out: Path, compiled=()):
+def main(out: Path, compiled=(), device="cpu"):
+    """Under torchrun: this rank's share -> OUT/rank<r>.pt; else one process -> OUT/one.pt."""
     import tp
     torch.set_num_threads(1)
-    tp.init("cpu")
-    import torch.distributed as dist
+    one = tp.rank_world()[1] == 1
+    device = device if one else tp.init(device)
     model = tiny_model()
-    (ckpt := out / f"files{dist.get_rank()}").mkdir()
+    (ckpt := out / f"files{tp.rank_world()[0]}{'one' if one else ''}").mkdir(parents=True)
     learned_files(ckpt, model.args)
-    tp.shard_model(model, "cpu")
+    model = model.to(device) if one else tp.shard_model(model, device)
     eager, comp = run_all(model, ckpt, compiled)
-    torch.save({"eager": eager, "compiled": comp, "weights": tp.weight_split(model)}, out / f"rank{dist.get_rank()}.pt")
+    torch.save({"eager": eager, "compiled": comp, "weights": tp.weight_split(model)},
+               out / ("one.pt" if one else f"rank{tp.rank_world()[0]}.pt"))
     tp.close()
 
 
+def compare(out: Path, n: int) -> bool:
+    """Print each case's verdict, ranks against one process (GPU runs); True if all agree."""
+    ref, ok = torch.load(out / "one.pt"), True
+    for i in range(n):
+        got = torch.load(out / f"rank{i}.pt")
+        for case, (logits, tokens, *_) in [*ref["eager"].items(), *ref["compiled"].items()]:
+            g = got["eager"].get(case) or got["compiled"][case]
+            same, diff = torch.equal(g[1], tokens), (g[0] - logits).abs().max().item()
+            extra = f", compiled {g[2]} graph(s), {g[3]} break(s)" if case in ref["compiled"] else ""
+            bad = not same or diff > 1e-2 or (extra and (g[2], g[3]) != (1, 0))
+            print(f"rank {i} {case}: tokens {'identical' if same else 'DIFFER'}, max logit difference {diff:.2e}"
+                  f"{extra}{' <- MISMATCH' if bad else ''}")
+            ok = ok and not bad
+    print("all ranks match one process" if ok else "MISMATCH: see the lines marked above")
+    return ok
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), COMPILED if "compile" in sys.argv[2:] else ())
+    words = sys.argv[2:]
+    if "compare" in words:
+        sys.exit(0 if compare(Path(sys.argv[1]), int(words[words.index("compare") + 1])) else 1)
+    main(Path(sys.argv[1]), COMPILED if "compile" in words else (), "cuda" if "cuda" in words else "cpu")
