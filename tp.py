@@ -107,11 +107,7 @@ def shard_model(model, device):
 def weight_split(model) -> tuple[int, int]:
     """(bytes of this rank's sharded weights, bytes of the replicated ones: embedding, output, norms)."""
     sharded = replicated = 0
-    seen = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
+    for name, p in model.named_parameters():  # a tied output is the embedding table: counted once
         n = p.numel() * p.element_size()
         if name.startswith("layers.") and any(s in name for s in ("wqkv", "wo", "w1", "w2", "w3")):
             sharded += n
