@@ -4,8 +4,10 @@ Rank r of N holds KV heads [r H_kv/N, (r+1) H_kv/N) of every layer: their rows o
 heads' q, its K and V heads), the matching columns of wo, a 1/N slice of the MLP's hidden units (rows of w1
 and w3, columns of w2), and only those heads' KV cache, so per-head eviction, retrieval selection and head
 budgets run where the heads are. wo and w2 produce partial sums: one all-reduce after each (a forward
-hook, so the compiled decode step traces it and the CUDA graph captures NCCL's kernel). The embedding
-table, the output projection and the norms stay replicated: every rank computes the same logits. The few
+hook, so the compiled decode step traces it and the CUDA graph captures NCCL's kernel). An untied output
+projection is split by vocabulary rows (its logits all-gathered: it is read every step) when N divides the
+vocabulary; the embedding table (a gather of B rows a step), a tied output and the norms stay
+replicated. Every rank ends with the same logits. The few
 strategies whose rule spans a layer's heads exchange what they need (cache.py: TOVA, AdaKV, HeadKV and
 DiliLazyKV, random; each class says how). Backend: NCCL on CUDA, gloo on CPU. Imported only when
 WORLD_SIZE > 1 (generate.py, eval.py --tensor_parallel, bench.py).
@@ -54,10 +56,15 @@ def all_reduce(x):
     return funcol.all_reduce(x, "sum", dist.group.WORLD)
 
 
+def all_gather(x, dim: int):
+    """Every rank's x, concatenated along `dim` in rank order; traceable like all_reduce."""
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # its newer name (torch 2.13)
+    return gather(x.contiguous(), dim, dist.group.WORLD)
+
+
 def all_gather_heads(x):
     """x [B, H_local, ...] of every rank -> [B, H, ...], heads in rank order (the single-process layout)."""
-    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # its newer name (torch 2.13)
-    return gather(x.contiguous(), 1, dist.group.WORLD)
+    return all_gather(x, 1)
 
 
 def sum_over_ranks(n: int) -> int:
@@ -71,6 +78,10 @@ def _reduce_hook(module, inputs, output):
     # one function for every layer's wo and w2 (not a closure each): the regional compile of one
     # TransformerBlock.forward reused by all layers (generate.compile_decode) then guards on one object
     return all_reduce(output)
+
+
+def _gather_vocab_hook(module, inputs, output):
+    return all_gather(output, output.ndim - 1)  # the rank's slice of the vocabulary's logits -> all of them
 
 
 def _rows(w, sizes, rank):
@@ -100,16 +111,27 @@ def shard_model(model, device):
         ff.w2.weight = P(_rows(ff.w2.weight.t(), [a.intermediate_size], rank).t().contiguous(), requires_grad=False)
         att.wo.register_forward_hook(_reduce_hook)
         ff.w2.register_forward_hook(_reduce_hook)
+    if splits_output(model, world):
+        model.output.weight = P(_rows(model.output.weight, [a.vocab_size], rank), requires_grad=False)
+        model.output.register_forward_hook(_gather_vocab_hook)
     kv.SHARD = (rank, world)
     return model.to(device)
 
 
-def weight_split(model) -> tuple[int, int]:
-    """(bytes of this rank's sharded weights, bytes of the replicated ones: embedding, output, norms)."""
+def splits_output(model, world: int) -> bool:
+    """Whether N ranks split the output projection (untied, N divides the vocabulary)."""
+    return not model.args.tie_embeddings and model.args.vocab_size % world == 0
+
+
+def weight_split(model, world: int | None = None) -> tuple[int, int]:
+    """(bytes of this rank's sharded weights, bytes of its replicated ones: embedding, norms, a tied or
+    unsplit output). `world`: classify a whole model's weights as `world` ranks would split them."""
+    world = world or (dist.get_world_size() if dist.is_initialized() else 1)
     sharded = replicated = 0
     for name, p in model.named_parameters():  # a tied output is the embedding table: counted once
         n = p.numel() * p.element_size()
-        if name.startswith("layers.") and any(s in name for s in ("wqkv", "wo", "w1", "w2", "w3")):
+        if (name.startswith("layers.") and any(s in name for s in ("wqkv", "wo", "w1", "w2", "w3"))) or \
+                (name == "output.weight" and splits_output(model, world)):
             sharded += n
         else:
             replicated += n
@@ -122,7 +144,7 @@ def memory_line(model, cache_bytes: int) -> str:
     rank, world = dist.get_rank(), dist.get_world_size()
     sharded, replicated = weight_split(model)
     return (f"rank {rank} of {world}: weights {sharded / 2**20:.2f} MiB sharded + {replicated / 2**20:.2f} MiB replicated "
-            f"(embedding, output, norms); cache {cache_bytes / 2**20:.2f} MiB "
+            f"(embedding, norms{', output' if not splits_output(model, world) else ''}); cache {cache_bytes / 2**20:.2f} MiB "
             f"(bytes: sharded {sharded}, replicated {replicated}, cache {cache_bytes})")
 
 

@@ -33,14 +33,16 @@ def one_process(tmp_path_factory):
     model = tiny_model()
     eager, _ = run_all(model, learned_files(tmp_path_factory.mktemp("files"), model.args))
     torch.set_num_threads(threads)
-    return eager, tp.weight_split(model)
+    return eager, {n: tp.weight_split(model, n) for n in (2, 3)}  # 2 split the output (vocabulary 256), 3 do not
 
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_ranks_match_one_process(n, one_process, tmp_path):
     r = torchrun(n, "tests/tp_worker.py", str(tmp_path), *(["compile"] if n == 2 else []))
     assert r.returncode == 0, r.stderr[-4000:]
-    ref, (sharded, replicated) = one_process
+    ref, weights = one_process
+    sharded, replicated = weights[n]
+    assert (weights[2][1] < weights[3][1]) and (weights[2][0] > weights[3][0])  # 2 ranks split the output, 3 do not
     got = [torch.load(tmp_path / f"rank{i}.pt") for i in range(n)]
     for case, (logits, tokens, nbytes) in ref.items():
         for g in got:
