@@ -4,6 +4,8 @@
     python bench.py --gpu --batches 1 --prefill --profile
     python bench.py --gpu --strategies full snapkv spotlight:spotlight_prune=0.98 --contexts 4096 32768 --batches 1 8
     python bench.py --gpu --tiny --cpu   # the same code path at a tiny shape on CPU (the tests run it)
+    torchrun --nproc_per_node 2 bench.py --gpu --contexts 4096 32768 --batches 1 8 --strategies full snapkv
+                                         # tensor parallel over 2 GPUs (tp.py); scripts/bench_tp.sh: 1 vs 2 GPUs
     python bench.py --cpu_vs_hf          # CPU, default model: ours (eager, compiled) vs transformers' generate()
 
 --gpu: a model of the named shape with RANDOM weights (decode speed does not depend on weight values),
@@ -22,6 +24,14 @@ count, against which each strategy's prompt scoring is reported.
 Benchmarks that cannot lie: a row fails loudly, naming the cause, if a timed step recompiled, broke
 the graph, or ran without its CUDA graph (DecodeGraph replays are counted), and the run exits non-zero;
 a warning is printed when another process is using the GPU before or after the run.
+
+Under torchrun (WORLD_SIZE > 1) the model and caches are split by KV heads (tp.py; NCCL, NVLink multicast
+off: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1, which tp.init sets
+when unset, because multicast can take a shared host's GPUs out of service). Every rank builds the same
+random weights and keeps its slice; the captured CUDA graph holds the NCCL all-reduces; the honesty
+checks run on every rank and a row fails if any rank's failed; bytes, roofline and cache GB are per GPU
+(rank 0's); rank 0 prints. `--n_layer` cuts a shape's layers (llama-3-70b at 80 layers does not fit one
+H200, so its 1-GPU reference runs fewer, stated in the title).
 
 --cpu_vs_hf: the default model (SmolLM2-135M-Instruct) in fp32, the same prompt token ids and the same
 number of greedy new tokens for both (transformers gets min_new_tokens = max_new_tokens). Decode tok/s
@@ -158,11 +168,12 @@ def random_learned_files(args: ModelArgs, d: Path) -> Path:
 @torch.no_grad()
 def fill_caches(args, caches, batch, context, device, dtype):
     """Each layer's prompt KV: random q/k/v of `context` tokens through the cache's own prefill (its
-    prompt scoring, compression and auxiliary state included), one layer at a time to bound memory."""
+    prompt scoring, compression and auxiliary state included), one layer at a time to bound memory.
+    Head counts are the cache's own (tensor parallel: this rank's)."""
     pos = torch.arange(context, device=device).expand(batch, -1)
     for c in caches:
-        q = torch.randn(batch, args.n_head, context, args.head_dim, device=device, dtype=dtype)
-        k = torch.randn(batch, args.n_local_heads, context, args.head_dim, device=device, dtype=dtype)
+        q = torch.randn(batch, c.n_kv * c.n_group, context, args.head_dim, device=device, dtype=dtype)
+        k = torch.randn(batch, c.n_kv, context, args.head_dim, device=device, dtype=dtype)
         v = torch.randn_like(k)
         c.prefill(q, k, v, pos)
         del q, k, v
@@ -221,12 +232,14 @@ def measure_bandwidth(device) -> float:
 
 def other_gpu_processes() -> list[str]:
     """Compute processes on the GPU, as nvidia-smi lists them: called before this process touches CUDA,
-    and at the end, when this process is one of them (its pid as nvidia-smi sees it may differ from ours)."""
+    and at the end, when this process is one of them (its pid as nvidia-smi sees it may differ from ours).
+    Under torchrun: on this rank's GPU only (the other ranks have theirs)."""
     import shutil
     import subprocess
     if not shutil.which("nvidia-smi"):
         return ["(nvidia-smi not found: cannot tell whether the GPU is shared)"]
-    r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory", "--format=csv,noheader"],
+    gpu = ["-i", os.environ["LOCAL_RANK"]] if int(os.environ.get("WORLD_SIZE", 1)) > 1 else []
+    r = subprocess.run(["nvidia-smi", *gpu, "--query-compute-apps=pid,process_name,used_memory", "--format=csv,noheader"],
                        capture_output=True, text=True)
     return [line for line in r.stdout.splitlines() if line.strip()]
 
@@ -328,13 +341,45 @@ def plain_prefill_s(model, context, batch, device, dtype) -> float:
     return min(times[1:]) * args.n_layer
 
 
+SHAPES = {"llama-3-70b": dict(block_size=8192, vocab_size=128256, n_layer=80, n_head=64, n_local_heads=8, dim=8192,
+                              intermediate_size=28672, head_dim=128, rope_base=500000.0)}  # bench.py's only
+
+
+def start_tp(args, device):
+    """Under torchrun: join the group, return (tp module, this rank's device); ranks > 0 print nothing."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return None, device
+    import tp  # tensor parallel: imported only here
+    if reason := tp.check_divides(args, tp.rank_world()[1]):
+        sys.exit(f"bench.py: {reason}")
+    device = tp.init(device)
+    if tp.rank_world()[0]:
+        sys.stdout = open(os.devnull, "w")
+    return tp, device
+
+
+def agree(err):
+    """Tensor parallel: every rank's failure of a row, as (rank, exception) pairs on every rank, so all ranks
+    report one verdict (a rank's recompile or lost graph fails the row). One process: [(0, err)] or []."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return [(0, err)] if err else []
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, err and (type(err).__name__, str(err), isinstance(err, BenchError)))
+    return [(i, BenchError(m) if bench else RuntimeError(f"{kind}: {m}")) for i, x in enumerate(seen) if x
+            for kind, m, bench in [x]]
+
+
 def gpu(a):
     device = "cuda" if torch.cuda.is_available() and not a.cpu else "cpu"
     busy = other_gpu_processes() if device == "cuda" else []
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    args = ModelArgs.from_name("tiny" if a.tiny else a.shape)
+    shape = "tiny" if a.tiny else a.shape
+    args = ModelArgs(name=shape, **SHAPES[shape]) if shape in SHAPES else ModelArgs.from_name(shape)
     if a.tiny:  # 3 layers: strategies with dense first layers still get a sparse one
         args.n_layer = 3
+    args.n_layer = a.n_layer or args.n_layer
+    tp, device = start_tp(args, device)
     a.contexts = a.contexts or ([256, 400] if a.tiny else [32768])
     a.batches = a.batches or ([1, 2] if a.tiny else [8])
     a.steps = a.steps or (10 if a.tiny else 50)
@@ -342,10 +387,15 @@ def gpu(a):
     a.bandwidth = a.bandwidth or measure_bandwidth(device)
     specs = ["full"] + [s for s in (a.strategies or ALL) if s != "full"]  # full first: the ratios' reference
     args.block_size = max(args.block_size, max(a.contexts) + a.warmup + a.steps + 1)  # a longer RoPE table only
-    model = random_model(args, device, dtype)
+    model = random_model(args, device, dtype)  # the same weights on every rank (seeded): each keeps its slice
+    model = tp.shard_model(model, device) if tp else model
     spot_dir = random_learned_files(args, Path(tempfile.mkdtemp()))
-    title = (f"Decode speed, {args.name} shape ({RANDOM}), {str(dtype).removeprefix('torch.')}, "
-             f"compiled decode{' as one CUDA graph' if device == 'cuda' else ''}, {a.steps} timed steps")
+    world = tp.rank_world()[1] if tp else 1
+    layers = f", {args.n_layer} of its {full_layers(shape)} layers" if args.n_layer != full_layers(shape) else ""
+    title = (f"Decode speed, {args.name} shape{layers} ({RANDOM}), {str(dtype).removeprefix('torch.')}, "
+             f"compiled decode{' as one CUDA graph' if device == 'cuda' else ''}, {a.steps} timed steps"
+             + (f", tensor parallel over {world} {'GPUs' if device == 'cuda' else 'processes'} (tp.py; bytes, "
+                f"roofline and cache GB per rank)" if tp else ""))
     lines = header(device, title) + [
         f"Prompt KV: random q/k/v of the context length through each cache's own prefill (no model forward). "
         f"Budget of compressing strategies: --max_cache_length {a.budget}. Bytes/step = "
@@ -365,13 +415,16 @@ def gpu(a):
             full = None
             for spec in specs:
                 try:
-                    r = bench_one(model, a, spec, context, batch, device, dtype, spot_dir)
+                    r, err = bench_one(model, a, spec, context, batch, device, dtype, spot_dir), None
                 except (torch.OutOfMemoryError, ValueError, FileNotFoundError, BenchError) as e:
-                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                    if isinstance(e, BenchError):
-                        failed.append(f"{spec} {context} x{batch}: {msg}")
-                    lines.append(f"| {spec} | {context} | {batch} | FAILED: {msg} |")
-                    print(lines[-1], flush=True)
+                    err = e
+                if errors := agree(err):
+                    for rank, e in errors:
+                        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" + (f" (rank {rank})" if tp else "")
+                        if isinstance(e, BenchError):
+                            failed.append(f"{spec} {context} x{batch}: {msg}")
+                        lines.append(f"| {spec} | {context} | {batch} | FAILED: {msg} |")
+                        print(lines[-1], flush=True)
                     free_memory(model, device)
                     continue
                 full = r if spec == "full" else full
@@ -390,6 +443,8 @@ def gpu(a):
         lines += ["", "WARNING: other compute processes were seen on the GPU (timings may be low): " + "; ".join(busy)]
     if failed:
         lines += ["", "FAILED (these rows would mislead):", *failed]
+    if tp:
+        tp.close()
     return lines, bool(failed)
 
 
@@ -473,6 +528,7 @@ def main():
                    "taken, each OpenMP barrier waits a scheduler slice)")
     g = p.add_argument_group("--gpu")
     g.add_argument("--shape", default="llama-3-8b", help=f"one of {', '.join(kv_shapes())}")
+    g.add_argument("--n_layer", type=int, help="run only this many of the shape's layers (said in the title)")
     g.add_argument("--tiny", action="store_true", help="the tiny shape, a few steps: runs anywhere, for testing")
     g.add_argument("--cpu", action="store_true", help="run the --gpu path on the CPU even if CUDA is present")
     g.add_argument("--contexts", type=int, nargs="+", help="prompt lengths (default 32768; tiny: 256 400)")
@@ -493,6 +549,8 @@ def main():
     a = p.parse_args()
     if a.cpu_vs_hf == a.gpu:
         p.error("give one of --cpu_vs_hf, --gpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and (a.cpu_vs_hf or a.hf):
+        p.error("under torchrun only --gpu runs (tensor parallel); --cpu_vs_hf and --hf are one process's")
     if a.warmup < 1:
         p.error("--warmup must be >= 1: the first step compiles")
     if unknown := [s for s in a.strategies or [] if parse_spec(s)[0] not in kv.REGISTRY]:
@@ -509,7 +567,7 @@ def main():
     lines, failed = (cpu_vs_hf(a), False) if a.cpu_vs_hf else gpu(a)
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    if a.out:
+    if a.out and os.environ.get("RANK", "0") == "0":
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text)
     if failed:
@@ -518,7 +576,12 @@ def main():
 
 def kv_shapes():
     from model import CONFIGS
-    return list(CONFIGS)
+    return [*CONFIGS, *SHAPES]
+
+
+def full_layers(shape) -> int:
+    from model import CONFIGS
+    return (SHAPES.get(shape) or CONFIGS[shape])["n_layer"] if shape != "tiny" else 3
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REGISTRY: dict[str, type] = {}
+# Tensor parallel (tp.py): (rank, world). Rank r holds KV heads [r H_kv / world, (r + 1) H_kv / world) of every
+# layer, so a cache's head h is the model's head head0 + h; tp.shard_model sets this, make_caches reads it.
+SHARD = (0, 1)
 
 
 def register(cls):
@@ -95,6 +98,8 @@ class KVCache(nn.Module):
         super().__init__()
         self.layer, self.n_layer, self.n_group, self.n_kv, self.cfg = layer, n_layer, n_group, n_kv, cfg
         self.peers = list(range(n_layer)) if peers is None else peers  # the layers the strategy manages
+        self.rank, self.world = SHARD
+        self.head0 = self.rank * n_kv  # this cache's first head in the model (tensor parallel: tp.py)
         self.max_new_tokens = max_new_tokens
         self.p = self.hparams(cfg)
         self.n_sinks, self.recent_window = self.protection(cfg)
@@ -364,7 +369,8 @@ def hash_uniform(*keys, device=None):
 class Random(KVCache):
     """Uniform random eviction, the floor: at every step each candidate gets a fresh uniform score,
     hash(random_seed, layer, sequence, KV head, current position, token position), and the lowest
-    goes. Sinks and the recent window are protected."""
+    goes. Sinks and the recent window are protected. Tensor parallel: the hash takes the model's head
+    index (head0 + local head), so every rank draws what one process would for its heads."""
     # the floor every method must beat (ALGORITHMS.md); no paper
     name = "random"
     source = "no paper: the floor"
@@ -377,7 +383,7 @@ class Random(KVCache):
 
     def scores(self, pos, now):  # pos [B, H_kv, N], now [B]
         b = torch.arange(pos.shape[0], device=pos.device)[:, None, None]
-        h = torch.arange(pos.shape[1], device=pos.device)[None, :, None]
+        h = torch.arange(pos.shape[1], device=pos.device)[None, :, None] + self.head0
         return hash_uniform(*self.salt, b, h, now[:, None, None], pos, device=pos.device).float()
 
     def prefill_scores(self, q, k, v, pos):
@@ -534,7 +540,9 @@ class TOVA(KVCache):
     attention weight from the current query. The paper found averaging over the layer's heads better
     than per-head policies, so by default every head of a layer drops the same token (layer-mean
     probabilities); `tova_per_head` selects per KV head (group mean) instead. Prefill: the last prompt
-    token's attention. Nothing protected, as in the paper: the new token itself may be dropped."""
+    token's attention. Nothing protected, as in the paper: the new token itself may be dropped.
+    Tensor parallel: the layer mean spans every rank's heads, so each rank all-reduces its heads' sum
+    (one [B, S + 1] all-reduce per layer and step) and every rank drops the same token."""
     # follows arXiv 2401.06104; departs: none at the defaults (per-KV-head selection is a flag)
     name = "tova"
     source = "arXiv 2401.06104"
@@ -551,7 +559,12 @@ class TOVA(KVCache):
                              "use --prompt_compression own or --tova_per_head true")
 
     def pool(self, a):  # [B, H_kv, N]
-        return a if self.p["tova_per_head"] else a.mean(dim=1, keepdim=True).expand_as(a)
+        if self.p["tova_per_head"]:
+            return a
+        if self.world == 1:
+            return a.mean(dim=1, keepdim=True).expand_as(a)
+        from tp import all_reduce  # tensor parallel: the other ranks' heads (see the docstring)
+        return (all_reduce(a.sum(dim=1, keepdim=True)) / (a.shape[1] * self.world)).expand_as(a)
 
     def prefill_scores(self, q, k, v, pos):
         return self.pool(prompt_attention(q, k, pos, rows=1))
@@ -836,13 +849,29 @@ class AdaKV(HeadBudgetCache):
     head's budget is how many of its tokens won; decided per sequence at prefill, generated tokens then
     appended to every head. Scores: SnapKV's (w 32, kernel 7, max pooling; group mean for GQA), or any
     prefill scorer by --prompt_compression. Memory: the layer's H_kv x budget, flat (HeadBudgetCache),
-    unlike kvpress's AdaKVPress, which only masks. Ties: the later token, then the lower head."""
+    unlike kvpress's AdaKVPress, which only masks. Ties: the later token, then the lower head.
+    Tensor parallel: the flattened top-k spans the layer's heads, so at prefill every rank all-gathers the
+    scores and budgets of every head, ranks them as one process would and keeps its own heads' budgets;
+    any one rank's heads may win every slot, so each rank's flat buffer holds the layer's whole prompt
+    budget (H_kv B, not H_kv B / N: AdaKV's cache is not split N ways, unlike every other strategy's)."""
     # follows arXiv 2407.11550 (AdaKV + SnapKV scorer); departs: GQA group-mean scores, per KV head
     name = "adakv"
     source = "arXiv 2407.11550"
     defaults = {**HeadBudgetCache.defaults, "ada_alpha": 0.2}
 
     def budgets(self, scores, rooms):
+        if self.world > 1:  # tensor parallel: rank every head of the layer (the docstring says why)
+            from tp import all_gather_heads
+            won = self.layer_budgets(all_gather_heads(scores), all_gather_heads(rooms))
+            return won[:, self.head0:self.head0 + self.n_kv]
+        return self.layer_budgets(scores, rooms)
+
+    def flat_length(self, slots) -> int:
+        if self.world == 1:
+            return super().flat_length(slots)
+        return self.n_kv * self.world * (slots - self.max_new_tokens) + self.n_kv * self.max_new_tokens
+
+    def layer_budgets(self, scores, rooms):
         B, H, T = scores.shape
         guarded = best_in_row(scores, (self.p["ada_alpha"] * rooms).floor().long())
         # the layer's flattened top-k, each head's safeguard first (+inf); ties to the later token, then
@@ -859,7 +888,9 @@ class OfflineHeadBudgets(HeadBudgetCache):
     "layer-head" per query head; GQA: each KV head gets its group's mean score). With B the average
     prompt budget per head, w the window and B' = B - w, every head keeps w + a floor B' - B' // beta
     plus a share of the pool (B' // beta) N (N = the KV heads of the layers it manages) by its score, so
-    the budgets of all heads sum to N B' (up to rounding) and differ across layers too."""
+    the budgets of all heads sum to N B' (up to rounding) and differ across layers too. Tensor parallel:
+    shares come from the whole model's table (every rank reads it), normalised over all heads, and each
+    rank keeps its heads' rows: no communication."""
     kind = key = ""  # head_scores.py --score <kind> writes head_scores/<kind>.json; each entry's <key> is the score
 
     def shares(self):
@@ -868,9 +899,10 @@ class OfflineHeadBudgets(HeadBudgetCache):
         if not path.exists():
             raise FileNotFoundError(f"{self.name} needs head scores at {path}; make them with: python head_scores.py "
                                     f"--score {self.kind} --checkpoint_path {self.cfg.checkpoint_dir or '<checkpoint>'}")
-        s = head_score_table(str(path), path.stat().st_mtime_ns, self.key, self.n_layer, self.n_kv, self.n_group)
+        s = head_score_table(str(path), path.stat().st_mtime_ns, self.key, self.n_layer, self.n_kv * self.world,
+                             self.n_group)
         s = s[self.peers]  # sliding-window layers' heads keep their window, not a share
-        return self.transform(s / s.sum())[self.peers.index(self.layer)]
+        return self.transform(s / s.sum())[self.peers.index(self.layer), self.head0:self.head0 + self.n_kv]
 
     def transform(self, s):
         """[n_layer, H_kv] normalised scores -> the pool shares (HeadKV: s^temp, normalised)."""
@@ -884,7 +916,7 @@ class OfflineHeadBudgets(HeadBudgetCache):
             raise ValueError(f"{self.name}: a budget of {int(rooms.min()) + self.max_new_tokens} slots per head leaves "
                              f"nothing beyond the {w}-token window and max_new_tokens; raise --max_cache_length")
         pool = torch.div(Bp, self.p["head_beta"], rounding_mode="floor")
-        return Bp - pool, pool, len(self.peers) * self.n_kv
+        return Bp - pool, pool, len(self.peers) * self.n_kv * self.world
 
     def budgets(self, scores, rooms):
         floor, pool, N = self.floor_and_pool(rooms)
@@ -1176,7 +1208,7 @@ def make_caches(args, cfg: CacheConfig, batch, max_seq_length, max_new_tokens, d
         # them up in APPEND_STEP slots (`limit` keeps each row to its exact budget), so a compiled step
         # meets a few shapes, not one per question length
         slots = [s - max_new_tokens + -(-max_new_tokens // APPEND_STEP) * APPEND_STEP for s in slots]
-    G, H, D, L = args.n_head // args.n_local_heads, args.n_local_heads, args.head_dim, args.n_layer
+    G, H, D, L = args.n_head // args.n_local_heads, args.n_local_heads // SHARD[1], args.head_dim, args.n_layer
     caches, budgets = [], iter(zip(slots, exact))
     for i in range(L):
         if i in managed:
@@ -1234,7 +1266,10 @@ def compression_ratio(caches, tokens_seen: torch.Tensor) -> float:
     if not caches:
         return 0.0
     used = sum(c.rows_held().float() for c in caches)  # [B]
-    seen = tokens_seen.float() * caches[0].n_kv * len(caches)
+    if SHARD[1] > 1:  # tensor parallel: every rank's heads
+        from tp import all_reduce
+        used = all_reduce(used)
+    seen = tokens_seen.float() * caches[0].n_kv * SHARD[1] * len(caches)
     return float(1 - (used / seen).mean())
 
 
@@ -1351,7 +1386,9 @@ class Spotlight(KVCache):
     `spotlight_sinks` first and `spotlight_recent` last tokens and the current one; prefill and
     `spotlight_dense_layers` are dense. Departures: one hash per KV head shared by its query heads
     (the authors hash per query head; the choice was measured, see README) and selection per KV head.
-    Hashes come from `python train_spotlight.py` (<checkpoint>/spotlight.safetensors)."""
+    Hashes come from `python train_spotlight.py` (<checkpoint>/spotlight.safetensors). Tensor parallel
+    (tp.py): each rank loads its heads' hashes (lsh_retrieval: draws every head's R, keeps its own) and
+    selects for its heads alone: no communication."""
     name = "spotlight"
     source = "arXiv 2508.19740"
     retrieves = True
@@ -1370,8 +1407,9 @@ class Spotlight(KVCache):
             for n, t in zip(("w1", "b1", "w2", "b2"), w):
                 self.register_buffer(n, t.float())
         elif self.hash_kind == "simhash":
-            g = torch.Generator().manual_seed(1000 + self.layer)
-            self.register_buffer("R", torch.randn(n_kv, head_dim, head_dim, generator=g))
+            g = torch.Generator().manual_seed(1000 + self.layer)  # every head's R drawn, this rank's kept (tp.py)
+            R = torch.randn(n_kv * self.world, head_dim, head_dim, generator=g)[self.head0:self.head0 + n_kv]
+            self.register_buffer("R", R.clone())
         self.gh = gh
         self.register_buffer("codes", torch.zeros(batch, n_kv, gh, 0 if self.dense else n_slots, W,
                                                   dtype=torch.long))
@@ -1383,10 +1421,11 @@ class Spotlight(KVCache):
                                     f"python train_spotlight.py --checkpoint_path {self.cfg.checkpoint_dir}")
         w = load_hash_weights(str(path), path.stat().st_mtime_ns)
         names = [f"layers.{self.layer}.{n}" for n in ("w1", "b1", "w2", "b2")]
-        if any(n not in w for n in names) or w[names[0]].shape[1:] != (d, d) or w[names[0]].shape[0] % n_kv:
+        if any(n not in w for n in names) or w[names[0]].shape[1:] != (d, d) or w[names[0]].shape[0] % (n_kv * self.world):
             raise ValueError(f"{path} has no hash of head_dim {d} for layer {self.layer}; retrain with: "
                              f"python train_spotlight.py --checkpoint_path {self.cfg.checkpoint_dir}")
-        return [w[n] for n in names]
+        gh = w[names[0]].shape[0] // (n_kv * self.world)  # hashes per KV head; tensor parallel: this rank's heads
+        return [w[n][self.head0 * gh:(self.head0 + n_kv) * gh] for n in names]
 
     def hash(self, x):
         """x [B, Hh, N, d] -> the real-valued code before the sign (fp32)."""

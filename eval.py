@@ -3,6 +3,7 @@
     python eval.py --tasks gsm8k rulerniah --cache_strategy full h2o l2 --max_cache_length 0.5 0.25
     python eval.py --tasks longbench --cache_config cache_configs/a.yaml cache_configs/b.yaml
     torchrun --nproc_per_node 2 eval.py --tasks passkey --num_samples 20      # data parallel (gloo)
+    torchrun --nproc_per_node 2 eval.py --tasks passkey --tensor_parallel     # one model split by KV heads (tp.py)
     python eval.py --report results/                                         # table + Pareto plots
 
 Sweeps: several --cache_strategy, --max_cache_length or --cache_config values run their cartesian
@@ -28,7 +29,8 @@ appended and fsynced as made) and metrics.json; the run ends with a line per tas
 (score ± standard error, n, folder). A rerun skips finished samples (a truncated last line is dropped),
 so a larger --num_samples extends a run, and refuses to mix configurations; --overwrite restarts;
 Ctrl-C says what is saved. Under torchrun each rank writes its shard to predictions.rank<r>.jsonl and
-rank 0 merges them. Bad input is one line and exit status 2 (generate.UserError), never a traceback.
+rank 0 merges them; with --tensor_parallel the ranks run every sample together (the model split by KV
+heads, tp.py) and rank 0 alone writes. Bad input is one line and exit status 2 (generate.UserError), never a traceback.
 
 Paired against the full cache: when the full cache's results of the same task and settings (all but the
 cache's) are there, metrics.json gains `vs_full`: the mean per-sample difference (this configuration -
@@ -95,6 +97,8 @@ def build_parser():
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, "
                    "float32 on CPU)")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
+    p.add_argument("--tensor_parallel", action="store_true", help="under torchrun: split the model over the "
+                   "processes by KV heads (tp.py; NCCL on CUDA) instead of splitting the samples")
     p.add_argument("--threads", type=positive, default=None, help="CPU threads (default: one per idle core)")
     p.add_argument("--protocol", choices=["context", "stream"], default="context",
                    help="query-agnostic protocol: context (kvpress's: the context compressed to the budget, a fraction "
@@ -244,7 +248,8 @@ def effective_config(ctx, task, name, cfg, args, n) -> dict:
             "series": readable_name(cfg, args, budget=False), **config_settings(cfg, args),
             "task_settings": task_settings(task, args),
             "run": {"num_samples": n, "device": str(ctx.device), "compile": args.compile,
-                    "world_size": ctx.world, "torch": torch.__version__}}  # "run" may change on resume
+                    "world_size": ctx.world, "tensor_parallel": ctx.shards == 1 and ctx.world > 1,
+                    "torch": torch.__version__}}  # "run" may change on resume
     return json.loads(json.dumps(meta))
 
 
@@ -259,6 +264,15 @@ class Ctx:
     step: object = None  # compiled decode step, or None for eager
     rank: int = 0
     world: int = 1
+    shards: int = 1  # ranks that split the samples: world, or 1 with --tensor_parallel (rank 0 writes)
+
+    @property
+    def shard(self) -> int:
+        return self.rank if self.shards > 1 else 0
+
+    @property
+    def writes(self) -> bool:  # this rank appends predictions (a tensor-parallel rank > 0 only computes)
+        return self.shards > 1 or self.rank == 0
 
 
 def split_prompt(ctx, s):
@@ -271,6 +285,9 @@ def new_tokens(ctx, task, s):
 
 
 def stats(cache_bytes, ratio, prefill_s, steps, decode_s, prefix, suffix):
+    if kv.SHARD[1] > 1:  # tensor parallel: every rank's heads, so results compare with one process's
+        import tp
+        cache_bytes = tp.sum_over_ranks(cache_bytes)
     return {"cache_bytes": cache_bytes, "compression_ratio": ratio, "prefill_ms": 1000 * prefill_s,
             "decode_tok_s": steps / decode_s if decode_s > 0 and steps else None,
             "n_prompt": len(prefix) + len(suffix), "n_context": len(prefix)}
@@ -562,8 +579,9 @@ def run_config(ctx, task, samples, name, cfg, args) -> tuple[bool, str]:
     barrier(ctx)  # everyone has the same view before anyone appends
     index = {s.id: i for i, s in enumerate(samples)}
     todo = [s for s in samples if s.id not in done]
-    target = out_dir / ("predictions.jsonl" if ctx.world == 1 else f"predictions.rank{ctx.rank}.jsonl")
-    repair(target)
+    target = out_dir / ("predictions.jsonl" if ctx.shards == 1 else f"predictions.rank{ctx.rank}.jsonl")
+    if ctx.writes:
+        repair(target)
     try:
         error = run_samples(ctx, task, todo, cfg, target, index, f"{task.tag}/{name}")
     except KeyboardInterrupt:  # Ctrl-C: one line; nothing is lost (each sample was appended and fsynced)
@@ -603,8 +621,8 @@ def run_samples(ctx, task, todo, cfg, target, index, desc) -> bool:
     """Runs this rank's share of `todo`, appending a line per sample; True after a sample's error. The bar
     counts samples already saved as done; under torchrun rank 0's advances by the number of ranks."""
     from tqdm import tqdm
-    mine = todo[ctx.rank::ctx.world]
-    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    mine = todo[ctx.shard::ctx.shards]
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if ctx.writes else None
     bar = tqdm(total=len(index), initial=len(index) - len(todo), desc=desc, disable=ctx.rank != 0 or not mine,
                dynamic_ncols=True, file=sys.stderr)
     try:
@@ -617,18 +635,23 @@ def run_samples(ctx, task, todo, cfg, target, index, desc) -> bool:
                         if kv.REGISTRY[cfg.strategy].prefill_only and not ctx.args.query_aware else "")
                 tqdm.write(f"error: {desc}: sample {s.id}: {e}{hint}", file=sys.stderr)
                 return True
-            append_line(fd, {"id": s.id, **row, **({"meta": s.meta} if s.meta else {})})
-            bar.update(min(ctx.world, bar.total - bar.n))
+            if fd is not None:
+                append_line(fd, {"id": s.id, **row, **({"meta": s.meta} if s.meta else {})})
+            bar.update(min(ctx.shards, bar.total - bar.n))
     finally:
         bar.close()
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     return False
 
 
 # ---------------------------------------------------------------- main
-def setup_dist():
+def setup_dist(args):
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world > 1:  # gloo carries only barriers, on CPU and GPU alike; slow ranks may wait for hours
+    if world > 1 and args.tensor_parallel:  # the model's all-reduces: NCCL on CUDA, gloo on CPU (tp.py)
+        import tp
+        args.device = tp.init(args.device)
+    elif world > 1:  # gloo carries only barriers, on CPU and GPU alike; slow ranks may wait for hours
         torch.distributed.init_process_group("gloo", timeout=timedelta(days=1))
     return rank, world
 
@@ -648,13 +671,19 @@ def make_ctx(args, configs, loaded, rank, world) -> Ctx:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
     dtype = gen.check_device(device, args.dtype)  # one line for a device or dtype this machine lacks
     gen.set_threads(args.threads)  # None: one per idle core
-    model, tok = loaded or gen.load(args.checkpoint_path, device, dtype)
+    tp = None
+    if world > 1 and args.tensor_parallel:
+        import tp
+    model, tok = loaded or gen.load(args.checkpoint_path, device, dtype, tp)
+    if loaded and tp:  # tests hand in a whole model
+        tp.shard_model(model, device)
     budgeted = [n for n, (c, _) in configs.items() if (kv.REGISTRY[c.strategy].evicts or kv.REGISTRY[c.strategy].prefill_only)
                 and any(float(v) <= 1 for v in c.max_cache_length)]
     if args.compile and budgeted and rank == 0:  # buffers sized from each sample's length: one shape each
         print(f"note: with --compile, a fractional budget recompiles the decode step for every prompt length "
               f"({', '.join(budgeted)}); a budget in tokens (--max_cache_length 256) compiles once", file=sys.stderr)
-    return Ctx(model, tok, args, device, dtype, gen.compile_decode(model, device) if args.compile else None, rank, world)
+    return Ctx(model, tok, args, device, dtype, gen.compile_decode(model, device) if args.compile else None, rank, world,
+               1 if tp else world)
 
 
 def say(ctx, line: str):
@@ -685,7 +714,7 @@ def main(argv=None, loaded=None):
     configs = parse_configs(argv)
     args = next(iter(configs.values()))[1]  # task and run flags are the same in every config
     tasks = make_tasks(args)
-    rank, world = setup_dist()
+    rank, world = setup_dist(args)
     ctx = make_ctx(args, configs, loaded, rank, world)
     lines, skipped, ok = [], [], True
     for task in tasks:

@@ -3,7 +3,9 @@
 Runs on the default model (SmolLM2-135M-Instruct) with no arguments. Prefill is eager and chunked
 (model.prefill); the decode step is compiled with fullgraph=True (CUDA graphs on GPU) and never
 syncs with the host except every `STOP_CHECK` steps to see whether every sequence has stopped.
-Every run prints the numbers the README reports from this one code path.
+Every run prints the numbers the README reports from this one code path. Under torchrun
+(`torchrun --nproc_per_node N generate.py ...`) the model and its caches are split by KV heads over the N
+processes (tp.py); rank 0 prints the text and the numbers, every rank its own weight and cache bytes.
 """
 import argparse
 import os
@@ -88,21 +90,39 @@ class Result:
     ring_bytes: int = 0     # of cache_bytes, the sliding-window layers' rings (kv.WindowCache)
 
 
-def load(checkpoint_dir, device, dtype):
-    """Model and tokenizer from a converted checkpoint, with a one-line error for every failure."""
+def load(checkpoint_dir, device, dtype, tp=None):
+    """Model and tokenizer from a converted checkpoint, with a one-line error for every failure. With `tp`
+    (tensor parallel) the model is read on the CPU (memory-mapped), and only this rank's slice moves to
+    `device`."""
     from tokenizer import load_tokenizer
     path = Path(checkpoint_dir)
     if not (path / "model.safetensors").exists() or not (path / "config.json").exists():
         hint = PREPARE_DEFAULT if path == Path(DEFAULT_CHECKPOINT) else "bash scripts/prepare.sh <hf_repo_id>"
         raise UserError(f"no checkpoint at {path}; prepare it with: {hint}")
     try:
-        model = load_model(path, device=device, dtype=dtype)
+        model = load_model(path, device="cpu" if tp else device, dtype=dtype)
         tokenizer = load_tokenizer(path)
+        if tp and (reason := tp.check_divides(model.args, tp.rank_world()[1])):
+            raise UserError(f"torchrun --nproc_per_node {tp.rank_world()[1]}: {reason}")
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # unreadable weights/config/tokenizer
         raise UserError(f"checkpoint at {path} is unreadable or corrupt ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); re-run {PREPARE_DEFAULT} "
                         f"or scripts/prepare.sh") from None
-    return model, tokenizer
+    return (tp.shard_model(model, device) if tp else model), tokenizer
+
+
+def start_tp(args):
+    """Launched by torchrun (WORLD_SIZE > 1): join the group, return (tp module, this rank's device);
+    else (None, args.device). Ranks other than 0 print nothing but their own bytes (tp.memory_line)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return None, args.device
+    if getattr(args, "debug_attention_loss", False):
+        raise UserError("--debug_attention_loss runs in one process only (not under torchrun)")
+    import tp  # tensor parallel: imported only here
+    device = tp.init(args.device)
+    if tp.rank_world()[0]:
+        sys.stdout = open(os.devnull, "w")
+    return tp, device
 
 
 def pad_batch(prompts: list[list[int]], device):
@@ -186,7 +206,10 @@ class DecodeGraph:
         from torch._dynamo.utils import counters
         graphs = counters["stats"]["unique_graphs"]
         self.tokens, self.input_pos, self.graph = tokens.clone(), input_pos.clone(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # tensor parallel (tp.py): NCCL's watchdog thread queries CUDA events meanwhile, which a "global"
+        # capture counts as an error; "thread_local" checks this thread only (as torch's cudagraph trees do)
+        mode = "thread_local" if torch.distributed.is_available() and torch.distributed.is_initialized() else "global"
+        with torch.cuda.graph(self.graph, capture_error_mode=mode):
             self.out = self.step(self.tokens, self.input_pos)
         if counters["stats"]["unique_graphs"] != graphs:
             raise RuntimeError("the decode step compiled again while being captured: a guard failed between "
@@ -447,7 +470,7 @@ def main(argv=None):
     param_keys = add_cache_args(parser)
     args = parse_with_config(parser, argv)
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # under torchrun every rank draws the same samples from the same logits
     dtype = check_device(args.device, args.dtype)
     for flag, value, low in (("--max_new_tokens", args.max_new_tokens, 1), ("--num_samples", args.num_samples, 1),
                              ("--batch_size", args.batch_size, 1), ("--top_k", args.top_k, 1)):
@@ -457,7 +480,8 @@ def main(argv=None):
         raise UserError(f"--temperature {args.temperature:g}: give 0 (greedy) or more")
     cfg = cache_config_from_args(args, param_keys, args.checkpoint_path)
     threads = set_threads(args.threads) if args.device == "cpu" else None
-    model, tokenizer = load(args.checkpoint_path, args.device, dtype)
+    tp, args.device = start_tp(args)
+    model, tokenizer = load(args.checkpoint_path, args.device, dtype, tp)
     texts = read_prompts(args.prompt)
     batch = args.batch_size or len(texts)
     texts = [texts[i % len(texts)] for i in range(batch)]
@@ -477,8 +501,12 @@ def main(argv=None):
             print(f"--- sample {n} sequence {i} ({len(prompts[i])} prompt tokens) ---")
             print(tokenizer.decode(toks))
         report(res, model, prompts, args)
+        if tp:
+            print(tp.memory_line(model, res.cache_bytes), file=sys.__stdout__, flush=True)
         if probes:
             print_attention_loss(torch.stack([p.loss for p in probes]).cpu())
+    if tp:
+        tp.close()
 
 
 def settings_line(cfg, args, threads) -> str:
@@ -539,11 +567,12 @@ def report(res: Result, model, prompts, args):
 
 def cli(fn, argv=None):
     """Run fn, turning bad input into one line on stderr and exit status 2, and Ctrl-C into one line
-    and status 130."""
+    and status 130. Under torchrun every rank fails alike and rank 0 says why."""
     try:
         fn(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
