@@ -54,6 +54,7 @@ class ModelArgs:
     sliding_window: int = 0  # the `local_layers` attend to the last sliding_window tokens only
     local_layers: list = field(default_factory=list)
     local_rope_base: float = 0.0  # the local layers' own (unscaled) RoPE base; 0: the global table
+    quantization: dict | None = None  # weight-only {"mode": "int8"} or {"mode": "int4", "groupsize": g}: quant.py
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
@@ -70,7 +71,7 @@ class ModelArgs:
         known, fmt = {f.name for f in fields(cls)}, raw.get("format", 1)
         if fmt not in (1, CONFIG_FORMAT):
             raise ValueError(f"{path} has format {fmt!r}; this code reads formats 1 and {CONFIG_FORMAT}")
-        if missing := sorted(known - raw.keys() - (set(FORMAT_2) if fmt == 1 else set())):
+        if missing := sorted(known - raw.keys() - (set(FORMAT_2) if fmt == 1 else set()) - {"quantization"}):
             raise ValueError(f"{path} lacks {', '.join(missing)}")
         if unknown := sorted(raw.keys() - known - {"tokenizer", "format"}):
             raise ValueError(f"{path} has unknown keys {', '.join(unknown)}")
@@ -352,15 +353,20 @@ def load_model(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Transforme
     from safetensors.torch import load_file
     checkpoint_dir = Path(checkpoint_dir)
     args = ModelArgs.from_json(checkpoint_dir / "config.json")
+    quant = None
+    if args.quantization:  # scripts/quantize.py's checkpoints: quantized modules in place of the Linear layers
+        import quant
     with torch.device("meta"):
         model = Transformer(args)
+        if quant:
+            quant.swap(model, quant.check_spec(args.quantization, args))
     state = load_file(checkpoint_dir / "model.safetensors", device="cpu")  # mmap: pages load on demand
-    if args.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
+    if args.tie_embeddings:  # quantized: the int8 table and its scales (int8) or nothing (int4 stores its own)
+        state.update(quant.tied(state, model) if quant else {"output.weight": state["tok_embeddings.weight"]})
     model.load_state_dict(state, assign=True, strict=True)
-    if args.tie_embeddings:
+    if args.tie_embeddings and not quant:
         model.output.weight = model.tok_embeddings.weight
     model.rope = model.rope_local = model.rope_offset = None  # meta tensors cannot be moved: built below
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     model.build_rope(device)  # fp32 whatever the dtype
-    return model
+    return quant.finish(model) if quant else model
