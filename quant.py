@@ -15,8 +15,10 @@ Kernels (torch's own; checked at import, else a plain dequantize-then-matmul, sl
 - CPU int8: aten._weight_int8pack_mm with bf16 activations (its fp32 path measured 3x slower than an fp32
   F.linear on this machine's one core, the bf16 one 3x faster); the result is cast back to the model's dtype.
 - CPU int4: aten._weight_int4pack_mm_for_cpu, bf16 activations likewise (fp32: 25x slower than bf16).
-- CUDA int8: the weight cast to the activations' dtype inside the matmul; in a compiled decode step (few
-  rows) written as multiply-and-sum, which inductor fuses into one kernel that reads the int8 weight once.
+- CUDA int8: one row (batch-1 decode) is a multiply-and-sum compiled on its own (`gemv_int8`), which
+  inductor fuses into one kernel reading the int8 weight once, whether or not the caller is compiled (the
+  regional CUDA decode step runs the output projection outside its compiled block). More rows (prefill,
+  batched decode): the weight dequantized, then a matmul (it writes the weight in bf16 first: slower).
 - CUDA int4: aten._weight_int4pack_mm (tinygemm), bf16 only, on the tiled layout of
   _convert_weight_to_int4pack (K a multiple of 32; innerKTiles the largest of 8, 4, 2 that divides K / 16).
 A checkpoint holds the portable form (int4: two codes a byte, the even column in the high nibble); `finish`
@@ -87,10 +89,12 @@ class Int8Linear(nn.Module):
 
         self.register_buffer("scales_mm", None, persistent=False)  # `pack`: as the kernel takes them (bf16 on CPU)
 
-    def pack(self):
+    def pack(self, check=False):
         cpu = self.weight.is_cpu and HAS["_weight_int8pack_mm"]
         # a buffer, not a cast in the graph: inductor's lowering of the CPU op wants its scales realized
         self.scales_mm = self.scales.to(torch.bfloat16) if cpu else self.scales
+        if check:
+            verify(self, dequantize_int8(self.weight, self.scales_mm))
 
     def forward(self, x):
         y = int8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.scales_mm).reshape(*x.shape[:-1], -1)
@@ -101,9 +105,16 @@ def int8_matmul(x, q, scales):
     """x [M, K] @ dequantized(q)^T -> [M, N] in x's dtype; scales bf16 on CPU (Int8Linear.pack)."""
     if x.is_cpu and scales.dtype == torch.bfloat16 and HAS["_weight_int8pack_mm"]:
         return ATEN._weight_int8pack_mm(x.to(torch.bfloat16), q, scales).to(x.dtype)
-    if torch.compiler.is_compiling() and x.shape[0] <= 8:  # a decode step: inductor fuses this into one GEMV
-        return (x[:, None, :] * q.to(x.dtype)).sum(-1) * scales.to(x.dtype)
+    if x.shape[0] == 1 and x.is_cuda:
+        return gemv_int8(x, q, scales)
     return F.linear(x, q.to(x.dtype)) * scales.to(x.dtype)
+
+
+def _gemv_int8(x, q, scales):  # [1, K] x [N, K]: fp32 products and sums, never materialised once compiled
+    return ((x.float()[:, None, :] * q.float()).sum(-1) * scales.float()).to(x.dtype)
+
+
+gemv_int8 = torch.compile(_gemv_int8, fullgraph=True, dynamic=False)  # traced inline inside a compiled caller
 
 
 class Int4Linear(nn.Module):
@@ -118,9 +129,10 @@ class Int4Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     @torch.no_grad()
-    def pack(self):
+    def pack(self, check=False):
         """The codes in the layout of this device's kernel (once, after loading and moving)."""
         w, sz = self.weight, self.scales_and_zeros.to(torch.bfloat16)
+        reference = dequantize_int4(w, sz, self.groupsize) if check else None
         if w.is_cpu and HAS["_convert_weight_to_int4pack_for_cpu"] and HAS["_weight_int4pack_mm_for_cpu"]:
             self.weight, self.layout = ATEN._convert_weight_to_int4pack_for_cpu(unpack_nibbles(w).int(), 1), "cpu"
         elif w.is_cuda and HAS["_convert_weight_to_int4pack"] and self.in_features % 32 == 0 and self.out_features % 8 == 0:
@@ -129,6 +141,8 @@ class Int4Linear(nn.Module):
         else:  # no kernel for this device or shape: dequantize at every call (slow, exact)
             sz = self.scales_and_zeros
         self.scales_and_zeros = sz
+        if check:
+            verify(self, reference)
 
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1])
@@ -140,6 +154,19 @@ class Int4Linear(nn.Module):
             y = F.linear(x2, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize).to(x.dtype))
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+
+@torch.no_grad()
+def verify(module, w_ref):
+    """The packed kernel against F.linear of the dequantized weights on random bf16 rows (1 and 3: both
+    paths); a wrong layout is off by the outputs' own size, bf16 rounding by well under 2% of it."""
+    for rows in (1, 3):
+        x = torch.randn(rows, w_ref.shape[1], device=w_ref.device).to(torch.bfloat16)
+        ref = F.linear(x.float(), w_ref.float()) + (0 if module.bias is None else module.bias.float())
+        err = (module(x).float() - ref).abs().max()
+        if not err <= 0.02 * ref.abs().max() + 1e-3:
+            raise RuntimeError(f"{type(module).__name__} {tuple(w_ref.shape)} on {w_ref.device}: the kernel is off by "
+                               f"{err:.3g} (outputs up to {ref.abs().max():.3g}) from its dequantized weights")
 
 
 class Int8Embedding(nn.Module):
@@ -201,17 +228,18 @@ def tie(model):
         model.output.weight, model.output.scales = model.tok_embeddings.weight, model.tok_embeddings.scales
 
 
-def finish(model):
-    """After loading and moving to the device: re-tie (a move copies each module's buffers apart) and pack."""
+def finish(model, check=False):
+    """After loading and moving to the device: re-tie (a move copies each module's buffers apart) and pack;
+    `check`: each packed kernel against its dequantized weights (`verify`; bench.py's quantized rows)."""
     tie(model)
     for m in model.modules():
         if isinstance(m, Int8Linear) or isinstance(m, Int4Linear) and m.layout == "codes":
-            m.pack()
+            m.pack(check)
     return model
 
 
 @torch.no_grad()
-def quantize_model(model, spec, pack=True):
+def quantize_model(model, spec, pack=True, check=False):
     """Quantize a loaded model in place, keeping each tensor on its device, scales in the model's dtype.
     pack=False leaves int4 in the portable layout (scripts/quantize.py saves that)."""
     spec = check_spec(spec, model.args)
@@ -234,7 +262,7 @@ def quantize_model(model, spec, pack=True):
     model.tok_embeddings = emb.to(dtype)
     model.args.quantization = spec
     tie(model)
-    return finish(model) if pack else model
+    return finish(model, check) if pack else model
 
 
 def state_to_save(model) -> dict:
