@@ -361,8 +361,10 @@ def load_model(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Transforme
         if quant:
             quant.swap(model, quant.check_spec(args.quantization, args))
     state = load_file(checkpoint_dir / "model.safetensors", device="cpu")  # mmap: pages load on demand
-    if args.tie_embeddings:  # quantized: the int8 table and its scales (int8) or nothing (int4 stores its own)
-        state.update(quant.tied(state, model) if quant else {"output.weight": state["tok_embeddings.weight"]})
+    if quant:  # a tied output: the embedding's int8 table and scales
+        state = quant.complete(state, model, checkpoint_dir / "model.safetensors")
+    elif args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True, strict=True)
     if args.tie_embeddings and not quant:
         model.output.weight = model.tok_embeddings.weight

@@ -91,6 +91,7 @@ class Int8Linear(nn.Module):
 
     def pack(self, check=False):
         cpu = self.weight.is_cpu and HAS["_weight_int8pack_mm"]
+        self.weight = aligned(self.weight)
         # a buffer, not a cast in the graph: inductor's lowering of the CPU op wants its scales realized
         self.scales_mm = self.scales.to(torch.bfloat16) if cpu else self.scales
         if check:
@@ -139,7 +140,7 @@ class Int4Linear(nn.Module):
             tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
             self.weight, self.layout = ATEN._convert_weight_to_int4pack(w.contiguous(), tiles), "cuda"
         else:  # no kernel for this device or shape: dequantize at every call (slow, exact)
-            sz = self.scales_and_zeros
+            sz, self.layout = self.scales_and_zeros, "dequantize"
         self.scales_and_zeros = sz
         if check:
             verify(self, reference)
@@ -228,9 +229,16 @@ def tie(model):
         model.output.weight, model.output.scales = model.tok_embeddings.weight, model.tok_embeddings.scales
 
 
+def aligned(t):
+    """t, or a copy at a fresh (64-byte aligned) address: a memory-mapped checkpoint places tensors 8-byte
+    aligned, and the CPU int8 kernel (torch 2.13) crashed on a [48, 576] input against such a weight."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
 def finish(model, check=False):
     """After loading and moving to the device: re-tie (a move copies each module's buffers apart) and pack;
     `check`: each packed kernel against its dequantized weights (`verify`; bench.py's quantized rows)."""
+    model.tok_embeddings.weight = aligned(model.tok_embeddings.weight)
     tie(model)
     for m in model.modules():
         if isinstance(m, Int8Linear) or isinstance(m, Int4Linear) and m.layout == "codes":
@@ -273,11 +281,14 @@ def state_to_save(model) -> dict:
     return state
 
 
-def tied(state: dict, model) -> dict:
-    """load_model: the entries a tied output takes from the embedding's (int8: all; int4 stores its own)."""
-    if isinstance(model.output, Int8Linear):
-        return {"output.weight": state["tok_embeddings.weight"], "output.scales": state["tok_embeddings.scales"]}
-    return {}
+def complete(state: dict, model, path) -> dict:
+    """load_model: a checkpoint's tensors plus what a tied int8 output takes from the embedding; a missing
+    tensor is named (load_state_dict's own message puts the names past its first line)."""
+    if model.args.tie_embeddings and isinstance(model.output, Int8Linear) and "tok_embeddings.scales" in state:
+        state |= {"output.weight": state["tok_embeddings.weight"], "output.scales": state["tok_embeddings.scales"]}
+    if missing := [k for k in model.state_dict() if k not in state]:
+        raise ValueError(f"{path} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    return state
 
 
 def stored_bytes(model) -> int:
