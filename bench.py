@@ -55,16 +55,16 @@ RANDOM = "random weights; decode speed does not depend on weight values"
 CHAT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
 
 
-def device_name(device) -> str:
+def device_name(device, load=None) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return f"CPU {cpu}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start"
+    return f"CPU {cpu}, {torch.get_num_threads()} threads, load average {load or os.getloadavg()[0]:.1f} at start"
 
 
-def header(device, title) -> list[str]:
-    return [f"### {title}", "", f"- device: {device_name(device)}", f"- date: {datetime.date.today()}",
+def header(device, title, load=None) -> list[str]:
+    return [f"### {title}", "", f"- device: {device_name(device, load)}", f"- date: {datetime.date.today()}",
             f"- torch {torch.__version__}", f"- command: `python {' '.join(sys.argv)}`", ""]
 
 
@@ -96,7 +96,7 @@ FLOAT = ("fp32", "bf16")
 def cpu_vs_hf(a):
     """Ours (each --weights, eager and compiled) and transformers' generate(), interleaved: each repeat runs
     every implementation once, so a load that comes and goes on a shared machine falls on all of them."""
-    ck = Path(a.checkpoint_path)
+    ck, a.load = Path(a.checkpoint_path), os.getloadavg()[0]  # the table is written at the end
     from tokenizer import load_tokenizer
     prompt, N, cfg = load_tokenizer(ck).encode_prompt(a.prompt), a.max_new_tokens, kv.CacheConfig()
     runs, compile_s = {}, {}
@@ -137,7 +137,7 @@ def cpu_table(a, ck, prompt, results, compile_s) -> list[str]:
     med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), v[0][2]) for k, v in results.items()}
     hf_rate, _, hf_tokens = med["hf"]
     lines = header("cpu", f"Decode speed on CPU: {ck.name}, batch 1, {len(prompt)}-token prompt, {a.max_new_tokens} "
-                          f"greedy new tokens, median of {a.repeats} interleaved repeats")
+                          f"greedy new tokens, median of {a.repeats} interleaved repeats", a.load)
     lines += ["| implementation | weights | decode tok/s | ms / token | vs transformers | prefill + 1st token ms | "
               "greedy tokens equal to transformers' |", "|---|---|---|---|---|---|---|"]
     for k, (rate, pre, toks) in med.items():

@@ -93,21 +93,26 @@ def test_int4_codes_scales_and_zeros_match_the_per_group_definition(g):
 
 # ---- quantized Linear layers against their dequantized weights ----------------------------------------
 def quantized_linear(mode, n_in=128, n_out=96, bias=False, g=32):
-    """A packed Int8Linear / Int4Linear of a random Linear, and its dequantized weights (in the scales' dtype
-    the kernel takes: bf16 on CPU)."""
+    """A packed Int8Linear / Int4Linear of a random Linear, and the naive references' dequantized weights
+    (scales and zeros rounded to bf16, as the CPU kernels take them)."""
     gen_ = torch.Generator().manual_seed(2)
     w = torch.randn(n_out, n_in, generator=gen_) * 0.5
     b = torch.randn(n_out, generator=gen_) if bias else None
+    bf = lambda t: t.bfloat16().float()  # noqa: E731
     if mode == "int8":
         m = quant.Int8Linear(n_in, n_out, bias)
         m.weight, m.scales = quant.quantize_int8(w)
+        rq, rs = naive_int8(w)
+        ref = rq.float() * bf(rs)[:, None]
     else:
         m = quant.Int4Linear(n_in, n_out, bias, g)
         m.weight, m.scales_and_zeros = quant.quantize_int4(w, g)
-        ref = quant.dequantize_int4(m.weight, m.scales_and_zeros.bfloat16(), g)
+        rq, rs, rlo = naive_int4(w, g)
+        ref = torch.stack([(rq[:, j] - 8) * bf(rs[:, j // g]) + bf(rlo[:, j // g] + 8 * rs[:, j // g])
+                           for j in range(n_in)], 1)
     m.bias = None if b is None else torch.nn.Parameter(b, requires_grad=False)
     m.pack()
-    return m, (quant.dequantize_int8(m.weight, m.scales_mm) if mode == "int8" else ref)
+    return m, ref
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
