@@ -278,10 +278,18 @@ def test_generate_cli_runs_a_quantized_checkpoint(int4_checkpoint):
     assert "weights streamed per step: 0.095 GB (int4 weights, groups of 32)" in r.stdout
 
 
+def load_error(path) -> str:
+    """generate.load's error for a checkpoint (gen.cli prints it as `error: ...`, exit 2): one line."""
+    with pytest.raises(gen.UserError) as e:
+        gen.load(path, "cpu", torch.float32)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
 @pytest.mark.parametrize("damage,says", [
     ("groupsize", "int4 groupsize 128 does not divide"),
     ("mode", "give mode int8 or int4"),
-    ("tensor", "layers.0.attention.wqkv.scales_and_zeros"),
+    ("tensor", "lacks layers.0.attention.wqkv.scales_and_zeros"),
     ("missing", "no checkpoint at"),
 ])
 def test_broken_quantized_checkpoint_is_one_line(int4_checkpoint, tmp_path, damage, says):
@@ -304,15 +312,19 @@ def test_broken_quantized_checkpoint_is_one_line(int4_checkpoint, tmp_path, dama
     else:
         (ck / "model.safetensors").unlink()
     (ck / "config.json").write_text(json.dumps(config))
-    err = one_line_error("generate.py", "--checkpoint_path", ck, "--max_new_tokens", "2")
+    err = load_error(ck)
     assert says in err and str(ck) in err, err
+    if damage == "tensor":  # once through the command line too
+        assert one_line_error("generate.py", "--checkpoint_path", ck, "--max_new_tokens", "2") == f"error: {err}"
 
 
 def test_quantize_script_bad_input_is_one_line(default_checkpoint, int4_checkpoint, tmp_path):
-    assert "does not divide" in one_line_error("scripts/quantize.py", "--mode", "int4", "--groupsize", "128",
-                                               "--out", tmp_path / "x")
-    assert not (tmp_path / "x").exists()  # nothing written
-    assert "exists" in one_line_error("scripts/quantize.py", "--mode", "int8", "--out", int4_checkpoint)
-    assert "already quantized" in one_line_error("scripts/quantize.py", "--checkpoint_path", int4_checkpoint,
-                                                 "--mode", "int8", "--out", tmp_path / "y")
-    assert "invalid choice" in one_line_error("scripts/quantize.py", "--mode", "int2")
+    import quantize  # scripts/ (conftest puts it on the path)
+    for argv, says in [(["--mode", "int4", "--groupsize", "128", "--out", tmp_path / "x"], "does not divide"),
+                       (["--mode", "int8", "--out", int4_checkpoint], "exists"),
+                       (["--checkpoint_path", int4_checkpoint, "--mode", "int8", "--out", tmp_path / "y"], "already quantized"),
+                       (["--mode", "int2"], "invalid choice")]:
+        with pytest.raises(gen.UserError, match=says):
+            quantize.main(list(map(str, argv)))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing written
+    assert "invalid choice" in one_line_error("scripts/quantize.py", "--mode", "int2")  # the command line's form
