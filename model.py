@@ -54,7 +54,8 @@ class ModelArgs:
     sliding_window: int = 0  # the `local_layers` attend to the last sliding_window tokens only
     local_layers: list = field(default_factory=list)
     local_rope_base: float = 0.0  # the local layers' own (unscaled) RoPE base; 0: the global table
-    quantization: dict | None = None  # weight-only {"mode": "int8"} or {"mode": "int4", "groupsize": g}: quant.py
+    # not a field (converters write every field): scripts/quantize.py's checkpoints add it to config.json
+    quantization = None  # weight-only {"mode": "int8"} or {"mode": "int4", "groupsize": g}: quant.py
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
@@ -71,11 +72,13 @@ class ModelArgs:
         known, fmt = {f.name for f in fields(cls)}, raw.get("format", 1)
         if fmt not in (1, CONFIG_FORMAT):
             raise ValueError(f"{path} has format {fmt!r}; this code reads formats 1 and {CONFIG_FORMAT}")
-        if missing := sorted(known - raw.keys() - (set(FORMAT_2) if fmt == 1 else set()) - {"quantization"}):
+        if missing := sorted(known - raw.keys() - (set(FORMAT_2) if fmt == 1 else set())):
             raise ValueError(f"{path} lacks {', '.join(missing)}")
-        if unknown := sorted(raw.keys() - known - {"tokenizer", "format"}):
+        if unknown := sorted(raw.keys() - known - {"tokenizer", "format", "quantization"}):
             raise ValueError(f"{path} has unknown keys {', '.join(unknown)}")
         args = cls(**{k: raw[k] for k in known & raw.keys()})
+        if "quantization" in raw:
+            args.quantization = raw["quantization"]
         if fmt == 1 and args.rope_scaling:  # format 1 knew one scaling, Llama-3.1's, and wrote no type
             args.rope_scaling = {"rope_type": "llama3", **args.rope_scaling}
         return args
@@ -349,7 +352,7 @@ class Transformer(nn.Module):
 
 
 def load_model(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Transformer:
-    """Load a converted checkpoint (scripts/): config.json + model.safetensors, memory-mapped."""
+    """Load a converted checkpoint (scripts/; quantize.py's too): config.json + model.safetensors, memory-mapped."""
     from safetensors.torch import load_file
     checkpoint_dir = Path(checkpoint_dir)
     args = ModelArgs.from_json(checkpoint_dir / "config.json")
