@@ -6,7 +6,8 @@
     python bench.py --gpu --tiny --cpu   # the same code path at a tiny shape on CPU (the tests run it)
     torchrun --nproc_per_node 2 bench.py --gpu --contexts 4096 32768 --batches 1 8 --strategies full snapkv
                                          # tensor parallel over 2 GPUs (tp.py); scripts/bench_tp.sh: 1 vs 2 GPUs
-    python bench.py --cpu_vs_hf          # CPU, default model: ours (eager, compiled) vs transformers' generate()
+    python bench.py --gpu --strategies full --contexts 4096 --batches 1 --weights bf16 int8 int4   # quant.py
+    python bench.py --cpu_vs_hf          # CPU, default model: ours (fp32/int8/int4, eager/compiled) vs transformers
 
 --gpu: a model of the named shape with RANDOM weights (decode speed does not depend on weight values),
 bf16, the decode step compiled as generate.compile_decode does (one compiled layer reused by every layer,
@@ -18,7 +19,9 @@ tok/s over the batch, ms/step, bytes read per step (weights without the embeddin
 counted, + the K/V rows the step attends to + any index it scans, from cache.read_bytes), % of the
 roofline at a bandwidth measured on the same device (a device-to-device copy; --bandwidth GB/s
 overrides), the ratio to the full cache measured in the same process, and how long fill, compile and
-timing took. --prefill adds one layer's plain prefill (attention + MLP, full cache) times the layer
+timing took. --weights int8 / int4: the same random model quantized in memory (quant.py; every packed
+kernel first checked against its dequantized weights, else the weights' rows fail), each quantized row
+also reported against the float row of the same strategy, context and batch. --prefill adds one layer's plain prefill (attention + MLP, full cache) times the layer
 count, against which each strategy's prompt scoring is reported.
 
 Benchmarks that cannot lie: a row fails loudly, naming the cause, if a timed step recompiled, broke
@@ -33,10 +36,12 @@ checks run on every rank and a row fails if any rank's failed; bytes, roofline a
 (rank 0's); rank 0 prints. `--n_layer` cuts a shape's layers (llama-3-70b at 80 layers does not fit one
 H200, so its 1-GPU reference runs fewer, stated in the title).
 
---cpu_vs_hf: the default model (SmolLM2-135M-Instruct) in fp32, the same prompt token ids and the same
-number of greedy new tokens for both (transformers gets min_new_tokens = max_new_tokens). Decode tok/s
-excludes prefill: ours from generate()'s own timer (first decode step apart), transformers' as
-(max_new_tokens - 1) / (time(max_new_tokens) - time(1 token)). Median of --repeats runs.
+--cpu_vs_hf: the default model (SmolLM2-135M-Instruct): transformers in fp32 (its default), ours in fp32
+and int8/int4 (--weights; quantized in memory as scripts/quantize.py does), eager and compiled; the same
+prompt token ids and the same number of greedy new tokens for all (transformers gets min_new_tokens =
+max_new_tokens). Decode tok/s excludes prefill: ours from generate()'s own timer (first decode step
+apart), transformers' as (max_new_tokens - 1) / (time(max_new_tokens) - time(1 token)). Median of
+--repeats, interleaved: each repeat runs every implementation once, so load on a shared machine falls on all.
 """
 import argparse
 import datetime
@@ -53,22 +58,23 @@ import torch
 
 import cache as kv
 import generate as gen
+import quant
 from model import ModelArgs, Transformer, load_model
 
 RANDOM = "random weights; decode speed does not depend on weight values"
 CHAT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
 
 
-def device_name(device) -> str:
+def device_name(device, load=None) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return f"CPU {cpu}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start"
+    return f"CPU {cpu}, {torch.get_num_threads()} threads, load average {load or os.getloadavg()[0]:.1f} at start"
 
 
-def header(device, title) -> list[str]:
-    return [f"### {title}", "", f"- device: {device_name(device)}", f"- date: {datetime.date.today()}",
+def header(device, title, load=None) -> list[str]:
+    return [f"### {title}", "", f"- device: {device_name(device, load)}", f"- date: {datetime.date.today()}",
             f"- torch {torch.__version__}", f"- command: `python {' '.join(sys.argv)}`", ""]
 
 
@@ -89,41 +95,69 @@ def time_hf(hf, prompt, n):
     return time.perf_counter() - t0, out[0, len(prompt):].tolist()
 
 
+def weights_spec(weights: str, groupsize: int) -> dict | None:
+    """--weights fp32 | bf16 (the run's float dtype: None) | int8 | int4 (quant.py, in memory)."""
+    return None if weights in FLOAT else {"mode": weights} | ({"groupsize": groupsize} if weights == "int4" else {})
+
+
+FLOAT = ("fp32", "bf16")
+
+
 def cpu_vs_hf(a):
-    ck = Path(a.checkpoint_path)
+    """Ours (each --weights, eager and compiled) and transformers' generate(), interleaved: each repeat runs
+    every implementation once, so a load that comes and goes on a shared machine falls on all of them."""
+    ck, a.load = Path(a.checkpoint_path), os.getloadavg()[0]  # the table is written at the end
     from tokenizer import load_tokenizer
-    model, tok = load_model(ck, dtype=torch.float32), load_tokenizer(ck)
-    prompt = tok.encode_prompt(a.prompt)
-    N, cfg = a.max_new_tokens, kv.CacheConfig()
+    prompt, N, cfg = load_tokenizer(ck).encode_prompt(a.prompt), a.max_new_tokens, kv.CacheConfig()
+    runs, compile_s = {}, {}
+    for w in a.weights:
+        model = load_model(ck, dtype=torch.float32)
+        if model.args.quantization:
+            raise SystemExit(f"bench.py: {ck} is quantized; give the float checkpoint (--weights quantizes in memory)")
+        if spec := weights_spec(w, a.groupsize):
+            quant.quantize_model(model, spec)
+        t0 = time.perf_counter()
+        step = gen.compile_decode(model, "cpu")
+        gen.generate(model, [prompt], 3, cfg, decode_step=step)  # compiles
+        compile_s[w] = time.perf_counter() - t0
+        for mode, s in (("eager", None), ("compiled", step)):
+            runs[w, mode] = lambda m=model, s=s: ours_once(m, prompt, N, cfg, s)
     hf = hf_from_gguf(ck / "source.gguf")
-    rows = {}
+    runs["hf"] = lambda: hf_once(hf, prompt, N)
+    results = {k: [] for k in runs}
+    for r in range(a.repeats):
+        for k, run in runs.items():
+            results[k].append(run())
+            print(f"repeat {r + 1}: {k}: {results[k][-1][0]:.1f} tok/s", flush=True)
+    return cpu_table(a, ck, prompt, results, compile_s)
 
-    def ours(name, step=None):
-        runs = [gen.generate(model, [prompt], N, cfg, decode_step=step) for _ in range(a.repeats)]
-        rates = [r.decode_steps / r.decode_s for r in runs]
-        rows[name] = (statistics.median(rates), statistics.median(r.prefill_s for r in runs), runs[0].tokens[0])
-        print(f"{name}: {rows[name][0]:.1f} tok/s", flush=True)
 
-    ours("ours, eager")
-    t0 = time.perf_counter()
-    step = gen.compile_decode(model, "cpu")
-    gen.generate(model, [prompt], 3, cfg, decode_step=step)  # compiles
-    compile_s = time.perf_counter() - t0
-    ours("ours, compiled", step)
-    one, full = [], []
-    for _ in range(a.repeats):
-        one.append(time_hf(hf, prompt, 1)[0])
-        t, hf_tokens = time_hf(hf, prompt, N)
-        full.append(t)
-    rows["transformers generate (DynamicCache, sdpa)"] = ((N - 1) / (statistics.median(full) - statistics.median(one)),
-                                                         statistics.median(one), hf_tokens)
-    lines = header("cpu", f"Decode speed on CPU: {ck.name}, fp32, batch 1, {len(prompt)}-token prompt, "
-                          f"{N} greedy new tokens, median of {a.repeats}")
-    lines += ["| implementation | decode tok/s | ms / token | prefill + 1st token ms | tokens identical to transformers |",
-              "|---|---|---|---|---|"]
-    for name, (rate, pre, toks) in rows.items():
-        lines.append(f"| {name} | {rate:.1f} | {1000 / rate:.1f} | {pre * 1000:.0f} | {'yes' if toks == hf_tokens else 'NO'} |")
-    lines += ["", f"Compile time of our decode step (inductor, CPU): {compile_s:.0f} s. transformers {_hf_version()}."]
+def ours_once(model, prompt, n, cfg, step):
+    r = gen.generate(model, [prompt], n, cfg, decode_step=step)
+    return r.decode_steps / r.decode_s, r.prefill_s, r.tokens[0]
+
+
+def hf_once(hf, prompt, n):
+    """Decode tok/s from two generate() lengths, so prefill is subtracted."""
+    one, full = time_hf(hf, prompt, 1)[0], time_hf(hf, prompt, n)
+    return (n - 1) / (full[0] - one), one, full[1]
+
+
+def cpu_table(a, ck, prompt, results, compile_s) -> list[str]:
+    med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), v[0][2]) for k, v in results.items()}
+    hf_rate, _, hf_tokens = med["hf"]
+    lines = header("cpu", f"Decode speed on CPU: {ck.name}, batch 1, {len(prompt)}-token prompt, {a.max_new_tokens} "
+                          f"greedy new tokens, median of {a.repeats} interleaved repeats", a.load)
+    lines += ["| implementation | weights | decode tok/s | ms / token | vs transformers | prefill + 1st token ms | "
+              "greedy tokens equal to transformers' |", "|---|---|---|---|---|---|---|"]
+    for k, (rate, pre, toks) in med.items():
+        name, w = ("transformers generate (DynamicCache, sdpa)", "fp32") if k == "hf" else (f"ours, {k[1]}", k[0])
+        w += f", groups of {a.groupsize}" if w == "int4" else ""
+        same = next((i for i, (x, y) in enumerate(zip(toks, hf_tokens)) if x != y), len(hf_tokens))
+        equal = "all" if same == len(hf_tokens) == len(toks) else f"first {same} of {len(hf_tokens)}"
+        lines.append(f"| {name} | {w} | {rate:.1f} | {1000 / rate:.1f} | {rate / hf_rate:.2f}× | {pre * 1000:.0f} | {equal} |")
+    lines += ["", "Compile time of our decode step (inductor, CPU): " + ", ".join(f"{w} {s:.0f} s" for w, s in compile_s.items())
+              + f". transformers {_hf_version()}. Load average at the end: {os.getloadavg()[0]:.1f}."]
     return lines
 
 
@@ -387,8 +421,8 @@ def gpu(a):
     a.bandwidth = a.bandwidth or measure_bandwidth(device)
     specs = ["full"] + [s for s in (a.strategies or ALL) if s != "full"]  # full first: the ratios' reference
     args.block_size = max(args.block_size, max(a.contexts) + a.warmup + a.steps + 1)  # a longer RoPE table only
-    model = random_model(args, device, dtype)  # the same weights on every rank (seeded): each keeps its slice
-    model = tp.shard_model(model, device) if tp else model
+    if tp and any(w not in FLOAT for w in a.weights):
+        raise SystemExit("error: --weights int8/int4 under torchrun: quantized weights are not split by tp.py yet")
     spot_dir = random_learned_files(args, Path(tempfile.mkdtemp()))
     world = tp.rank_world()[1] if tp else 1
     layers = f", {args.n_layer} of its {full_layers(shape)} layers" if args.n_layer != full_layers(shape) else ""
@@ -398,14 +432,43 @@ def gpu(a):
                 f"roofline and cache GB per rank)" if tp else ""))
     lines = header(device, title) + [
         f"Prompt KV: random q/k/v of the context length through each cache's own prefill (no model forward). "
-        f"Budget of compressing strategies: --max_cache_length {a.budget}. Bytes/step = "
-        f"{gen.weight_bytes(model) / 1e9:.3g} GB of weights (embedding table excluded) + K/V rows attended + index scanned; "
-        f"roofline at {a.bandwidth:.0f} GB/s ({'given' if a.bandwidth_given else 'measured: device-to-device copy'})."
+        f"Budget of compressing strategies: --max_cache_length {a.budget}. Bytes/step = weights (embedding table "
+        f"excluded; quantized: codes and scales, each kernel first checked against its dequantized weights) + K/V rows "
+        f"attended + index scanned; roofline at {a.bandwidth:.0f} GB/s "
+        f"({'given' if a.bandwidth_given else 'measured: device-to-device copy'})."
         + (f" Kernel launch settings: {tuning()}." if device == "cuda" else ""), "",
         "| strategy | context | batch | KV kept | tok/s | ms / step | GB read / step | % of roofline | vs full | "
         "cache GB | fill s | compile s | timed s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    failed, plain = [], {}
+    failed, results = [], {}
+    for w in a.weights:
+        results[w] = weight_rows(a, w, args, specs, device, dtype, spot_dir, lines, failed, tp)
+    lines += weights_vs_float(a.weights, results)
+    if a.hf:
+        lines += ["", *hf_rows(a, args, device, dtype)]
+    if device == "cuda" and len(now := other_gpu_processes()) > 1:  # this process is one of them now
+        busy += [f"at the end: {p}" for p in now]
+    if busy:
+        lines += ["", "WARNING: other compute processes were seen on the GPU (timings may be low): " + "; ".join(busy)]
+    if failed:
+        lines += ["", "FAILED (these rows would mislead):", *failed]
+    if tp:
+        tp.close()
+    return lines, bool(failed)
+
+
+def weight_rows(a, w, args, specs, device, dtype, spot_dir, lines, failed, tp) -> dict:
+    """Every context x batch x strategy row with --weights w (int8/int4: the random model quantized in memory)."""
+    model, plain, results = random_model(args, device, dtype), {}, {}  # seeded: the same weights on every rank
+    model = tp.shard_model(model, device) if tp else model  # tensor parallel: each rank keeps its slice
+    if spec := weights_spec(w, a.groupsize):
+        try:
+            quant.quantize_model(model, spec, check=True)
+        except (RuntimeError, ValueError) as e:  # a kernel that disagrees with its weights: no row may use it
+            failed.append(f"{w} weights: {e}")
+            return results
+    label = (lambda s: s) if spec is None else (lambda s: f"{s}, {w} weights")
+    print(f"{w} weights: {gen.weight_bytes(model) / 1e9:.3g} GB read per step", flush=True)
     for context in a.contexts:
         for batch in a.batches:
             if a.prefill:
@@ -422,30 +485,29 @@ def gpu(a):
                     for rank, e in errors:
                         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" + (f" (rank {rank})" if tp else "")
                         if isinstance(e, BenchError):
-                            failed.append(f"{spec} {context} x{batch}: {msg}")
-                        lines.append(f"| {spec} | {context} | {batch} | FAILED: {msg} |")
+                            failed.append(f"{label(spec)} {context} x{batch}: {msg}")
+                        lines.append(f"| {label(spec)} | {context} | {batch} | FAILED: {msg} |")
                         print(lines[-1], flush=True)
                     free_memory(model, device)
                     continue
                 full = r if spec == "full" else full
-                lines.append(row(r, full, plain.get((context, batch))))
+                results[spec, context, batch] = r
+                lines.append(row(r | {"spec": label(spec)}, full, plain.get((context, batch))))
                 print(lines[-1] + f"  ({RANDOM})", flush=True)
                 if r["profile"]:
                     print("\n".join(r["profile"]), flush=True)
                 free_memory(model, device)
-    if a.hf:
-        del model  # its weights would sit beside transformers' copy
-        free_memory(None, device)
-        lines += ["", *hf_rows(a, args, device, dtype)]
-    if device == "cuda" and len(now := other_gpu_processes()) > 1:  # this process is one of them now
-        busy += [f"at the end: {p}" for p in now]
-    if busy:
-        lines += ["", "WARNING: other compute processes were seen on the GPU (timings may be low): " + "; ".join(busy)]
-    if failed:
-        lines += ["", "FAILED (these rows would mislead):", *failed]
-    if tp:
-        tp.close()
-    return lines, bool(failed)
+    del model  # before the next weights' model (or transformers') is built
+    free_memory(None, device)
+    return results
+
+
+def weights_vs_float(weights, results) -> list[str]:
+    """Each quantized row's speed over the float row of the same strategy, context and batch."""
+    base = next((w for w in weights if w in FLOAT), None)
+    out = [f"- {w} weights / {base} weights, {k[0]} at {k[1]} x {k[2]}: {r['tok_s'] / results[base][k]['tok_s']:.2f}×"
+           for w in weights if w not in FLOAT for k, r in results[w].items() if base and k in results[base]]
+    return ["", "Quantized weights against float weights (same run):", *out] if out else []
 
 
 def tuning():
@@ -526,6 +588,9 @@ def main():
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--threads", type=int, help="torch CPU threads (1 on a shared, busy machine: with every core "
                    "taken, each OpenMP barrier waits a scheduler slice)")
+    g.add_argument("--weights", nargs="+", choices=["fp32", "bf16", "int8", "int4"], help="ours with these weights "
+                   "(--cpu_vs_hf default: fp32 int8 int4; --gpu default: bf16): int8/int4 quantized in memory (quant.py)")
+    g.add_argument("--groupsize", type=int, default=32, choices=quant.GROUPSIZES, help="int4's group (default 32)")
     g = p.add_argument_group("--gpu")
     g.add_argument("--shape", default="llama-3-8b", help=f"one of {', '.join(kv_shapes())}")
     g.add_argument("--n_layer", type=int, help="run only this many of the shape's layers (said in the title)")
@@ -558,6 +623,9 @@ def main():
     if a.bandwidth is not None and a.bandwidth <= 0:
         p.error("--bandwidth is in GB/s and must be > 0")
     a.bandwidth_given = a.bandwidth is not None
+    a.weights = a.weights or (["fp32", "int8", "int4"] if a.cpu_vs_hf else ["bf16"])
+    if a.cpu_vs_hf and "bf16" in a.weights:
+        p.error("--cpu_vs_hf runs fp32 (transformers' default): give --weights from fp32, int8, int4")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.kernel_tune:

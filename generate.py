@@ -232,7 +232,7 @@ def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, tempe
     if max_len > model.args.block_size:
         raise UserError(f"prompt of {max_len - max_new_tokens} tokens + {max_new_tokens} new tokens exceeds "
                         f"the model's maximum context of {model.args.block_size}")
-    dtype = model.tok_embeddings.weight.dtype
+    dtype = model.norm.weight.dtype  # not the embedding table: int8 in a quantized model
     try:  # suffix tokens take the slots a prefill-only strategy reserves for new tokens
         if max(float(v) for v in cache_cfg.max_cache_length) > model.args.block_size:  # a typo, not a budget
             raise ValueError(f"--max_cache_length {' '.join(map(str, cache_cfg.max_cache_length))} exceeds the "
@@ -534,8 +534,11 @@ def print_attention_loss(loss):
 
 def weight_bytes(model) -> int:
     """Bytes streamed per decode step: every weight but the embedding table (gathered, not streamed),
-    plus the output projection when it is tied to that table."""
+    plus the output projection when it is tied to that table; quantized weights as stored."""
     n = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "tok_embeddings" not in name)
+    if model.args.quantization:  # codes and scales are buffers (quant.py), the tied output among them
+        import quant
+        return n + quant.stored_bytes(model)
     if model.args.tie_embeddings:
         n += model.output.weight.numel() * model.output.weight.element_size()
     return n
@@ -545,6 +548,8 @@ def report(res: Result, model, prompts, args):
     B = len(prompts)
     tok_s = res.decode_steps / res.decode_s if res.decode_s > 0 else float("nan")
     weights = weight_bytes(model)
+    q = model.args.quantization  # quant.py's weight-only modes: say so beside the bytes
+    wq = f" ({q['mode']} weights{', groups of %d' % q['groupsize'] if 'groupsize' in q else ''})" if q else ""
     print(f"prefill: {res.prefill_s * 1000:.1f} ms for {sum(map(len, prompts))} tokens | "
           f"compile/first step: {res.compile_s:.1f} s")
     print(f"decode: {tok_s:.1f} tok/s per sequence, {tok_s * B:.1f} tok/s total (batch {B}, {res.decode_steps} steps)")
@@ -559,10 +564,10 @@ def report(res: Result, model, prompts, args):
           f"({100 * res.kv_read / max(res.kv_held, 1):.0f}%; retrieval strategies read their selection and index)")
     if "cuda" in args.device:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; weights streamed per step: "
-              f"{weights / 1e9:.3f} GB")
+              f"{weights / 1e9:.3f} GB{wq}")
     else:
         print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; "
-              f"weights streamed per step: {weights / 1e9:.3f} GB")
+              f"weights streamed per step: {weights / 1e9:.3f} GB{wq}")
 
 
 def cli(fn, argv=None):

@@ -166,7 +166,7 @@ class AttentionRecorder(nn.Module):
 @torch.no_grad()
 def answer(model, tok, ids, measure, max_new_tokens, device):
     """Greedy answer to prompt ids with the full cache, recording every step. -> (text, [steps, layers, H, M])."""
-    dtype = model.tok_embeddings.weight.dtype
+    dtype = model.norm.weight.dtype  # not the embedding table: int8 in a quantized model
     caches = kv.make_caches(model.args, kv.CacheConfig(), 1, len(ids) + max_new_tokens, max_new_tokens, device, dtype)
     recorders = [AttentionRecorder(c, measure) for c in caches]
     model.setup_caches(recorders)

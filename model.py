@@ -54,6 +54,8 @@ class ModelArgs:
     sliding_window: int = 0  # the `local_layers` attend to the last sliding_window tokens only
     local_layers: list = field(default_factory=list)
     local_rope_base: float = 0.0  # the local layers' own (unscaled) RoPE base; 0: the global table
+    # not a field (converters write every field): scripts/quantize.py's checkpoints add it to config.json
+    quantization = None  # weight-only {"mode": "int8"} or {"mode": "int4", "groupsize": g}: quant.py
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
@@ -72,9 +74,11 @@ class ModelArgs:
             raise ValueError(f"{path} has format {fmt!r}; this code reads formats 1 and {CONFIG_FORMAT}")
         if missing := sorted(known - raw.keys() - (set(FORMAT_2) if fmt == 1 else set())):
             raise ValueError(f"{path} lacks {', '.join(missing)}")
-        if unknown := sorted(raw.keys() - known - {"tokenizer", "format"}):
+        if unknown := sorted(raw.keys() - known - {"tokenizer", "format", "quantization"}):
             raise ValueError(f"{path} has unknown keys {', '.join(unknown)}")
         args = cls(**{k: raw[k] for k in known & raw.keys()})
+        if "quantization" in raw:
+            args.quantization = raw["quantization"]
         if fmt == 1 and args.rope_scaling:  # format 1 knew one scaling, Llama-3.1's, and wrote no type
             args.rope_scaling = {"rope_type": "llama3", **args.rope_scaling}
         return args
@@ -348,19 +352,26 @@ class Transformer(nn.Module):
 
 
 def load_model(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Transformer:
-    """Load a converted checkpoint (scripts/): config.json + model.safetensors, memory-mapped."""
+    """Load a converted checkpoint (scripts/; quantize.py's too): config.json + model.safetensors, memory-mapped."""
     from safetensors.torch import load_file
     checkpoint_dir = Path(checkpoint_dir)
     args = ModelArgs.from_json(checkpoint_dir / "config.json")
+    quant = None
+    if args.quantization:  # scripts/quantize.py's checkpoints: quantized modules in place of the Linear layers
+        import quant
     with torch.device("meta"):
         model = Transformer(args)
+        if quant:
+            quant.swap(model, quant.check_spec(args.quantization, args))
     state = load_file(checkpoint_dir / "model.safetensors", device="cpu")  # mmap: pages load on demand
-    if args.tie_embeddings:
+    if quant:  # a tied output: the embedding's int8 table and scales
+        state = quant.complete(state, model, checkpoint_dir / "model.safetensors")
+    elif args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True, strict=True)
-    if args.tie_embeddings:
+    if args.tie_embeddings and not quant:
         model.output.weight = model.tok_embeddings.weight
     model.rope = model.rope_local = model.rope_offset = None  # meta tensors cannot be moved: built below
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     model.build_rope(device)  # fp32 whatever the dtype
-    return model
+    return quant.finish(model) if quant else model
