@@ -113,7 +113,7 @@ def load(checkpoint_dir, device, dtype, tp=None):
 
 def start_tp(args):
     """Launched by torchrun (WORLD_SIZE > 1): join the group, return (tp module, this rank's device);
-    else (None, args.device). Ranks other than 0 print nothing but their own bytes (tp.memory_line)."""
+    else (None, args.device). Ranks other than 0 print nothing; rank 0 prints every rank's bytes (tp.memory_line)."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         return None, args.device
     if getattr(args, "debug_attention_loss", False):
@@ -502,7 +502,7 @@ def main(argv=None):
             print(tokenizer.decode(toks))
         report(res, model, prompts, args)
         if tp:
-            print(tp.memory_line(model, res.cache_bytes), file=sys.__stdout__, flush=True)
+            tp.print_memory_lines(model, res.cache_bytes)
         if probes:
             print_attention_loss(torch.stack([p.loss for p in probes]).cpu())
     if tp:

@@ -150,6 +150,15 @@ def memory_line(model, cache_bytes: int) -> str:
             f"(bytes: sharded {sharded}, replicated {replicated}, cache {cache_bytes})")
 
 
+def print_memory_lines(model, cache_bytes: int):
+    """Every rank's memory_line, printed by rank 0 in rank order (lines printed by several processes at
+    once can interleave mid-line)."""
+    lines = [None] * dist.get_world_size()
+    dist.all_gather_object(lines, memory_line(model, cache_bytes))
+    if dist.get_rank() == 0:
+        print("\n".join(lines), flush=True)
+
+
 def close():
     if dist.is_initialized():
         dist.destroy_process_group()
