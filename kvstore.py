@@ -213,10 +213,11 @@ class QuantStore(nn.Module):
 
     def dequantized(self):
         """Codes as values [B, rows, S, D] fp32 (garbage where a slot is not in codes)."""
-        S = self.n_slots
-        k = dequantize(unpack_codes(self.kq[:, :, :S], self.bits), self.ks.repeat_interleave(self.G, 2)[:, :, :S], self.kz.repeat_interleave(self.G, 2)[:, :, :S])
-        vs, vz = (x[:, :, :S].repeat_interleave(self.G, -1) for x in (self.vs, self.vz))
-        return k, dequantize(unpack_codes(self.vq[:, :, :S], self.bits), vs, vz)
+        S, G, (B, rows, Sq, _) = self.n_slots, self.G, self.kq.shape
+        kc = unpack_codes(self.kq, self.bits).view(B, rows, Sq // G, G, -1)
+        k = dequantize(kc, self.ks[:, :, :, None], self.kz[:, :, :, None]).flatten(2, 3)[:, :, :S]
+        vc = unpack_codes(self.vq[:, :, :S], self.bits).unflatten(-1, (-1, G))
+        return k, dequantize(vc, self.vs[:, :, :S, :, None], self.vz[:, :, :S, :, None]).flatten(-2)
 
     # ---- the store interface ---------------------------------------------------------------------
     def prefill(self, k, v, pos, now, owner=None):

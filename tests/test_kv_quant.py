@@ -59,23 +59,27 @@ def drive(cache, T, steps, seed=0):
 
 def naive_slots(cache):
     """Every filled slot's (position, key, value) per (b, h), read the way the definition says: below the
-    frontier from the packed codes and their group's scale and zero, else from the residual entry."""
+    frontier from the packed codes and their group's scale and zero, else from the residual entry. A flat
+    head-budget cache: head h's run of its one code row."""
     st = cache.store
     B, H = cache.limit.shape
     D, Gq, bits = cache.head_dim, st.G, st.bits
     front = st.front.tolist()
+    flat = isinstance(cache, kv.HeadBudgetCache)
     out = {}
     for b in range(B):
         for h in range(H):
-            for s in range(cache.n_slots):
-                p = int(cache.pos[b, h, s])
+            run = range(int(cache.start[b, h]), int(cache.start[b, h] + cache.count[b, h])) if flat else range(cache.n_slots)
+            c = 0 if flat else h
+            for s in run:
+                p = int(cache.pos[b, s] if flat else cache.pos[b, h, s])
                 if p < 0:
                     continue
                 if p < front[b]:
-                    kc = naive_unpack(st.kq[b, h, s].tolist(), bits)
-                    vc = naive_unpack(st.vq[b, h, s].tolist(), bits)
-                    ks, kz = st.ks[b, h, s // Gq].float().tolist(), st.kz[b, h, s // Gq].float().tolist()
-                    vs, vz = st.vs[b, h, s].float().tolist(), st.vz[b, h, s].float().tolist()
+                    kc = naive_unpack(st.kq[b, c, s].tolist(), bits)
+                    vc = naive_unpack(st.vq[b, c, s].tolist(), bits)
+                    ks, kz = st.ks[b, c, s // Gq].float().tolist(), st.kz[b, c, s // Gq].float().tolist()
+                    vs, vz = st.vs[b, c, s].float().tolist(), st.vz[b, c, s].float().tolist()
                     key = [kc[d] * ks[d] + kz[d] for d in range(D)]
                     val = [vc[d] * vs[d // Gq] + vz[d // Gq] for d in range(D)]
                 else:
@@ -248,6 +252,17 @@ def test_bad_settings_raise():
 
 # ---- the Triton kernel, in the interpreter ----
 
+def test_flat_head_budget_store_is_dequantize_then_attend():
+    """AdaKV's flat layout on a quantized store: each head's run (codes in the shared row, its own residual)
+    through the store's CPU path equals naive_slots + softmax."""
+    c = make("adakv", 4, S=40, D=32, G=4, new=30)
+    drive(c, 40, 30)
+    qg = torch.randn(2, 2, 4, 32, generator=torch.Generator().manual_seed(3))
+    slots = naive_slots(c)
+    assert len({s for (_, _, s) in slots}) > 40 and int(c.store.front.min()) > 40  # flushed into the shared row
+    torch.testing.assert_close(c.attend_runs(qg).double(), naive_attention(qg, slots, 2, 2), rtol=1e-5, atol=1e-5)
+
+
 def check_kernel(device):
     """quant_attend (runs, a flat row's runs, gather) and quant_attend_scores against naive_slots + softmax
     (the kernel dequantizes tiles in registers; the reference reads codes with loops)."""
@@ -281,6 +296,12 @@ def check_kernel(device):
         got = st.attend_gather(qg, c.pos, None, sel, ok)
         chosen = {key: val for key, val in slots.items() if key[2] % 3 == 0}
         torch.testing.assert_close(got.double(), naive_attention(qg, chosen, 2, 2), rtol=1e-4, atol=1e-4)
+    c = make("adakv", 4, S=40, D=32, G=4, new=30)  # the flat layout: one code row, each head a run of it
+    drive(c, 40, 30)
+    qg = torch.randn(2, 2, 4, 32, generator=torch.Generator().manual_seed(3))
+    runs = torch.stack([c.start, c.count], -1)
+    got = quant_attend(qg, *c.store.triton_args(c.pos[:, None]), runs, runs, c.pos.shape[1], True)
+    torch.testing.assert_close(got.double(), naive_attention(qg, naive_slots(c), 2, 2), rtol=1e-4, atol=1e-4)
 
 
 def test_quant_kernel_in_interpreter():
