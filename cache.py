@@ -1252,7 +1252,7 @@ def read_bytes(caches, input_pos) -> tuple[int, int]:
     read = held = 0
     for c in caches:
         row = c.store.row_bytes()  # K and V of one (KV head, token): codes and scales if quantized
-        read += round(c.rows_read(input_pos) * row) + c.index_bytes()
+        read += round(c.rows_read(input_pos) * row) + c.index_bytes() + c.store.residual_bytes()
         held += round(int(c.rows_held().sum()) * row)
     return read, held
 

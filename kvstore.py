@@ -71,6 +71,10 @@ class DenseStore(nn.Module):
         """Bytes one (KV head, token) row of K and V occupies (read_bytes)."""
         return 2 * self.head_dim * self.k.element_size()
 
+    def residual_bytes(self) -> int:
+        """Bytes a decode step reads besides the attended rows (QuantStore: its full-precision residual)."""
+        return 0
+
     def keys(self):
         return self.k
 
@@ -179,6 +183,9 @@ class QuantStore(nn.Module):
     def row_bytes(self) -> float:
         e = torch.finfo(self.dtype).bits // 8
         return 2 * self.head_dim * self.bits / 8 + 2 * e * (self.head_dim / self.G + self.head_dim / self.G)
+
+    def residual_bytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.rk, self.rv, self.rslot, self.rpos))
 
     def frontier(self, now):
         """Positions below it are in codes, the rest in the residual: the newest R .. R + G - 1 tokens."""

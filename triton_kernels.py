@@ -183,6 +183,21 @@ def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
 # _attend_kernel's gather path beside it, and the two sets of partials merge as splits do.
 
 @triton.jit
+def _unpack(b, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    """Packed bytes [BLOCK, D BITS / 8] -> codes [BLOCK, D] (channel j 8 / BITS + i in byte j at bit i BITS): the
+    tile is loaded as contiguous bytes and split in registers, not gathered once per channel."""
+    b = b.to(tl.int32)
+    M: tl.constexpr = (1 << BITS) - 1
+    if BITS == 8:
+        c = b
+    elif BITS == 4:
+        c = tl.join(b & M, b >> 4)
+    else:  # join(join(c0, c2), join(c1, c3)) flattens to c0 c1 c2 c3
+        c = tl.join(tl.join(b & M, (b >> 4) & M), tl.join((b >> 2) & M, b >> 6))
+    return tl.reshape(c, (BLOCK, D)).to(tl.float32)
+
+
+@triton.jit
 def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM, PL, PS, n_sel, H, HC, SQ, SP, NGR,
                          scale, sqb, sqh, sqg, sib, sih, CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          D: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr,
@@ -196,8 +211,7 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
     row = b * HC + h % HC
     PER: tl.constexpr = 8 // BITS
     DP: tl.constexpr = D // PER
-    g, d = tl.arange(0, GP), tl.arange(0, D)
-    shift = ((d % PER) * BITS)[None, :]
+    g, d, dp, dg = tl.arange(0, GP), tl.arange(0, D), tl.arange(0, DP), tl.arange(0, D // QG)
     q = tl.load(Q + b * sqb + h * sqh + g[:, None] * sqg + d[None, :], mask=g[:, None] < G, other=0.0)
     front = tl.load(FRONT + b)
     m_i = tl.full([GP], -1.0e30, tl.float32)
@@ -215,11 +229,11 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
             ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=0) != 0) & inb
             idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
         slot = (row * SQ + idx).to(tl.int64)
-        kb = tl.load(KQ + slot[:, None] * DP + (d // PER)[None, :], mask=ok[:, None], other=0).to(tl.int32)
+        kb = tl.load(KQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0)
         grp = (row * NGR + idx // QG).to(tl.int64)[:, None] * D + d[None, :]
         ks = tl.load(KS + grp, mask=ok[:, None], other=0.0).to(tl.float32)
         kz = tl.load(KZ + grp, mask=ok[:, None], other=0.0).to(tl.float32)
-        k = (((kb >> shift) & ((1 << BITS) - 1)).to(tl.float32) * ks + kz).to(q.dtype)
+        k = (_unpack(kb, BITS, BLOCK, D) * ks + kz).to(q.dtype)
         s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)
         s = tl.where(ok[None, :], s, -1.0e30)
         if SCORES:
@@ -227,11 +241,12 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
-        vb = tl.load(VQ + slot[:, None] * DP + (d // PER)[None, :], mask=ok[:, None], other=0).to(tl.int32)
-        vg = slot[:, None] * (D // QG) + (d // QG)[None, :]
+        vb = tl.load(VQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0)
+        vg = slot[:, None] * (D // QG) + dg[None, :]
         vs = tl.load(VS + vg, mask=ok[:, None], other=0.0).to(tl.float32)
         vz = tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(tl.float32)
-        v = (((vb >> shift) & ((1 << BITS) - 1)).to(tl.float32) * vs + vz).to(q.dtype)
+        vc = tl.reshape(_unpack(vb, BITS, BLOCK, D), (BLOCK, D // QG, QG))  # each value group's channels
+        v = tl.reshape(vc * vs[:, :, None] + vz[:, :, None], (BLOCK, D)).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new

@@ -267,8 +267,8 @@ def check_kernel(device):
     """quant_attend (runs, a flat row's runs, gather) and quant_attend_scores against naive_slots + softmax
     (the kernel dequantizes tiles in registers; the reference reads codes with loops)."""
     from triton_kernels import quant_attend, quant_attend_scores
-    for name in ("full", "l2"):
-        c = make(name, 4, S=70, D=32, G=4)
+    for name, bits in (("full", 2), ("l2", 4), ("h2o", 8)):  # every unpacking; slot = position and evicting
+        c = make(name, bits, S=70, D=32, G=4)
         drive(c, 50, 30)
         st = c.store
         slots = naive_slots(c)
@@ -296,7 +296,7 @@ def check_kernel(device):
         got = st.attend_gather(qg, c.pos, None, sel, ok)
         chosen = {key: val for key, val in slots.items() if key[2] % 3 == 0}
         torch.testing.assert_close(got.double(), naive_attention(qg, chosen, 2, 2), rtol=1e-4, atol=1e-4)
-    c = make("adakv", 4, S=40, D=32, G=4, new=30)  # the flat layout: one code row, each head a run of it
+    c = make("adakv", 2, S=40, D=32, G=4, new=30)  # the flat layout: one code row, each head a run of it
     drive(c, 40, 30)
     qg = torch.randn(2, 2, 4, 32, generator=torch.Generator().manual_seed(3))
     runs = torch.stack([c.start, c.count], -1)
