@@ -889,7 +889,7 @@ def paired_tables(model: str, ms: list[dict], configs: list[str], margin: float,
     """'Δ vs full [95% CI]' (a column per configuration but the full cache's; a line per task whose
     reference is missing) and the lossless budget (a column per strategy line)."""
     vs = {(m["task"], m["config"]): compare_with_full(Path(m["dir"]), m, finished_rows(Path(m["dir"])), resamples)
-          for m in ms if m["strategy"] != "full"}
+          for m in ms if m["strategy"] != "full" or m.get("kv_bits", 16) != 16}  # a quantized full cache is compared
     cols, tasks = [c for c in configs if any(k[1] == c for k in vs)], sorted({m["task"] for m in ms})
     if not cols:
         return []
