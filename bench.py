@@ -46,6 +46,7 @@ apart), transformers' as (max_new_tokens - 1) / (time(max_new_tokens) - time(1 t
 import argparse
 import datetime
 import gc
+import math
 import os
 import platform
 import statistics
@@ -279,10 +280,13 @@ def other_gpu_processes() -> list[str]:
 
 
 @torch.no_grad()
-def bench_one(model, a, spec, context, batch, device, dtype, spot_dir) -> dict:
+def bench_one(model, a, spec, context, batch, device, dtype, spot_dir, bits=16) -> dict:
     strategy, params = parse_spec(spec)
     steps = a.warmup + a.steps
-    cfg = kv.CacheConfig(strategy=strategy, max_cache_length=[str(a.budget)], params=params, checkpoint_dir=str(spot_dir))
+    cfg = kv.CacheConfig(strategy=strategy, max_cache_length=[str(a.budget)], params=params, checkpoint_dir=str(spot_dir),
+                         kv_bits=bits, kv_group=a.kv_group, kv_residual=a.kv_residual)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the peak of this configuration alone (weights included)
     caches = kv.make_caches(model.args, cfg, batch, context + steps + 1, steps + 1, device, dtype)
     model.setup_caches(caches)
     gen.sync(device)
@@ -309,11 +313,13 @@ def bench_one(model, a, spec, context, batch, device, dtype, spot_dir) -> dict:
     kept = 1 - kv.compression_ratio(caches, torch.full((batch,), context + steps, device=device))
     prof = profile_step(step, tok, input_pos) if a.profile else None
     cache_gb = kv.cache_bytes(caches) / 1e9
+    peak_gb = torch.cuda.max_memory_allocated() / 1e9 if torch.device(device).type == "cuda" else float("nan")
     model.setup_caches([None] * len(caches))
     del caches, step
     dt = timed_s / a.steps
     bytes_step = gen.weight_bytes(model) + kv_read
-    return dict(spec=spec, context=context, batch=batch, kept=kept, tok_s=batch / dt, ms=dt * 1000, gb=bytes_step / 1e9,
+    spec = spec if bits == 16 else f"{spec} @{bits}-bit"
+    return dict(spec=spec, peak_gb=peak_gb, context=context, batch=batch, kept=kept, tok_s=batch / dt, ms=dt * 1000, gb=bytes_step / 1e9,
                 roof=batch * a.bandwidth * 1e9 / bytes_step, cache_gb=cache_gb, fill_s=fill_s, compile_s=compile_s,
                 timed_s=timed_s, profile=prof)
 
@@ -438,7 +444,8 @@ def gpu(a):
         f"({'given' if a.bandwidth_given else 'measured: device-to-device copy'})."
         + (f" Kernel launch settings: {tuning()}." if device == "cuda" else ""), "",
         "| strategy | context | batch | KV kept | tok/s | ms / step | GB read / step | % of roofline | vs full | "
-        "cache GB | fill s | compile s | timed s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "cache GB | cache vs full | peak GB | fill s | compile s | timed s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     failed, results = [], {}
     for w in a.weights:
@@ -476,23 +483,24 @@ def weight_rows(a, w, args, specs, device, dtype, spot_dir, lines, failed, tp) -
                 print(f"plain prefill of {batch} x {context} tokens: {plain[context, batch]:.2f} s "
                       f"(one layer's attention + MLP x {args.n_layer}; {RANDOM})", flush=True)
             full = None
-            for spec in specs:
+            for spec, bits in [(s, b) for s in specs for b in a.kv_bits]:
                 try:
-                    r, err = bench_one(model, a, spec, context, batch, device, dtype, spot_dir), None
+                    r, err = bench_one(model, a, spec, context, batch, device, dtype, spot_dir, bits), None
                 except (torch.OutOfMemoryError, ValueError, FileNotFoundError, BenchError) as e:
                     err = e
+                name = spec if bits == 16 else f"{spec} @{bits}-bit"
                 if errors := agree(err):
                     for rank, e in errors:
                         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" + (f" (rank {rank})" if tp else "")
                         if isinstance(e, BenchError):
-                            failed.append(f"{label(spec)} {context} x{batch}: {msg}")
-                        lines.append(f"| {label(spec)} | {context} | {batch} | FAILED: {msg} |")
+                            failed.append(f"{label(name)} {context} x{batch}: {msg}")
+                        lines.append(f"| {label(name)} | {context} | {batch} | FAILED: {msg} |")
                         print(lines[-1], flush=True)
                     free_memory(model, device)
                     continue
-                full = r if spec == "full" else full
-                results[spec, context, batch] = r
-                lines.append(row(r | {"spec": label(spec)}, full, plain.get((context, batch))))
+                full = r if spec == "full" and bits == 16 else full
+                results[name, context, batch] = r
+                lines.append(row(r | {"spec": label(name)}, full, plain.get((context, batch))))
                 print(lines[-1] + f"  ({RANDOM})", flush=True)
                 if r["profile"]:
                     print("\n".join(r["profile"]), flush=True)
@@ -520,8 +528,11 @@ def row(r, full, plain_s) -> str:
     fill = f"{r['fill_s']:.1f}"
     if plain_s and full and r is not full:  # the strategy's prefill = plain prefill + its scoring and compaction
         fill += f" ({(plain_s + r['fill_s'] - full['fill_s']) / plain_s:.2f}× plain prefill)"
+    cache_vs = f"{100 * r['cache_gb'] / full['cache_gb']:.1f}%" if full and r is not full else ""
+    peak = "-" if math.isnan(r["peak_gb"]) else f"{r['peak_gb']:.1f}"  # CUDA's max allocated; none on CPU
     return (f"| {r['spec']} | {r['context']} | {r['batch']} | {100 * r['kept']:.0f}% | {r['tok_s']:.1f} | {r['ms']:.2f} | "
-            f"{r['gb']:.3g} | {100 * r['tok_s'] / r['roof']:.0f}% | {vs} | {r['cache_gb']:.2f} | {fill} | "
+            f"{r['gb']:.3g} | {100 * r['tok_s'] / r['roof']:.0f}% | {vs} | {r['cache_gb']:.2f} | {cache_vs} | "
+            f"{peak} | {fill} | "
             f"{r['compile_s']:.0f} | {r['timed_s']:.1f} |")
 
 
@@ -603,6 +614,10 @@ def main():
     g.add_argument("--budget", help="--max_cache_length of compressing strategies (default 0.1; tiny: 0.5)")
     g.add_argument("--steps", type=int, help="timed decode steps (default 50; tiny: 10)")
     g.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, CUDA graph capture), >= 1")
+    g.add_argument("--kv_bits", type=int, nargs="+", default=[16], choices=[2, 4, 8, 16],
+                   help="run each strategy at each of these K/V widths (16: model dtype; the vs-full reference is 16-bit full)")
+    g.add_argument("--kv_group", type=int, default=32, help="KIVI group (generate.py --kv_group)")
+    g.add_argument("--kv_residual", type=int, default=128, help="KIVI full-precision residual (generate.py --kv_residual)")
     g.add_argument("--bandwidth", type=float, help="roofline memory bandwidth in GB/s (default: measured here)")
     g.add_argument("--prefill", action="store_true", help="also time a plain prefill and compare prompt scoring to it")
     g.add_argument("--profile", action="store_true", help="also list each configuration's kernels (torch.profiler)")

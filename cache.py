@@ -2,11 +2,18 @@
 
 Design (how a strategy plugs in)
 --------------------------------
-Every layer owns one `KVCache` (or subclass): buffers k, v [B, H_kv, S, D] and pos [B, H_kv, S]
-(each slot's ORIGINAL token position, -1 = empty), allocated once at S slots. Keys are stored after
-RoPE, so a slot keeps its position whatever happens to its neighbours. Shared mechanics live here
-once: prompt compression by top-k, sink/recent protection, victim choice, slot writes, attention.
-A strategy is one small subclass, registered by name, that overrides only its scoring rule:
+Two concerns, apart: the POLICY (this file: which token sits in which slot) and the STORAGE (kvstore.py:
+what a slot's K and V are stored as, and the decode attention that reads them). Every layer owns one
+`KVCache` (or subclass), the policy: pos [B, H_kv, S] (each slot's ORIGINAL token position, -1 = empty),
+budgets and scores, allocated once at S slots; and one store, `self.store`, chosen by --kv_bits, not by
+the strategy: DenseStore (k, v [B, H_kv, S, D] in the model dtype) or QuantStore (KIVI codes; its own
+residual and flush). The policy talks to its store only through prefill / advance / write / attend /
+attend_gather / attend_with_new, so every strategy runs on every store with no subclass per pair, and
+`cache.k` / `cache.v` are the store's full-precision view (a dequantized copy for a quantized store:
+bookkeeping and tests only). Keys are stored after RoPE, so a slot keeps its position whatever happens to
+its neighbours. Shared mechanics live here once: prompt compression by top-k, sink/recent protection,
+victim choice, slot writes. A strategy is one small subclass, registered by name, that overrides only its
+scoring rule:
 
     @register
     class MyPress(KVCache):
@@ -29,14 +36,21 @@ Kinds of strategy (class flags):
 - retrieval (`retrieves = True`): S covers the whole sequence; each step attends only to the slots
   `select(q, input_pos)` returns (static-K indices + validity; sinks and the recent window included);
   on CUDA triton_kernels.gather_attend reads just those rows.
-Three storage layouts: the one above, S slots per (sequence, KV head); HeadBudgetCache's for
+Three slot layouts, each on either store: the one above, S slots per (sequence, KV head); HeadBudgetCache's for
 per-head budgets (AdaKV, HeadKV, DiliLazyKV): one flat buffer per sequence holding each KV head's
-tokens as its own run, so the bytes are the sum of the heads' budgets (a head-budget strategy gives only
+tokens as its own run (a store with one code row per sequence), so the bytes are the sum of the heads' budgets (a head-budget strategy gives only
 its budget rule, `budgets`; the tokens inside a head come from any strategy's prefill scores); and
 WindowCache's ring for a model's sliding-window layers (Gemma 3's local ones): W slots, whatever the
-strategy, which manages the other layers only (make_caches; budgets, patterns and ratios count those).
+strategy, which manages the other layers only (make_caches; budgets, patterns and ratios count those; a
+ring stays in the model dtype: its window is the model's, not a budget).
 Decode attention on CUDA is Triton (triton_kernels.py): dense_attend over the filled slots, attend_scores
-when the probabilities are needed, gather_attend for a selection; on CPU, SDPA with a mask.
+when the probabilities are needed, gather_attend for a selection (quant_attend / quant_attend_scores read
+a QuantStore's codes in place); on CPU, SDPA with a mask (a QuantStore dequantizes first).
+Quantized storage under eviction (departs from KIVI, which never evicts): a token enters the store's
+full-precision residual and is flushed into codes a group of positions at a time; a slot = position
+policy fills each key group whole (KIVI exactly), while an evicting or appending policy overwrites single
+slots, so the flushed token's key group is re-quantized with a range that only widens (old members are
+re-rounded only when it grows; tests/test_kv_quant.py bounds the drift); values are per token, unaffected.
 Per-layer budgets are per-layer S, from the classmethod `layer_slots` (budget_slots: one budget shaped
 by --budget_pattern, or the strategy's own rule, e.g. PyramidKV's); the `limit` buffer [B, H_kv] gives
 each row its own budget within S (slots at or past it are never used): a batch of prompts of different
@@ -52,6 +66,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kvstore import DenseStore, attend_new_torch, run_mask
 
 REGISTRY: dict[str, type] = {}
 # Tensor parallel (tp.py): (rank, world). Rank r holds KV heads [r H_kv / world, (r + 1) H_kv / world) of every
@@ -78,6 +94,11 @@ class CacheConfig:
     # prompt the budget is a fraction of; "context" (kvpress's): the budget is a fraction of the prefilled
     # context alone, and the question and answer are appended without eviction
     protocol: str = "stream"
+    # KV quantization (kvstore.QuantStore, KIVI): 16 = the model dtype (off); 2, 4 or 8 bits with key groups
+    # of kv_group tokens, value groups of kv_group channels and the newest kv_residual tokens in full precision
+    kv_bits: int = 16
+    kv_group: int = 32
+    kv_residual: int = 128
 
 
 @register
@@ -104,8 +125,9 @@ class KVCache(nn.Module):
         self.p = self.hparams(cfg)
         self.n_sinks, self.recent_window = self.protection(cfg)
         self.recent = recent_slots(self.recent_window, n_slots)
-        self.register_buffer("k", torch.zeros(batch, n_kv, n_slots, head_dim, dtype=dtype))
-        self.register_buffer("v", torch.zeros(batch, n_kv, n_slots, head_dim, dtype=dtype))
+        self.head_dim, self.dtype = head_dim, dtype
+        # the keys and values live in a store (kvstore.py): dense, or quantized by cfg.kv_bits
+        self.store = make_store(cfg, batch, n_kv, n_kv, n_slots, head_dim, dtype, aligned=self.slot_is_position)
         self.register_buffer("pos", torch.full((batch, n_kv, n_slots), -1, dtype=torch.long))
         # each (sequence, KV head)'s budget: slots at or past it are never used (a batch of prompts of
         # different lengths shares one buffer, each sequence compressed to its own fraction; make_caches)
@@ -113,7 +135,17 @@ class KVCache(nn.Module):
 
     @property
     def n_slots(self):
-        return self.k.shape[2]
+        return self.pos.shape[2]
+
+    @property
+    def k(self):
+        """Every slot's keys [B, H_kv, S, D] in full precision (a quantized store dequantizes a copy: for
+        prefill bookkeeping and tests, never on the decode path)."""
+        return self.store.keys()
+
+    @property
+    def v(self):
+        return self.store.values()
 
     @classmethod
     def hparams(cls, cfg: CacheConfig) -> dict:
@@ -188,16 +220,15 @@ class KVCache(nn.Module):
         self.pos.fill_(-1)
         self.pos[:, :, :n] = tok_pos.gather(-1, keep).masked_fill(beyond, -1)
         idx = keep[..., None].expand(-1, -1, -1, k.shape[-1])
-        self.k[:, :, :n] = k.gather(2, idx)
-        self.v[:, :, :n] = v.gather(2, idx)
+        self.store.prefill(k.gather(2, idx), v.gather(2, idx), self.pos, pos.max(dim=1).values)
         self.on_prefill(q, k, v, pos, keep)
 
     def prompt_scorer(self):
         """A throw-away instance of the configured prompt-compression strategy, to score the prompt."""
         cls = REGISTRY[self.cfg.prompt_compression]
-        B, H, S, D = self.k.shape
-        return cls(B, H, 1, D, self.n_group, self.k.dtype, self.layer, self.n_layer, self.cfg,
-                   peers=self.peers).to(self.k.device)
+        B, H = self.limit.shape
+        return cls(B, H, 1, self.head_dim, self.n_group, self.dtype, self.layer, self.n_layer, self.cfg,
+                   peers=self.peers).to(self.limit.device)
 
     def choose_slot(self, keep, input_pos):
         """keep [B, H_kv, S + 1] -> the slot [B, H_kv] that takes the new token (S = drop the new one)."""
@@ -224,8 +255,7 @@ class KVCache(nn.Module):
         keep_old = slot == self.n_slots
         (b, h), s = grid(slot), slot.clamp(max=self.n_slots - 1)
         self.pos[b, h, s] = torch.where(keep_old, self.pos[b, h, s], input_pos[:, None])
-        for buf, new in ((self.k, k_new[:, :, 0]), (self.v, v_new[:, :, 0])):
-            buf[b, h, s] = torch.where(keep_old[..., None], buf[b, h, s], new)
+        self.store.write(s, k_new[:, :, 0], v_new[:, :, 0], keep_old, input_pos)
 
     def select(self, qg, input_pos):
         """Retrieval strategies: the slots this decode step reads, as (idx [B, H_kv, K], ok [B, H_kv, K])
@@ -243,7 +273,7 @@ class KVCache(nn.Module):
     def rows_read(self, input_pos) -> int:
         """K/V rows a decode step at input_pos [B] reads (a retrieval strategy's selection's size does not
         depend on the query's values)."""
-        qg = torch.zeros(*self.k.shape[:2], self.n_group, self.k.shape[-1], device=self.k.device, dtype=self.k.dtype)
+        qg = torch.zeros(*self.limit.shape, self.n_group, self.head_dim, device=self.limit.device, dtype=self.dtype)
         return int(self.attend_mask(qg, input_pos).sum())
 
     def attend_mask(self, q, input_pos):
@@ -262,33 +292,32 @@ class KVCache(nn.Module):
         return not (self.evicts or self.prefill_only)
 
     def attend_all(self, qg, input_pos):
-        """Decode attention of qg [B, H_kv, G, D] over every filled slot. CUDA: triton_kernels.dense_attend,
-        which reads validity from the position buffer and, where slot = position, stops at input_pos."""
+        """Decode attention of qg [B, H_kv, G, D] over every filled slot. CUDA: the store's kernel, which
+        reads validity from the position buffer and, where slot = position, stops at input_pos."""
         if not qg.is_cuda:
-            return attend(qg, self.k, self.v, self.pos >= 0)
-        from triton_kernels import dense_attend  # Triton: imported only on CUDA
+            return self.store.attend(qg, self.pos, input_pos, mask=self.pos >= 0)
         B, H, S = self.pos.shape
         limit = input_pos + 1 if self.slot_is_position else torch.full_like(input_pos, S)
         runs = torch.stack([torch.zeros_like(limit), limit], -1)[:, None].expand(B, H, 2)
-        return dense_attend(qg, self.k, self.v, self.pos, runs, S)
+        return self.store.attend(qg, self.pos, input_pos, runs=runs)
 
     def attend_selected(self, qg, input_pos):
         """Retrieval decode attention. On CUDA a gather kernel reads only the selected rows of K and V
         (token-level selections are not block-aligned, so a block mask would save nothing)."""
         if not qg.is_cuda:
-            return attend(qg, self.k, self.v, self.attend_mask(qg, input_pos))
+            return self.store.attend(qg, self.pos, input_pos, mask=self.attend_mask(qg, input_pos))
         sel = self.select(qg, input_pos)
         if sel is None:  # a dense layer
             return self.attend_all(qg, input_pos)
-        from triton_kernels import gather_attend  # Triton: imported only on CUDA
-        return gather_attend(qg, self.k, self.v, *sel)
+        return self.store.attend_gather(qg, self.pos, input_pos, *sel)
 
     def decode(self, q, k_new, v_new, input_pos):
         """One decode step. q [B, H, 1, D], k/v_new [B, H_kv, 1, D], input_pos [B] -> [B, H, 1, D]."""
         B, H, _, D = q.shape
         qg = q.view(B, H // self.n_group, self.n_group, D)  # fold the GQA group into the query axis
+        self.store.advance(self.pos, input_pos)  # a quantized store flushes its residual here
         if self.needs_attn:
-            out, probs = attend_with_new(qg, self.k, self.v, self.pos, k_new, v_new)
+            out, probs = self.store.attend_with_new(qg, self.pos, input_pos, k_new, v_new)
             slot = self.choose_slot(self.decode_scores(qg, k_new, input_pos, probs=probs), input_pos)
             self.write(slot, k_new, v_new, input_pos)
         elif self.retrieves:  # every token kept: store it, index it (codes, page bounds), read a sliver
@@ -326,11 +355,11 @@ class WindowCache(KVCache):
         p = last - (last - torch.arange(W, device=k.device)) % W  # [B, W]: the newest position of each slot
         idx = (p + (pos < 0).sum(1, keepdim=True)).clamp(0, T - 1)[:, None, :, None].expand(B, H, W, D)  # left pad
         self.pos.copy_(p.clamp(min=-1)[:, None].expand(B, H, W))  # negative: not yet filled
-        self.k.copy_(k.gather(2, idx))
-        self.v.copy_(v.gather(2, idx))
+        self.store.prefill(k.gather(2, idx), v.gather(2, idx), self.pos, last[:, 0])
 
     def decode(self, q, k_new, v_new, input_pos):
         B, H, _, D = q.shape
+        self.store.advance(self.pos, input_pos)
         self.write((input_pos % self.n_slots)[:, None].expand(B, self.n_kv), k_new, v_new, input_pos)
         return self.attend_all(q.view(B, self.n_kv, self.n_group, D), input_pos).view(B, H, 1, D)
 
@@ -765,8 +794,7 @@ class HeadBudgetCache(KVCache):
         self.budget = n_slots
         self.limit.fill_(n_slots)
         L = self.flat_length(n_slots)
-        self.k = torch.zeros(batch, L, head_dim, dtype=dtype)
-        self.v = torch.zeros(batch, L, head_dim, dtype=dtype)
+        self.store = make_store(self.cfg, batch, n_kv, 1, L, head_dim, dtype, aligned=False)  # one flat row
         self.pos = torch.full((batch, L), -1, dtype=torch.long)
         for name in ("start", "count", "cap"):  # each (sequence, KV head)'s run in the flat buffer
             self.register_buffer(name, torch.zeros(batch, n_kv, dtype=torch.long))
@@ -774,6 +802,14 @@ class HeadBudgetCache(KVCache):
     @property
     def n_slots(self):
         return self.budget
+
+    @property
+    def k(self):  # [B, L, D]: the flat buffer
+        return self.store.keys()[:, 0]
+
+    @property
+    def v(self):
+        return self.store.values()[:, 0]
 
     def flat_length(self, slots) -> int:
         """Slots a sequence's flat buffer needs when the average head budget is `slots`."""
@@ -801,31 +837,30 @@ class HeadBudgetCache(KVCache):
         b, h, t = kept.nonzero(as_tuple=True)  # in position order within each head
         dest = (self.start[..., None] + kept.cumsum(-1) - 1)[b, h, t]
         self.pos.fill_(-1)
-        self.pos[b, dest], self.k[b, dest], self.v[b, dest] = tok_pos[b, h, t], k[b, h, t], v[b, h, t]
+        L = self.pos.shape[1]
+        flat_k, flat_v = k.new_zeros(B, L, D), v.new_zeros(B, L, D)
+        owner = torch.zeros(B, L, dtype=torch.long, device=k.device)  # each slot's KV head (a store's residual)
+        self.pos[b, dest], flat_k[b, dest], flat_v[b, dest], owner[b, dest] = tok_pos[b, h, t], k[b, h, t], v[b, h, t], h
+        self.store.prefill(flat_k[:, None], flat_v[:, None], self.pos[:, None], pos.max(dim=1).values, owner[:, None])
 
     def decode(self, q, k_new, v_new, input_pos):
         B, H, _, D = q.shape
         qg = q.view(B, self.n_kv, self.n_group, D)
+        self.store.advance(self.pos[:, None], input_pos)
         room = self.count < self.cap  # always, with max_new_tokens reserved; else the new token is dropped
         slot = (self.start + self.count).clamp(max=self.pos.shape[1] - 1)
         b = torch.arange(B, device=q.device)[:, None]
         self.pos[b, slot] = torch.where(room, input_pos[:, None], self.pos[b, slot])
-        for buf, new in ((self.k, k_new[:, :, 0]), (self.v, v_new[:, :, 0])):
-            buf[b, slot] = torch.where(room[..., None], new, buf[b, slot])
+        self.store.write(slot, k_new[:, :, 0], v_new[:, :, 0], ~room, input_pos)
         self.count += room.long()
-        return self.attend_runs(qg).view(B, H, 1, D)
+        return self.attend_runs(qg, input_pos).view(B, H, 1, D)
 
-    def attend_runs(self, qg):
-        """Each head's query group over its own run of the flat buffer (CUDA: dense_attend's runs)."""
-        B, H, G, D = qg.shape
-        L = self.pos.shape[1]
-        k, v, pos = (x[:, None].expand(B, H, *x.shape[1:]) for x in (self.k, self.v, self.pos))  # stride-0 heads
+    def attend_runs(self, qg, input_pos=None):
+        """Each head's query group over its own run of the flat buffer (CUDA: the store's kernel over runs)."""
+        runs, pos = torch.stack([self.start, self.count], -1), self.pos[:, None]
         if qg.is_cuda:
-            from triton_kernels import dense_attend  # Triton: imported only on CUDA
-            return dense_attend(qg, k, v, pos, torch.stack([self.start, self.count], -1), L, True)
-        slot = torch.arange(L, device=qg.device)
-        run = (slot >= self.start[..., None]) & (slot < (self.start + self.count)[..., None]) & (pos >= 0)
-        return attend(qg, k, v, run)
+            return self.store.attend(qg, pos, input_pos, runs=runs)
+        return self.store.attend(qg, pos, input_pos, mask=run_mask(runs, pos))
 
     def rows_held(self):
         return (self.pos >= 0).sum(-1)
@@ -983,14 +1018,14 @@ class AttentionLossProbe(nn.Module):
 
     def __init__(self, cache: KVCache, max_seq_length: int, steps: int):
         super().__init__()
-        B, H, _, D = cache.k.shape
+        (B, H), D, dev = cache.limit.shape, cache.head_dim, cache.limit.device
         self.cache = cache
         ring = isinstance(cache, WindowCache)  # a sliding-window layer never attends further: its reference is a ring
         self.full = (WindowCache if ring else KVCache)(B, H, cache.n_slots if ring else max_seq_length, D, cache.n_group,
-                                                       cache.k.dtype, cache.layer, cache.n_layer, CacheConfig()
-                                                       ).to(cache.k.device)
-        self.register_buffer("loss", torch.full((B, steps), math.nan, device=cache.k.device))
-        self.register_buffer("step", torch.zeros((), dtype=torch.long, device=cache.k.device))
+                                                       cache.dtype, cache.layer, cache.n_layer, CacheConfig()
+                                                       ).to(dev)
+        self.register_buffer("loss", torch.full((B, steps), math.nan, device=dev))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long, device=dev))
 
     def prefill(self, q, k, v, pos):
         self.cache.prefill(q, k, v, pos)
@@ -1029,27 +1064,23 @@ def attach_attention_loss(model, max_seq_length: int, steps: int) -> list[Attent
     return probes
 
 
-def attend(qg, k, v, valid):
-    """Decode attention of qg [B, H_kv, G, D] over the slots where valid [B, H_kv, S] holds (CPU; on CUDA
-    KVCache.attend_all and attend_selected call the Triton kernels)."""
-    return F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, :, None, :])
-
-
 def attend_with_new(qg, k, v, pos, k_new, v_new):
-    """Attention of qg [B, H_kv, G, D] over the filled slots (pos [B, H_kv, S] >= 0) plus the new token,
-    without copying the cache. Returns out [B, H_kv, G, D] and the group-mean probabilities
+    """Attention of qg [B, H_kv, G, D] over the filled slots (pos [B, H_kv, S] >= 0) of dense k/v plus the
+    new token, without copying the cache: out [B, H_kv, G, D] and the group-mean probabilities
     [B, H_kv, S + 1] (fp32). CUDA: one Triton pass over K/V that also stores the logits."""
     if qg.is_cuda:
         from triton_kernels import attend_scores  # Triton: imported only on CUDA
         return attend_scores(qg, k, v, pos, k_new, v_new)
-    filled = pos >= 0
-    scale = 1.0 / math.sqrt(qg.shape[-1])
-    logits = torch.cat([qg.float() @ k.float().transpose(-1, -2), qg.float() @ k_new.float().transpose(-1, -2)], -1)
-    logits = logits * scale
-    logits[..., :-1] = logits[..., :-1].masked_fill(~filled[:, :, None, :], -math.inf)
-    probs = logits.softmax(dim=-1)
-    out = probs[..., :-1] @ v.float() + probs[..., -1:] * v_new.float()
-    return out.to(qg.dtype), probs.mean(dim=2)
+    return attend_new_torch(qg, k, v, pos >= 0, k_new, v_new)
+
+
+def make_store(cfg: CacheConfig, batch, n_kv, rows, slots, head_dim, dtype, aligned):
+    """A layer's K/V storage (kvstore.py) for cfg.kv_bits: rows code rows (n_kv, or 1 for a flat layout) of
+    `slots` slots; `aligned`: the policy writes slot = position (a quantized store then fills key groups whole)."""
+    if cfg.kv_bits == 16:
+        return DenseStore(batch, n_kv, rows, slots, head_dim, dtype)
+    from kvstore import QuantStore
+    return QuantStore(batch, n_kv, rows, slots, head_dim, dtype, cfg.kv_bits, cfg.kv_group, cfg.kv_residual, aligned)
 
 
 def prompt_attention(q, k, pos, rows=None, chunk_bytes=256 << 20):
@@ -1252,9 +1283,9 @@ def read_bytes(caches, input_pos) -> tuple[int, int]:
     plus the index scanned, against every filled slot's K/V."""
     read = held = 0
     for c in caches:
-        row = 2 * c.k.shape[-1] * c.k.element_size()
-        read += c.rows_read(input_pos) * row + c.index_bytes()
-        held += int(c.rows_held().sum()) * row
+        row = c.store.row_bytes()  # K and V of one (KV head, token): codes and scales if quantized
+        read += round(c.rows_read(input_pos) * row) + c.index_bytes() + c.store.residual_bytes()
+        held += round(int(c.rows_held().sum()) * row)
     return read, held
 
 
@@ -1514,8 +1545,8 @@ class Quest(KVCache):
         self.dense = self.layer in self.p["quest_dense_layers"]
         self.ps = int(self.p["quest_page_size"])
         P = 0 if self.dense else -(-n_slots // self.ps)
-        self.register_buffer("kmax", torch.zeros(batch, n_kv, P, head_dim, dtype=self.k.dtype))
-        self.register_buffer("kmin", torch.zeros(batch, n_kv, P, head_dim, dtype=self.k.dtype))
+        self.register_buffer("kmax", torch.zeros(batch, n_kv, P, head_dim, dtype=self.dtype))
+        self.register_buffer("kmin", torch.zeros(batch, n_kv, P, head_dim, dtype=self.dtype))
 
     def on_prefill(self, q, k, v, pos, keep):
         if self.dense:

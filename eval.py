@@ -59,7 +59,7 @@ import metrics as M
 import tasks as T
 
 REPO = Path(__file__).resolve().parent
-SWEEP = ("cache_config", "cache_strategy", "max_cache_length")
+SWEEP = ("cache_config", "cache_strategy", "max_cache_length", "kv_bits")  # each a list: one run per combination
 BOOTSTRAP, LOSSLESS_MARGIN = 10_000, 2.0  # --bootstrap_samples, --lossless_margin
 
 
@@ -431,7 +431,7 @@ def run_fidelity(ctx, task, s, cfg):
     import metrics
     prefix, suffix = split_prompt(ctx, s)
     n = ctx.args.max_new_tokens or task.max_new_tokens
-    full = dataclasses.replace(cfg, strategy="full", params={}, prompt_compression="own")
+    full = dataclasses.replace(cfg, strategy="full", params={}, prompt_compression="own", kv_bits=16)  # bf16: the reference
     kw = dict(stop_ids=ctx.tok.stop_ids, decode_step=ctx.step, device=ctx.device, suffixes=[suffix] if suffix else None)
     ref = gen.generate(ctx.model, [prefix], n, full, **kw).tokens[0]
     res = gen.generate(ctx.model, [prefix], n, cfg, **kw)
@@ -544,7 +544,7 @@ def summarize(task, rows, meta) -> dict:
     mean = lambda k: (lambda v: sum(v) / len(v) if v else None)([r[k] for r in rows if r.get(k) is not None])
     out = {"task": meta["task"], "config": meta["config"], "series": meta["series"], "model": meta["model"],
            "strategy": meta["cache"]["strategy"], "max_cache_length": meta["cache"]["max_cache_length"],
-           "query_aware": meta["query_aware"],
+           "query_aware": meta["query_aware"], "kv_bits": meta["cache"].get("kv_bits", 16),
            "prompt_rule": meta["prompt_rule"], "metric": task.metric, "higher_is_better": task.higher_is_better,
            "n": len(rows), **task.aggregate(rows)}
     if rows and "score_norm" in rows[0]:  # choice tasks: also the gold option's log-likelihood, which moves
@@ -795,7 +795,8 @@ def full_reference(conf_dir: Path) -> tuple[Path | None, str]:
     found = []
     for p in sorted(conf_dir.parent.glob("*/config.json")):
         c = read_json(p, "rerun that eval")
-        if c.get("cache", {}).get("strategy") == "full" and set(differences(mine, c)) <= CACHE_KEYS:
+        if c.get("cache", {}).get("strategy") == "full" and c["cache"].get("kv_bits", 16) == 16 \
+                and set(differences(mine, c)) <= CACHE_KEYS:  # the reference keeps the model dtype
             found.append((p.parent, c))
     skip = ("strategy", "max_cache_length", "params")
     other = lambda c: {k: v for k, v in c.get("cache", {}).items() if k not in skip}
@@ -833,7 +834,7 @@ def vs_full(m: dict, rows, ref, ref_name: str, resamples: int) -> dict:
 
 def compare_with_full(conf_dir: Path, m: dict, rows, resamples: int) -> dict | None:
     """vs_full against the full-cache folder beside conf_dir, or {"missing": why}; None for the full cache."""
-    if m["strategy"] == "full":
+    if m["strategy"] == "full" and m.get("kv_bits", 16) == 16:
         return None
     if paired_kind(m) == "kl":
         return vs_full(m, rows, None, "built in (fidelity runs the full cache on each sample)", resamples)
@@ -917,7 +918,7 @@ def paired_tables(model: str, ms: list[dict], configs: list[str], margin: float,
     """'Δ vs full [95% CI]' (a column per configuration but the full cache's; a line per task whose
     reference is missing) and the lossless budget (a column per strategy line)."""
     vs = {(m["task"], m["config"]): compare_with_full(Path(m["dir"]), m, finished_rows(Path(m["dir"])), resamples)
-          for m in ms if m["strategy"] != "full"}
+          for m in ms if m["strategy"] != "full" or m.get("kv_bits", 16) != 16}  # a quantized full cache is compared
     cols, tasks = [c for c in configs if any(k[1] == c for k in vs)], sorted({m["task"] for m in ms})
     if not cols:
         return []

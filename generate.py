@@ -358,6 +358,13 @@ def add_cache_args(parser):
                    help="per-layer shape of one --max_cache_length value")
     g.add_argument("--prompt_compression", default="own",
                    help="strategy whose rule cuts prompts longer than the budget ('own' = the strategy's)")
+    g.add_argument("--kv_bits", type=int, default=16, choices=[2, 4, 8, 16],
+                   help="store K/V as KIVI codes of this many bits (16: the model dtype, off); any strategy")
+    g.add_argument("--kv_group", type=int, default=32,
+                   help="KIVI group: keys share a scale per channel over this many tokens, values per token over "
+                        "this many channels (must divide head_dim)")
+    g.add_argument("--kv_residual", type=int, default=128,
+                   help="newest tokens kept in full precision before a group is quantized (a multiple of --kv_group)")
     g.add_argument("--cache_config", help="YAML file (see cache_configs/); the command line overrides it")
     return strategy_flags(g)
 
@@ -412,8 +419,12 @@ def cache_config_from_args(args, param_keys, checkpoint_dir="") -> kv.CacheConfi
     for flag, value in (("--global_tokens", args.global_tokens), ("--recent_window", args.recent_window)):
         if value is not None and value < 0:
             raise UserError(f"{flag} {value:g}: give a count >= 0")
+    if args.kv_group < 1 or args.kv_residual < 0 or args.kv_residual % args.kv_group:
+        raise UserError(f"--kv_group {args.kv_group} --kv_residual {args.kv_residual}: the group must be >= 1 and the "
+                        "residual a multiple of it (>= 0)")
     params = {k: getattr(args, k) for k in param_keys if getattr(args, k, None) is not None}
-    return kv.CacheConfig(strategy=args.cache_strategy, max_cache_length=[str(v) for v in args.max_cache_length],
+    return kv.CacheConfig(kv_bits=args.kv_bits, kv_group=args.kv_group, kv_residual=args.kv_residual,
+                          strategy=args.cache_strategy, max_cache_length=[str(v) for v in args.max_cache_length],
                           global_tokens=args.global_tokens, recent_window=args.recent_window,
                           budget_pattern=args.budget_pattern, protocol=getattr(args, "protocol", "stream"),
                           prompt_compression=args.prompt_compression, params=params,
@@ -553,7 +564,9 @@ def report(res: Result, model, prompts, args):
     print(f"prefill: {res.prefill_s * 1000:.1f} ms for {sum(map(len, prompts))} tokens | "
           f"compile/first step: {res.compile_s:.1f} s")
     print(f"decode: {tok_s:.1f} tok/s per sequence, {tok_s * B:.1f} tok/s total (batch {B}, {res.decode_steps} steps)")
-    print(f"cache: {res.cache_bytes / 2**20:.2f} MiB allocated ({args.cache_strategy}), "
+    bits = f"{args.kv_bits}-bit KIVI codes, group {args.kv_group}, residual {args.kv_residual}" if args.kv_bits < 16 \
+        else "model dtype, 16-bit"
+    print(f"cache: {res.cache_bytes / 2**20:.2f} MiB allocated ({res.cache_bytes:,} bytes; {args.cache_strategy}, {bits}), "
           f"compression ratio {res.compression_ratio:.3f} (1 - slots used / tokens seen)")
     if res.ring_bytes:  # the model's own sliding windows: the strategy manages (and the ratio counts) the others
         a, managed = model.args, len(kv.managed_layers(model.args))

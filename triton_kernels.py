@@ -17,6 +17,9 @@ spotlight_select: Spotlight's scoring and top-k selection, with the output of ca
 quest_select: Quest's page scores and page selection (the current page plus the best others, no sort),
 with the output of cache.Quest.pick.
 
+quant_attend, quant_attend_scores: dense_attend / gather_attend / attend_scores over a quantized cache
+(kvstore.QuantStore): packed codes dequantized tile by tile in registers, the full-precision residual beside.
+
 prompt_colsum: the prompt scores of H2O, SnapKV and TOVA (cache.prompt_attention) in two passes of
 QK^T over the causal half, never T x T (the section's header says how).
 
@@ -195,6 +198,146 @@ def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
     po, pm, pl, _ = _attend_partials(qg, k, v, runs.contiguous(), pos, n, dense=True, scores=False,
                                      ragged=ragged)
     return _merge(po, pm, pl)[0].to(qg.dtype)
+
+
+# ---- quantized caches (kvstore.QuantStore, KIVI): attention that reads the codes in place ----------
+# The same online softmax as _attend_kernel, but each tile of K and V rows is loaded as packed codes
+# (D bits / 8 bytes a row) with its scales and zero points and dequantized in registers: the full-precision
+# cache is never materialised. The residual's R + G full-precision rows per KV head are attended by
+# _attend_kernel's gather path beside it, and the two sets of partials merge as splits do.
+
+@triton.jit
+def _unpack(b, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    """Packed bytes [BLOCK, D BITS / 8] -> codes [BLOCK, D] (channel j 8 / BITS + i in byte j at bit i BITS): the
+    tile is loaded as contiguous bytes and split in registers, not gathered once per channel."""
+    b = b.to(tl.int32)
+    M: tl.constexpr = (1 << BITS) - 1
+    if BITS == 8:
+        c = b
+    elif BITS == 4:
+        c = tl.join(b & M, b >> 4)
+    else:  # join(join(c0, c2), join(c1, c3)) flattens to c0 c1 c2 c3
+        c = tl.join(tl.join(b & M, (b >> 4) & M), tl.join((b >> 2) & M, b >> 6))
+    return tl.reshape(c, (BLOCK, D)).to(tl.float32)
+
+
+@triton.jit
+def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM, PL, PS, n_sel, H, HC, SQ, SP, NGR,
+                         scale, sqb, sqh, sqg, sib, sih, CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                         D: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr,
+                         BITS: tl.constexpr, QG: tl.constexpr):
+    """Program (sequence x KV head, split) as _attend_kernel's, over codes: kq/vq [B, HC, SQ, D BITS / 8] uint8,
+    ks/kz [B, HC, NGR, D] (key groups of QG slots), vs/vz [B, HC, SQ, D / QG] (value groups of QG channels),
+    all contiguous; HC = H (a row per KV head) or 1 (a flat row every head reads). A slot counts if its token
+    is in codes: 0 <= pos < FRONT[b] (DENSE, over the run IDX[b, h, :2]; POS [B, HC, SP]), or OK != 0 (gather)."""
+    bh, split = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    row = b * HC + h % HC
+    PER: tl.constexpr = 8 // BITS
+    DP: tl.constexpr = D // PER
+    g, d, dp, dg = tl.arange(0, GP), tl.arange(0, D), tl.arange(0, DP), tl.arange(0, D // QG)
+    q = tl.load(Q + b * sqb + h * sqh + g[:, None] * sqg + d[None, :], mask=g[:, None] < G, other=0.0)
+    front = tl.load(FRONT + b)
+    m_i = tl.full([GP], -1.0e30, tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for off in range(0, CHUNK, BLOCK):
+        n = split * CHUNK + off + tl.arange(0, BLOCK)
+        inb = n < n_sel
+        if DENSE:
+            inb = inb & (n < tl.load(IDX + bh * 2 + 1))
+            idx = tl.load(IDX + bh * 2) + n
+            p = tl.load(POS + row * SP + idx, mask=inb, other=-1)
+            ok = (p >= 0) & (p < front) & inb
+        else:
+            ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=0) != 0) & inb
+            idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
+        slot = (row * SQ + idx).to(tl.int64)
+        kb = tl.load(KQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0)
+        grp = (row * NGR + idx // QG).to(tl.int64)[:, None] * D + d[None, :]
+        ks = tl.load(KS + grp, mask=ok[:, None], other=0.0).to(tl.float32)
+        kz = tl.load(KZ + grp, mask=ok[:, None], other=0.0).to(tl.float32)
+        k = (_unpack(kb, BITS, BLOCK, D) * ks + kz).to(q.dtype)
+        s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)
+        s = tl.where(ok[None, :], s, -1.0e30)
+        if SCORES:
+            tl.store(PS + (bh * G + g[:, None]) * n_sel + n[None, :], s, mask=(g[:, None] < G) & inb[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+        vb = tl.load(VQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0)
+        vg = slot[:, None] * (D // QG) + dg[None, :]
+        vs = tl.load(VS + vg, mask=ok[:, None], other=0.0).to(tl.float32)
+        vz = tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(tl.float32)
+        vc = tl.reshape(_unpack(vb, BITS, BLOCK, D), (BLOCK, D // QG, QG))  # each value group's channels
+        v = tl.reshape(vc * vs[:, :, None] + vz[:, :, None], (BLOCK, D)).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    out = (bh * tl.num_programs(1) + split) * G + g
+    tl.store(PO + out[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
+    tl.store(PM + out, m_i, mask=g < G)
+    tl.store(PL + out, l_i, mask=g < G)
+
+
+def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, idx, ok, n, dense, scores, bits, group):
+    """_attend_partials over the codes (same splits and tuning: a tile's bytes are fewer, its rows as many)."""
+    B, H, G, D = q.shape
+    GP = max(16, triton.next_power_of_2(G))
+    tune = TUNE[("dense" if dense else "gather") + ("_few" if B * H <= 16 else "")]
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    splits = max(1, min(triton.cdiv(n, tune["block"]), triton.cdiv(tune["per_sm"] * sms, B * H)))
+    chunk = triton.cdiv(triton.cdiv(n, splits), tune["block"]) * tune["block"]
+    splits = triton.cdiv(n, chunk)
+    po = torch.empty(B, H, splits, G, D, device=q.device, dtype=torch.float32)
+    pm = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
+    pl = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
+    s = torch.empty(B, H, G, n, device=q.device, dtype=torch.float32) if scores else pm
+    q, idx, ok = q.contiguous(), idx.contiguous(), ok.contiguous()
+    wrap_triton(_attend_quant_kernel)[(B * H, splits)](
+        q, kq, ks, kz, vq, vs, vz, idx, ok, pos.contiguous(), front, po, pm, pl, s, n, H, kq.shape[1], kq.shape[2],
+        pos.shape[-1], ks.shape[2], D ** -0.5, q.stride(0), q.stride(1), q.stride(2), ok.stride(0), ok.stride(1),
+        CHUNK=chunk, G=G, GP=GP, D=D, BLOCK=tune["block"], DENSE=dense, SCORES=scores, BITS=bits, QG=group,
+        num_warps=tune["warps"], num_stages=tune["stages"])
+    return po, pm, pl, s
+
+
+def _ring_partials(q, rk, rv, ring_ok, scores):
+    """The residual's rows, every entry where ring_ok [B, H, R + G]."""
+    ridx = torch.arange(rk.shape[2], device=q.device).expand(ring_ok.shape).contiguous()
+    return _attend_partials(q, rk, rv, ridx, ring_ok.to(torch.int8).contiguous(), rk.shape[2], dense=False, scores=scores)
+
+
+@triton_op("kvcompress::quant_attend", mutates_args={})
+def quant_attend(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vq: torch.Tensor,
+                 vs: torch.Tensor, vz: torch.Tensor, pos: torch.Tensor, front: torch.Tensor, rk: torch.Tensor,
+                 rv: torch.Tensor, ring_ok: torch.Tensor, bits: int, group: int, idx: torch.Tensor, ok: torch.Tensor,
+                 n: int, dense: bool) -> torch.Tensor:
+    """kvstore.QuantStore's decode attention: qg [B, H_kv, G, D] over the codes (dense: each head's run
+    (start, length) = idx [B, H_kv, 2] of slots in codes, ok unused; gather: the n rows idx where ok) and
+    the residual's entries where ring_ok -> [B, H_kv, G, D]."""
+    okc = ok.to(torch.int8) if not dense else ring_ok  # dense: OK is never read
+    pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, idx, okc, n, dense, False, bits, group)
+    pr = _ring_partials(qg, rk, rv, ring_ok, False)
+    return _merge(*(torch.cat([a, b], 2) for a, b in zip(pc[:3], pr[:3])))[0].to(qg.dtype)
+
+
+@triton_op("kvcompress::quant_attend_scores", mutates_args={})
+def quant_attend_scores(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vq: torch.Tensor,
+                        vs: torch.Tensor, vz: torch.Tensor, pos: torch.Tensor, front: torch.Tensor, rk: torch.Tensor,
+                        rv: torch.Tensor, ring_ok: torch.Tensor, bits: int, group: int, k_new: torch.Tensor,
+                        v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """attend_scores over a QuantStore: out [B, H_kv, G, D] and the group-mean probabilities of the codes'
+    slots [B, H_kv, S], of the residual's entries [B, H_kv, R + G] and of the new token [B, H_kv, 1]."""
+    B, H = qg.shape[:2]
+    S = pos.shape[-1]
+    runs = torch.tensor([0, S], device=qg.device).expand(B, H, 2).contiguous()
+    pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, runs, ring_ok, S, True, True, bits, group)
+    pr = _ring_partials(qg, rk, rv, ring_ok, True)
+    s_new = (qg.float() * k_new.float()).sum(-1) * qg.shape[-1] ** -0.5
+    out, m, z = _merge(*(torch.cat([a, b], 2) for a, b in zip(pc[:3], pr[:3])), s_new, v_new)
+    probs = [(torch.exp(x - m[..., None]) / z[..., None]).mean(2) for x in (pc[3], pr[3])]
+    return out.to(qg.dtype), probs[0], probs[1], (torch.exp(s_new - m) / z).mean(2)[..., None]
 
 
 # ---- Spotlight's selection: Hamming scores, the n-th best score, the slots at or above it ----------

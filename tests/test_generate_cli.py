@@ -186,3 +186,24 @@ def test_boolean_flags_are_strict():
     assert [gen.flag_bool(v) for v in ("on", "True", "1", "off", "no", "0")] == [True] * 3 + [False] * 3
     with pytest.raises(Exception, match="not a boolean"):
         gen.flag_bool("maybe")
+
+
+@pytest.mark.parametrize("flags, says", [(["--kv_bits", "3"], "invalid choice: 3"),
+                                         (["--kv_bits", "4", "--kv_residual", "20"], "a multiple of it"),
+                                         (["--kv_bits", "4", "--kv_group", "0"], "the group must be >= 1"),
+                                         (["--kv_bits", "4", "--kv_group", "48", "--kv_residual", "96"], "divide head_dim (64)")])
+def test_bad_kv_quantization(default_checkpoint, flags, says):
+    assert says in one_line_error(*flags, "--max_new_tokens", "2")
+
+
+def test_quantized_cache_prints_its_bytes_and_bits(default_checkpoint):
+    """--kv_bits 2: the run prints the bits and fewer bytes than the 16-bit cache's (the full cache's 1,024
+    slots; a cache of a few dozen slots is mostly its full-precision residual)."""
+    got = {}
+    for bits in ("16", "2"):
+        r = run("--kv_bits", bits, "--max_new_tokens", "3", "--threads", "1")
+        assert r.returncode == 0, r.stderr
+        line = next(x for x in r.stdout.splitlines() if x.startswith("cache: "))
+        got[bits] = int(line.split("(")[1].split(" bytes")[0].replace(",", ""))
+        assert ("2-bit KIVI codes, group 32, residual 128" in line) == (bits == "2"), line
+    assert got["2"] < 0.35 * got["16"]  # 14.4 MB of 47.9 (fp32 on CPU: 4-byte scales)
