@@ -75,11 +75,23 @@ def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale,
 
 
 @triton.jit
+def _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, G: tl.constexpr, GP: tl.constexpr, SCORES: tl.constexpr):
+    """One tile's logits s [GP, BLOCK] (valid where ok) into the online softmax: -> (the new max m_new, the
+    old accumulators' factor alpha, the tile's weights p); SCORES stores the masked logits first."""
+    g = tl.arange(0, GP)
+    s = tl.where(ok[None, :], s, -1.0e30)
+    if SCORES:
+        tl.store(PS + (bh * G + g[:, None]) * n_sel + n[None, :], s, mask=(g[:, None] < G) & inb[None, :])
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    return m_new, tl.exp(m_i - m_new), tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+
+
+@triton.jit
 def _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc, n, n_sel, scale, b, h, bh,
                   skb, skh, sks, svb, svh, svs, sib, sih,
                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr):
     """_attend_kernel's step over the BLOCK list entries n: the online softmax's (m_i, l_i, acc) updated."""
-    g, d = tl.arange(0, GP), tl.arange(0, D)
+    d = tl.arange(0, D)
     inb = n < n_sel
     if DENSE:  # contiguous rows: no index list to read; validity from the positions themselves
         inb = inb & (n < tl.load(IDX + bh * 2 + 1))
@@ -90,12 +102,7 @@ def _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc, n, n_sel, scale, b, h, bh
         idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
     k = tl.load(K + b * skb + h * skh + idx[:, None] * sks + d[None, :], mask=ok[:, None], other=0.0)
     s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # [GP, BLOCK]; inductor passes scale as fp64
-    s = tl.where(ok[None, :], s, -1.0e30)
-    if SCORES:
-        tl.store(PS + (bh * G + g[:, None]) * n_sel + n[None, :], s, mask=(g[:, None] < G) & inb[None, :])
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+    m_new, alpha, p = _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, G, GP, SCORES)
     v = tl.load(V + b * svb + h * svh + idx[:, None] * svs + d[None, :], mask=ok[:, None], other=0.0)
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
@@ -259,12 +266,7 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
         kz = tl.load(KZ + grp, mask=ok[:, None], other=0.0).to(tl.float32)
         k = (_unpack(kb, BITS, BLOCK, D) * ks + kz).to(q.dtype)
         s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)
-        s = tl.where(ok[None, :], s, -1.0e30)
-        if SCORES:
-            tl.store(PS + (bh * G + g[:, None]) * n_sel + n[None, :], s, mask=(g[:, None] < G) & inb[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+        m_new, alpha, p = _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, G, GP, SCORES)
         vb = tl.load(VQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0)
         vg = slot[:, None] * (D // QG) + dg[None, :]
         vs = tl.load(VS + vg, mask=ok[:, None], other=0.0).to(tl.float32)

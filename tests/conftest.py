@@ -49,3 +49,17 @@ def in_triton_interpreter(module: str, check: str):
     r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"},
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def tiny_model(n_layer=3, seed=0, n_kv=2, n_head=4):
+    """The "tiny" config with n_layer layers and n_kv / n_head heads, seeded N(0, 0.3) weights."""
+    import torch
+    from model import ModelArgs, Transformer
+    torch.manual_seed(seed)
+    args = ModelArgs.from_name("tiny")
+    args.n_layer, args.n_local_heads, args.n_head = n_layer, n_kv, n_head
+    model = Transformer(args).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model

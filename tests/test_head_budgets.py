@@ -9,19 +9,7 @@ import torch
 
 import cache as kv
 import generate as gen
-from model import ModelArgs, Transformer
-from conftest import in_triton_interpreter
-
-
-def tiny_model(n_layer=3, seed=0, n_kv=2, n_head=4):
-    torch.manual_seed(seed)
-    args = ModelArgs.from_name("tiny")
-    args.n_layer, args.n_local_heads, args.n_head = n_layer, n_kv, n_head
-    model = Transformer(args).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
+from conftest import in_triton_interpreter, tiny_model
 
 
 def write_scores(d, args, seed=0):
