@@ -63,3 +63,11 @@ def tiny_model(n_layer=3, seed=0, n_kv=2, n_head=4):
         for p in model.parameters():
             p.normal_(0, 0.3)
     return model
+
+
+def needs_data(*folders):
+    """Skip unless every evaluation data folder is in the repository's data/ or in ../shared/data beside it
+    (eval.py's lookup; a clone elsewhere has neither until scripts/prepare_data.py fills data/)."""
+    have = lambda f: any((d / f).is_dir() for d in (ROOT / "data", ROOT.parent / "shared" / "data"))  # noqa: E731
+    missing = [f for f in folders if not have(f)]
+    return pytest.mark.skipif(bool(missing), reason=f"no data {missing} (python scripts/prepare_data.py)")

@@ -22,6 +22,7 @@ import generate as gen
 import tasks as T
 from model import ModelArgs, Transformer
 from test_tasks import ByteTok
+from conftest import needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"prefill_ms", "decode_tok_s"}  # the only fields that may differ between identical runs
@@ -277,6 +278,7 @@ def test_two_torchrun_ranks_match_one_process(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------- report, refusals, absent data
+@needs_data("paul_graham_essays")
 @needs_evict
 def test_report_table_matches_metrics(tiny, tmp_path):
     run(tiny, tmp_path, "--tasks", "passkey", "niah", "--num_samples", "2", "--context_length", "450",

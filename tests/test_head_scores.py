@@ -13,6 +13,7 @@ import generate as gen
 import head_scores as hs
 from model import ModelArgs, Transformer
 from test_tasks import ByteTok
+from conftest import needs_data
 
 ROW = [0.1, 0.4, 0.2, 0.05, 0.25]
 
@@ -126,6 +127,7 @@ def test_needle_goes_at_a_sentence_end_and_is_found(tmp_path):
     assert hs.find_span([1, 2, 3, 4], [4, 3, 9]) == (1, 4)  # no exact match: the most tokens in common
 
 
+@needs_data("paul_graham_essays")
 def test_needle_located_with_the_real_tokenizer(default_checkpoint):
     from tokenizer import load_tokenizer
     tok = load_tokenizer(default_checkpoint)

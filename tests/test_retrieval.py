@@ -7,7 +7,7 @@ import torch
 
 import cache as kv
 from model import ModelArgs, Transformer
-from conftest import in_triton_interpreter
+from conftest import in_triton_interpreter, needs_data
 
 RETRIEVERS = ("spotlight", "spotlight_linear", "lsh_retrieval", "quest")
 
@@ -233,6 +233,7 @@ def test_decode_compiles_once(strategy, tmp_path):
     torch.testing.assert_close(got, run(model, args, strategy, SPARSE, ckpt, steps=6), rtol=1e-4, atol=1e-4)
 
 
+@needs_data("pg19_test_gutenberg", "wikitext2_raw", "paul_graham_essays")
 def test_tiny_training_lowers_loss_and_raises_recall(default_checkpoint, tmp_path):
     import train_spotlight as ts
     args = ts.parse_args(["--checkpoint_path", str(default_checkpoint), "--device", "cpu", "--steps", "24",
