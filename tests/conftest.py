@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # tokenizer.py, model.py, ...; convert_*.py
@@ -31,7 +32,6 @@ def default_gguf(default_checkpoint) -> Path:
 def hf_gguf_model(default_gguf, tmp_path_factory):
     """An independent reference: transformers' own LlamaForCausalLM built from the GGUF (it dequantizes
     and un-permutes q/k itself), fp32, eager attention. Loading takes ~20 s, so once per session."""
-    import torch
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     d = tmp_path_factory.mktemp("gguf")
@@ -53,7 +53,6 @@ def in_triton_interpreter(module: str, check: str):
 
 def tiny_model(n_layer=3, seed=0, n_kv=2, n_head=4):
     """The "tiny" config with n_layer layers and n_kv / n_head heads, seeded N(0, 0.3) weights."""
-    import torch
     from model import ModelArgs, Transformer
     torch.manual_seed(seed)
     args = ModelArgs.from_name("tiny")
@@ -71,3 +70,15 @@ def needs_data(*folders):
     have = lambda f: any((d / f).is_dir() for d in (ROOT / "data", ROOT.parent / "shared" / "data"))  # noqa: E731
     missing = [f for f in folders if not have(f)]
     return pytest.mark.skipif(bool(missing), reason=f"no data {missing} (python scripts/prepare_data.py)")
+
+
+class Capture(torch.nn.Module):
+    """Records each layer's prefill q and k (a duck-typed cache around a full one)."""
+
+    def __init__(self, cache):
+        super().__init__()
+        self.cache = cache
+
+    def prefill(self, q, k, v, pos):
+        self.q, self.k = q, k
+        self.cache.prefill(q, k, v, pos)

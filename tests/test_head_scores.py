@@ -13,7 +13,7 @@ import generate as gen
 import head_scores as hs
 from model import ModelArgs, Transformer
 from test_tasks import ByteTok
-from conftest import needs_data
+from conftest import Capture, needs_data
 
 ROW = [0.1, 0.4, 0.2, 0.05, 0.25]
 
@@ -153,18 +153,6 @@ def tiny():
     torch.manual_seed(0)
     yield Transformer(ModelArgs.from_name("tiny")).eval().requires_grad_(False)
     torch.set_num_threads(threads)
-
-
-class Capture(torch.nn.Module):
-    """Records each layer's prefill q and k (a duck-typed cache around a full one)."""
-
-    def __init__(self, cache):
-        super().__init__()
-        self.cache = cache
-
-    def prefill(self, q, k, v, pos):
-        self.q, self.k = q, k
-        self.cache.prefill(q, k, v, pos)
 
 
 def test_recorder_rows_are_the_prompt_attention(tiny):

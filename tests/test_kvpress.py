@@ -20,6 +20,7 @@ import torch
 import cache as kv
 import convert_hf
 import tokenizer as tk
+from conftest import Capture
 from model import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -92,18 +93,6 @@ def test_same_positions_as_kvpress(tiny, reference, strategy, press):
                 assert g[h] == w[h], (f"{strategy} vs kvpress {press} at ratio {ratio}, layer {layer}, KV head {h}: "
                                       f"only ours {sorted(set(g[h]) - set(w[h]))}, only kvpress's "
                                       f"{sorted(set(w[h]) - set(g[h]))}")
-
-
-class Capture(torch.nn.Module):
-    """Records each layer's prefill q and k (a duck-typed cache around a full one)."""
-
-    def __init__(self, cache):
-        super().__init__()
-        self.cache = cache
-
-    def prefill(self, q, k, v, pos):
-        self.q, self.k = q, k
-        self.cache.prefill(q, k, v, pos)
 
 
 def test_h2o_differs_from_observed_attention_by_definition(tiny, reference):
