@@ -67,7 +67,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kvstore import DenseStore, attend_new_torch, run_mask
+from kvstore import DenseStore, QuantStore
 
 REGISTRY: dict[str, type] = {}
 # Tensor parallel (tp.py): (rank, world). Rank r holds KV heads [r H_kv / world, (r + 1) H_kv / world) of every
@@ -294,8 +294,6 @@ class KVCache(nn.Module):
     def attend_all(self, qg, input_pos):
         """Decode attention of qg [B, H_kv, G, D] over every filled slot. CUDA: the store's kernel, which
         reads validity from the position buffer and, where slot = position, stops at input_pos."""
-        if not qg.is_cuda:
-            return self.store.attend(qg, self.pos, input_pos, mask=self.pos >= 0)
         B, H, S = self.pos.shape
         limit = input_pos + 1 if self.slot_is_position else torch.full_like(input_pos, S)
         runs = torch.stack([torch.zeros_like(limit), limit], -1)[:, None].expand(B, H, 2)
@@ -857,10 +855,7 @@ class HeadBudgetCache(KVCache):
 
     def attend_runs(self, qg, input_pos=None):
         """Each head's query group over its own run of the flat buffer (CUDA: the store's kernel over runs)."""
-        runs, pos = torch.stack([self.start, self.count], -1), self.pos[:, None]
-        if qg.is_cuda:
-            return self.store.attend(qg, pos, input_pos, runs=runs)
-        return self.store.attend(qg, pos, input_pos, mask=run_mask(runs, pos))
+        return self.store.attend(qg, self.pos[:, None], input_pos, runs=torch.stack([self.start, self.count], -1))
 
     def rows_held(self):
         return (self.pos >= 0).sum(-1)
@@ -1064,22 +1059,11 @@ def attach_attention_loss(model, max_seq_length: int, steps: int) -> list[Attent
     return probes
 
 
-def attend_with_new(qg, k, v, pos, k_new, v_new):
-    """Attention of qg [B, H_kv, G, D] over the filled slots (pos [B, H_kv, S] >= 0) of dense k/v plus the
-    new token, without copying the cache: out [B, H_kv, G, D] and the group-mean probabilities
-    [B, H_kv, S + 1] (fp32). CUDA: one Triton pass over K/V that also stores the logits."""
-    if qg.is_cuda:
-        from triton_kernels import attend_scores  # Triton: imported only on CUDA
-        return attend_scores(qg, k, v, pos, k_new, v_new)
-    return attend_new_torch(qg, k, v, pos >= 0, k_new, v_new)
-
-
 def make_store(cfg: CacheConfig, batch, n_kv, rows, slots, head_dim, dtype, aligned):
     """A layer's K/V storage (kvstore.py) for cfg.kv_bits: rows code rows (n_kv, or 1 for a flat layout) of
     `slots` slots; `aligned`: the policy writes slot = position (a quantized store then fills key groups whole)."""
     if cfg.kv_bits == 16:
         return DenseStore(batch, n_kv, rows, slots, head_dim, dtype)
-    from kvstore import QuantStore
     return QuantStore(batch, n_kv, rows, slots, head_dim, dtype, cfg.kv_bits, cfg.kv_group, cfg.kv_residual, aligned)
 
 

@@ -37,7 +37,6 @@ def pack_codes(codes, bits):
 
 def unpack_codes(packed, bits):
     """pack_codes' inverse: [..., D * bits / 8] uint8 -> [..., D] uint8."""
-    per = 8 // bits
     shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
     return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2)
 
@@ -100,10 +99,12 @@ class DenseStore(nn.Module):
         return x if x.shape[1] == H else x.expand(x.shape[0], H, *x.shape[2:])  # flat: stride-0 heads
 
     def attend(self, qg, pos, now, runs=None, mask=None):
-        """qg [B, H, G, D] over each head's run (start, length) = runs [B, H, 2] of slots whose pos >= 0
-        (CUDA), or over mask [B, H, S] (CPU: callers pass run_mask(runs, pos)); pos [B, rows, S]."""
+        """qg [B, H, G, D] over each head's run (start, length) = runs [B, H, 2] of slots whose pos >= 0, or
+        over mask [B, H, S] if given; pos [B, rows, S]. CUDA reads the runs in place, CPU masks them."""
         B, H = qg.shape[:2]
         k, v = self.heads(self.k, H), self.heads(self.v, H)
+        if mask is None and not qg.is_cuda:
+            mask = run_mask(runs, pos)
         if mask is not None:
             return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, :, None, :])
         from triton_kernels import dense_attend  # Triton: imported only on CUDA
@@ -330,7 +331,7 @@ class QuantStore(nn.Module):
         k, v = (x.to(self.dtype) for x in self.dequantized())
         ok = self.ring_ok(pos) if pos is not None else (self.rpos >= self.front[:, None, None]) & (self.rslot >= 0)
         b, h, r = ok.nonzero(as_tuple=True)
-        c = h if self.rows > 1 else torch.zeros_like(h)
+        c = self.code_row(h)
         k[b, c, self.rslot[b, h, r]], v[b, c, self.rslot[b, h, r]] = self.rk[b, h, r], self.rv[b, h, r]
         return k, v
 

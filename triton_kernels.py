@@ -8,7 +8,7 @@ a few torch ops merge the chunks. Token-level selections are not block-aligned, 
 block mask would read whole 128-token blocks (PERFORMANCE.md); gathering rows reads only the sliver.
 
 The same kernel reads dense caches (slots 0..S-1, validity from the position buffer): dense_attend is
-every cache's decode attention on CUDA, and attend_scores is cache.attend_with_new (attention over the
+every cache's decode attention on CUDA, and attend_scores is DenseStore.attend_with_new (attention over the
 cache plus the new token, and the group-mean softmax probabilities H2O, TOVA and Scissorhands score
 with) in one bandwidth-bound pass over K and V that also stores the logits.
 
@@ -107,11 +107,9 @@ def _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc, n, n_sel, scale, b, h, bh
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
-def _attend_partials(q, k, v, idx, ok, n, dense, scores, ragged=False):
-    """Launch _attend_kernel over n rows; -> partials po [B, H, splits, G, D], pm, pl [B, H, splits, G]
-    and (scores) the logits [B, H, G, n]. Gather: ok is int8 sharing idx's strides; dense: ok is the
-    position buffer and idx each row's run of slots, (start, length) [B, H, 2] contiguous. Ragged: dense
-    runs of any length <= n, about n / H on average (a flat buffer of n slots shared by H heads)."""
+def _launch_plan(q, n, dense, scores, ragged=False):
+    """The grid and partial buffers of a launch of _attend_kernel (or _attend_quant_kernel) over n rows:
+    (GP, the TUNE entry, splits, chunk, (po, pm, pl, s)); _attend_partials says what each buffer holds."""
     B, H, G, D = q.shape
     GP = max(16, triton.next_power_of_2(G))  # tl.dot needs >= 16 rows
     # ~per_sm programs per SM (H200: 132 SMs), each a chunk of whole blocks. Bytes per (sequence, KV head,
@@ -131,6 +129,16 @@ def _attend_partials(q, k, v, idx, ok, n, dense, scores, ragged=False):
     pm = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
     pl = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
     s = torch.empty(B, H, G, n, device=q.device, dtype=torch.float32) if scores else pm  # pm: never written
+    return GP, tune, splits, chunk, (po, pm, pl, s)
+
+
+def _attend_partials(q, k, v, idx, ok, n, dense, scores, ragged=False):
+    """Launch _attend_kernel over n rows; -> partials po [B, H, splits, G, D], pm, pl [B, H, splits, G]
+    and (scores) the logits [B, H, G, n]. Gather: ok is int8 sharing idx's strides; dense: ok is the
+    position buffer and idx each row's run of slots, (start, length) [B, H, 2] contiguous. Ragged: dense
+    runs of any length <= n, about n / H on average (a flat buffer of n slots shared by H heads)."""
+    B, H, G, D = q.shape
+    GP, tune, splits, chunk, (po, pm, pl, s) = _launch_plan(q, n, dense, scores, ragged)
     q = q.contiguous()
     wrap_triton(_attend_kernel)[(B * H, splits)](
         q, k, v, idx, ok, po, pm, pl, s, n, H, D ** -0.5,
@@ -181,7 +189,7 @@ def gather_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.
 @triton_op("kvcompress::attend_scores", mutates_args={})
 def attend_scores(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                   k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cache.attend_with_new: qg [B, H_kv, G, D] over the slots of k/v [B, H_kv, S, D] where pos
+    """kvstore.DenseStore.attend_with_new: qg [B, H_kv, G, D] over the slots of k/v [B, H_kv, S, D] where pos
     [B, H_kv, S] >= 0, plus the new token k/v_new [B, H_kv, 1, D] -> out [B, H_kv, G, D] (qg's dtype) and
     the group-mean probabilities [B, H_kv, S + 1] fp32 (cached slots, then the new token). One pass over
     K/V that also stores the logits; the final max and normaliser then turn them into probabilities."""
@@ -285,16 +293,7 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
 def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, idx, ok, n, dense, scores, bits, group):
     """_attend_partials over the codes (same splits and tuning: a tile's bytes are fewer, its rows as many)."""
     B, H, G, D = q.shape
-    GP = max(16, triton.next_power_of_2(G))
-    tune = TUNE[("dense" if dense else "gather") + ("_few" if B * H <= 16 else "")]
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    splits = max(1, min(triton.cdiv(n, tune["block"]), triton.cdiv(tune["per_sm"] * sms, B * H)))
-    chunk = triton.cdiv(triton.cdiv(n, splits), tune["block"]) * tune["block"]
-    splits = triton.cdiv(n, chunk)
-    po = torch.empty(B, H, splits, G, D, device=q.device, dtype=torch.float32)
-    pm = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
-    pl = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
-    s = torch.empty(B, H, G, n, device=q.device, dtype=torch.float32) if scores else pm
+    GP, tune, splits, chunk, (po, pm, pl, s) = _launch_plan(q, n, dense, scores)
     q, idx, ok = q.contiguous(), idx.contiguous(), ok.contiguous()
     wrap_triton(_attend_quant_kernel)[(B * H, splits)](
         q, kq, ks, kz, vq, vs, vz, idx, ok, pos.contiguous(), front, po, pm, pl, s, n, H, kq.shape[1], kq.shape[2],

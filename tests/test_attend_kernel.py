@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import cache as kv
+from kvstore import attend_new_torch
 from conftest import in_triton_interpreter
 
 
@@ -54,8 +54,8 @@ def cases(g):
 
 
 def check_attend_scores(device):
-    """attend_scores against naive_attend (and cache.attend_with_new's torch path against it too);
-    dense_attend against naive_attend without a new token. fp32 in the interpreter, bf16 on CUDA."""
+    """attend_scores against naive_attend (and DenseStore.attend_with_new's torch path, attend_new_torch,
+    against it too); dense_attend against naive_attend without a new token. fp32 in the interpreter, bf16 on CUDA."""
     from triton_kernels import attend_scores, dense_attend
     g = torch.Generator().manual_seed(0)
     dt = torch.bfloat16 if device == "cuda" else torch.float32
@@ -71,7 +71,7 @@ def check_attend_scores(device):
         torch.testing.assert_close(out.float().cpu(), want_out, **tol)
         torch.testing.assert_close(probs.cpu(), want_probs, **tol)
         if device == "cpu":
-            got = kv.attend_with_new(q, k, v, pos, k_new, v_new)
+            got = attend_new_torch(q, k, v, pos >= 0, k_new, v_new)
             torch.testing.assert_close(got[0], want_out, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got[1], want_probs, atol=1e-5, rtol=1e-5)
         pos[1, 0, 0] = 0  # dense_attend has no new token: every row needs a filled slot
