@@ -242,7 +242,7 @@ class KVCache(nn.Module):
         # empty slots first: one argmin over (score's order-preserving bits, position + 1) in an int64
         bits = keep.view(torch.int32)
         ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()  # int32 order = the floats' order
-        return ((ordered << 32) + all_pos + 1).masked_fill(~usable, MAX64).argmin(dim=-1)
+        return row_argmin(((ordered << 32) + all_pos + 1).masked_fill(~usable, MAX64))
 
     def usable(self):
         """[B, H_kv, S]: the slots below each row's budget (`limit`)."""
@@ -659,7 +659,7 @@ class Scissorhands(KVCache):
         # point, then position: ties drop the oldest); choose_slot then picks the first empty slot
         mean = (self.ones.long() << 32) // self.seen.long().clamp(min=1)
         key = ((mean << 24) | self.pos.clamp(min=0)).masked_fill(~filled | self.protected(self.pos, input_pos), MAX64)
-        victim = (key.argmin(-1, keepdim=True) if self.m == 1 else  # one reduction, not topk's sort
+        victim = (row_argmin(key)[..., None] if self.m == 1 else  # one reduction, not topk's sort
                   key.topk(min(self.m, self.n_slots), dim=-1, largest=False).indices)
         free = (filled | ~self.usable()).all(-1, keepdim=True) & (key.gather(-1, victim) < MAX64)
         b, h = grid(victim)
@@ -678,6 +678,20 @@ class Scissorhands(KVCache):
 
 
 MAX64 = torch.iinfo(torch.long).max
+ARGMIN_CHUNK = 128  # slots per partial minimum in row_argmin
+
+
+def row_argmin(key):
+    """argmin over the last dim of int64 keys, in two passes: each chunk's minimum, then the least of
+    those (ties: the first index, as argmin). One reduction per row ran on B x H_kv thread blocks, 8 at
+    batch 1, and left most of the GPU idle (BENCHMARKS.md: 17-51 us a layer with the scoring fused in)."""
+    n = key.shape[-1]
+    if n <= ARGMIN_CHUNK:
+        return key.argmin(-1)
+    key = torch.cat([key, key.new_full((*key.shape[:-1], -n % ARGMIN_CHUNK), MAX64)], -1)
+    least, at = key.unflatten(-1, (-1, ARGMIN_CHUNK)).min(-1)
+    chunk = least.argmin(-1, keepdim=True)
+    return (chunk * ARGMIN_CHUNK + at.gather(-1, chunk))[..., 0]
 
 
 def prompt_indicators(q, k, pos, w):

@@ -46,6 +46,26 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def split_argmin(monkeypatch):
+    """Chunks of 5 slots, so that every test here takes choose_slot's two-pass argmin (the path of
+    real cache sizes: 3,277 slots at 10% of 32k) with partial chunks and ties across chunks."""
+    monkeypatch.setattr(kv, "ARGMIN_CHUNK", 5)
+
+
+@pytest.mark.parametrize("n", [3, 5, 13, 40])
+def test_row_argmin(n):
+    """Two passes give argmin's answer, ties included (the first index), eager and compiled."""
+    g = torch.Generator().manual_seed(n)
+    keys = torch.randint(0, 4, (3, 2, n), generator=g)
+    keys[0, 0] = kv.MAX64  # a row of unusable slots only
+    keys[1, 1, -1] = -1    # the least in the last, partial chunk
+    compiled = torch.compile(kv.row_argmin, fullgraph=True)
+    for got in (kv.row_argmin(keys), compiled(keys)):
+        assert got.tolist() == [[min(range(n), key=lambda i: (int(keys[b, h, i]), i)) for h in range(2)]
+                                for b in range(3)]
+
+
 def scripted(shape=(H_KV, G), seed=0):
     h_kv, g = shape
     gen = torch.Generator().manual_seed(seed)
