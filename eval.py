@@ -432,7 +432,8 @@ def run_fidelity(ctx, task, s, cfg):
     import metrics
     prefix, suffix = split_prompt(ctx, s)
     n = ctx.args.max_new_tokens or task.max_new_tokens
-    full = dataclasses.replace(cfg, strategy="full", params={}, prompt_compression="own", kv_bits=16)  # bf16: the reference
+    full = dataclasses.replace(cfg, strategy="full", params={}, prompt_compression="own", kv_bits=16,
+                               max_cache_length=[1.0])  # every token in the model's dtype: the reference
     kw = dict(stop_ids=ctx.tok.stop_ids, decode_step=ctx.step, device=ctx.device, suffixes=[suffix] if suffix else None)
     key = (repr(full), tuple(prefix), tuple(suffix), n)  # every configuration shares one full-cache run per sample
     if key not in ctx.full_runs:
