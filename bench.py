@@ -487,7 +487,7 @@ def weight_rows(a, w, args, specs, device, dtype, spot_dir, lines, failed, tp) -
                 try:
                     r, err = bench_one(model, a, spec, context, batch, device, dtype, spot_dir, bits), None
                 except (torch.OutOfMemoryError, ValueError, FileNotFoundError, BenchError) as e:
-                    err = e
+                    err = e.with_traceback(None)  # its frames hold the failed run's tensors: free_memory must free them
                 name = spec if bits == 16 else f"{spec} @{bits}-bit"
                 if errors := agree(err):
                     for rank, e in errors:

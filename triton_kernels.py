@@ -240,11 +240,14 @@ def _unpack(b, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
 def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM, PL, PS, n_sel, H, HC, SQ, SP, NGR,
                          scale, sqb, sqh, sqg, sib, sih, CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          D: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr,
-                         BITS: tl.constexpr, QG: tl.constexpr):
+                         BITS: tl.constexpr, QG: tl.constexpr, ALIGNED: tl.constexpr):
     """Program (sequence x KV head, split) as _attend_kernel's, over codes: kq/vq [B, HC, SQ, D BITS / 8] uint8,
     ks/kz [B, HC, NGR, D] (key groups of QG slots), vs/vz [B, HC, SQ, D / QG] (value groups of QG channels),
     all contiguous; HC = H (a row per KV head) or 1 (a flat row every head reads). A slot counts if its token
-    is in codes: 0 <= pos < FRONT[b] (DENSE, over the run IDX[b, h, :2]; POS [B, HC, SP]), or OK != 0 (gather)."""
+    is in codes: 0 <= pos < FRONT[b] (DENSE, over the run IDX[b, h, :2]; POS [B, HC, SP]), or OK != 0 (gather).
+    ALIGNED (dense runs from slot 0, BLOCK a multiple of QG): a tile is BLOCK / QG whole key groups, so each
+    group's scale and zero row is loaded once and broadcast over its QG slots; a row per slot made those
+    loads outnumber the codes' 4 (D / BITS) times and held the kernel at a fifth of the bandwidth."""
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     row = b * HC + h % HC
@@ -269,10 +272,19 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
             idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
         slot = (row * SQ + idx).to(tl.int64)
         kb = tl.load(KQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0)
-        grp = (row * NGR + idx // QG).to(tl.int64)[:, None] * D + d[None, :]
-        ks = tl.load(KS + grp, mask=ok[:, None], other=0.0).to(tl.float32)
-        kz = tl.load(KZ + grp, mask=ok[:, None], other=0.0).to(tl.float32)
-        k = (_unpack(kb, BITS, BLOCK, D) * ks + kz).to(q.dtype)
+        if ALIGNED:
+            NG: tl.constexpr = BLOCK // QG
+            gi = (split * CHUNK + off) // QG + tl.arange(0, NG)
+            grp = (row * NGR + gi).to(tl.int64)[:, None] * D + d[None, :]
+            ks = tl.load(KS + grp, mask=gi[:, None] < NGR, other=0.0).to(tl.float32)
+            kz = tl.load(KZ + grp, mask=gi[:, None] < NGR, other=0.0).to(tl.float32)
+            kc = tl.reshape(_unpack(kb, BITS, BLOCK, D), (NG, QG, D))
+            k = tl.reshape(kc * ks[:, None, :] + kz[:, None, :], (BLOCK, D)).to(q.dtype)
+        else:
+            grp = (row * NGR + idx // QG).to(tl.int64)[:, None] * D + d[None, :]
+            ks = tl.load(KS + grp, mask=ok[:, None], other=0.0).to(tl.float32)
+            kz = tl.load(KZ + grp, mask=ok[:, None], other=0.0).to(tl.float32)
+            k = (_unpack(kb, BITS, BLOCK, D) * ks + kz).to(q.dtype)
         s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)
         m_new, alpha, p = _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, G, GP, SCORES)
         vb = tl.load(VQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0)
@@ -299,6 +311,7 @@ def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, idx, ok, n, dense, sc
         q, kq, ks, kz, vq, vs, vz, idx, ok, pos.contiguous(), front, po, pm, pl, s, n, H, kq.shape[1], kq.shape[2],
         pos.shape[-1], ks.shape[2], D ** -0.5, q.stride(0), q.stride(1), q.stride(2), ok.stride(0), ok.stride(1),
         CHUNK=chunk, G=G, GP=GP, D=D, BLOCK=tune["block"], DENSE=dense, SCORES=scores, BITS=bits, QG=group,
+        ALIGNED=dense and kq.shape[1] == H and tune["block"] % group == 0,  # per-head rows: runs start at 0
         num_warps=tune["warps"], num_stages=tune["stages"])
     return po, pm, pl, s
 
