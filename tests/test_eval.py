@@ -139,6 +139,20 @@ def test_every_task_kind_runs_and_records(tiny, tmp_path, data, capsys):
     assert full["score"] == 100.0 and abs(full["kl"]) < 1e-4  # the full cache against itself
 
 
+@needs_evict
+def test_fidelity_shares_one_full_run_per_sample(tiny, tmp_path, data):
+    """Configurations of one call share the full cache's run of each sample (the full cache against it:
+    KL 0 on every sample), and each gets the KL and agreement it gets alone."""
+    task = ["--data_dir", str(data), "--tasks", "fidelity", "--fidelity_task", "passkey", "--fidelity_tokens", "4",
+            "--num_samples", "3", "--context_length", "450", "--max_cache_length"]
+    run(tiny, tmp_path / "all", *task, "0.5", "0.25", "--cache_strategy", EVICT, "full")
+    run(tiny, tmp_path / "alone", *task, "0.25", "--cache_strategy", EVICT)
+    got = lambda d, *flags: rows(tmp_path / d / "tiny/fidelity-passkey-450-4" / names(*flags)[0] / "predictions.jsonl")  # noqa: E731
+    assert all(r["kl"] == 0.0 and r["score"] == 1.0 for r in got("all", "--cache_strategy", "full"))  # its own run, exactly
+    evict = ["--cache_strategy", EVICT, "--max_cache_length", "0.25"]
+    assert got("all", *evict) == got("alone", *evict) and all(r["kl"] > 0 for r in got("all", *evict))
+
+
 def test_full_cache_gives_the_same_answer_in_both_query_modes(tiny, tmp_path):
     """Decode-fed question tokens and a prefilled question are the same computation for a full cache."""
     common = ["--tasks", "passkey", "--num_samples", "3", "--context_length", "450", "--max_new_tokens", "6"]
