@@ -166,3 +166,25 @@ def test_bad_arguments_exit_with_one_line(capsys):
             ts.parse_args(argv)
         assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_ceiling_reaches_the_best_per_kv_head_recall():
+    """ceiling_selection's set holds the most (query head, true top-k key) hits any k-key set per KV head can:
+    the sum of the k largest per-key counts of query heads whose top k holds the key (plain loops)."""
+    g = torch.Generator().manual_seed(2)
+    Q, H_kv, G, T, d = 6, 2, 3, 40, 4
+    q, k = torch.randn(Q, H_kv, G, d, generator=g), torch.randn(H_kv, T, d, generator=g)
+    qi = torch.tensor([39, 30, 25, 12, 39, 20])
+    k_sel = torch.tensor([5, 3, 4, 2, 7, 1])
+    sel = ts.ceiling_selection(q, k, qi, k_sel)
+    for j in range(Q):
+        n, keys = int(k_sel[j]), range(int(qi[j]) + 1)
+        for h in range(H_kv):
+            votes = [0] * T
+            for gq in range(G):
+                s = [dot(q[j, h, gq].tolist(), k[h, t].tolist()) for t in keys]
+                for t in sorted(keys, key=lambda t: -s[t])[:n]:
+                    votes[t] += 1
+            got = [t for t in range(T) if sel[j, h, t]]
+            assert len(got) == n and all(t <= qi[j] for t in got)
+            assert sum(votes[t] for t in got) == sum(sorted(votes, reverse=True)[:n])
