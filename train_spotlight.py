@@ -398,6 +398,7 @@ def parse_args(argv=None):
     p.add_argument("--train_sources", nargs="+", default=["pg19_test_gutenberg", "wikitext2_raw"], choices=SOURCES)
     p.add_argument("--holdout", default="paul_graham_essays", choices=SOURCES)
     p.add_argument("--eval_every", type=int, default=100)
+    p.add_argument("--no_table", action="store_true", help="training: skip the final table (run --eval for it)")
     p.add_argument("--eval_seqs", type=int, default=2, help="held-out sequences for the final table")
     p.add_argument("--eval_len", type=int, default=2048)
     p.add_argument("--eval_queries", type=int, default=64)
@@ -444,6 +445,9 @@ def main(argv=None):
                              f"--checkpoint_path {args.checkpoint_path}")
     else:
         train(model, tokenizer, args, out, held[0], G)
+    if args.no_table and not args.eval:
+        print(f"\ntrained in {time.time() - t0:.0f} s; hashes in {out}")
+        return
     methods = METHODS + (("spotlight/128",) if h128.exists() and h128 != out else ())
     caps = [capture(model, t, args.device) for t in held]
     rec, mass = recall_table(caps, G, args, out, methods, hashes128=h128)
