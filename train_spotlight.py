@@ -163,9 +163,9 @@ def pair_loss(hashes, q, k, pairs, layers=slice(None)):
     cq, ck = relaxed_codes(hashes, q[..., qi, :], k, layers)
     s = cq @ ck.transpose(-1, -2)  # [L', H, Q, T]
     diff = s.gather(-1, ia)[..., :, None] - s.gather(-1, ib)[..., None, :]  # [L', H, Q, P, N]
-    w = vb[..., None, :].expand_as(diff).float()
-    n = w.sum((1, 2, 3, 4)).clamp(min=1)
-    return (F.softplus(-diff) * w).sum((1, 2, 3, 4)) / n, ((diff < 0).float() * w).sum((1, 2, 3, 4)) / n
+    w = vb[..., None, :].float()  # broadcast, not expanded: diff is the step's largest tensor
+    n = (w.sum((1, 2, 3, 4)) * ia.shape[-1]).clamp(min=1)
+    return (F.softplus(-diff) * w).sum((1, 2, 3, 4)) / n, ((diff < 0) * w).sum((1, 2, 3, 4)) / n
 
 
 def clip_per_layer(params, max_norm):

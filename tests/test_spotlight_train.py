@@ -188,3 +188,30 @@ def test_ceiling_reaches_the_best_per_kv_head_recall():
             got = [t for t in range(T) if sel[j, h, t]]
             assert len(got) == n and all(t <= qi[j] for t in got)
             assert sum(votes[t] for t in got) == sum(sorted(votes, reverse=True)[:n])
+
+
+def test_pair_loss_matches_plain_loops():
+    """Bradley-Terry loss per layer: mean over (head, query, positive a, valid negative b) of
+    log(1 + exp(-(c(q).c(k_a) - c(q).c(k_b)))), c = softsign(64 h(x)); plain loops over naive_hash."""
+    g = torch.Generator().manual_seed(4)
+    L, H, H_kv, T, d = 2, 4, 2, 30, 4
+    q, k = torch.randn(L, H, T, d, generator=g), torch.randn(L, H_kv, T, d, generator=g)
+    h = random_hashes(L, H_kv, d, d)
+    args = Namespace(top=0.1, queries=3, max_pos=2, max_neg=5)
+    pairs = ts.sample_pairs(q, k, args, torch.Generator().manual_seed(0))
+    qi, ia, ib, vb = (x.tolist() for x in pairs)
+    loss, _ = ts.pair_loss(h, q, k, pairs)
+    eye = [[float(i == j) for j in range(d)] for i in range(d)]
+    for l in range(L):
+        total, count = 0.0, 0
+        for head in range(H):
+            w = [p[l, head // 2].tolist() for p in (h.w1, h.b1, h.w2, h.b2)] + [eye]
+            code = lambda x: [64 * v / (1 + abs(64 * v)) for v in naive_hash(x.tolist(), *w)]  # noqa: E731
+            for j, i in enumerate(qi):
+                cq = code(q[l, head, i])
+                for a in ia[l][head][j]:
+                    for b, ok in zip(ib[l][head][j], vb[l][head][j]):
+                        if ok:
+                            diff = dot(cq, code(k[l, head // 2, a])) - dot(cq, code(k[l, head // 2, b]))
+                            total, count = total + math.log1p(math.exp(-diff)), count + 1
+        assert math.isclose(float(loss[l]), total / count, rel_tol=1e-4)
