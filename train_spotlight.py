@@ -26,6 +26,7 @@ The paper trains on 8k-token sequences with 1024 queries, positives and negative
 """
 import argparse
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -403,7 +404,9 @@ def parse_args(argv=None):
     p.add_argument("--eval_len", type=int, default=2048)
     p.add_argument("--eval_queries", type=int, default=64)
     p.add_argument("--page_size", type=int, default=16, help="Quest's page size in the table")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="windows, pairs and initial weights (always seeded)")
+    p.add_argument("--deterministic", action="store_true", help="also bitwise-reproducible CUDA sums (the "
+                   "gathers' backward adds atomically otherwise); slower")
     args = p.parse_args(argv)
     for name in ("steps", "seq_len", "queries", "max_pos", "max_neg", "eval_every", "eval_seqs", "eval_len",
                  "eval_queries"):
@@ -429,6 +432,9 @@ def load(args):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
     model, tokenizer = load(args)
     margs = model.args
     G = margs.n_head // margs.n_local_heads
