@@ -1399,9 +1399,10 @@ def load_hash_weights(path: str, mtime_ns: int) -> dict:
 @register
 class Spotlight(KVCache):
     """Spotlight Attention, Li et al. 2025 (arXiv 2508.19740; wenhaoli-xmu/spotlight): a learned
-    non-linear hash per layer and KV head, code = sign(h(x)) on post-RoPE q and k (d bits, packed).
+    non-linear hash per layer and KV head, code = sign(h(x)) on post-RoPE q and k (d bits, or the
+    hash's width: 128 from `train_spotlight.py --bits 128` at d = 64; packed in int64 words).
     Key codes are computed once, when a key enters the cache. Each step attends to the top
-    k = max(min(N, 20), N - floor(rho N)) keys by d - 2 Hamming (summed over the query group), plus
+    k = max(min(N, 20), N - floor(rho N)) keys by bits - 2 Hamming (summed over the query group), plus
     `spotlight_sinks` first and `spotlight_recent` last tokens and the current one; prefill and
     `spotlight_dense_layers` are dense. Departures: one hash per KV head shared by its query heads
     (the authors hash per query head; the choice was measured, see README) and selection per KV head.
