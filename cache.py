@@ -1342,11 +1342,15 @@ def hamming_sim(q_codes, k_codes, d):
     return d - 2 * ham
 
 
-def spotlight_hash(x, w1, b1, w2, b2):
+def spotlight_hash(x, w1, b1, w2, b2, lift=None):
     """Spotlight's hash before the sign: y = x + SiLU(x W1 + b1), h = y + (y W2 + b2), per head.
-    x [B, Hh, N, d]; w [Hh, d, d], b [Hh, d]."""
-    y = x + F.silu(x @ w1 + b1[:, None, :])
-    return y + (y @ w2 + b2[:, None, :])
+    x [..., Hh, N, d]; w [..., Hh, n, n], b [..., Hh, n] (leading dims: train_spotlight.py's layers).
+    n = d bits, or more: lift [..., Hh, d, n] = [I | orthonormal blocks] widens x first (128 bits at
+    d = 64: the untrained code is then a 128-bit orthogonal SimHash, not sign(x) twice)."""
+    if lift is not None:
+        x = x @ lift
+    y = x + F.silu(x @ w1 + b1[..., None, :])
+    return y + (y @ w2 + b2[..., None, :])
 
 
 def topk_select(scores, forced, filled, k, K):
@@ -1411,9 +1415,10 @@ def load_hash_weights(path: str, mtime_ns: int) -> dict:
 @register
 class Spotlight(KVCache):
     """Spotlight Attention, Li et al. 2025 (arXiv 2508.19740; wenhaoli-xmu/spotlight): a learned
-    non-linear hash per layer and KV head, code = sign(h(x)) on post-RoPE q and k (d bits, packed).
+    non-linear hash per layer and KV head, code = sign(h(x)) on post-RoPE q and k (d bits, or the
+    hash's width: 128 from `train_spotlight.py --bits 128` at d = 64; packed in int64 words).
     Key codes are computed once, when a key enters the cache. Each step attends to the top
-    k = max(min(N, 20), N - floor(rho N)) keys by d - 2 Hamming (summed over the query group), plus
+    k = max(min(N, 20), N - floor(rho N)) keys by bits - 2 Hamming (summed over the query group), plus
     `spotlight_sinks` first and `spotlight_recent` last tokens and the current one; prefill and
     `spotlight_dense_layers` are dense. Departures: one hash per KV head shared by its query heads
     (the authors hash per query head; the choice was measured, see README) and selection per KV head.
@@ -1430,19 +1435,21 @@ class Spotlight(KVCache):
     def __init__(self, batch, n_kv, n_slots, head_dim, *args, **kwargs):
         super().__init__(batch, n_kv, n_slots, head_dim, *args, **kwargs)
         self.dense = self.layer in self.p["spotlight_dense_layers"]
-        self.d, W = head_dim, -(-head_dim // 64)
+        self.d = head_dim  # code bits: head_dim, or a trained hash's width (128 at d = 64: two words a key)
         gh = 1
+        self.register_buffer("lift", None)
         if self.hash_kind == "mlp" and not self.dense:
             w = self.trained_weights(n_kv, head_dim)
             gh = w[0].shape[0] // n_kv  # 1: per-KV-head hash; n_group: the authors' per-query-head hash
-            for n, t in zip(("w1", "b1", "w2", "b2"), w):
-                self.register_buffer(n, t.float())
+            for n, t in zip(("w1", "b1", "w2", "b2", "lift"), w):
+                self.register_buffer(n, None if t is None else t.float())
+            self.d = w[0].shape[-1]
         elif self.hash_kind == "simhash":
             g = torch.Generator().manual_seed(1000 + self.layer)  # every head's R drawn, this rank's kept (tp.py)
             R = torch.randn(n_kv * self.world, head_dim, head_dim, generator=g)[self.head0:self.head0 + n_kv]
             self.register_buffer("R", R.clone())
         self.gh = gh
-        self.register_buffer("codes", torch.zeros(batch, n_kv, gh, 0 if self.dense else n_slots, W,
+        self.register_buffer("codes", torch.zeros(batch, n_kv, gh, 0 if self.dense else n_slots, -(-self.d // 64),
                                                   dtype=torch.long))
 
     def trained_weights(self, n_kv, d):
@@ -1451,18 +1458,21 @@ class Spotlight(KVCache):
             raise FileNotFoundError(f"spotlight needs trained hashes at {path}; train them with: "
                                     f"python train_spotlight.py --checkpoint_path {self.cfg.checkpoint_dir}")
         w = load_hash_weights(str(path), path.stat().st_mtime_ns)
-        names = [f"layers.{self.layer}.{n}" for n in ("w1", "b1", "w2", "b2")]
-        if any(n not in w for n in names) or w[names[0]].shape[1:] != (d, d) or w[names[0]].shape[0] % (n_kv * self.world):
+        names = [f"layers.{self.layer}.{n}" for n in ("w1", "b1", "w2", "b2", "lift")]
+        n = w[names[0]].shape[-1] if names[0] in w else 0  # code bits
+        lift_ok = w[names[4]].shape[1:] == (d, n) if names[4] in w else n == d
+        if any(x not in w for x in names[:4]) or w[names[0]].shape[1:] != (n, n) or not lift_ok \
+                or w[names[0]].shape[0] % (n_kv * self.world):
             raise ValueError(f"{path} has no hash of head_dim {d} for layer {self.layer}; retrain with: "
                              f"python train_spotlight.py --checkpoint_path {self.cfg.checkpoint_dir}")
         gh = w[names[0]].shape[0] // (n_kv * self.world)  # hashes per KV head; tensor parallel: this rank's heads
-        return [w[n][self.head0 * gh:(self.head0 + n_kv) * gh] for n in names]
+        return [w[x][self.head0 * gh:(self.head0 + n_kv) * gh] if x in w else None for x in names]
 
     def hash(self, x):
         """x [B, Hh, N, d] -> the real-valued code before the sign (fp32)."""
         x = x.float()
         if self.hash_kind == "mlp":
-            return spotlight_hash(x, self.w1, self.b1, self.w2, self.b2)
+            return spotlight_hash(x, self.w1, self.b1, self.w2, self.b2, self.lift)
         return x @ self.R if self.hash_kind == "simhash" else x
 
     def key_codes(self, k):

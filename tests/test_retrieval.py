@@ -237,7 +237,7 @@ def test_decode_compiles_once(strategy, tmp_path):
 def test_tiny_training_lowers_loss_and_raises_recall(default_checkpoint, tmp_path):
     import train_spotlight as ts
     args = ts.parse_args(["--checkpoint_path", str(default_checkpoint), "--device", "cpu", "--steps", "24",
-                          "--seq_len", "384", "--queries", "24", "--steps_per_seq", "6", "--eval_every", "24",
+                          "--seq_len", "384", "--queries", "24", "--eval_every", "24",
                           "--eval_queries", "12", "--lr", "3e-3"])
     model, tokenizer = ts.load(args)
     held = ts.windows(ts.token_stream(tokenizer, [args.holdout]), 512, 1, seed=7)[0]
