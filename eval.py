@@ -1027,36 +1027,46 @@ def curve_plot(ms, path: Path):
 SHIFT = 0.006  # x offset between neighbouring lines of a Pareto plot: equal points stay visible side by side
 
 
-def pareto_series(ms, key: str) -> list[dict]:
+def kib_per_token(m: dict) -> float:
+    """Allocated KV-cache KiB per prompt token (means over the samples): budget and bits in one number."""
+    return m["cache_bytes"] / m["n_prompt"] / 1024
+
+
+def pareto_series(ms, key: str, x: str = "ratio") -> list[dict]:
     """The lines of a Pareto panel: one per series (strategy and settings, every budget on it), its points
-    sorted by compression ratio and shifted by SHIFT per line, error bars from score_stderr (score
-    only), a marker per line (the full cache: a star)."""
+    sorted by x (compression ratio, shifted by SHIFT per line; or "bytes": kib_per_token, which a
+    quantized cache lowers and the ratio does not see), error bars from score_stderr (score only), a
+    marker per line (the full cache: a star)."""
     names = sorted({m.get("series", m["strategy"]) for m in ms}, key=lambda s: (not s.startswith("full"), s))
     out = []
     for i, name in enumerate(names):
-        pts = sorted((m["compression_ratio"], m[key], m.get("score_stderr") if key == "score" else None)
+        pts = sorted((m["compression_ratio"] if x == "ratio" else kib_per_token(m), m[key],
+                      m.get("score_stderr") if key == "score" else None)
                      for m in ms if m.get("series", m["strategy"]) == name)
-        dx = (i - (len(names) - 1) / 2) * SHIFT
+        dx = (i - (len(names) - 1) / 2) * SHIFT if x == "ratio" else 0.0
         out.append({"label": name, "x": [p[0] + dx for p in pts], "y": [p[1] for p in pts],
                     "yerr": [p[2] or 0.0 for p in pts], "marker": "*" if name == "full" else MARKERS[i % len(MARKERS)]})
     return out
 
 
 def pareto_plot(ms, path: Path):
-    """Metric vs measured compression ratio, a line per series; choice tasks get a second panel with
-    the gold option's log-likelihood, which shows a cache's damage long before the accuracy does."""
+    """Metric vs measured compression ratio and vs allocated KV bytes per prompt token (the ratio hides
+    the bits: a 4-bit full cache has ratio 0), a line per series; choice tasks get a panel with the gold
+    option's log-likelihood, which shows a cache's damage long before the accuracy does."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [("score", ms[0]["metric"] + ("" if ms[0]["higher_is_better"] else " (lower is better)"))]
+    label = ms[0]["metric"] + ("" if ms[0]["higher_is_better"] else " (lower is better)")
+    panels = [("score", label, "ratio"), ("score", label, "bytes")]
     if all("gold_loglik" in m for m in ms):
-        panels.append(("gold_loglik", "log-likelihood of the gold option"))
+        panels.append(("gold_loglik", "log-likelihood of the gold option", "ratio"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
-        for i, s in enumerate(pareto_series(ms, key)):
+    for ax, (key, label, x) in zip(axes[0], panels):
+        for i, s in enumerate(pareto_series(ms, key, x)):
             ax.errorbar(s["x"], s["y"], yerr=s["yerr"], label=s["label"], marker=s["marker"], capsize=3,
                         markersize=11 if s["marker"] == "*" else 6, linestyle=LINES[i % 4], alpha=0.85)
-        ax.set_xlabel(f"compression ratio (1 - slots used / tokens seen; lines shifted by {SHIFT} each)")
+        ax.set_xlabel(f"compression ratio (1 - slots used / tokens seen; lines shifted by {SHIFT} each)"
+                      if x == "ratio" else "allocated KV cache, KiB per prompt token (budget and bits)")
         ax.set_ylabel(label + (" ± standard error" if key == "score" else ""))
         ax.set_title(f"{ms[0]['model']}: {ms[0]['task']}")
         ax.grid(alpha=0.3)

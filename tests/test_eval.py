@@ -497,6 +497,19 @@ def test_pareto_lines_have_error_bars_and_stay_apart():
     assert E.pareto_series(ms, "score")[1]["x"] == h2o["x"]  # the same offsets each time
 
 
+def test_pareto_by_bytes_sees_the_bits():
+    """The bytes panel's x is the allocated cache per prompt token, unshifted: a 4-bit full cache (ratio
+    0, like the 16-bit one) sits at a quarter-ish of the bytes, left of an eviction at half the tokens."""
+    m = lambda series, ratio, nbytes, score: {"strategy": series.split("-")[0], "series": series,  # noqa: E731
+                                              "compression_ratio": ratio, "cache_bytes": nbytes, "n_prompt": 1000,
+                                              "score": score, "score_stderr": 1.0}
+    ms = [m("full", 0.0, 4096000, 50), m("full-kv_bits=4", 0.0, 1228800, 49), m("h2o", 0.5, 2048000, 45)]
+    by = {s["label"]: s["x"] for s in E.pareto_series(ms, "score", "bytes")}
+    assert by == {"full": [4.0], "full-kv_bits=4": [1.2], "h2o": [2.0]}  # KiB per prompt token
+    ratio = {s["label"]: s["x"] for s in E.pareto_series(ms, "score")}
+    assert abs(ratio["full"][0] - ratio["full-kv_bits=4"][0]) < 3 * E.SHIFT  # the ratio cannot tell them apart
+
+
 def test_bad_input_is_one_line(tiny, tmp_path, capsys):
     """Each bad input through eval.py's entry point (gen.cli(main), what `python eval.py` runs): exit status
     2, one line on stderr naming the flag or file and what is allowed, no traceback."""
