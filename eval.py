@@ -1057,7 +1057,9 @@ def pareto_plot(ms, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     label = ms[0]["metric"] + ("" if ms[0]["higher_is_better"] else " (lower is better)")
-    panels = [("score", label, "ratio"), ("score", label, "bytes")]
+    panels = [("score", label, "ratio")]
+    if all(m.get("cache_bytes") and m.get("n_prompt") for m in ms):  # every real run records both
+        panels.append(("score", label, "bytes"))
     if all("gold_loglik" in m for m in ms):
         panels.append(("gold_loglik", "log-likelihood of the gold option", "ratio"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
