@@ -1289,19 +1289,20 @@ def read_bytes(caches, input_pos) -> tuple[int, int]:
     return read, held
 
 
-def compression_ratio(caches, tokens_seen: torch.Tensor) -> float:
+def compression_ratio(caches, tokens_seen: torch.Tensor, per_row=False):
     """1 - slots used / tokens seen, measured over the strategy's layers, heads and sequences (tokens_seen
-    [B]). A sliding-window layer's ring is the model's own attention span, not the strategy's doing:
-    cache_bytes and read_bytes count it, this ratio does not (0 when every layer is a ring)."""
+    [B]; per_row: a list, one per sequence). A sliding-window layer's ring is the model's own attention
+    span, not the strategy's doing: cache_bytes and read_bytes count it, this ratio does not (0 when every
+    layer is a ring)."""
     caches = [c for c in caches if not isinstance(c, WindowCache)]
     if not caches:
-        return 0.0
+        return [0.0] * len(tokens_seen) if per_row else 0.0
     used = sum(c.rows_held().float() for c in caches)  # [B]
     if SHARD[1] > 1:  # tensor parallel: every rank's heads
         from tp import all_reduce
         used = all_reduce(used)
     seen = tokens_seen.float() * caches[0].n_kv * SHARD[1] * len(caches)
-    return float(1 - (used / seen).mean())
+    return (1 - used / seen).tolist() if per_row else float(1 - (used / seen).mean())
 
 
 # ---- retrieval strategies ----

@@ -97,6 +97,9 @@ def build_parser():
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, "
                    "float32 on CPU)")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
+    p.add_argument("--batch_size", type=positive, default=1, help="samples run together, left-padded, each with "
+                   "its own budget and evictions (generation and fidelity: those of one question length; ppl); a GPU step "
+                   "costs about the same for 1 or 50 rows. Choice tasks run one at a time")
     p.add_argument("--tensor_parallel", action="store_true", help="under torchrun: split the model over the "
                    "processes by KV heads (tp.py; NCCL on CUDA) instead of splitting the samples")
     p.add_argument("--threads", type=positive, default=None, help="CPU threads (default: one per idle core)")
@@ -248,7 +251,7 @@ def effective_config(ctx, task, name, cfg, args, n) -> dict:
             "series": readable_name(cfg, args, budget=False), **config_settings(cfg, args),
             "task_settings": task_settings(task, args),
             "run": {"num_samples": n, "device": str(ctx.device), "compile": args.compile,
-                    "world_size": ctx.world, "tensor_parallel": ctx.shards == 1 and ctx.world > 1,
+                    "world_size": ctx.world, "batch_size": args.batch_size, "tensor_parallel": ctx.shards == 1 and ctx.world > 1,
                     "torch": torch.__version__}}  # "run" may change on resume
     return json.loads(json.dumps(meta))
 
@@ -294,6 +297,23 @@ def stats(cache_bytes, ratio, prefill_s, steps, decode_s, prefix, suffix):
             "n_prompt": len(prefix) + len(suffix), "n_context": len(prefix)}
 
 
+def run_generate_batch(ctx, task, batch, cfg):
+    """Samples of one question length and answer cap as one left-padded batch (gen.generate: each row has
+    its own budget, caches and evictions, so its answer is the one it gets alone, as tested)."""
+    splits = [split_prompt(ctx, s) for s in batch]
+    n, suffixes, held = new_tokens(ctx, task, batch[0]), [x for _, x in splits], []
+    res = gen.generate(ctx.model, [p for p, _ in splits], n, cfg, stop_ids=ctx.tok.stop_ids, decode_step=ctx.step,
+                       device=ctx.device, suffixes=suffixes if suffixes[0] else None, on_caches=held.append)
+    rows = []
+    for s, toks, stat in zip(batch, res.uncut, row_stats(ctx, cfg, splits, n, res, held[0])):
+        # where decode() alone would have stopped: at the first look (every STOP_EVERY tokens) past a stop
+        n_out = next((k for k in range(STOP_EVERY, n, STOP_EVERY) if stopped(ctx, toks[:k], task.cut)[2]), n)
+        ids, text, _ = stopped(ctx, toks[:n_out], task.cut)
+        rows.append({"prediction": text, "reference": s.reference, "score": task.score(text, s), "n_new": len(ids),
+                     **stat})
+    return rows
+
+
 def run_generate(ctx, task, s, cfg):
     """Greedy answer, ended by the tokenizer's stop ids or the task's stop strings (decode)."""
     prefix, suffix = split_prompt(ctx, s)
@@ -318,7 +338,7 @@ def decode(ctx, logits, ip, n, cut):
     steps, seconds); the first step, which may compile, is not timed (as in generate.generate)."""
     step, out = ctx.step or ctx.model.forward, [gen.sample(logits)]
     t0, steps = time.perf_counter(), 0
-    while len(out) < n and (len(out) % STOP_EVERY or not stopped(ctx, out, cut)[2]):
+    while len(out) < n and (len(out) % STOP_EVERY or not stopped(ctx, torch.cat(out, 1)[0].tolist(), cut)[2]):
         out.append(gen.sample(step(out[-1], ip)[:, -1].clone()))  # clone: a CUDA graph reuses its output
         ip, steps = ip + 1, steps + 1
         if len(out) == 2:
@@ -326,13 +346,12 @@ def decode(ctx, logits, ip, n, cut):
             t0, steps = time.perf_counter(), 0
     gen.sync(ctx.device)
     decode_s = time.perf_counter() - t0
-    ids, text, _ = stopped(ctx, out, cut)
+    ids, text, _ = stopped(ctx, torch.cat(out, 1)[0].tolist(), cut)
     return ids, text, len(out), steps, decode_s
 
 
-def stopped(ctx, out, cut) -> tuple[list[int], str, bool]:
+def stopped(ctx, ids, cut) -> tuple[list[int], str, bool]:
     """(tokens up to a stop id, their text cut by the task, whether either stop was met)."""
-    ids = torch.cat(out, 1)[0].tolist()
     kept = gen.cut_at_stop(ids, ctx.tok.stop_ids)
     text, hit = cut(ctx.tok.decode(kept))
     return kept, text, hit or len(kept) < len(ids)
@@ -342,27 +361,31 @@ def stopped(ctx, out, cut) -> tuple[list[int], str, bool]:
 def start(ctx, cfg, prefix, suffix, n_more, all_logits=False, fed=None):
     """Caches sized for this sample (prefix + suffix + n_more tokens; the budget per cfg.protocol, the
     suffix, or `fed` tokens, being prompt), prefix prefilled, suffix fed by decode steps. Returns
-    (prefill logits, logits predicting the next token, next position, seconds, caches)."""
+    (prefill logits, logits predicting the next token, next position, seconds, caches). A batch: lists
+    of prefixes (left-padded, each with its own budget, as gen.generate) and of suffixes of one length."""
     m, dev = ctx.model, ctx.device
-    n_new = len(suffix) + n_more
-    if len(prefix) + n_new > m.args.block_size:
-        raise gen.UserError(f"{len(prefix) + n_new} tokens exceed the model's context of {m.args.block_size}")
+    batched = bool(prefix) and isinstance(prefix[0], list)
+    rows, tails = (prefix, suffix or [[]] * len(prefix)) if batched else ([prefix], [suffix])
+    n_new = len(tails[0]) + n_more
+    longest = max(map(len, rows))
+    if longest + n_new > m.args.block_size:
+        raise gen.UserError(f"{longest + n_new} tokens exceed the model's context of {m.args.block_size}")
     if max(float(v) for v in cfg.max_cache_length) > m.args.block_size:  # a typo, not a budget (as in generate)
         raise gen.UserError(f"--max_cache_length {' '.join(map(str, cfg.max_cache_length))} exceeds the model's "
                             f"context of {m.args.block_size} tokens")
     try:
-        caches = kv.make_caches(m.args, cfg, 1, len(prefix) + n_new, n_new, dev, ctx.dtype,
-                                fed=len(suffix) if fed is None else fed)
+        caches = kv.make_caches(m.args, cfg, len(rows), longest + n_new, n_new, dev, ctx.dtype,
+                                lengths=[len(p) + n_new for p in rows], fed=len(tails[0]) if fed is None else fed)
     except (ValueError, FileNotFoundError) as e:
         raise gen.UserError(str(e)) from None
     m.setup_caches(caches)
+    tokens, pos = gen.pad_batch(rows, dev)
     gen.sync(dev)
     t0 = time.perf_counter()
-    logits = m.prefill(torch.tensor([prefix], device=dev), torch.arange(len(prefix), device=dev)[None],
-                       all_logits=all_logits)
-    last, ip, first = (logits[:, -1] if all_logits else logits), torch.tensor([len(prefix)], device=dev), 0.0
-    if suffix:  # `first`: a compiled step compiles on its first call; not prefill time (as in generate)
-        last, ip, first = gen.feed(m, ctx.step, torch.tensor([suffix], device=dev), ip, dev)
+    logits = m.prefill(tokens, pos, all_logits=all_logits)
+    last, ip, first = (logits[:, -1] if all_logits else logits), pos[:, -1] + 1, 0.0
+    if tails[0]:  # `first`: a compiled step compiles on its first call; not prefill time (as in generate)
+        last, ip, first = gen.feed(m, ctx.step, torch.tensor(tails, device=dev), ip, dev)
     gen.sync(dev)
     return logits, last, ip, time.perf_counter() - t0 - first, caches
 
@@ -372,18 +395,20 @@ FORCE_CHUNK = 256  # tokens per Transformer.feed call: bounds the [chunk, vocab]
 
 @torch.no_grad()
 def force(ctx, logits, tokens, ip, full=False):
-    """Log-probabilities of `tokens` fed one per decode step (gen.feed, FORCE_CHUNK at a time), `logits`
-    [1, vocab] predicting the first: [n], or every row of the distribution [n, vocab] with full=True.
-    The last token is not fed."""
-    def score(rows, targets):  # rows [c, vocab] predict targets (c tokens)
+    """Log-probabilities of `tokens` (n, or [B][n] for a batch) fed one per decode step (gen.feed, chunks
+    of FORCE_CHUNK rows), `logits` [B, vocab] predicting the first: [B, n], or every row of the
+    distribution [B, n, vocab] with full=True. The last token is not fed."""
+    tokens = torch.tensor(tokens if tokens and isinstance(tokens[0], list) else [tokens], device=ctx.device)
+
+    def score(rows, targets):  # rows [B, c, vocab] predict targets [B, c]
         lp = rows.float().log_softmax(-1)
-        return lp if full else lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None])[:, 0]
-    out, fed = [score(logits, tokens[:1])], tokens[:-1]
-    for i in range(0, len(fed), FORCE_CHUNK):
-        chunk = torch.tensor([fed[i:i + FORCE_CHUNK]], device=ctx.device)
+        return lp if full else lp.gather(-1, targets[..., None])[..., 0]
+    out, n, step = [score(logits[:, None], tokens[:, :1])], tokens.shape[1] - 1, max(1, FORCE_CHUNK // len(tokens))
+    for i in range(0, n, step):
+        chunk = tokens[:, i:min(i + step, n)]
         rows, _, _ = gen.feed(ctx.model, ctx.step, chunk, ip + i, ctx.device, all_logits=True)
-        out.append(score(rows[0], tokens[i + 1:i + 1 + chunk.shape[1]]))
-    return torch.cat(out)
+        out.append(score(rows, tokens[:, i + 1:i + 1 + chunk.shape[1]]))
+    return torch.cat(out, 1)
 
 
 def run_choice(ctx, task, s, cfg):
@@ -411,56 +436,107 @@ def run_choice(ctx, task, s, cfg):
 
 
 def run_ppl(ctx, task, s, cfg):
-    ids, P, bin_ = s.reference, min(ctx.args.ppl_prefill, len(s.reference) - 1), ctx.args.ppl_bin
+    return run_ppl_batch(ctx, task, [s], cfg)[0]
+
+
+def run_ppl_batch(ctx, task, batch, cfg):
+    """Perplexity rows of windows of one length, run as one batch (--batch_size; each row's caches and
+    eviction are its own, so a row's NLL is the one it gets alone, up to float rounding)."""
+    windows, bin_ = [s.reference for s in batch], ctx.args.ppl_bin
+    L = len(windows[0])
+    P = min(ctx.args.ppl_prefill, L - 1)
     # the text after the prefill is read through the cache (stream), all of it prompt: no question to protect
-    logits, last, ip, prefill_s, caches = start(ctx, dataclasses.replace(cfg, protocol="stream"), ids[:P], [],
-                                                len(ids) - P, all_logits=True, fed=len(ids) - P)
-    target = torch.tensor(ids[1:P], device=ctx.device)
-    head = -logits[0, :-1].float().log_softmax(-1).gather(-1, target[:, None])[:, 0]
+    logits, last, ip, prefill_s, caches = start(ctx, dataclasses.replace(cfg, protocol="stream"),
+                                                [w[:P] for w in windows], [], L - P, all_logits=True, fed=L - P)
     t0 = time.perf_counter()
-    nll = torch.cat([head, -force(ctx, last, ids[P:], ip)]).cpu()  # NLL of tokens 1 .. L-1
+    tail = -force(ctx, last, [w[P:] for w in windows], ip)
     decode_s = time.perf_counter() - t0
-    pos = torch.arange(1, len(ids))
-    bins = [[b * bin_, float(nll[pos // bin_ == b].mean())] for b in range(int(pos[-1]) // bin_ + 1)]
-    seen = torch.tensor([len(ids) - 1], device=ctx.device)
-    return {"prediction": math.exp(float(nll.mean())), "reference": None, "score": float(nll.mean()),
-            "nll_bins": bins, **stats(kv.cache_bytes(caches), kv.compression_ratio(caches, seen), prefill_s,
-                                      len(ids) - P - 1, decode_s, ids[:P], [])}
+    seen = torch.full((len(batch),), L - 1, device=ctx.device)
+    if len(batch) > 1:  # a window's bytes are one sequence's caches' (some buffers do not grow with the batch)
+        one = kv.make_caches(ctx.model.args, dataclasses.replace(cfg, protocol="stream"), 1, L, L - P, ctx.device,
+                             ctx.dtype, fed=L - P)
+        nbytes = kv.cache_bytes(one)
+        del one
+    else:
+        nbytes = kv.cache_bytes(caches)
+    common = stats(nbytes, kv.compression_ratio(caches, seen), prefill_s,
+                   (L - P - 1) * len(batch), decode_s, windows[0][:P], [])  # tokens/s: the batch's
+    pos, rows = torch.arange(1, L), []
+    for b, w in enumerate(windows):
+        target = torch.tensor(w[1:P], device=ctx.device)
+        head = -logits[b, :-1].float().log_softmax(-1).gather(-1, target[:, None])[:, 0]
+        nll = torch.cat([head, tail[b]]).cpu()  # NLL of tokens 1 .. L-1
+        bins = [[k * bin_, float(nll[pos // bin_ == k].mean())] for k in range(int(pos[-1]) // bin_ + 1)]
+        rows.append({"prediction": math.exp(float(nll.mean())), "reference": None, "score": float(nll.mean()),
+                     "nll_bins": bins, **common})
+    return rows
 
 
 def run_fidelity(ctx, task, s, cfg):
+    return run_fidelity_batch(ctx, task, [s], cfg)[0]
+
+
+def run_fidelity_batch(ctx, task, batch, cfg):
+    """KL(full || compressed) over the full cache's own greedy answer, teacher-forced through both caches,
+    and the compressed cache's agreement with that answer. Samples of one question length run as one
+    left-padded batch (--batch_size), each row with its own caches, as it runs alone."""
     import metrics
-    prefix, suffix = split_prompt(ctx, s)
+    splits = [split_prompt(ctx, s) for s in batch]
+    prefixes, suffixes = [p for p, _ in splits], [x for _, x in splits]
     n = ctx.args.max_new_tokens or task.max_new_tokens
     full = dataclasses.replace(cfg, strategy="full", params={}, prompt_compression="own", kv_bits=16,
                                max_cache_length=[1.0])  # every token in the model's dtype: the reference
-    kw = dict(stop_ids=ctx.tok.stop_ids, decode_step=ctx.step, device=ctx.device, suffixes=[suffix] if suffix else None)
-    key = (repr(full), tuple(prefix), tuple(suffix), n)  # every configuration shares one full-cache run per sample
-    if key not in ctx.full_runs:
-        ref = gen.generate(ctx.model, [prefix], n, full, **kw).tokens[0]
-        if ref:  # the full cache's output teacher-forced through the full cache
-            _, last, ip, _, _ = start(ctx, full, prefix, suffix, len(ref))
-            ctx.full_runs[key] = ref, force(ctx, last, ref, ip, full=True)
-        else:
-            ctx.full_runs[key] = ref, None
-    ref, ref_dist = ctx.full_runs[key]
-    res = gen.generate(ctx.model, [prefix], n, cfg, **kw)
-    out = res.tokens[0]
-    kl = 0.0
-    if ref:  # ... and through the compressed one
-        _, last, ip, _, _ = start(ctx, cfg, prefix, suffix, len(ref))
-        dist = force(ctx, last, ref, ip, full=True)
-        kl = float((ref_dist.exp() * (ref_dist - dist)).sum(-1).mean())
-    same = [a == b for a, b in zip(ref, out)]
-    text, ref_text = ctx.tok.decode(out), ctx.tok.decode(ref)
-    return {"prediction": text, "reference": ref_text, "score": sum(same) / len(ref) if ref else float(not out),
-            "kl": kl, "rouge_l": metrics.rouge_l(text, ref_text) if ref_text.strip() else float(not text.strip()),
-            "prefix_match": same.index(False) if False in same else len(same),
-            **stats(res.cache_bytes, res.compression_ratio, res.prefill_s, res.decode_steps, res.decode_s,
-                    prefix, suffix)}
+    kw = dict(stop_ids=ctx.tok.stop_ids, decode_step=ctx.step, device=ctx.device,
+              suffixes=suffixes if suffixes[0] else None)
+    keys = [(repr(full), tuple(p), tuple(x), n) for p, x in splits]  # every configuration shares one full-cache run
+    if any(k not in ctx.full_runs for k in keys):
+        refs = gen.generate(ctx.model, prefixes, n, full, **kw).tokens
+        for k, ref, dist in zip(keys, refs, teacher_force(ctx, full, prefixes, suffixes, refs)):
+            ctx.full_runs[k] = ref, dist  # the full cache's output teacher-forced through the full cache
+    refs, ref_dists = zip(*(ctx.full_runs[k] for k in keys))
+    held = []
+    res = gen.generate(ctx.model, prefixes, n, cfg, on_caches=held.append, **kw)
+    dists = teacher_force(ctx, cfg, prefixes, suffixes, list(refs))  # ... and through the compressed one
+    rows = []
+    for b, (ref, out, stat) in enumerate(zip(refs, res.tokens, row_stats(ctx, cfg, splits, n, res, held[0]))):
+        kl = float((ref_dists[b].exp() * (ref_dists[b] - dists[b])).sum(-1).mean()) if ref else 0.0
+        same = [a == c for a, c in zip(ref, out)]
+        text, ref_text = ctx.tok.decode(out), ctx.tok.decode(ref)
+        rows.append({"prediction": text, "reference": ref_text, "score": sum(same) / len(ref) if ref else float(not out),
+                     "kl": kl, "rouge_l": metrics.rouge_l(text, ref_text) if ref_text.strip() else float(not text.strip()),
+                     "prefix_match": same.index(False) if False in same else len(same), **stat})
+    return rows
+
+
+def teacher_force(ctx, cfg, prefixes, suffixes, refs) -> list:
+    """Each row's tokens `refs` fed through cfg's caches after its prompt: log-probabilities [len(ref),
+    vocab] (None for an empty ref). Rows are padded to the longest ref: a row's later tokens never reach
+    its earlier positions."""
+    most = max(map(len, refs))
+    if not most:
+        return [None] * len(refs)
+    _, last, ip, _, _ = start(ctx, cfg, prefixes, suffixes, most)
+    dist = force(ctx, last, [r + [0] * (most - len(r)) for r in refs], ip, full=True)
+    return [dist[b, :len(r)] if r else None for b, r in enumerate(refs)]
+
+
+def row_stats(ctx, cfg, splits, n, res, caches) -> list[dict]:
+    """Each row's stats of a gen.generate batch: the bytes its caches hold alone, its compression ratio
+    over the tokens it saw in the batch (which decodes until every row stops), the batch's times."""
+    fed = len(res.uncut[0]) - 1  # the last token is not fed
+    seen = torch.tensor([len(p) + len(x) + fed for p, x in splits], device=ctx.device)
+    ratios = kv.compression_ratio(caches, seen, per_row=True)
+    out = []
+    for (prefix, suffix), ratio in zip(splits, ratios):
+        alone = kv.make_caches(ctx.model.args, cfg, 1, len(prefix) + len(suffix) + n, len(suffix) + n, ctx.device,
+                               ctx.dtype, fed=len(suffix))
+        out.append(stats(kv.cache_bytes(alone) if len(splits) > 1 else res.cache_bytes, ratio, res.prefill_s,
+                         res.decode_steps * len(splits), res.decode_s, prefix, suffix))  # tokens/s: the batch's
+    return out
 
 
 RUNNERS = {"generate": run_generate, "choice": run_choice, "ppl": run_ppl, "fidelity": run_fidelity}
+BATCHED = {"generate": run_generate_batch, "ppl": run_ppl_batch, "fidelity": run_fidelity_batch}  # --batch_size > 1
 
 
 # ---------------------------------------------------------------- results files
@@ -625,6 +701,16 @@ def score_line(m: dict, out_dir) -> str:
     return f"{m['task']} {m['config']}: {m['metric']} {m['score']:.2f}{se}{lower} (n={m['n']}) -> {out_dir}"
 
 
+def batches(ctx, task, samples, size) -> list[list]:
+    """Runs of at most `size` samples that one batch holds exactly: one window length (ppl), or one
+    question length (fed token by token after the prefill) and answer cap (generation); order kept."""
+    groups = {}
+    for s in samples:
+        key = len(s.reference) if task.kind == "ppl" else (len(split_prompt(ctx, s)[1]), new_tokens(ctx, task, s))
+        groups.setdefault(key, []).append(s)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
 def run_samples(ctx, task, todo, cfg, target, index, desc) -> bool:
     """Runs this rank's share of `todo`, appending a line per sample; True after a sample's error. The bar
     counts samples already saved as done; under torchrun rank 0's advances by the number of ranks."""
@@ -633,19 +719,22 @@ def run_samples(ctx, task, todo, cfg, target, index, desc) -> bool:
     fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if ctx.writes else None
     bar = tqdm(total=len(index), initial=len(index) - len(todo), desc=desc, disable=ctx.rank != 0 or not mine,
                dynamic_ncols=True, file=sys.stderr)
+    runner = BATCHED.get(task.kind) if ctx.args.batch_size > 1 else None
     try:
-        for s in mine:
-            torch.manual_seed(ctx.args.seed * 1_000_003 + index[s.id])  # random strategies: same in any shard
+        for batch in batches(ctx, task, mine, ctx.args.batch_size) if runner else [[s] for s in mine]:
+            # random strategies: same in any shard (a batch draws from its first sample's seed)
+            torch.manual_seed(ctx.args.seed * 1_000_003 + index[batch[0].id])
             try:
-                row = RUNNERS[task.kind](ctx, task, s, cfg)
+                rows = runner(ctx, task, batch, cfg) if runner else [RUNNERS[task.kind](ctx, task, batch[0], cfg)]
             except gen.UserError as e:
                 hint = ("; prefill-only strategies keep the fed question in reserved slots: try --query_aware"
                         if kv.REGISTRY[cfg.strategy].prefill_only and not ctx.args.query_aware else "")
-                tqdm.write(f"error: {desc}: sample {s.id}: {e}{hint}", file=sys.stderr)
+                tqdm.write(f"error: {desc}: sample {batch[0].id}: {e}{hint}", file=sys.stderr)
                 return True
-            if fd is not None:
-                append_line(fd, {"id": s.id, **row, **({"meta": s.meta} if s.meta else {})})
-            bar.update(min(ctx.shards, bar.total - bar.n))
+            for s, row in zip(batch, rows):
+                if fd is not None:
+                    append_line(fd, {"id": s.id, **row, **({"meta": s.meta} if s.meta else {})})
+                bar.update(min(ctx.shards, bar.total - bar.n))
     finally:
         bar.close()
         if fd is not None:
@@ -795,7 +884,7 @@ def full_reference(conf_dir: Path) -> tuple[Path | None, str]:
     """The full-cache folder beside conf_dir (same model and task folder) whose config.json matches
     conf_dir's in every setting but the cache's (query mode, chat, seed, dtype, output length, task
     settings); of several (the full cache ignores every cache setting, but its folder name carries them),
-    the one whose other cache settings (sinks, window, ...) match too.
+    the one whose other cache settings (sinks, window, ...) match too, else the one of the same protocol.
     (None, why) when there is none or several: never a guess."""
     if not (conf_dir / "config.json").exists():
         return None, f"no config.json in {conf_dir}"
@@ -808,8 +897,10 @@ def full_reference(conf_dir: Path) -> tuple[Path | None, str]:
             found.append((p.parent, c))
     skip = ("strategy", "max_cache_length", "params")
     other = lambda c: {k: v for k, v in c.get("cache", {}).items() if k not in skip}
+    protocol = lambda c: c.get("cache", {}).get("protocol")  # noqa: E731
     if len(found) > 1:
-        found = [f for f in found if other(f[1]) == other(mine)] or found
+        found = ([f for f in found if other(f[1]) == other(mine)]
+                 or [f for f in found if protocol(f[1]) == protocol(mine)] or found)
     if len(found) == 1:
         return found[0][0], ""
     if not found:

@@ -88,6 +88,7 @@ class Result:
     kv_read: int = 0        # cache bytes the next decode step reads (kv.read_bytes) ...
     kv_held: int = 0        # ... and the K/V bytes the caches hold
     ring_bytes: int = 0     # of cache_bytes, the sliding-window layers' rings (kv.WindowCache)
+    uncut: list = None      # every token generated per sequence, past its stop too (a batch runs on)
 
 
 def load(checkpoint_dir, device, dtype, tp=None):
@@ -282,7 +283,7 @@ def generate(model, prompts, max_new_tokens, cache_cfg: kv.CacheConfig, *, tempe
     return Result([cut_at_stop(g, stop_ids) for g in generated], prefill_s, decode_s, steps,
                   kv.cache_bytes(caches), kv.compression_ratio(caches, seen), compile_s,
                   *kv.read_bytes(caches, input_pos),
-                  ring_bytes=kv.cache_bytes([c for c in caches if isinstance(c, kv.WindowCache)]))
+                  ring_bytes=kv.cache_bytes([c for c in caches if isinstance(c, kv.WindowCache)]), uncut=generated)
 
 
 def feed(model, step, tokens, input_pos, device, all_logits=False):

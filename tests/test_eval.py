@@ -153,16 +153,67 @@ def test_fidelity_shares_one_full_run_per_sample(tiny, tmp_path, data):
     assert got("all", *evict) == got("alone", *evict) and all(r["kl"] > 0 for r in got("all", *evict))
 
 
-def test_full_cache_gives_the_same_answer_in_both_query_modes(tiny, tmp_path):
-    """Decode-fed question tokens and a prefilled question are the same computation for a full cache."""
-    common = ["--tasks", "passkey", "--num_samples", "3", "--context_length", "450", "--max_new_tokens", "6"]
-    run(tiny, tmp_path, *common)
-    run(tiny, tmp_path, *common, "--query_aware")
-    (a,), (b,) = names(*common), names(*common, "--query_aware")
-    agnostic = rows(tmp_path / "tiny/passkey-450" / a / "predictions.jsonl")
-    aware = rows(tmp_path / "tiny/passkey-450" / b / "predictions.jsonl")
-    assert [r["prediction"] for r in agnostic] == [r["prediction"] for r in aware]
-    assert all(a["n_context"] < b["n_context"] == b["n_prompt"] for a, b in zip(agnostic, aware))
+BATCHED = ("full", "streamingllm", "l2", "lsh", "h2o", "tova", "scissorhands", "quest", "lsh_retrieval")
+
+
+def test_batched_ppl_matches_one_window_at_a_time(tiny, tmp_path):
+    """--batch_size runs ppl's windows together; each row's caches evict on their own, so every window's
+    NLL, curve and cache bytes are the ones it gets alone (a row mixed into another would move them)."""
+    d = tmp_path / "data/wikitext2_raw"
+    d.mkdir(parents=True)
+    words = [f"w{(7 * i * i + 3 * i) % 97} " for i in range(900)]  # a varied byte stream: windows differ
+    (d / "wiki.test.raw").write_text("".join(words), encoding="utf-8")
+    common = ["--data_dir", str(tmp_path / "data"), "--tasks", "ppl", "--ppl_corpus", "wikitext2", "--num_samples", "4",
+              "--context_length", "150", "--ppl_prefill", "90", "--ppl_bin", "50", "--max_cache_length", "0.5",
+              "--spotlight_prune", "0.5", "--cache_strategy", *BATCHED]
+    run(tiny, tmp_path / "one", *common)
+    run(tiny, tmp_path / "batched", *common, "--batch_size", "3")  # a batch of 3, then 1
+    for name in names(*common):
+        one, batched = (rows(tmp_path / r / "tiny/ppl-wikitext2-150-p90-bin50" / name / "predictions.jsonl")
+                        for r in ("one", "batched"))
+        assert [r["id"] for r in one] == [r["id"] for r in batched] and len(one) == 4
+        assert len({round(r["score"], 6) for r in one}) == 4, name  # distinct windows
+        for a, b in zip(one, batched):
+            assert b["score"] == pytest.approx(a["score"], abs=1e-4), name
+            assert [v for _, v in b["nll_bins"]] == pytest.approx([v for _, v in a["nll_bins"]], abs=1e-4), name
+            assert b["cache_bytes"] == a["cache_bytes"] and b["compression_ratio"] == pytest.approx(a["compression_ratio"])
+
+
+@pytest.mark.parametrize("task", ["passkey", "fidelity"])
+@pytest.mark.parametrize("mode", [[], ["--protocol", "stream"], ["--query_aware"]], ids=["context", "stream", "qa"])
+def test_batched_generation_gives_each_sample_its_own_answer(tiny, tmp_path, mode, task, monkeypatch):
+    """--batch_size left-pads samples of one question length into a batch: each keeps its own budget,
+    caches and evictions, so its answer, score (fidelity: KL and agreement with the full cache's answer)
+    and cache bytes are the ones it gets alone."""
+    make = T.Passkey.make  # passkey prompts of different lengths (the task fits them all to one)
+    monkeypatch.setattr(T.Passkey, "make", lambda self, tok, i: dataclasses.replace(
+        make(self, tok, i), context=make(self, tok, i).context[:-1 - 13 * i]))
+    common = ["--tasks", task, "--fidelity_task", "passkey", "--fidelity_tokens", "5", "--num_samples", "6",
+              "--context_length", "450", "--max_new_tokens", "6", "--max_cache_length", "0.5", "--spotlight_prune",
+              "0.5", *mode, "--cache_strategy", *[s for s in BATCHED if not kv.REGISTRY[s].prefill_only], "snapkv",
+              "pyramid"]
+    tag = {"passkey": "passkey-450", "fidelity": "fidelity-passkey-450-5"}[task]
+    run(tiny, tmp_path / "one", *common)
+    sizes, generate = [], gen.generate
+    monkeypatch.setattr(gen, "generate", lambda model, prompts, *a, **k: sizes.append(len(prompts)) or generate(
+        model, prompts, *a, **k))
+    run(tiny, tmp_path / "batched", *common, "--batch_size", "4")
+    assert max(sizes) == 4  # batches did run
+    for name in names(*common):
+        one, batched = (rows(tmp_path / r / "tiny" / tag / name / "predictions.jsonl") for r in ("one", "batched"))
+        assert len({r["n_context"] for r in one}) > 1  # prompts of different lengths: padding is exercised
+        assert sorted(r["id"] for r in one) == sorted(r["id"] for r in batched)
+        by_id = {r["id"]: r for r in batched}
+        for a in one:
+            b = by_id[a["id"]]
+            same = ("prediction", "score", "n_new", "cache_bytes", "n_prompt")
+            assert [b.get(k) for k in same] == [a.get(k) for k in same], name
+            assert b["compression_ratio"] == pytest.approx(a["compression_ratio"], abs=0.02), name
+            if task == "fidelity":
+                assert (b["prefix_match"], b["reference"]) == (a["prefix_match"], a["reference"]), name
+                assert b["kl"] == pytest.approx(a["kl"], abs=1e-4), name
+        cls = kv.REGISTRY[name.split("-")[0]]
+        assert task == "passkey" or not (cls.evicts or cls.prefill_only) or any(r["kl"] > 0 for r in one), name
 
 
 @needs_evict
@@ -334,6 +385,19 @@ def test_metrics_json_gets_the_paired_comparison_once_the_full_cache_is_there(ti
     assert v["mean"] == pytest.approx(100 * sum(a["score"] - b["score"] for a, b in zip(ours, theirs)) / 3)
     assert v["bootstrap"]["resamples"] == 500 and set(v["mcnemar"]) == {"full_only", "this_only", "p"}
     assert E.compare_with_full(ev, m, E.finished_rows(ev), 500) == v
+
+
+def test_the_full_cache_reference_is_the_one_of_the_same_protocol(tiny, tmp_path):
+    """Full-cache runs of both protocols beside an h2o run (whose sinks and window are its paper's, not the
+    full cache's): the paired reference is the full run of h2o's protocol, never 'several match'."""
+    common = ["--tasks", "passkey", "--num_samples", "2", "--context_length", "450", "--max_new_tokens", "3"]
+    for protocol in ("context", "stream"):
+        run(tiny, tmp_path, *common, "--protocol", protocol, "--cache_strategy", "full")
+    h2o = ["--protocol", "stream", "--cache_strategy", "h2o", "--max_cache_length", "0.5"]
+    run(tiny, tmp_path, *common, *h2o)
+    folder = tmp_path / "tiny/passkey-450"
+    ref, why = E.full_reference(folder / names(*common, *h2o)[0])
+    assert ref == folder / names(*common, "--protocol", "stream")[0], why
 
 
 def test_rerun_into_a_folder_of_another_config_is_refused(tiny, tmp_path):

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The README's strategy tables (issue 13) and the quantized-KV quality grid (issue 12), n = 50 per cell:
+#   needle:   rulerniah_single, 2k context, 12 new tokens; every strategy at a 50%, 25% and 10% budget
+#             (retrieval: 50/75/90% pruned), in the three protocols (context, stream, query-aware)
+#   fidelity: KL(full || compressed) over 16 forced tokens of the needle prompts at 1k, same grid
+#   ppl:      wikitext-2 test, 50 windows of 1,024 tokens (512 prefilled, 512 teacher-forced), same grid but
+#             the prefill-only strategies (they cannot hold a budget while 512 tokens are forced through)
+#   kv bits:  fidelity at 8/4/2 bits, full and stacked with snapkv/h2o at 50% and 25%; pg19 ppl (4 books,
+#             2k each) the same with h2o only
+# Samples run in batches (--batch_size: each row with its own caches, as alone; a GPU step costs about the
+# same for 1 or 50 rows). Jobs (one eval.py each) run JOBS at a time, most important first; each eval writes
+# every sample as made and resumes, so a run cut by DEADLINE (seconds from the start) loses nothing.
+# Extra arguments go to every eval.py call (e.g. --device cuda --dtype float32).
+#   JOBS=8 DEADLINE=540 bash scripts/eval_tables.sh --results_dir results/tables --device cuda --dtype float32
+#   python eval.py --report results/tables       # the tables, paired intervals and Pareto plots
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+END=$(( $(date +%s) + ${DEADLINE:-100000000} ))
+NEEDLE="--tasks rulerniah_single --context_length 2048 --num_samples 50 --max_new_tokens 12 --batch_size 50"
+FIDELITY="--tasks fidelity --fidelity_task rulerniah_single --fidelity_tokens 16 --context_length 1024 --num_samples 50 --batch_size 50"
+PPL="--tasks ppl --ppl_corpus wikitext2 --context_length 1024 --num_samples 50 --batch_size 25"
+PREFILL_ONLY="snapkv pyramid adakv headkv dililazy"
+BUDGETS="--max_cache_length 0.5 0.25 0.1"
+
+jobs() {  # one line per eval.py call (its arguments); a call runs several configurations on one loaded model
+    local task protocol r group
+    for task in "$NEEDLE" "$FIDELITY" "$PPL"; do
+        for protocol in "" "--protocol stream" "--query_aware"; do
+            [ "$task" != "$NEEDLE" ] && [ -n "$protocol" ] && continue  # fidelity and ppl: the default protocol
+            for group in "streamingllm random l2 lsh" "h2o tova scissorhands" "snapkv pyramid adakv headkv dililazy"; do
+                if [ "$task" = "$PPL" ]; then  # prefill-only strategies never evict while decoding: the 512
+                    group=$(for s in $group; do [[ " $PREFILL_ONLY " == *" $s "* ]] || echo -n "$s "; done)  # forced tokens overflow any budget
+                    [ -z "$group" ] && continue
+                fi
+                echo "$task $protocol --cache_strategy $group $BUDGETS"
+            done
+            for r in 0.5 0.75 0.9; do  # retrieval: the same fractions read (--spotlight_prune, --quest_budget)
+                echo "$task $protocol --cache_strategy spotlight spotlight_linear lsh_retrieval quest --spotlight_prune $r --quest_budget $(python3 -c "print(round(1 - $r, 2))")"
+            done
+            echo "$task $protocol --cache_strategy full"
+        done
+    done
+    echo "$FIDELITY --cache_strategy full --kv_bits 8 4 2"
+    echo "$FIDELITY --cache_strategy snapkv h2o --max_cache_length 0.5 0.25 --kv_bits 16 8 4 2"
+    echo "--tasks ppl --ppl_corpus pg19 --context_length 2048 --batch_size 4 --cache_strategy full --kv_bits 16 8 4 2"
+    echo "--tasks ppl --ppl_corpus pg19 --context_length 2048 --batch_size 4 --cache_strategy h2o --max_cache_length 0.5 0.25 --kv_bits 16 8 4 2"
+}
+
+run_one() {  # $1: a job line; the rest: the script's extra arguments
+    local left=$(( END - $(date +%s) )) line=$1; shift
+    [ $left -le 5 ] && { echo "skipped (deadline): $line"; return 0; }
+    local t0=$(date +%s)
+    # shellcheck disable=SC2086
+    timeout $left $PY eval.py --threads 1 $line "$@" > /dev/null 2>> "${LOG:-/dev/stderr}"
+    echo "rc=$? $(( $(date +%s) - t0 )) s: $line"
+}
+export -f run_one; export PY END LOG
+jobs | tr '\n' '\0' | xargs -0 -P "${JOBS:-1}" -I{} bash -c 'run_one "$@"' _ {} "$@"
