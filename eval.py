@@ -98,8 +98,8 @@ def build_parser():
                    "float32 on CPU)")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--batch_size", type=positive, default=1, help="samples run together, left-padded, each with "
-                   "its own budget and evictions (generation and fidelity: those of one question length; ppl); a GPU step "
-                   "costs about the same for 1 or 50 rows. Choice tasks run one at a time")
+                   "its own budget and evictions (generation and fidelity: those of one question length; ppl); a "
+                   "step of the default model costs about the same for 1 or 50 rows. Choice tasks run one at a time")
     p.add_argument("--tensor_parallel", action="store_true", help="under torchrun: split the model over the "
                    "processes by KV heads (tp.py; NCCL on CUDA) instead of splitting the samples")
     p.add_argument("--threads", type=positive, default=None, help="CPU threads (default: one per idle core)")
@@ -251,7 +251,8 @@ def effective_config(ctx, task, name, cfg, args, n) -> dict:
             "series": readable_name(cfg, args, budget=False), **config_settings(cfg, args),
             "task_settings": task_settings(task, args),
             "run": {"num_samples": n, "device": str(ctx.device), "compile": args.compile,
-                    "world_size": ctx.world, "batch_size": args.batch_size, "tensor_parallel": ctx.shards == 1 and ctx.world > 1,
+                    "world_size": ctx.world, "batch_size": args.batch_size,
+                    "tensor_parallel": ctx.shards == 1 and ctx.world > 1,
                     "torch": torch.__version__}}  # "run" may change on resume
     return json.loads(json.dumps(meta))
 
@@ -269,6 +270,7 @@ class Ctx:
     world: int = 1
     shards: int = 1  # ranks that split the samples: world, or 1 with --tensor_parallel (rank 0 writes)
     full_runs: dict = dataclasses.field(default_factory=dict)  # fidelity's full-cache reference, per sample
+    alone_bytes: dict = dataclasses.field(default_factory=dict)  # a batch row's cache bytes, by config and lengths
 
     @property
     def shard(self) -> int:
@@ -502,8 +504,9 @@ def run_fidelity_batch(ctx, task, batch, cfg):
         kl = float((ref_dists[b].exp() * (ref_dists[b] - dists[b])).sum(-1).mean()) if ref else 0.0
         same = [a == c for a, c in zip(ref, out)]
         text, ref_text = ctx.tok.decode(out), ctx.tok.decode(ref)
-        rows.append({"prediction": text, "reference": ref_text, "score": sum(same) / len(ref) if ref else float(not out),
-                     "kl": kl, "rouge_l": metrics.rouge_l(text, ref_text) if ref_text.strip() else float(not text.strip()),
+        rows.append({"prediction": text, "reference": ref_text,
+                     "score": sum(same) / len(ref) if ref else float(not out), "kl": kl,
+                     "rouge_l": metrics.rouge_l(text, ref_text) if ref_text.strip() else float(not text.strip()),
                      "prefix_match": same.index(False) if False in same else len(same), **stat})
     return rows
 
@@ -528,9 +531,12 @@ def row_stats(ctx, cfg, splits, n, res, caches) -> list[dict]:
     ratios = kv.compression_ratio(caches, seen, per_row=True)
     out = []
     for (prefix, suffix), ratio in zip(splits, ratios):
-        alone = kv.make_caches(ctx.model.args, cfg, 1, len(prefix) + len(suffix) + n, len(suffix) + n, ctx.device,
-                               ctx.dtype, fed=len(suffix))
-        out.append(stats(kv.cache_bytes(alone) if len(splits) > 1 else res.cache_bytes, ratio, res.prefill_s,
+        key = (repr(cfg), len(prefix), len(suffix), n)
+        if len(splits) > 1 and key not in ctx.alone_bytes:  # one allocation per length, not per row
+            ctx.alone_bytes[key] = kv.cache_bytes(kv.make_caches(
+                ctx.model.args, cfg, 1, len(prefix) + len(suffix) + n, len(suffix) + n, ctx.device, ctx.dtype,
+                fed=len(suffix)))
+        out.append(stats(ctx.alone_bytes[key] if len(splits) > 1 else res.cache_bytes, ratio, res.prefill_s,
                          res.decode_steps * len(splits), res.decode_s, prefix, suffix))  # tokens/s: the batch's
     return out
 

@@ -1,10 +1,12 @@
 """The README's strategy tables from an eval.py results folder: one row per strategy, one column per
 budget and protocol, each cell the score ± its standard error and, below it, the paired difference from
-the full cache on the same samples with its bootstrap 95% interval (eval.py's own statistics).
+the full cache on the same samples with its bootstrap 95% interval (eval.py's own statistics: points of
+accuracy; perplexity in %; for fidelity the KL itself, in nats).
 
     python scripts/readme_tables.py results/tables/SmolLM2-135M-Instruct/rulerniah_single-2048
 
-Cells with fewer samples than the most complete one are marked with their n; missing cells are blank."""
+Cells with fewer samples than the most complete one are marked with their n, unfinished runs with the
+samples they have; missing cells are blank."""
 import json
 import sys
 from pathlib import Path
@@ -38,17 +40,18 @@ def main(folder: Path, resamples: int = 10_000):
         conf = json.loads((d / "config.json").read_text())
         m = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").exists() else None
         most = max(most, len(rows))
-        if m is None:  # unfinished: the mean so far, no interval
-            cells[cell_key(conf)] = (100 * sum(r["score"] for r in rows) / len(rows), None, len(rows), None)
+        if m is None:  # unfinished: no score yet
+            cells[cell_key(conf)] = (None, None, len(rows), None, "")
             continue
         v = E.compare_with_full(d, m, rows, resamples)
-        cells[cell_key(conf)] = (m["score"], m["score_stderr"], m["n"], v)
+        cells[cell_key(conf)] = (m["score"], m["score_stderr"], m["n"], v, E.paired_kind(m))
     budgets = sorted({k[1] for k in cells if k[0] != "full"}, key=float, reverse=True)
     cols = [(b, p) for b in budgets for p in PROTOCOLS if any(k[1:] == (b, p) for k in cells)]
     print("| strategy | " + " | ".join(f"{float(b):.0%} {p}" for b, p in cols) + " |")
     print("|---|" + "---:|" * len(cols))
     full = [cells.get(("full", "1", p)) for p in PROTOCOLS]
-    print("| full | " + " | ".join(f"{c[0]:.0f}" if c else "" for c in full) + " (context, stream, query-aware) |")
+    digits = 2 if any(c[4] == "ppl" for c in cells.values()) else 0
+    print("| full | " + " / ".join(f"{c[0]:.{digits}f}" for c in full if c) + " |")
     for s in sorted({k[0] for k in cells} - {"full"}):
         out = []
         for b, p in cols:
@@ -56,10 +59,19 @@ def main(folder: Path, resamples: int = 10_000):
             if c is None:
                 out.append("")
                 continue
-            score, se, n, v = c
-            text = f"{score:.0f}" + (f" ± {se:.0f}" if se is not None else "") + (f" (n={n})" if n < most else "")
+            score, se, n, v, kind = c
+            if score is None:
+                out.append(f"unfinished (n={n})")
+                continue
+            text = f"{score:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "") + (
+                f" (n={n})" if n < most else "")
             if v and "mean" in v:
-                text += f"<br>{v['mean']:+.0f} [{v['ci95'][0]:+.0f}, {v['ci95'][1]:+.0f}]"
+                lo, hi = (E.shown(kind, x) for x in v["ci95"])
+                if kind == "kl":
+                    text += f"<br>KL {v['mean']:.2f} [{lo:.2f}, {hi:.2f}]"
+                else:
+                    unit = "%" if kind == "ppl" else ""
+                    text += f"<br>{E.shown(kind, v['mean']):+.0f}{unit} [{lo:+.0f}, {hi:+.0f}]"
             out.append(text)
         print(f"| {s} | " + " | ".join(out) + " |")
 
