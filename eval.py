@@ -270,7 +270,7 @@ class Ctx:
     world: int = 1
     shards: int = 1  # ranks that split the samples: world, or 1 with --tensor_parallel (rank 0 writes)
     full_runs: dict = dataclasses.field(default_factory=dict)  # fidelity's full-cache reference, per sample
-    alone_bytes: dict = dataclasses.field(default_factory=dict)  # a batch row's cache bytes, by config and lengths
+    alone_memo: dict = dataclasses.field(default_factory=dict)  # alone_bytes, by config and lengths
 
     @property
     def shard(self) -> int:
@@ -454,13 +454,8 @@ def run_ppl_batch(ctx, task, batch, cfg):
     tail = -force(ctx, last, [w[P:] for w in windows], ip)
     decode_s = time.perf_counter() - t0
     seen = torch.full((len(batch),), L - 1, device=ctx.device)
-    if len(batch) > 1:  # a window's bytes are one sequence's caches' (some buffers do not grow with the batch)
-        one = kv.make_caches(ctx.model.args, dataclasses.replace(cfg, protocol="stream"), 1, L, L - P, ctx.device,
-                             ctx.dtype, fed=L - P)
-        nbytes = kv.cache_bytes(one)
-        del one
-    else:
-        nbytes = kv.cache_bytes(caches)
+    nbytes = alone_bytes(ctx, dataclasses.replace(cfg, protocol="stream"), L, L - P, L - P) if len(batch) > 1 \
+        else kv.cache_bytes(caches)
     common = stats(nbytes, kv.compression_ratio(caches, seen), prefill_s,
                    (L - P - 1) * len(batch), decode_s, windows[0][:P], [])  # tokens/s: the batch's
     pos, rows = torch.arange(1, L), []
@@ -531,14 +526,21 @@ def row_stats(ctx, cfg, splits, n, res, caches) -> list[dict]:
     ratios = kv.compression_ratio(caches, seen, per_row=True)
     out = []
     for (prefix, suffix), ratio in zip(splits, ratios):
-        key = (repr(cfg), len(prefix), len(suffix), n)
-        if len(splits) > 1 and key not in ctx.alone_bytes:  # one allocation per length, not per row
-            ctx.alone_bytes[key] = kv.cache_bytes(kv.make_caches(
-                ctx.model.args, cfg, 1, len(prefix) + len(suffix) + n, len(suffix) + n, ctx.device, ctx.dtype,
-                fed=len(suffix)))
-        out.append(stats(ctx.alone_bytes[key] if len(splits) > 1 else res.cache_bytes, ratio, res.prefill_s,
-                         res.decode_steps * len(splits), res.decode_s, prefix, suffix))  # tokens/s: the batch's
+        nbytes = alone_bytes(ctx, cfg, len(prefix) + len(suffix) + n, len(suffix) + n, len(suffix)) \
+            if len(splits) > 1 else res.cache_bytes
+        out.append(stats(nbytes, ratio, res.prefill_s, res.decode_steps * len(splits), res.decode_s,
+                         prefix, suffix))  # tokens/s: the batch's
     return out
+
+
+def alone_bytes(ctx, cfg, length, n_new, fed) -> int:
+    """The bytes one sequence's caches hold (a batch row's own: some buffers do not grow with the batch),
+    allocated once per configuration and lengths, not once per row."""
+    key = (repr(cfg), length, n_new, fed)
+    if key not in ctx.alone_memo:
+        ctx.alone_memo[key] = kv.cache_bytes(kv.make_caches(ctx.model.args, cfg, 1, length, n_new, ctx.device,
+                                                             ctx.dtype, fed=fed))
+    return ctx.alone_memo[key]
 
 
 RUNNERS = {"generate": run_generate, "choice": run_choice, "ppl": run_ppl, "fidelity": run_fidelity}

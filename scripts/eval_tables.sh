@@ -11,7 +11,7 @@
 # same for 1 or 50 rows). Jobs (one eval.py each) run JOBS at a time, most important first; each eval writes
 # every sample as made and resumes, so a run cut by DEADLINE (seconds from the start) loses nothing.
 # Extra arguments go to every eval.py call (e.g. --device cuda --dtype float32).
-#   JOBS=8 DEADLINE=540 bash scripts/eval_tables.sh --results_dir results/tables --device cuda --dtype float32
+#   JOBS=4 DEADLINE=540 bash scripts/eval_tables.sh --results_dir results/tables --device cuda --dtype float32
 #   python eval.py --report results/tables       # the tables, paired intervals and Pareto plots
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,8 +35,8 @@ jobs() {  # one line per eval.py call (its arguments); a call runs several confi
                 fi
                 echo "$task $protocol --cache_strategy $group $BUDGETS"
             done
-            for r in 0.5 0.75 0.9; do  # retrieval: the same fractions read (--spotlight_prune, --quest_budget)
-                echo "$task $protocol --cache_strategy spotlight spotlight_linear lsh_retrieval quest --spotlight_prune $r --quest_budget $(python3 -c "print(round(1 - $r, 2))")"
+            for r in 0.5:0.5 0.75:0.25 0.9:0.1; do  # retrieval: the same fractions read (pruned:read)
+                echo "$task $protocol --cache_strategy spotlight spotlight_linear lsh_retrieval quest --spotlight_prune ${r%:*} --quest_budget ${r#*:}"
             done
             echo "$task $protocol --cache_strategy full"
         done
