@@ -106,7 +106,8 @@ def build_parser():
     p.add_argument("--protocol", choices=["context", "stream"], default="context",
                    help="query-agnostic protocol: context (kvpress's: the context compressed to the budget, a fraction "
                         "of the context; question and answer appended without eviction) or stream (the question fed "
-                        "through the cache like any token, counted in the budget's prompt)")
+                        "through the cache like any token, counted in the budget's prompt). ppl: context compresses "
+                        "the prefill once, stream evicts while the rest is read")
     p.add_argument("--query_aware", action="store_true", help="prefill the question with the context")
     p.add_argument("--no_chat", action="store_true", help="never apply the chat template")
     p.add_argument("--max_new_tokens", type=positive, default=None, help="override every task's output length")
@@ -447,15 +448,16 @@ def run_ppl_batch(ctx, task, batch, cfg):
     windows, bin_ = [s.reference for s in batch], ctx.args.ppl_bin
     L = len(windows[0])
     P = min(ctx.args.ppl_prefill, L - 1)
-    # the text after the prefill is read through the cache (stream), all of it prompt: no question to protect
-    logits, last, ip, prefill_s, caches = start(ctx, dataclasses.replace(cfg, protocol="stream"),
-                                                [w[:P] for w in windows], [], L - P, all_logits=True, fed=L - P)
+    # stream: the text after the prefill is read through the cache, all of it prompt (evicted as it comes);
+    # context: the prefill compressed to the budget once, the rest appended (any strategy, prefill-only too)
+    fed = L - P if cfg.protocol == "stream" else 0
+    logits, last, ip, prefill_s, caches = start(ctx, cfg, [w[:P] for w in windows], [], L - P, all_logits=True,
+                                                fed=fed)
     t0 = time.perf_counter()
     tail = -force(ctx, last, [w[P:] for w in windows], ip)
     decode_s = time.perf_counter() - t0
     seen = torch.full((len(batch),), L - 1, device=ctx.device)
-    nbytes = alone_bytes(ctx, dataclasses.replace(cfg, protocol="stream"), L, L - P, L - P) if len(batch) > 1 \
-        else kv.cache_bytes(caches)
+    nbytes = alone_bytes(ctx, cfg, L, L - P, fed) if len(batch) > 1 else kv.cache_bytes(caches)
     common = stats(nbytes, kv.compression_ratio(caches, seen), prefill_s,
                    (L - P - 1) * len(batch), decode_s, windows[0][:P], [])  # tokens/s: the batch's
     pos, rows = torch.arange(1, L), []

@@ -623,7 +623,8 @@ class NIAH(Task):
 class PPL(Task):
     """Perplexity of long text through the cache: windows of --context_length tokens (the start of each
     PG-19 test book body, or consecutive WikiText-2 test windows); the first --ppl_prefill tokens are
-    prefilled, every later token is fed by a decode step (teacher forcing), so eviction really happens.
+    prefilled, every later token is fed by a decode step (teacher forcing): under --protocol stream it is
+    prompt and eviction goes on as it is read; under context the prefill alone is compressed.
     Per sample: mean NLL; reported: exp(mean NLL) and its curve over position (curve.png)."""
     name = "ppl"
     kind = "ppl"

@@ -3,10 +3,10 @@
 #   needle:   rulerniah_single, 2k context, 12 new tokens; every strategy at a 50%, 25% and 10% budget
 #             (retrieval: 50/75/90% pruned), in the three protocols (context, stream, query-aware)
 #   fidelity: KL(full || compressed) over 16 forced tokens of the needle prompts at 1k, same grid
-#   ppl:      wikitext-2 test, 50 windows of 1,024 tokens (512 prefilled, 512 teacher-forced), same grid but
-#             the prefill-only strategies (they cannot hold a budget while 512 tokens are forced through)
+#   ppl:      wikitext-2 test, 50 windows of 1,024 tokens (512 prefilled, 512 teacher-forced): context (the
+#             prefill compressed, every strategy) and stream (evicted while forced; not the prefill-only ones)
 #   kv bits:  fidelity at 8/4/2 bits, full and stacked with snapkv/h2o at 50% and 25%; pg19 ppl (4 books,
-#             2k each) the same with h2o only
+#             2k each) the same
 # Samples run in batches (--batch_size: each row with its own caches, as alone; a GPU step costs about the
 # same for 1 or 50 rows). Jobs (one eval.py each) run JOBS at a time, most important first; each eval writes
 # every sample as made and resumes, so a run cut by DEADLINE (seconds from the start) loses nothing.
@@ -27,15 +27,19 @@ jobs() {  # one line per eval.py call (its arguments); a call runs several confi
     local task protocol r group
     for task in "$NEEDLE" "$FIDELITY" "$PPL"; do
         for protocol in "" "--protocol stream" "--query_aware"; do
-            [ "$task" != "$NEEDLE" ] && [ -n "$protocol" ] && continue  # fidelity and ppl: the default protocol
+            [ "$task" = "$FIDELITY" ] && [ -n "$protocol" ] && continue  # fidelity: the context protocol
+            [ "$task" = "$PPL" ] && [ "$protocol" = "--query_aware" ] && continue  # ppl has no question
             for group in "streamingllm random l2 lsh" "h2o tova scissorhands" "snapkv pyramid adakv headkv dililazy"; do
-                if [ "$task" = "$PPL" ]; then  # prefill-only strategies never evict while decoding: the 512
-                    group=$(for s in $group; do [[ " $PREFILL_ONLY " == *" $s "* ]] || echo -n "$s "; done)  # forced tokens overflow any budget
+                # ppl stream: prefill-only strategies never evict while decoding, so the 512 forced tokens
+                # would overflow any budget below the window
+                if [ "$task" = "$PPL" ] && [ -n "$protocol" ]; then
+                    group=$(for s in $group; do [[ " $PREFILL_ONLY " == *" $s "* ]] || echo -n "$s "; done)
                     [ -z "$group" ] && continue
                 fi
                 echo "$task $protocol --cache_strategy $group $BUDGETS"
             done
-            for r in 0.5:0.5 0.75:0.25 0.9:0.1; do  # retrieval: the same fractions read (pruned:read)
+            # retrieval reads the same fractions (pruned:read) whatever the protocol: ppl runs it once
+            [ "$task" = "$PPL" ] && [ -z "$protocol" ] || for r in 0.5:0.5 0.75:0.25 0.9:0.1; do
                 echo "$task $protocol --cache_strategy spotlight spotlight_linear lsh_retrieval quest --spotlight_prune ${r%:*} --quest_budget ${r#*:}"
             done
             echo "$task $protocol --cache_strategy full"
@@ -44,7 +48,7 @@ jobs() {  # one line per eval.py call (its arguments); a call runs several confi
     echo "$FIDELITY --cache_strategy full --kv_bits 8 4 2"
     echo "$FIDELITY --cache_strategy snapkv h2o --max_cache_length 0.5 0.25 --kv_bits 16 8 4 2"
     echo "--tasks ppl --ppl_corpus pg19 --context_length 2048 --batch_size 4 --cache_strategy full --kv_bits 16 8 4 2"
-    echo "--tasks ppl --ppl_corpus pg19 --context_length 2048 --batch_size 4 --cache_strategy h2o --max_cache_length 0.5 0.25 --kv_bits 16 8 4 2"
+    echo "--tasks ppl --ppl_corpus pg19 --context_length 2048 --batch_size 4 --cache_strategy snapkv h2o --max_cache_length 0.5 0.25 --kv_bits 16 8 4 2"
 }
 
 run_one() {  # $1: a job line; the rest: the script's extra arguments

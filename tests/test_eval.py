@@ -114,9 +114,7 @@ def test_every_task_kind_runs_and_records(tiny, tmp_path, data, capsys):
             assert cfg["cache"]["strategy"] == conf.split("-")[0] and cfg["query_aware"] is False
             if conf == full:
                 assert m["compression_ratio"] == 0.0
-            elif task.startswith("ppl"):  # the text read through the cache is all prompt: half of it kept
-                assert m["compression_ratio"] == pytest.approx(0.5, abs=0.05)
-            else:  # protocol context: half the context kept, the question and answer appended
+            else:  # protocol context: half the context (ppl: the prefill) kept, the rest appended
                 assert 0.05 < m["compression_ratio"] < 0.5
             se = f" ± {m['score_stderr']:.2f}" if m["score_stderr"] is not None else ""
             assert f"{task} {conf}: {m['metric']} {m['score']:.2f}{se}" in "\n".join(finish)
@@ -156,20 +154,25 @@ def test_fidelity_shares_one_full_run_per_sample(tiny, tmp_path, data):
 BATCHED = ("full", "streamingllm", "l2", "lsh", "h2o", "tova", "scissorhands", "quest", "lsh_retrieval")
 
 
-def test_batched_ppl_matches_one_window_at_a_time(tiny, tmp_path):
+@pytest.mark.parametrize("protocol", ["context", "stream"])
+def test_batched_ppl_matches_one_window_at_a_time(tiny, tmp_path, protocol):
     """--batch_size runs ppl's windows together; each row's caches evict on their own, so every window's
-    NLL, curve and cache bytes are the ones it gets alone (a row mixed into another would move them)."""
+    NLL, curve and cache bytes are the ones it gets alone (a row mixed into another would move them).
+    stream: the 60 tokens after the prefill are prompt, evicted as they come (half of all 150 kept);
+    context: the 120-token prefill is compressed once and the rest appended (60 + 30 of 150 kept)."""
     d = tmp_path / "data/wikitext2_raw"
     d.mkdir(parents=True)
     words = [f"w{(7 * i * i + 3 * i) % 97} " for i in range(900)]  # a varied byte stream: windows differ
     (d / "wiki.test.raw").write_text("".join(words), encoding="utf-8")
     common = ["--data_dir", str(tmp_path / "data"), "--tasks", "ppl", "--ppl_corpus", "wikitext2", "--num_samples", "4",
-              "--context_length", "150", "--ppl_prefill", "90", "--ppl_bin", "50", "--max_cache_length", "0.5",
-              "--spotlight_prune", "0.5", "--cache_strategy", *BATCHED]
+              "--context_length", "150", "--ppl_prefill", prefill := {"stream": "90", "context": "120"}[protocol],
+              "--ppl_bin", "50", "--max_cache_length", "0.5", "--spotlight_prune", "0.5", "--protocol", protocol,
+              "--cache_strategy", *BATCHED, *(["snapkv", "pyramid"] if protocol == "context" else [])]  # prefill-only:
+    # the context protocol only (under stream the forced tokens overflow their budget)
     run(tiny, tmp_path / "one", *common)
     run(tiny, tmp_path / "batched", *common, "--batch_size", "3")  # a batch of 3, then 1
     for name in names(*common):
-        one, batched = (rows(tmp_path / r / "tiny/ppl-wikitext2-150-p90-bin50" / name / "predictions.jsonl")
+        one, batched = (rows(tmp_path / r / f"tiny/ppl-wikitext2-150-p{prefill}-bin50" / name / "predictions.jsonl")
                         for r in ("one", "batched"))
         assert [r["id"] for r in one] == [r["id"] for r in batched] and len(one) == 4
         assert len({round(r["score"], 6) for r in one}) == 4, name  # distinct windows
@@ -177,6 +180,10 @@ def test_batched_ppl_matches_one_window_at_a_time(tiny, tmp_path):
             assert b["score"] == pytest.approx(a["score"], abs=1e-4), name
             assert [v for _, v in b["nll_bins"]] == pytest.approx([v for _, v in a["nll_bins"]], abs=1e-4), name
             assert b["cache_bytes"] == a["cache_bytes"] and b["compression_ratio"] == pytest.approx(a["compression_ratio"])
+        cls = kv.REGISTRY[name.split("-")[0]]
+        if cls.evicts or cls.prefill_only:
+            kept = 0.5 if protocol == "stream" else (60 + 30) / 150
+            assert one[0]["compression_ratio"] == pytest.approx(1 - kept, abs=0.03), name
 
 
 @pytest.mark.parametrize("task", ["passkey", "fidelity"])

@@ -354,6 +354,28 @@ def test_h2o(shape, sinks, recent):
 
 
 @shapes
+def test_h2o_context_protocol_recent_half_of_the_budget(shape):
+    """Protocol context: the cache holds the budget plus a reserve for what is appended (never evicted).
+    H2O's recent window is half the budget, not half of budget + reserve: the prompt keeps its newest
+    round(SLOTS / 2) tokens and its heaviest hitters up to SLOTS, then every new token is appended."""
+    cfg = kv.CacheConfig(strategy="h2o", params={}, protocol="context")
+    q, k, v, pos = scripted(shape)
+    cache = kv.REGISTRY["h2o"](B, shape[0], SLOTS + STEPS, D, shape[1], torch.float32, 0, 1, cfg, STEPS)
+    cache.prefill(q[:, :, :T], k[:, :, :T], v[:, :, :T], pos)
+    hist = [kept(cache)]
+    for t in range(STEPS):
+        cache.decode(q[:, :, T + t:T + t + 1], k[:, :, T + t:T + t + 1], v[:, :, T + t:T + t + 1], pos[:, -1] + 1 + t)
+        hist.append(kept(cache))
+
+    def ref(b, h):
+        seq = Seq(b, shape)
+        last = seq.prompt[-1]
+        keep = prompt_keep(prompt_column_sums(seq, h), SLOTS, lambda p: protect(p, last, 0, round(SLOTS / 2)))
+        return [keep | set(seq.new[:t]) for t in range(STEPS + 1)]
+    assert_same(hist, per_head(ref, shape[0]))
+
+
+@shapes
 def test_h2o_scores_are_group_mean_accumulations(shape):
     """H2O's accumulated score of every cached token, after prefill and after each decode step, equals
     the naive accumulation of GROUP-MEAN probabilities in prompt and decode alike. Decode scores summed

@@ -70,13 +70,17 @@ def check_prompt_colsum(device):
             torch.testing.assert_close(prompt_colsum(q, k, pos, rows), ref, **tol)
 
 
-def test_prompt_attention_torch_path():
+@pytest.mark.parametrize("chunk_rows", [None, 1, 16], ids=["one_chunk", "row_by_row", "16_rows"])
+def test_prompt_attention_torch_path(chunk_rows):
+    """Whole, one query row at a time, and in 16-row chunks (each chunk reads only the keys it can see)."""
     g = torch.Generator().manual_seed(1)
     for shape in SHAPES[:2]:
         q, k, pos = inputs(shape, g)
+        B, H, T, _ = q.shape
+        chunk = {"chunk_bytes": chunk_rows * B * H * T * 4} if chunk_rows else {}
         for rows in (q.shape[2], 7, 1):
-            torch.testing.assert_close(kv.prompt_attention(q, k, pos, rows), naive_prompt_colsum(q, k, pos, rows),
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(kv.prompt_attention(q, k, pos, rows, **chunk),
+                                       naive_prompt_colsum(q, k, pos, rows), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test below runs everywhere")
