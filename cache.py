@@ -194,8 +194,9 @@ class KVCache(nn.Module):
         if not self.protects:
             return torch.zeros_like(pos, dtype=torch.bool)
         recent = self.recent
-        if 0 < self.recent_window < 1:  # a fraction of each row's own budget (H2O's recent ratio), not
-            recent = ((self.limit - self.reserve) * self.recent_window).round().long()[..., None]  # of the reserve
+        if 0 < self.recent_window < 1:  # a fraction of each row's own budget (H2O's recent ratio), the
+            # slots reserved for what is appended after the prefill left out
+            recent = ((self.limit - self.reserve) * self.recent_window).round().long()[..., None]
         return (pos < self.n_sinks) | (pos > now[:, None, None] - recent)
 
     def prefill(self, q, k, v, pos):
