@@ -79,11 +79,11 @@ def scripted(shape=(H_KV, G), seed=0):
 
 
 def run_cache(name, slots, params=None, layer=0, n_layer=1, sinks=SINKS, recent=RECENT, prompt="own",
-              shape=(H_KV, G), each_step=None):
+              shape=(H_KV, G), each_step=None, protocol="stream"):
     """Drive one cache layer: prefill, then STEPS decode steps; kept positions after each (each_step,
     if given, is called with the cache after each too)."""
     cfg = kv.CacheConfig(strategy=name, global_tokens=sinks, recent_window=recent, params=params or {},
-                         prompt_compression=prompt)
+                         prompt_compression=prompt, protocol=protocol)
     q, k, v, pos = scripted(shape)
     cache = kv.REGISTRY[name](B, shape[0], slots, D, shape[1], torch.float32, layer, n_layer, cfg, STEPS)
     cache.prefill(q[:, :, :T], k[:, :, :T], v[:, :, :T], pos)
@@ -358,14 +358,7 @@ def test_h2o_context_protocol_recent_half_of_the_budget(shape):
     """Protocol context: the cache holds the budget plus a reserve for what is appended (never evicted).
     H2O's recent window is half the budget, not half of budget + reserve: the prompt keeps its newest
     round(SLOTS / 2) tokens and its heaviest hitters up to SLOTS, then every new token is appended."""
-    cfg = kv.CacheConfig(strategy="h2o", params={}, protocol="context")
-    q, k, v, pos = scripted(shape)
-    cache = kv.REGISTRY["h2o"](B, shape[0], SLOTS + STEPS, D, shape[1], torch.float32, 0, 1, cfg, STEPS)
-    cache.prefill(q[:, :, :T], k[:, :, :T], v[:, :, :T], pos)
-    hist = [kept(cache)]
-    for t in range(STEPS):
-        cache.decode(q[:, :, T + t:T + t + 1], k[:, :, T + t:T + t + 1], v[:, :, T + t:T + t + 1], pos[:, -1] + 1 + t)
-        hist.append(kept(cache))
+    _, hist = run_cache("h2o", SLOTS + STEPS, sinks=None, recent=None, shape=shape, protocol="context")
 
     def ref(b, h):
         seq = Seq(b, shape)
