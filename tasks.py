@@ -13,6 +13,7 @@ Sources: GSM8K (Cobbe et al. 2021), MedQA (Jin et al. 2021), passkey retrieval (
 haystack (G. Kamradt 2023), LongBench v1 (Bai et al. 2023; THUDM/LongBench prompts, lengths and
 metrics), PG-19 (Rae et al. 2019), WikiText-2 (Merity et al. 2016).
 """
+import itertools
 import json
 import random
 import re
@@ -630,7 +631,7 @@ class PPL(Task):
     kind = "ppl"
     metric = "perplexity"
     higher_is_better = False
-    default_samples = 5  # windows, ~2 minutes each at 4096 tokens on 2 CPU cores (pg19: 4 books, one window each)
+    default_samples = 5  # windows, ~2 minutes each at 4096 tokens on 2 CPU cores
 
     @property
     def tag(self):
@@ -656,12 +657,13 @@ class PPL(Task):
         return out
 
     def samples(self, tok):
-        L, out = self.args.context_length, []
+        """Consecutive windows of each text; PG-19's books taken in turn (each book's first window, then each
+        one's second, ...), so the first n samples spread over every book."""
+        L, per_text = self.args.context_length, []
         for k, text in enumerate(self.texts()):
             ids = tok.encode(text)
-            starts = range(0, len(ids) - L + 1, L) if self.args.ppl_corpus == "wikitext2" else [0]
-            out += [Sample(f"{k}-{s}", "", reference=ids[s:s + L]) for s in starts if len(ids) >= L]
-        return self.limit(out)
+            per_text.append([Sample(f"{k}-{s}", "", reference=ids[s:s + L]) for s in range(0, len(ids) - L + 1, L)])
+        return self.limit([x for rank in itertools.zip_longest(*per_text) for x in rank if x is not None])
 
     def aggregate(self, rows):
         import math
@@ -838,7 +840,7 @@ def task_table() -> str:
         rows.append((names, f"{c.default_samples} of {size}" if size else f"{c.default_samples} (generated)",
                      gen(c), show(c)))
     rows += [("niah", "lengths x depths grid (15)", gen(NIAH), show(NIAH)),
-             ("ppl", f"{PPL.default_samples} windows (pg19: 4 books)", gen(PPL), "-"),
+             ("ppl", f"{PPL.default_samples} windows", gen(PPL), "-"),
              ("longbench_<dataset>", f"{LongBench.default_samples} of 200 (multi_news)", "dataset2maxlen.json",
               'samsum: "\\n" (as LongBench); others: none'),
              ("fidelity", f"{Fidelity.default_samples} of --fidelity_task's", "--fidelity_tokens", "none (raw tokens)")]

@@ -107,7 +107,7 @@ def _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc, n, n_sel, scale, b, h, bh
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
-def _launch_plan(q, n, dense, scores, ragged=False):
+def _launch_plan(q, n, dense, scores, ragged=False, quant=False):
     """The grid and partial buffers of a launch of _attend_kernel (or _attend_quant_kernel) over n rows:
     (GP, the TUNE entry, splits, chunk, (po, pm, pl, s)); _attend_partials says what each buffer holds."""
     B, H, G, D = q.shape
@@ -117,7 +117,7 @@ def _launch_plan(q, n, dense, scores, ragged=False):
     # add a 4 * G = 16 byte logit write, read back once by the epilogue (which writes 4 bytes of probs).
     # Llama-3-8B at B = 8, S = 3.3k slots (10% of 32k): per layer 108 MB of K/V, then 3.4 MB of logits
     # written and read, 0.8 of probs, 1.7 of positions: ~8% on top of K/V.
-    tune = TUNE[("dense" if dense else "gather") + ("_few" if B * H <= 16 else "")]
+    tune = TUNE[("quant" if quant and dense else "dense" if dense else "gather") + ("_few" if B * H <= 16 else "")]
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     # a ragged run (per-head budgets in one flat buffer of n slots) is split by its own length, so the
     # splits are sized for the average run; sized for n, most programs would find their chunk empty
@@ -154,8 +154,10 @@ def _attend_partials(q, k, v, idx, ok, n, dense, scores, ragged=False):
 # fewer splits pay. Chosen from scripts/tune_attend.py on the H200 (2026-11-29; BENCHMARKS.md): dense
 # 64/2/4/3 was within 2% of the best at batch 8 (32k and 3.3k slots), 128/2/8/3 the best at batch 1
 # (63.8 vs 69.6 us at 32k); gather 32/4/4/2 the best at batch 8, 32/2/4/2 at batch 1 (31.6 vs 35.3 us).
+# quant (codes read by a bf16 model): `tune_attend.py quant` on the H200 (2026-11-30), the best at 4 and 2 bits.
 TUNE = {"dense": dict(block=64, per_sm=2, warps=4, stages=3), "dense_few": dict(block=128, per_sm=2, warps=8, stages=3),
-        "gather": dict(block=32, per_sm=4, warps=4, stages=2), "gather_few": dict(block=32, per_sm=2, warps=4, stages=2)}
+        "gather": dict(block=32, per_sm=4, warps=4, stages=2), "gather_few": dict(block=32, per_sm=2, warps=4, stages=2),
+        "quant": dict(block=128, per_sm=4, warps=4, stages=3), "quant_few": dict(block=128, per_sm=2, warps=4, stages=3)}
 
 
 def _merge(po, pm, pl, s_new=None, v_new=None):
@@ -222,10 +224,13 @@ def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
 # _attend_kernel's gather path beside it, and the two sets of partials merge as splits do.
 
 @triton.jit
-def _unpack(b, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
-    """Packed bytes [BLOCK, D BITS / 8] -> codes [BLOCK, D] (channel j 8 / BITS + i in byte j at bit i BITS): the
-    tile is loaded as contiguous bytes and split in registers, not gathered once per channel."""
-    b = b.to(tl.int32)
+def _unpack(b, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, CT: tl.constexpr):
+    """Packed bytes [BLOCK, D BITS / 8] -> codes [BLOCK, D] of type CT (channel j 8 / BITS + i in byte j at bit
+    i BITS): the tile is loaded as contiguous bytes and split in registers, not gathered once per channel.
+    A 16-bit CT gets its codes without an int-to-float conversion (a quarter-rate instruction, which bound
+    the fp32 path): a code's bits OR'd into the mantissa of 2^e are exactly 2^e + code, and one subtraction
+    leaves the code; fp16 (1024.0, 10 mantissa bits) holds every code, bf16 (128.0, 7 bits) 2- and 4-bit ones."""
+    b = b.to(tl.int16) if CT != tl.float32 else b.to(tl.int32)
     M: tl.constexpr = (1 << BITS) - 1
     if BITS == 8:
         c = b
@@ -233,14 +238,21 @@ def _unpack(b, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
         c = tl.join(b & M, b >> 4)
     else:  # join(join(c0, c2), join(c1, c3)) flattens to c0 c1 c2 c3
         c = tl.join(tl.join(b & M, (b >> 4) & M), tl.join((b >> 2) & M, b >> 6))
-    return tl.reshape(c, (BLOCK, D)).to(tl.float32)
+    c = tl.reshape(c, (BLOCK, D))
+    if CT == tl.float16:
+        c = (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    elif CT == tl.bfloat16:
+        c = (c | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        c = c.to(tl.float32)
+    return c
 
 
 @triton.jit
 def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM, PL, PS, n_sel, H, HC, SQ, SP, NGR,
                          scale, sqb, sqh, sqg, sib, sih, CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          D: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr,
-                         BITS: tl.constexpr, QG: tl.constexpr, ALIGNED: tl.constexpr):
+                         BITS: tl.constexpr, QG: tl.constexpr, ALIGNED: tl.constexpr, NATIVE: tl.constexpr):
     """Program (sequence x KV head, split) as _attend_kernel's, over codes: kq/vq [B, HC, SQ, D BITS / 8] uint8,
     ks/kz [B, HC, NGR, D] (key groups of QG slots), vs/vz [B, HC, SQ, D / QG] (value groups of QG channels),
     all contiguous; HC = H (a row per KV head) or 1 (a flat row every head reads). A slot counts if its token
@@ -248,7 +260,8 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
     ALIGNED (dense runs from slot 0, BLOCK a multiple of QG): a tile is BLOCK / QG whole key groups, so each
     group's scale and zero row is loaded once and broadcast over its QG slots. Loaded per slot (2 D values
     against D BITS / 8 bytes of codes), they held the 4-bit cache at 0.50x the bf16 one on the H200 (0.63x
-    aligned; BENCHMARKS.md)."""
+    aligned; BENCHMARKS.md). NATIVE (a bf16 model at 2 or 4 bits, an fp16 one at any): tiles are dequantized in
+    the model's own dtype (one packed fma per two elements, scales used as stored); otherwise in fp32."""
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     row = b * HC + h % HC
@@ -256,6 +269,7 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
     DP: tl.constexpr = D // PER
     g, d, dp, dg = tl.arange(0, GP), tl.arange(0, D), tl.arange(0, DP), tl.arange(0, D // QG)
     q = tl.load(Q + b * sqb + h * sqh + g[:, None] * sqg + d[None, :], mask=g[:, None] < G, other=0.0)
+    CT: tl.constexpr = q.dtype if NATIVE else tl.float32  # dequantization's type
     front = tl.load(FRONT + b)
     m_i = tl.full([GP], -1.0e30, tl.float32)
     l_i = tl.zeros([GP], tl.float32)
@@ -277,22 +291,22 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
             NG: tl.constexpr = BLOCK // QG
             gi = (split * CHUNK + off) // QG + tl.arange(0, NG)
             grp = (row * NGR + gi).to(tl.int64)[:, None] * D + d[None, :]
-            ks = tl.load(KS + grp, mask=gi[:, None] < NGR, other=0.0).to(tl.float32)
-            kz = tl.load(KZ + grp, mask=gi[:, None] < NGR, other=0.0).to(tl.float32)
-            kc = tl.reshape(_unpack(kb, BITS, BLOCK, D), (NG, QG, D))
+            ks = tl.load(KS + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
+            kz = tl.load(KZ + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
+            kc = tl.reshape(_unpack(kb, BITS, BLOCK, D, CT), (NG, QG, D))
             k = tl.reshape(kc * ks[:, None, :] + kz[:, None, :], (BLOCK, D)).to(q.dtype)
         else:
             grp = (row * NGR + idx // QG).to(tl.int64)[:, None] * D + d[None, :]
-            ks = tl.load(KS + grp, mask=ok[:, None], other=0.0).to(tl.float32)
-            kz = tl.load(KZ + grp, mask=ok[:, None], other=0.0).to(tl.float32)
-            k = (_unpack(kb, BITS, BLOCK, D) * ks + kz).to(q.dtype)
+            ks = tl.load(KS + grp, mask=ok[:, None], other=0.0).to(CT)
+            kz = tl.load(KZ + grp, mask=ok[:, None], other=0.0).to(CT)
+            k = (_unpack(kb, BITS, BLOCK, D, CT) * ks + kz).to(q.dtype)
         s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)
         m_new, alpha, p = _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, G, GP, SCORES)
         vb = tl.load(VQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0)
         vg = slot[:, None] * (D // QG) + dg[None, :]
-        vs = tl.load(VS + vg, mask=ok[:, None], other=0.0).to(tl.float32)
-        vz = tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(tl.float32)
-        vc = tl.reshape(_unpack(vb, BITS, BLOCK, D), (BLOCK, D // QG, QG))  # each value group's channels
+        vs = tl.load(VS + vg, mask=ok[:, None], other=0.0).to(CT)
+        vz = tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(CT)
+        vc = tl.reshape(_unpack(vb, BITS, BLOCK, D, CT), (BLOCK, D // QG, QG))  # each value group's channels
         v = tl.reshape(vc * vs[:, :, None] + vz[:, :, None], (BLOCK, D)).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -303,17 +317,21 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
     tl.store(PL + out, l_i, mask=g < G)
 
 
+NATIVE_DEQUANT = True  # dequantize in the model's 16-bit dtype where exact (tune_attend.py quant times both)
+
+
 def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, idx, ok, n, dense, scores, bits, group):
     """_attend_partials over the codes (same splits and tuning: a tile's bytes are fewer, its rows as many)."""
     B, H, G, D = q.shape
-    GP, tune, splits, chunk, (po, pm, pl, s) = _launch_plan(q, n, dense, scores)
+    GP, tune, splits, chunk, (po, pm, pl, s) = _launch_plan(q, n, dense, scores, quant=True)
     q, idx, ok = q.contiguous(), idx.contiguous(), ok.contiguous()
+    native = NATIVE_DEQUANT and (q.dtype == torch.float16 or q.dtype == torch.bfloat16 and bits <= 4)
     wrap_triton(_attend_quant_kernel)[(B * H, splits)](
         q, kq, ks, kz, vq, vs, vz, idx, ok, pos.contiguous(), front, po, pm, pl, s, n, H, kq.shape[1], kq.shape[2],
         pos.shape[-1], ks.shape[2], D ** -0.5, q.stride(0), q.stride(1), q.stride(2), ok.stride(0), ok.stride(1),
         CHUNK=chunk, G=G, GP=GP, D=D, BLOCK=tune["block"], DENSE=dense, SCORES=scores, BITS=bits, QG=group,
         ALIGNED=dense and kq.shape[1] == H and tune["block"] % group == 0,  # per-head rows: runs start at 0
-        num_warps=tune["warps"], num_stages=tune["stages"])
+        NATIVE=native, num_warps=tune["warps"], num_stages=tune["stages"])
     return po, pm, pl, s
 
 

@@ -5,12 +5,13 @@
 #   fidelity: KL(full || compressed) over 16 forced tokens of the needle prompts at 1k, same grid
 #   ppl:      wikitext-2 test, 50 windows of 1,024 tokens (512 prefilled, 512 teacher-forced): context (the
 #             prefill compressed, every strategy) and stream (evicted while forced; not the prefill-only ones)
-#   kv bits:  fidelity at 8/4/2 bits, full and stacked with snapkv/h2o at 50% and 25%; pg19 ppl (4 books,
-#             2k each) the same
+#   kv bits:  fidelity at 8/4/2 bits, full and stacked with snapkv/h2o at 50% and 25%; pg19 ppl the same (40
+#             windows of 2k, the 4 books in turn, 1,536 tokens prefilled and 512 teacher-forced)
 # Samples run in batches (--batch_size: each row with its own caches, as alone; a GPU step costs about the
 # same for 1 or 50 rows). Jobs (one eval.py each) run JOBS at a time, most important first; each eval writes
 # every sample as made and resumes, so a run cut by DEADLINE (seconds from the start) loses nothing.
-# Extra arguments go to every eval.py call (e.g. --device cuda --dtype float32).
+# Extra arguments go to every eval.py call (e.g. --device cuda --dtype float32); MATCH=text runs only the
+# jobs whose arguments contain it (MATCH=kv_bits: the quantized grid).
 #   JOBS=4 DEADLINE=540 bash scripts/eval_tables.sh --results_dir results/tables --device cuda --dtype float32
 #   python eval.py --report results/tables       # the tables, paired intervals and Pareto plots
 set -uo pipefail
@@ -45,10 +46,15 @@ jobs() {  # one line per eval.py call (its arguments); a call runs several confi
             echo "$task $protocol --cache_strategy full"
         done
     done
+    local PG19="--tasks ppl --ppl_corpus pg19 --context_length 2048 --ppl_prefill 1536 --num_samples 40 --batch_size 20" s b
     echo "$FIDELITY --cache_strategy full --kv_bits 8 4 2"
-    echo "$FIDELITY --cache_strategy snapkv h2o --max_cache_length 0.5 0.25 --kv_bits 16 8 4 2"
-    echo "--tasks ppl --ppl_corpus pg19 --context_length 2048 --batch_size 4 --cache_strategy full --kv_bits 16 8 4 2"
-    echo "--tasks ppl --ppl_corpus pg19 --context_length 2048 --batch_size 4 --cache_strategy snapkv h2o --max_cache_length 0.5 0.25 --kv_bits 16 8 4 2"
+    for s in "snapkv 0.5" "h2o 0.5" "snapkv 0.25" "h2o 0.25"; do
+        echo "$FIDELITY --cache_strategy ${s% *} --max_cache_length ${s#* } --kv_bits 16 8 4 2"
+    done
+    for s in "full" "snapkv --max_cache_length 0.5" "h2o --max_cache_length 0.5" "snapkv --max_cache_length 0.25" \
+             "h2o --max_cache_length 0.25"; do
+        for b in 16 4 2 8; do echo "$PG19 --cache_strategy $s --kv_bits $b"; done
+    done
 }
 
 run_one() {  # $1: a job line; the rest: the script's extra arguments
@@ -60,4 +66,4 @@ run_one() {  # $1: a job line; the rest: the script's extra arguments
     echo "rc=$? $(( $(date +%s) - t0 )) s: $line"
 }
 export -f run_one; export PY END LOG
-jobs | tr '\n' '\0' | xargs -0 -P "${JOBS:-1}" -I{} bash -c 'run_one "$@"' _ {} "$@"
+jobs | grep -e "${MATCH:-}" | tr '\n' '\0' | xargs -0 -P "${JOBS:-1}" -I{} bash -c 'run_one "$@"' _ {} "$@"

@@ -1,8 +1,8 @@
 """Launch settings of the decode-attention kernels, timed on the GPU at Llama-3-8B's head shapes (RANDOM data).
 
-    python scripts/tune_attend.py [others] [dense] [gather] [chosen.json]
-        # attend_scores, quest_select, prompt_colsum; dense_attend; gather_attend:
-        # one table per kernel; the chosen dense/gather settings go to chosen.json (bench.py --kernel_tune)
+    python scripts/tune_attend.py [others] [dense] [gather] [quant] [chosen.json]
+        # attend_scores, quest_select, prompt_colsum; dense_attend; gather_attend; quant_attend (KIVI codes):
+        # one table per kernel; the chosen dense/gather/quant settings go to chosen.json (bench.py --kernel_tune)
 
 Every time is a CUDA-graph replay median (triton.testing.do_bench_cudagraph), so launch overhead is out
 and a kernel is timed as it runs inside the decode step's graph. GB/s counts the K/V rows (and positions,
@@ -88,6 +88,53 @@ def tune_gather():
             "gather_few": pick({k: v for k, v in times.items() if k[0] * H <= 16})}
 
 
+def quant_case(B, S, filled, bits, group=32, residual=128):
+    """A QuantStore's buffers (kvstore.QuantStore.triton_args) with random codes, slot = position, the
+    frontier at the last whole group below filled - residual, the residual's R + G entries live."""
+    gen = dict(device="cuda")
+    Sq, Dp, Rr = -(-S // group) * group + group, D * bits // 8, residual + group
+    kq, vq = (torch.randint(0, 256, (B, H, Sq, Dp), dtype=torch.uint8, **gen) for _ in range(2))
+    ks, kz = (torch.rand(B, H, Sq // group, D, dtype=torch.bfloat16, **gen) for _ in range(2))
+    vs, vz = (torch.rand(B, H, Sq, D // group, dtype=torch.bfloat16, **gen) for _ in range(2))
+    pos = torch.arange(S, **gen).expand(B, H, S).clone()
+    pos[pos >= filled] = -1
+    front = torch.full((B,), (filled - residual) // group * group, **gen)
+    rk, rv = (torch.randn(B, H, Rr, D, dtype=torch.bfloat16, **gen) for _ in range(2))
+    ring = torch.ones(B, H, Rr, dtype=torch.bool, **gen)
+    qg = torch.randn(B, H, G, D, dtype=torch.bfloat16, **gen)
+    runs = torch.tensor([0, S], **gen).expand(B, H, 2)
+    args = (qg, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring, bits, group, runs, runs, S, True)
+    return args, B * H * filled * (2 * Dp + 2 * 2 * 2 * D / group + 8) / 1e9  # codes, scales and zeros, positions
+
+
+def tune_quant():
+    """quant_attend at 32k, 4 and 2 bits: dequantizing in fp32 (an fp32 model's path) at the committed
+    setting, then launch settings for dequantizing in the model's bf16."""
+    print("| kernel | batch | bits | variant | block | per SM | warps | stages | us | GB/s |\n|---|---|---|---|---|---|---|---|---|---|")
+    best = {}
+    for B, bits in itertools.product((1, 8), (4, 2)):
+        args, gb = quant_case(B, 33792, 32769, bits)
+        key = "quant_few" if B * H <= 16 else "quant"
+        committed = dict(tk.TUNE[key])
+        settings = [("fp32", tuple(committed.values()))] + [
+            ("bf16", s) for s in itertools.product([64, 128], [1, 2, 4], [4, 8], [3])]
+        for variant, (block, per_sm, warps, stages) in settings:
+            tk.NATIVE_DEQUANT = variant == "bf16"
+            tk.TUNE[key] = dict(block=block, per_sm=per_sm, warps=warps, stages=stages)
+            cells = f"| quant_attend | {B} | {bits} | {variant} | {block} | {per_sm} | {warps} | {stages} |"
+            try:
+                ms = bench_ms(lambda: tk.quant_attend(*args))
+            except Exception as e:  # out of shared memory, say: skip the variant
+                print(f"{cells} failed: {type(e).__name__} | |")
+                continue
+            if variant == "bf16":
+                best.setdefault((B, bits), []).append((ms, block, per_sm, warps, stages))
+            print(f"{cells} {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
+        tk.TUNE[key], tk.NATIVE_DEQUANT = committed, True
+    return {"quant": pick({k: v for k, v in best.items() if k[0] * H > 16}),
+            "quant_few": pick({k: v for k, v in best.items() if k[0] * H <= 16})}
+
+
 def time_others():
     print("| kernel | shape | us | GB/s or TFLOP/s |\n|---|---|---|---|")
     for B in (1, 8):
@@ -123,11 +170,11 @@ if __name__ == "__main__":
     import json
     if not torch.cuda.is_available():
         sys.exit("tune_attend.py times CUDA kernels: it needs a GPU")
-    which = [w for w in sys.argv[1:] if not w.endswith(".json")] or ["others", "dense", "gather"]
+    which = [w for w in sys.argv[1:] if not w.endswith(".json")] or ["others", "dense", "gather", "quant"]
     out = next((w for w in sys.argv[1:] if w.endswith(".json")), None)  # the chosen settings, for bench.py --kernel_tune
     print(torch.cuda.get_device_name(), torch.__version__)
     chosen = {}
     for w in which:
-        chosen |= {"dense": tune_dense, "gather": tune_gather, "others": time_others}[w]() or {}
+        chosen |= {"dense": tune_dense, "gather": tune_gather, "quant": tune_quant, "others": time_others}[w]() or {}
     if out:
         Path(out).write_text(json.dumps(chosen, indent=1))

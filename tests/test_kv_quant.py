@@ -252,18 +252,48 @@ def test_flat_head_budget_store_is_dequantize_then_attend():
     torch.testing.assert_close(c.attend_runs(qg).double(), naive_attention(qg, slots, 2, 2), rtol=1e-5, atol=1e-5)
 
 
+def check_native(device, dtype):
+    """A 16-bit model dequantizes its codes in its own dtype (the kernel's magic-number unpacking): quant_attend
+    against naive_slots + softmax within the 16-bit output's rounding, and quant_attend_scores' probabilities
+    against the fp32 kernel's (tested against the naive ones in check_kernel)."""
+    import triton_kernels as tk
+    for name, bits, D in (("full", 2, 32), ("l2", 4, 32), ("h2o", 8, 32)):
+        c = make(name, bits, S=70, D=D, G=4, dtype=dtype)
+        drive(c, 50, 30)
+        qg = torch.randn(2, 2, 4, D, generator=torch.Generator().manual_seed(2)).to(dtype)
+        want = naive_attention(qg, naive_slots(c), 2, 2)
+        c, qg = c.to(device), qg.to(device)
+        runs = torch.tensor([0, c.n_slots], device=device).expand(2, 2, 2)
+        args = c.store.triton_args(c.pos)
+        got = tk.quant_attend(qg, *args, runs, runs, c.n_slots, True)
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-2, atol=1e-2)
+        zeros = torch.zeros(2, 2, 1, D, device=device, dtype=dtype)
+        probs = tk.quant_attend_scores(qg, *args, zeros, zeros)[1:]
+        f32 = [x.float() if x.is_floating_point() else x for x in args[:11]] + list(args[11:])  # the fp32 kernel
+        want_p = tk.quant_attend_scores(qg.float(), *f32, zeros.float(), zeros.float())[1:]
+        for x, y in zip(probs, want_p):
+            torch.testing.assert_close(x.cpu(), y.cpu(), rtol=0, atol=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 kernel path runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quant_kernel_native_dtype_cuda(dtype):
+    check_native("cuda", dtype)
+
+
 def check_kernel(device):
     """quant_attend (runs, a flat row's runs, gather) and quant_attend_scores against naive_slots + softmax
     (the kernel dequantizes tiles in registers; the reference reads codes with loops)."""
     from triton_kernels import quant_attend, quant_attend_scores
+    check_native(device, torch.float16)  # the interpreter has no bf16
     for name, bits in (("full", 2), ("l2", 4), ("h2o", 8)):  # every unpacking; slot = position and evicting
+        runs = torch.tensor([0, 70]).expand(2, 2, 2)
         c = make(name, bits, S=70, D=32, G=4)
         drive(c, 50, 30)
         st = c.store
         slots = naive_slots(c)
         qg = torch.randn(2, 2, 4, 32, generator=torch.Generator().manual_seed(2))
         args = st.triton_args(c.pos)
-        runs = torch.tensor([0, c.n_slots]).expand(2, 2, 2)
         got = quant_attend(qg, *args, runs, runs, c.n_slots, True)
         torch.testing.assert_close(got.double(), naive_attention(qg, slots, 2, 2), rtol=1e-4, atol=1e-4)
         zeros = torch.zeros(2, 2, 1, 32)

@@ -248,9 +248,15 @@ def test_ppl_pg19_body(tmp_path):
     d.mkdir()
     body = "word " * 300
     (d / "1.txt").write_text(f"License junk\r\n*** START OF THIS BOOK ***\r\n{body}\r\n*** END OF THIS BOOK ***\r\nmore junk")
-    task = T.PPL(make_args(tmp_path, context_length=200))
-    (s,) = task.samples(ByteTok())
-    assert ByteTok().decode(s.reference) == body.strip()[:200]
+    (d / "2.txt").write_text("*** START OF B ***\n" + "other " * 70 + "\n*** END OF B ***")
+    task = T.PPL(make_args(tmp_path, context_length=200, num_samples=20))
+    ss = task.samples(ByteTok())
+    # consecutive windows of each body (7 of 1,499 bytes, 2 of 419), the books in turn
+    assert [s.id for s in ss] == ["0-0", "1-0", "0-200", "1-200", "0-400", "0-600", "0-800", "0-1000", "0-1200"]
+    assert ByteTok().decode(ss[0].reference) == body.strip()[:200]
+    assert ByteTok().decode(ss[2].reference) == body.strip()[200:400]
+    assert ByteTok().decode(ss[3].reference) == ("other " * 70).strip()[200:400]
+    assert [s.id for s in T.PPL(make_args(tmp_path, context_length=200, num_samples=3)).samples(ByteTok())] == ["0-0", "1-0", "0-200"]
     agg = task.aggregate([{"score": 0.0}, {"score": 2.0}])
     assert agg["score"] == pytest.approx(2.718281828)
     assert agg["score_stderr"] == pytest.approx(2.718281828)  # e^1 x sqrt(((0-1)^2 + (2-1)^2) / 1 / 2)
