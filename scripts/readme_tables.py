@@ -7,13 +7,22 @@ accuracy; perplexity in %; for fidelity the KL itself, in nats).
         --plot docs/tables-rulerniah_single-2048.png      # and the Pareto plot: a panel per protocol
 
 Cells with fewer samples than the most complete one are marked with their n, unfinished runs with the
-samples they have; missing cells are blank. Quantized runs (--kv_bits below 16) are left out."""
+samples they have; missing cells are blank. Quantized runs (--kv_bits below 16) are left out; --kv_bits
+makes their table instead (issue 12's grid): a row per strategy and budget, a column per width, each cell
+the score, its difference from the 16-bit full cache and the allocated KiB per prompt token; --first N
+keeps each run's first N samples in the task's order (windows "book-start": by start, then book), so
+every cell is measured on the same samples.
+
+    python scripts/readme_tables.py results/tables/SmolLM2-135M-Instruct/ppl-pg19-2048-p1536 --kv_bits \
+        --first 20 --plot docs/kv-bits-ppl-pg19.png      # the plot: score against KiB per prompt token"""
 import json
+import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as E  # noqa: E402
+import tasks as T  # noqa: E402
 
 PROTOCOLS = ("context", "stream", "query-aware")
 
@@ -120,7 +129,106 @@ def main(folder: Path, resamples: int = 10_000, plot_path: Path | None = None):
         plot(points, plot_path, folder.name, ylabel)
 
 
+def first_rows(rows, n):
+    """The first n rows in the task's sample order (ids "a-b" by b, then a; others as written)."""
+    def order(r):
+        a, _, b = str(r["id"]).rpartition("-")
+        return (int(b), int(a)) if a.isdigit() and b.isdigit() else (math.inf, 0)
+    return sorted(rows, key=order)[:n] if n else rows
+
+
+def kv_bits_table(folder: Path, first: int | None, resamples: int, plot_path: Path | None):
+    """Issue 12's grid: (strategy, budget) rows x bit widths, each cell against the 16-bit full cache."""
+    cells, bits_seen = {}, set()
+    for d in sorted(p.parent for p in folder.glob("*/config.json")):
+        conf = json.loads((d / "config.json").read_text())
+        s, budget, protocol = cell_key(conf)
+        bits = conf["cache"].get("kv_bits", 16)
+        rows = first_rows(E.finished_rows(d), first)
+        if protocol != "context" or s not in ("full", "snapkv", "h2o") or budget not in ("1", "0.5", "0.25") \
+                or len(rows) < (first or 1):
+            continue
+        # from the rows, so that an unfinished run's first samples count: perplexity as exp(mean NLL) with
+        # its delta-method error; fidelity's KL is paired within each row
+        mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+        m = {"strategy": s, "kv_bits": bits, "n": len(rows), "higher_is_better": False,
+             "cache_bytes": mean("cache_bytes"), "n_prompt": mean("n_prompt")}
+        if folder.name.startswith("ppl"):
+            m |= {"metric": "perplexity", "score": math.exp(mean("score"))}
+            m["score_stderr"] = T.stderr([r["score"] for r in rows], m["score"])
+        else:
+            m |= {"metric": "kl", "kl": mean("kl")}
+        cells[(s, budget), bits] = (m, E.compare_with_full(d, m, rows, resamples))
+        bits_seen.add(bits)
+    widths = sorted(bits_seen, reverse=True)
+    print("| configuration | " + " | ".join(f"{b}-bit" for b in widths) + " |")
+    print("|---|" + "---:|" * len(widths))
+    points = {}
+    for key in sorted({k for k, _ in cells}, key=lambda k: (k[0] != "full", -float(k[1]), k[0])):
+        out = []
+        for b in widths:
+            if (key, b) not in cells:
+                out.append("")
+                continue
+            m, v = cells[key, b]
+            kind, kib = E.paired_kind(m), E.kib_per_token(m)
+            if kind == "kl":
+                y = v["mean"] if v and "mean" in v else 0.0
+                lo, hi = v["ci95"] if v and "mean" in v else (0.0, 0.0)
+                text = f"KL {y:.3f} [{lo:.3f}, {hi:.3f}]"
+                err = (hi - lo) / 2
+            else:  # plotted: the paired change from the 16-bit full cache (the books' spread cancels)
+                text = f"{m['score']:.2f} ± {m['score_stderr'] or 0.0:.2f}"
+                y, err = 0.0, 0.0
+                if v and "mean" in v:
+                    lo, hi = (E.shown(kind, x) for x in v["ci95"])
+                    y, err = E.shown(kind, v["mean"]), (hi - lo) / 2
+                    text += f"<br>{y:+.1f}% [{lo:+.1f}, {hi:+.1f}]"
+            out.append(f"{text}<br>{kib:.1f} KiB")
+            points.setdefault(key, []).append((kib, y, err, b))
+        name = "full" if key[0] == "full" else f"{key[0]} {float(key[1]):.0%}"
+        print(f"| {name} | " + " | ".join(out) + " |")
+    n = {m["n"] for m, _ in cells.values()}
+    print(f"\nn = {', '.join(map(str, sorted(n)))} per cell" + (f" (each run's first {first})" if first else ""))
+    if plot_path:
+        kind = E.paired_kind(next(iter(cells.values()))[0])
+        ylabel = ("KL from the 16-bit full cache, nats" if kind == "kl" else
+                  "perplexity vs the 16-bit full cache, %") + " (± half the 95% CI)"
+        kv_bits_plot(points, plot_path, folder.name, ylabel)
+
+
+def kv_bits_plot(points: dict, path: Path, title: str, ylabel: str):
+    """Score against the allocated KV cache in KiB per prompt token: a line per (strategy, budget) through
+    its bit widths, each point labelled with its bits, so budget and bits meet on one axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (key, pts) in enumerate(sorted(points.items(), key=lambda kv: (kv[0][0] != "full", -float(kv[0][1])))):
+        x, y, err, bits = zip(*sorted(pts))
+        label = "full" if key[0] == "full" else f"{key[0]} {float(key[1]):.0%}"
+        ax.errorbar(x, y, yerr=err, label=label, marker="*" if key[0] == "full" else "os^vD"[i % 5],
+                    markersize=11 if key[0] == "full" else 6, capsize=2, alpha=0.85)
+        for xi, yi, b in zip(x, y, bits):
+            ax.annotate(str(b), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("allocated KV cache, KiB per prompt token (budget and bits; log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title}: KIVI codes (points labelled with their bits)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     where = args.index("--plot") + 1 if "--plot" in args else None
-    main(Path(args[0]), plot_path=Path(args[where]) if where else None)
+    plot_path = Path(args[where]) if where else None
+    if "--kv_bits" in args:
+        first = int(args[args.index("--first") + 1]) if "--first" in args else None
+        kv_bits_table(Path(args[0]), first, 10_000, plot_path)
+    else:
+        main(Path(args[0]), plot_path=plot_path)

@@ -3,6 +3,7 @@
     python scripts/tune_attend.py [others] [dense] [gather] [quant] [chosen.json]
         # attend_scores, quest_select, prompt_colsum; dense_attend; gather_attend; quant_attend (KIVI codes):
         # one table per kernel; the chosen dense/gather/quant settings go to chosen.json (bench.py --kernel_tune)
+    python scripts/tune_attend.py sass      # no GPU needed: the decode kernels' main loops, instruction by kind
 
 Every time is a CUDA-graph replay median (triton.testing.do_bench_cudagraph), so launch overhead is out
 and a kernel is timed as it runs inside the decode step's graph. GB/s counts the K/V rows (and positions,
@@ -166,10 +167,65 @@ def time_others():
         print(f"| prompt_colsum | B={B}, T={T}, rows={rows}, one layer | {1e3 * ms:.0f} | {flops / ms / 1e9:.0f} TFLOP/s |", flush=True)
 
 
+def loop_sass(fn, pointers: dict, consts: dict, warps: int, stages: int):
+    """fn compiled for sm_90 (H100/H200) on this machine, no GPU needed: the SASS of its main loop (the longest
+    backward branch) -> (instructions in the loop, {opcode: count}). Integer arguments get the divisibility
+    by 16 that a launch gives aligned tensors, so loads vectorise as on the GPU."""
+    import collections
+    import re
+    import subprocess
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "scale" else "i32") for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts and n != "scale"}
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    cubin = Path("/tmp") / f"tune_attend_{fn.__name__}.cubin"
+    cubin.write_bytes(k.asm["cubin"])
+    nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
+    text = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    at = {}  # label -> address of its first instruction
+    code = []  # (address, opcode, branch target label)
+    label = None
+    for line in text.splitlines():
+        if m := re.match(r"(\.L_x_\d+):", line.strip()):
+            label = m.group(1)
+        elif m := re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*?(\.L_x_\d+)?\W*;", line):
+            addr = int(m.group(1), 16)
+            if label:
+                at[label], label = addr, None
+            code.append((addr, m.group(2), m.group(3)))
+    spans = [(at[t], a) for a, op, t in code if op == "BRA" and t in at and at[t] < a]
+    lo, hi = max(spans, key=lambda s: s[1] - s[0])
+    ops = collections.Counter(op for a, op, _ in code if lo <= a <= hi)
+    return sum(ops.values()), ops
+
+
+def sass():
+    """The per-tile instruction budget of the decode kernels at Llama-3-8B's head shapes: where a quantized
+    tile's instructions go against a dense one's (the kernels are issue-bound, not byte-bound: BENCHMARKS.md)."""
+    print("| kernel | tokens per tile | loop instructions per thread | per token | top opcodes |\n|---|---|---|---|---|")
+    ptr = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KQ": "*u8", "VQ": "*u8", "KS": "*bf16", "KZ": "*bf16",
+           "VS": "*bf16", "VZ": "*bf16", "IDX": "*i64", "OK": "*i64", "POS": "*i64", "FRONT": "*i64",
+           "PO": "*fp32", "PM": "*fp32", "PL": "*fp32", "PS": "*fp32"}
+    base = dict(G=G, GP=16, D=D, DENSE=True, SCORES=False)
+    cases = [("dense_attend, bf16", tk._attend_kernel, dict(base, CHUNK=4096, BLOCK=64, RAGGED=False), 4, 3)]
+    for bits, native in ((4, True), (2, True), (4, False)):
+        cases.append((f"quant_attend, {bits}-bit, {'bf16' if native else 'fp32'} dequantization", tk._attend_quant_kernel,
+                      dict(base, CHUNK=4096, BLOCK=128, BITS=bits, QG=32, ALIGNED=True, NATIVE=native), 4, 3))
+    for name, fn, consts, warps, stages in cases:
+        n, ops = loop_sass(fn, ptr, consts, warps, stages)
+        top = ", ".join(f"{op} {c}" for op, c in ops.most_common(8))
+        print(f"| {name} | {consts['BLOCK']} | {n} | {n / consts['BLOCK']:.1f} | {top} |", flush=True)
+
+
 if __name__ == "__main__":
     import json
+    if sys.argv[1:] == ["sass"]:
+        sys.exit(sass())
     if not torch.cuda.is_available():
-        sys.exit("tune_attend.py times CUDA kernels: it needs a GPU")
+        sys.exit("tune_attend.py times CUDA kernels: it needs a GPU (sass: the kernels' SASS, without one)")
     which = [w for w in sys.argv[1:] if not w.endswith(".json")] or ["others", "dense", "gather", "quant"]
     out = next((w for w in sys.argv[1:] if w.endswith(".json")), None)  # the chosen settings, for bench.py --kernel_tune
     print(torch.cuda.get_device_name(), torch.__version__)
