@@ -211,11 +211,10 @@ def kv_bits_plot(points: dict, path: Path, title: str, ylabel: str):
                     markersize=11 if key[0] == "full" else 6, capsize=2, alpha=0.85)
         for xi, yi, b in zip(x, y, bits):
             ax.annotate(str(b), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("allocated KV cache, KiB per prompt token (budget and bits; log scale)")
+    ax.set_xlabel("allocated KV cache, KiB per prompt token (budget and bits)")
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title}: KIVI codes (points labelled with their bits)")
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
