@@ -287,13 +287,13 @@ def check_kernel(device):
     from triton_kernels import quant_attend, quant_attend_scores
     check_native(device, torch.float16)  # the interpreter has no bf16
     for name, bits in (("full", 2), ("l2", 4), ("h2o", 8)):  # every unpacking; slot = position and evicting
-        runs = torch.tensor([0, 70]).expand(2, 2, 2)
         c = make(name, bits, S=70, D=32, G=4)
         drive(c, 50, 30)
         st = c.store
         slots = naive_slots(c)
         qg = torch.randn(2, 2, 4, 32, generator=torch.Generator().manual_seed(2))
         args = st.triton_args(c.pos)
+        runs = torch.tensor([0, c.n_slots]).expand(2, 2, 2)
         got = quant_attend(qg, *args, runs, runs, c.n_slots, True)
         torch.testing.assert_close(got.double(), naive_attention(qg, slots, 2, 2), rtol=1e-4, atol=1e-4)
         zeros = torch.zeros(2, 2, 1, 32)
