@@ -167,6 +167,12 @@ def time_others():
         print(f"| prompt_colsum | B={B}, T={T}, rows={rows}, one layer | {1e3 * ms:.0f} | {flops / ms / 1e9:.0f} TFLOP/s |", flush=True)
 
 
+# the decode kernels' pointer arguments as a bf16 model launches them (loop_sass's signature)
+SASS_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KQ": "*u8", "VQ": "*u8", "KS": "*bf16", "KZ": "*bf16",
+                 "VS": "*bf16", "VZ": "*bf16", "IDX": "*i64", "OK": "*i64", "POS": "*i64", "FRONT": "*i64",
+                 "PO": "*fp32", "PM": "*fp32", "PL": "*fp32", "PS": "*fp32"}
+
+
 def loop_sass(fn, pointers: dict, consts: dict, warps: int, stages: int):
     """fn compiled for sm_90 (H100/H200) on this machine, no GPU needed: the SASS of its main loop (the longest
     backward branch) -> (instructions in the loop, {opcode: count}). Integer arguments get the divisibility
@@ -206,16 +212,13 @@ def sass():
     """The per-tile instruction budget of the decode kernels at Llama-3-8B's head shapes: where a quantized
     tile's instructions go against a dense one's (the kernels are issue-bound, not byte-bound: BENCHMARKS.md)."""
     print("| kernel | tokens per tile | loop instructions per thread | per token | top opcodes |\n|---|---|---|---|---|")
-    ptr = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KQ": "*u8", "VQ": "*u8", "KS": "*bf16", "KZ": "*bf16",
-           "VS": "*bf16", "VZ": "*bf16", "IDX": "*i64", "OK": "*i64", "POS": "*i64", "FRONT": "*i64",
-           "PO": "*fp32", "PM": "*fp32", "PL": "*fp32", "PS": "*fp32"}
     base = dict(G=G, GP=16, D=D, DENSE=True, SCORES=False)
     cases = [("dense_attend, bf16", tk._attend_kernel, dict(base, CHUNK=4096, BLOCK=64, RAGGED=False), 4, 3)]
     for bits, native in ((4, True), (2, True), (4, False)):
         cases.append((f"quant_attend, {bits}-bit, {'bf16' if native else 'fp32'} dequantization", tk._attend_quant_kernel,
                       dict(base, CHUNK=4096, BLOCK=128, BITS=bits, QG=32, ALIGNED=True, NATIVE=native), 4, 3))
     for name, fn, consts, warps, stages in cases:
-        n, ops = loop_sass(fn, ptr, consts, warps, stages)
+        n, ops = loop_sass(fn, SASS_POINTERS, consts, warps, stages)
         top = ", ".join(f"{op} {c}" for op, c in ops.most_common(8))
         print(f"| {name} | {consts['BLOCK']} | {n} | {n / consts['BLOCK']:.1f} | {top} |", flush=True)
 

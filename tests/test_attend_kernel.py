@@ -99,7 +99,8 @@ def test_attend_scores_in_interpreter():
 def test_tune_attend_sass_finds_the_main_loop():
     """scripts/tune_attend.py sass (no GPU): the loop it counts is the kernel's tile loop, whose tensor-core
     work is known: m16n8k16 MMAs for q.K^T ([16, D] x [D, BLOCK]) and p.V ([16, BLOCK] x [BLOCK, D]), shared
-    by 4 warps: 2 (16 / 16) (BLOCK / 8) (D / 16) / 4 per thread."""
+    by 4 warps: 2 (16 / 16) (BLOCK / 8) (D / 16) / 4 per thread; the partials' global stores and the exit
+    come after the loop, outside it."""
     pytest.importorskip("triton")
     import sys
     from pathlib import Path
@@ -107,10 +108,8 @@ def test_tune_attend_sass_finds_the_main_loop():
     import triton_kernels as tk
     import tune_attend as TA
     base = dict(G=4, GP=16, D=128, DENSE=True, SCORES=False, CHUNK=4096)
-    ptr = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KQ": "*u8", "VQ": "*u8", "KS": "*bf16", "KZ": "*bf16",
-           "VS": "*bf16", "VZ": "*bf16", "IDX": "*i64", "OK": "*i64", "POS": "*i64", "FRONT": "*i64", "PO": "*fp32",
-           "PM": "*fp32", "PL": "*fp32", "PS": "*fp32"}
     for fn, consts in ((tk._attend_kernel, dict(base, BLOCK=64, RAGGED=False)),
                        (tk._attend_quant_kernel, dict(base, BLOCK=128, BITS=4, QG=32, ALIGNED=True, NATIVE=True))):
-        n, ops = TA.loop_sass(fn, ptr, consts, 4, 3)
+        n, ops = TA.loop_sass(fn, TA.SASS_POINTERS, consts, 4, 3)
         assert ops["HMMA"] == 2 * (consts["BLOCK"] // 8) * (128 // 16) // 4 and n > 10 * ops["HMMA"]
+        assert ops["STG"] == 0 and ops["EXIT"] == 0, ops
