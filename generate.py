@@ -365,7 +365,8 @@ def add_cache_args(parser):
                    help="KIVI group: keys share a scale per channel over this many tokens, values per token over "
                         "this many channels (must divide head_dim)")
     g.add_argument("--kv_residual", type=int, default=128,
-                   help="newest tokens kept in full precision before a group is quantized (a multiple of --kv_group)")
+                   help="newest tokens kept in full precision before they are quantized (a multiple of --kv_group, "
+                        "at least one group)")
     g.add_argument("--cache_config", help="YAML file (see cache_configs/); the command line overrides it")
     return strategy_flags(g)
 
@@ -420,9 +421,9 @@ def cache_config_from_args(args, param_keys, checkpoint_dir="") -> kv.CacheConfi
     for flag, value in (("--global_tokens", args.global_tokens), ("--recent_window", args.recent_window)):
         if value is not None and value < 0:
             raise UserError(f"{flag} {value:g}: give a count >= 0")
-    if args.kv_group < 1 or args.kv_residual < 0 or args.kv_residual % args.kv_group:
+    if args.kv_group < 1 or args.kv_residual < args.kv_group or args.kv_residual % args.kv_group:
         raise UserError(f"--kv_group {args.kv_group} --kv_residual {args.kv_residual}: the group must be >= 1 and the "
-                        "residual a multiple of it (>= 0)")
+                        "residual a multiple of it, at least one group (the newest token enters through it)")
     params = {k: getattr(args, k) for k in param_keys if getattr(args, k, None) is not None}
     return kv.CacheConfig(kv_bits=args.kv_bits, kv_group=args.kv_group, kv_residual=args.kv_residual,
                           strategy=args.cache_strategy, max_cache_length=[str(v) for v in args.max_cache_length],

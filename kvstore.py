@@ -14,8 +14,12 @@ buffer, every head a run of it; a head's row index is then 0).
 DenseStore: k, v [B, rows, S, D] in the model dtype. QuantStore: KIVI (Liu et al. 2024, arXiv 2402.02750),
 asymmetric min/max integer codes at 2/4/8 bits, bit-packed along head_dim into uint8; keys per CHANNEL over
 groups of G slots, values per TOKEN over groups of G channels; scale and zero point in the model dtype;
-the newest tokens (positions >= the frontier F = (now + 1 - R) // G * G, i.e. R to R + G - 1 of them) stay in a
-full-precision ring of R + G entries per KV head, and are flushed into codes a group of G positions at a time.
+the newest tokens stay in a full-precision ring of R + G entries per KV head. Where slot = position (aligned),
+positions >= the frontier F = (now + 1 - R) // G * G (R to R + G - 1 tokens) are in the ring and are flushed into
+codes a whole key group of G positions at a time, as KIVI does. An evicting or appending policy writes slots out
+of position order, so a key group collects tokens over time: there the ring holds the newest R and one token is
+flushed a step, re-quantizing its slot's group with a range that only widens (a departure from KIVI, whose
+groups are never revisited).
 """
 import math
 
@@ -161,9 +165,10 @@ class QuantStore(nn.Module):
 
     def __init__(self, batch, n_kv, rows, slots, head_dim, dtype, bits, group, residual, aligned):
         super().__init__()
-        if bits not in (2, 4, 8) or group < 1 or head_dim % group or residual < 0 or residual % group:
+        if bits not in (2, 4, 8) or group < 1 or head_dim % group or residual < group or residual % group:
             raise ValueError(f"--kv_bits {bits} --kv_group {group} --kv_residual {residual}: bits must be 2, 4 or 8, "
-                             f"the group must divide head_dim ({head_dim}) and the residual be a multiple of the group")
+                             f"the group must divide head_dim ({head_dim}) and the residual be a multiple of the group, "
+                             f"at least one group (the newest token enters through it)")
         self.n_kv, self.rows, self.n_slots, self.head_dim, self.dtype = n_kv, rows, slots, head_dim, dtype
         residual = min(residual, slots // group * group)  # a residual past the cache's slots would only cost bytes
         self.bits, self.G, self.R, self.Rr, self.aligned = bits, group, residual, residual + group, aligned
@@ -190,7 +195,10 @@ class QuantStore(nn.Module):
         return sum(x.numel() * x.element_size() for x in (self.rk, self.rv, self.rslot, self.rpos))
 
     def frontier(self, now):
-        """Positions below it are in codes, the rest in the residual: the newest R .. R + G - 1 tokens."""
+        """Positions below it are in codes, the rest in the residual. Aligned: the newest R .. R + G - 1 tokens,
+        flushed a whole key group at a time (KIVI); otherwise the newest R, one token flushed a step."""
+        if not self.aligned:
+            return (now + 1 - self.R).clamp(min=0)
         return (torch.div(now + 1 - self.R, self.G, rounding_mode="floor") * self.G).clamp(min=0)
 
     def code_row(self, h):
@@ -251,7 +259,8 @@ class QuantStore(nn.Module):
         self.rk[b, h, r], self.rv[b, h, r], self.rslot[b, h, r], self.rpos[b, h, r] = k[b, c, s], v[b, c, s], s, pos[b, c, s]
 
     def write(self, slot, k_new, v_new, drop, now):
-        """The new token enters the residual (flushed into codes G steps after it leaves the newest R)."""
+        """The new token enters the residual (flushed into codes once it leaves the newest R: aligned, with the
+        rest of its key group)."""
         b, h = torch.arange(slot.shape[0], device=slot.device)[:, None], torch.arange(slot.shape[1], device=slot.device)
         r = (now % self.Rr)[:, None]
         self.rk[b, h, r], self.rv[b, h, r] = k_new, v_new
@@ -259,16 +268,18 @@ class QuantStore(nn.Module):
         self.rpos[b, h, r] = torch.where(drop, -1, now[:, None])
 
     def advance(self, pos, now):
-        """When the frontier passes a group of G positions, flush their surviving residual entries into codes:
-        values token by token; keys by (re-)quantizing each touched key group (aligned: the one group they fill)."""
+        """When the frontier passes positions (aligned: a group of G, every G steps; otherwise one, every step),
+        flush their surviving residual entries into codes: values token by token; keys by (re-)quantizing each
+        touched key group (aligned: the one group they fill). A step moves a sequence one position."""
         front = self.frontier(now)
         go = front > self.front
         old_front = self.front.clone()
         self.front.copy_(front)
         B, H, G = self.rk.shape[0], self.n_kv, self.G
-        ppos = front[:, None] - G + torch.arange(G, device=now.device)  # [B, G]: the positions leaving
-        r = (ppos % self.Rr)[:, None].expand(B, H, G)
-        ek, ev = (x.gather(2, r[..., None].expand(B, H, G, x.shape[-1])) for x in (self.rk, self.rv))
+        E = G if self.aligned else 1  # entries leaving the residual
+        ppos = front[:, None] - E + torch.arange(E, device=now.device)  # [B, E]: the positions leaving
+        r = (ppos % self.Rr)[:, None].expand(B, H, E)
+        ek, ev = (x.gather(2, r[..., None].expand(B, H, E, x.shape[-1])) for x in (self.rk, self.rv))
         es, ep = self.rslot.gather(2, r), self.rpos.gather(2, r)
         alive = go[:, None, None] & (ep == ppos[:, None]) & (es >= 0)
         alive &= self.row_gather(pos, es.clamp(min=0)) == ep  # still cached (an evicting policy may have dropped it)
@@ -288,25 +299,27 @@ class QuantStore(nn.Module):
     def requantize_groups(self, pos, old_front, ek, es, alive):
         """Evicting and appending policies write slots out of position order, so a key group holds tokens
         flushed at different times: each flushed entry's group is re-quantized from its members already in
-        codes (dequantized) and every member flushed now; its range only widens (the old range is kept), so
+        codes (dequantized) and the members flushed now; its range only widens (the old range is kept), so
         a member is re-rounded only when the range grows. Entries sharing a group compute the same result,
-        so their duplicate writes agree; skipped ones write the spare group."""
-        B, H, G, D = ek.shape
-        dev = ek.device
+        so their duplicate writes agree; skipped ones write the spare group. One entry per step (per KV head):
+        G members of D channels, where flushing G entries every G steps cost G times that on every step (a
+        CUDA graph cannot skip the steps that flush nothing; 4 of the 11 ms of a 4-bit SnapKV step at 32k x 8)."""
+        B, H, E, D = ek.shape
+        G, dev = self.G, ek.device
         b, hc = torch.arange(B, device=dev)[:, None, None], self.code_row(torch.arange(H, device=dev))[None, :, None]
-        gi = es.clamp(min=0) // G  # [B, H, G] each entry's group
-        m = gi[..., None] * G + torch.arange(G, device=dev)  # [B, H, G, G] its members' slots
+        gi = es.clamp(min=0) // G  # [B, H, E] each entry's group
+        m = gi[..., None] * G + torch.arange(G, device=dev)  # [B, H, E, G] its members' slots
         old = dequantize(unpack_codes(self.kq[b[..., None], hc[..., None], m], self.bits),
                          self.ks[b, hc, gi][..., None, :], self.kz[b, hc, gi][..., None, :])
-        pm = self.row_gather(pos, m.flatten(2).clamp(max=self.n_slots - 1)).view(B, H, G, G).masked_fill(m >= self.n_slots, -1)
+        pm = self.row_gather(pos, m.flatten(2).clamp(max=self.n_slots - 1)).view(B, H, E, G).masked_fill(m >= self.n_slots, -1)
         old_inc = (pm >= 0) & (pm < old_front[:, None, None, None])
         # entries flushed now, of every head sharing the code row (a flat row holds them all)
-        es_all, ek_all, alive_all = (x.reshape(B, 1, H * G, *x.shape[3:]) if self.rows == 1 else x for x in (es, ek, alive))
-        hit = (m[..., None] == es_all[:, :, None, None, :]) & alive_all[:, :, None, None, :]  # [B, H, G, G, E]
+        es_all, ek_all, alive_all = (x.reshape(B, 1, H * E, *x.shape[3:]) if self.rows == 1 else x for x in (es, ek, alive))
+        hit = (m[..., None] == es_all[:, :, None, None, :]) & alive_all[:, :, None, None, :]  # [B, H, E, G, E or H E]
         j = hit.int().argmax(-1)  # the entry holding each member, if any
-        new = ek_all.expand(B, H, *ek_all.shape[2:]).gather(2, j.flatten(2)[..., None].expand(-1, -1, -1, D)).view(B, H, G, G, D)
+        new = ek_all.expand(B, H, *ek_all.shape[2:]).gather(2, j.flatten(2)[..., None].expand(-1, -1, -1, D)).view(B, H, E, G, D)
         fresh = hit.any(-1)
-        had = old_inc.any(-1)[..., None]  # [B, H, G, 1]: the group held codes before: keep its range
+        had = old_inc.any(-1)[..., None]  # [B, H, E, 1]: the group held codes before: keep its range
         zero_old, scale_old = self.kz[b, hc, gi].float(), self.ks[b, hc, gi].float()
         lo = torch.where(had, zero_old, math.inf)
         hi = torch.where(had, zero_old + scale_old * ((1 << self.bits) - 1), -math.inf)
@@ -350,10 +363,15 @@ class QuantStore(nn.Module):
         return (torch.cat([k, self.rk], 2), torch.cat([v, self.rv], 2),
                 torch.cat([(mask & self.codes_ok(pos)).expand(k.shape[:3]), ring], 2))
 
+    def kernel(self, qg):
+        """Whether the Triton kernel reads the codes: on CUDA, where a row's packed bytes (a tl.dot's depth:
+        it needs 16) are at least 16; 2 bits at head_dim 32 take the reference path."""
+        return qg.is_cuda and self.head_dim * self.bits // 8 >= 16
+
     def attend(self, qg, pos, now, runs=None, mask=None):
         H = qg.shape[1]
         if mask is None:
-            if qg.is_cuda:
+            if self.kernel(qg):
                 from triton_kernels import quant_attend  # Triton: imported only on CUDA
                 runs = runs.expand(qg.shape[0], H, 2)
                 return quant_attend(qg, *self.triton_args(pos), runs, runs, self.n_slots, True)
@@ -362,9 +380,11 @@ class QuantStore(nn.Module):
         return F.scaled_dot_product_attention(qg, k, v, attn_mask=m[:, :, None, :])
 
     def attend_gather(self, qg, pos, now, idx, ok):
-        from triton_kernels import quant_attend  # Triton: imported only on CUDA (CPU: attend with a mask)
         sel = torch.zeros(*idx.shape[:2], self.n_slots + 1, dtype=torch.bool, device=idx.device)
         sel = sel.scatter(-1, idx.masked_fill(~ok, self.n_slots), True)[..., :-1]
+        if qg.is_cuda and not self.kernel(qg):  # (CPU callers attend with a mask; tests run the kernel here)
+            return self.attend(qg, pos, now, mask=sel)
+        from triton_kernels import quant_attend  # Triton: imported only on CUDA (CPU: attend with a mask)
         args = self.triton_args(pos, sel)
         return quant_attend(qg, *args, idx, ok & self.row_gather(self.codes_ok(pos), idx), idx.shape[-1], False)
 
@@ -378,7 +398,7 @@ class QuantStore(nn.Module):
     def attend_with_new(self, qg, pos, now, k_new, v_new):
         B, H = qg.shape[:2]
         S = self.n_slots
-        if qg.is_cuda:
+        if self.kernel(qg):
             from triton_kernels import quant_attend_scores  # Triton: imported only on CUDA
             out, p_codes, p_ring, p_new = quant_attend_scores(qg, *self.triton_args(pos), k_new, v_new)
         else:

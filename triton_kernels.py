@@ -154,10 +154,11 @@ def _attend_partials(q, k, v, idx, ok, n, dense, scores, ragged=False):
 # fewer splits pay. Chosen from scripts/tune_attend.py on the H200 (2026-11-29; BENCHMARKS.md): dense
 # 64/2/4/3 was within 2% of the best at batch 8 (32k and 3.3k slots), 128/2/8/3 the best at batch 1
 # (63.8 vs 69.6 us at 32k); gather 32/4/4/2 the best at batch 8, 32/2/4/2 at batch 1 (31.6 vs 35.3 us).
-# quant (codes read by a bf16 model): `tune_attend.py quant` on the H200 (2026-11-30), the best at 4 and 2 bits.
-TUNE = {"dense": dict(block=64, per_sm=2, warps=4, stages=3), "dense_few": dict(block=128, per_sm=2, warps=8, stages=3),
+# quant (codes read by a bf16 model): `tune_attend.py quant` on the H200 (2026-11-30, the pieces kernel), the best
+# at 4 and 2 bits: one warp per program and 16 programs per SM at batch 8 (BENCHMARKS.md).
+TUNE = {"dense": dict(block=64, per_sm=2, warps=2, stages=3), "dense_few": dict(block=64, per_sm=2, warps=2, stages=3),
         "gather": dict(block=32, per_sm=4, warps=4, stages=2), "gather_few": dict(block=32, per_sm=2, warps=4, stages=2),
-        "quant": dict(block=128, per_sm=4, warps=4, stages=3), "quant_few": dict(block=128, per_sm=2, warps=4, stages=3)}
+        "quant": dict(block=32, per_sm=16, warps=1, stages=3), "quant_few": dict(block=64, per_sm=4, warps=2, stages=3)}
 
 
 def _merge(po, pm, pl, s_new=None, v_new=None):
@@ -224,56 +225,101 @@ def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
 # _attend_kernel's gather path beside it, and the two sets of partials merge as splits do.
 
 @triton.jit
-def _unpack(b, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, CT: tl.constexpr):
-    """Packed bytes [BLOCK, D BITS / 8] -> codes [BLOCK, D] of type CT (channel j 8 / BITS + i in byte j at bit
-    i BITS): the tile is loaded as contiguous bytes and split in registers, not gathered once per channel.
-    A 16-bit CT gets its codes without an int-to-float conversion (a quarter-rate instruction, which bound
-    the fp32 path): a code's bits OR'd into the mantissa of 2^e are exactly 2^e + code, and one subtraction
-    leaves the code; fp16 (1024.0, 10 mantissa bits) holds every code, bf16 (128.0, 7 bits) 2- and 4-bit ones."""
-    b = b.to(tl.int16) if CT != tl.float32 else b.to(tl.int32)
-    M: tl.constexpr = (1 << BITS) - 1
-    if BITS == 8:
-        c = b
-    elif BITS == 4:
-        c = tl.join(b & M, b >> 4)
-    else:  # join(join(c0, c2), join(c1, c3)) flattens to c0 c1 c2 c3
-        c = tl.join(tl.join(b & M, (b >> 4) & M), tl.join((b >> 2) & M, b >> 6))
-    c = tl.reshape(c, (BLOCK, D))
-    if CT == tl.float16:
-        c = (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-    elif CT == tl.bfloat16:
-        c = (c | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+def _code_pieces(b, BITS: tl.constexpr, CT: tl.constexpr, ASM: tl.constexpr):
+    """Packed bytes [R, C] -> the 8 / BITS pieces of codes (piece t: every byte's code at bits t BITS), each [R, C]
+    of type CT. A 16-bit CT gets its codes without an int-to-float conversion (a quarter-rate instruction, which
+    bound the fp32 path): a code's bits OR'd into the mantissa of 2^e are exactly 2^e + code, and one subtraction
+    leaves the code; fp16 (1024.0, 10 mantissa bits) holds every code, bf16 (128.0, 7 bits) 2- and 4-bit ones.
+    ASM (a 16-bit CT on the GPU) does it in PTX (_unpack_asm) on four bytes in a 32-bit register at a time, two
+    codes per instruction, where Triton's byte-wise ops with tl.join cost about five per code."""
+    PER: tl.constexpr = 8 // BITS
+    if ASM:
+        UNPACK: tl.constexpr = _unpack_asm(BITS, 0x4300 if CT == tl.bfloat16 else 0x6400)
+        ct = CT.value
+        if PER == 4:  # two 32-bit output registers a piece, then the input word
+            r = tl.inline_asm_elementwise(UNPACK, "=&r," * 8 + "r", [b], (ct, ct, ct, ct), True, 4)
+        elif PER == 2:
+            r = tl.inline_asm_elementwise(UNPACK, "=&r," * 4 + "r", [b], (ct, ct), True, 4)
+        else:
+            r = (tl.inline_asm_elementwise(UNPACK, "=&r," * 2 + "r", [b], ct, True, 4),)
     else:
-        c = c.to(tl.float32)
-    return c
+        M: tl.constexpr = (1 << BITS) - 1
+        b = b.to(tl.int16) if CT != tl.float32 else b.to(tl.int32)
+        r = ()
+        for t in tl.static_range(PER):
+            c = (b >> (t * BITS)) & M
+            if CT == tl.float16:
+                c = (c | 0x6400).to(tl.float16, bitcast=True)
+            elif CT == tl.bfloat16:
+                c = (c | 0x4300).to(tl.bfloat16, bitcast=True)
+            else:
+                c = c.to(tl.float32)
+            r = r + (c,)
+    out = ()
+    for t in tl.static_range(PER):
+        if CT == tl.float16:
+            out = out + (r[t] - 1024.0,)
+        elif CT == tl.bfloat16:
+            out = out + (r[t] - 128.0,)
+        else:
+            out = out + (r[t],)
+    return out
+
+
+@triton.constexpr_function
+def _unpack_asm(bits, magic):
+    """_code_pieces' PTX (magic: the high half of 2^e, 0x4300 bf16, 0x6400 fp16): $IN holds four packed bytes
+    b0..b3 -> 8 / bits pieces, each two registers of two 16-bit halves 2^e + code: (b0's code, b1's), then (b2's,
+    b3's). Elementwise per byte, as inline_asm_elementwise requires (which four elements share a register
+    depends on the tensor's layout): a PRMT moves b0, b1 (b2, b3) into the low bytes of the halves, a shift
+    brings piece t's bits down, one LOP3 masks the code and ORs in the exponent. The outputs are the temporaries
+    (early-clobber: none shares $IN's register). A constexpr function, not a string argument: inductor writes a
+    user kernel's string arguments into its launch code as names."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    ops = []
+    for pair, sel in enumerate(("0x4140", "0x4342")):  # bytes 0, 1 (2, 3) of the word into bytes 0 and 2
+        ops.append(f"prmt.b32 ${pair}, ${2 * per}, 0, {sel};")
+        ops += [f"shr.u32 ${2 * t + pair}, ${pair}, {t * bits};" for t in range(1, per)]
+        ops += [f"lop3.b32 ${2 * t + pair}, ${2 * t + pair}, {mask | mask << 16:#010x}, {magic | magic << 16:#010x}, 0xEA;"
+                for t in range(per)]
+    return " ".join(ops)
 
 
 @triton.jit
 def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM, PL, PS, n_sel, H, HC, SQ, SP, NGR,
                          scale, sqb, sqh, sqg, sib, sih, CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          D: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr,
-                         BITS: tl.constexpr, QG: tl.constexpr, ALIGNED: tl.constexpr, NATIVE: tl.constexpr):
+                         BITS: tl.constexpr, QG: tl.constexpr, ALIGNED: tl.constexpr, NATIVE: tl.constexpr,
+                         ASM: tl.constexpr):
     """Program (sequence x KV head, split) as _attend_kernel's, over codes: kq/vq [B, HC, SQ, D BITS / 8] uint8,
     ks/kz [B, HC, NGR, D] (key groups of QG slots), vs/vz [B, HC, SQ, D / QG] (value groups of QG channels),
     all contiguous; HC = H (a row per KV head) or 1 (a flat row every head reads). A slot counts if its token
     is in codes: 0 <= pos < FRONT[b] (DENSE, over the run IDX[b, h, :2]; POS [B, HC, SP]), or OK != 0 (gather).
-    ALIGNED (dense runs from slot 0, BLOCK a multiple of QG): a tile is BLOCK / QG whole key groups, so each
-    group's scale and zero row is loaded once and broadcast over its QG slots. Loaded per slot (2 D values
-    against D BITS / 8 bytes of codes), they held the 4-bit cache at 0.50x the bf16 one on the H200 (0.63x
-    aligned; BENCHMARKS.md). NATIVE (a bf16 model at 2 or 4 bits, an fp16 one at any): tiles are dequantized in
-    the model's own dtype (one packed fma per two elements, scales used as stored); otherwise in fp32."""
+    A tile's codes are never interleaved back into channel order: piece t of the bytes (_code_pieces) holds
+    channels PER j + t, so q.K^T is a sum of PER dots over the pieces' channels (q loaded strided), p.V makes PER
+    partial outputs (stored strided), and the key scales are loaded strided. ALIGNED (dense runs from slot 0,
+    BLOCK a multiple or a divisor of QG): a tile is whole key groups or lies in one, so each group's scale and
+    zero row is loaded once and broadcast over its slots (loaded per slot, they held the 4-bit cache at 0.50x the
+    bf16 one; BENCHMARKS.md). NATIVE (a bf16 model at 2 or 4 bits, an fp16 one at any): tiles are dequantized in the
+    model's own dtype (one packed fma per two elements, scales used as stored); otherwise in fp32."""
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     row = b * HC + h % HC
     PER: tl.constexpr = 8 // BITS
     DP: tl.constexpr = D // PER
-    g, d, dp, dg = tl.arange(0, GP), tl.arange(0, D), tl.arange(0, DP), tl.arange(0, D // QG)
-    q = tl.load(Q + b * sqb + h * sqh + g[:, None] * sqg + d[None, :], mask=g[:, None] < G, other=0.0)
-    CT: tl.constexpr = q.dtype if NATIVE else tl.float32  # dequantization's type
+    g, dp, dg = tl.arange(0, GP), tl.arange(0, DP), tl.arange(0, D // QG)
+    qs = ()
+    accs = ()
+    for t in tl.static_range(PER):
+        ch = dp * PER + t
+        qs = qs + (tl.load(Q + b * sqb + h * sqh + g[:, None] * sqg + ch[None, :], mask=g[:, None] < G, other=0.0),)
+        accs = accs + (tl.zeros([GP, DP], tl.float32),)
+    CT: tl.constexpr = qs[0].dtype if NATIVE else tl.float32  # dequantization's type
     front = tl.load(FRONT + b)
     m_i = tl.full([GP], -1.0e30, tl.float32)
     l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
+    NG: tl.constexpr = BLOCK // QG if BLOCK >= QG else 1  # key groups a tile spans (ALIGNED)
+    WHOLE: tl.constexpr = QG % PER == 0  # a piece's column j is in value group j // (QG / PER)
     for off in range(0, CHUNK, BLOCK):
         n = split * CHUNK + off + tl.arange(0, BLOCK)
         inb = n < n_sel
@@ -286,33 +332,45 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
             ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=0) != 0) & inb
             idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
         slot = (row * SQ + idx).to(tl.int64)
-        kb = tl.load(KQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0)
-        if ALIGNED:
-            NG: tl.constexpr = BLOCK // QG
-            gi = (split * CHUNK + off) // QG + tl.arange(0, NG)
-            grp = (row * NGR + gi).to(tl.int64)[:, None] * D + d[None, :]
-            ks = tl.load(KS + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
-            kz = tl.load(KZ + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
-            kc = tl.reshape(_unpack(kb, BITS, BLOCK, D, CT), (NG, QG, D))
-            k = tl.reshape(kc * ks[:, None, :] + kz[:, None, :], (BLOCK, D)).to(q.dtype)
-        else:
-            grp = (row * NGR + idx // QG).to(tl.int64)[:, None] * D + d[None, :]
-            ks = tl.load(KS + grp, mask=ok[:, None], other=0.0).to(CT)
-            kz = tl.load(KZ + grp, mask=ok[:, None], other=0.0).to(CT)
-            k = (_unpack(kb, BITS, BLOCK, D, CT) * ks + kz).to(q.dtype)
-        s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)
-        m_new, alpha, p = _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, G, GP, SCORES)
-        vb = tl.load(VQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0)
-        vg = slot[:, None] * (D // QG) + dg[None, :]
-        vs = tl.load(VS + vg, mask=ok[:, None], other=0.0).to(CT)
-        vz = tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(CT)
-        vc = tl.reshape(_unpack(vb, BITS, BLOCK, D, CT), (BLOCK, D // QG, QG))  # each value group's channels
-        v = tl.reshape(vc * vs[:, :, None] + vz[:, :, None], (BLOCK, D)).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        kp = _code_pieces(tl.load(KQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0), BITS, CT, ASM)
+        s = tl.zeros([GP, BLOCK], tl.float32)
+        for t in tl.static_range(PER):
+            ch = dp * PER + t
+            if ALIGNED:
+                gi = (split * CHUNK + off) // QG + tl.arange(0, NG)
+                grp = (row * NGR + gi).to(tl.int64)[:, None] * D + ch[None, :]
+                ks = tl.load(KS + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
+                kz = tl.load(KZ + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
+                k = tl.reshape(tl.reshape(kp[t], (NG, BLOCK // NG, DP)) * ks[:, None, :] + kz[:, None, :], (BLOCK, DP))
+            else:
+                grp = (row * NGR + idx // QG).to(tl.int64)[:, None] * D + ch[None, :]
+                k = kp[t] * tl.load(KS + grp, mask=ok[:, None], other=0.0).to(CT) + \
+                    tl.load(KZ + grp, mask=ok[:, None], other=0.0).to(CT)
+            s = tl.dot(qs[t], tl.trans(k.to(qs[t].dtype)), s)
+        m_new, alpha, p = _softmax_step((s * scale).to(tl.float32), ok, inb, n, m_i, PS, bh, n_sel, G, GP, SCORES)
+        vp = _code_pieces(tl.load(VQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0), BITS, CT, ASM)
+        pv = p.to(qs[0].dtype)
+        if WHOLE:
+            vg = slot[:, None] * (D // QG) + dg[None, :]
+            vs = tl.load(VS + vg, mask=ok[:, None], other=0.0).to(CT)[:, :, None]
+            vz = tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(CT)[:, :, None]
+            vs = tl.reshape(tl.broadcast_to(vs, (BLOCK, D // QG, QG // PER)), (BLOCK, DP))
+            vz = tl.reshape(tl.broadcast_to(vz, (BLOCK, D // QG, QG // PER)), (BLOCK, DP))
+        new = ()
+        for t in tl.static_range(PER):
+            if WHOLE:
+                v = vp[t] * vs + vz
+            else:
+                vg = slot[:, None] * (D // QG) + ((dp * PER + t) // QG)[None, :]
+                v = vp[t] * tl.load(VS + vg, mask=ok[:, None], other=0.0).to(CT) + \
+                    tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(CT)
+            new = new + (tl.dot(pv, v.to(pv.dtype), accs[t] * alpha[:, None]),)
+        accs = new
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
     out = (bh * tl.num_programs(1) + split) * G + g
-    tl.store(PO + out[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
+    for t in tl.static_range(PER):
+        tl.store(PO + out[:, None] * D + (dp * PER + t)[None, :], accs[t], mask=g[:, None] < G)
     tl.store(PM + out, m_i, mask=g < G)
     tl.store(PL + out, l_i, mask=g < G)
 
@@ -323,6 +381,7 @@ NATIVE_DEQUANT = True  # dequantize in the model's 16-bit dtype where exact (tun
 def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, idx, ok, n, dense, scores, bits, group):
     """_attend_partials over the codes (same splits and tuning: a tile's bytes are fewer, its rows as many)."""
     B, H, G, D = q.shape
+    assert D * bits // 8 >= 16, "a piece's tl.dot needs 16 bytes a row (kvstore.QuantStore.kernel)"
     GP, tune, splits, chunk, (po, pm, pl, s) = _launch_plan(q, n, dense, scores, quant=True)
     q, idx, ok = q.contiguous(), idx.contiguous(), ok.contiguous()
     native = NATIVE_DEQUANT and (q.dtype == torch.float16 or q.dtype == torch.bfloat16 and bits <= 4)
@@ -330,8 +389,9 @@ def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, idx, ok, n, dense, sc
         q, kq, ks, kz, vq, vs, vz, idx, ok, pos.contiguous(), front, po, pm, pl, s, n, H, kq.shape[1], kq.shape[2],
         pos.shape[-1], ks.shape[2], D ** -0.5, q.stride(0), q.stride(1), q.stride(2), ok.stride(0), ok.stride(1),
         CHUNK=chunk, G=G, GP=GP, D=D, BLOCK=tune["block"], DENSE=dense, SCORES=scores, BITS=bits, QG=group,
-        ALIGNED=dense and kq.shape[1] == H and tune["block"] % group == 0,  # per-head rows: runs start at 0
-        NATIVE=native, num_warps=tune["warps"], num_stages=tune["stages"])
+        # per-head rows (runs start at 0) whose tiles never straddle a key group
+        ALIGNED=dense and kq.shape[1] == H and (tune["block"] % group == 0 or group % tune["block"] == 0),
+        NATIVE=native, ASM=native and q.is_cuda, num_warps=tune["warps"], num_stages=tune["stages"])
     return po, pm, pl, s
 
 

@@ -36,21 +36,29 @@ def dense_case(B, S, filled):
     k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     pos = torch.arange(S, device="cuda").expand(B, H, S).clone()
     pos[pos >= filled] = -1
-    return qg, k, v, pos, torch.full((B,), filled, device="cuda")
+    return qg, k, v, pos, torch.tensor([0, filled], device="cuda").expand(B, H, 2).contiguous()  # each row's run
+
+
+# (rows per tile, warps): fewer warps per program carry the same tile with fewer duplicated mask and
+# address instructions per token (`sass` counts them), and more programs per SM hide the latency
+DENSE_SHAPES = [(32, 1), (64, 1), (64, 2), (64, 4), (128, 4), (128, 8)]
+QUANT_SHAPES = [(32, 1), (64, 1), (64, 2), (128, 2), (128, 4)]
+GATHER_SHAPES = [(16, 1), (32, 1), (32, 2), (16, 4), (32, 4)]
 
 
 def tune_dense():
     print("| kernel | batch | slots (filled) | block | per SM | warps | stages | us | GB/s |\n|---|---|---|---|---|---|---|---|---|")
     best = {}
     for B, S, filled in [(1, 33792, 32769), (8, 33792, 32769), (1, 3300, 3300), (8, 3300, 3300)]:
-        qg, k, v, pos, limit = dense_case(B, S, filled)
+        qg, k, v, pos, runs = dense_case(B, S, filled)
         gb = B * H * filled * (2 * D * 2 + 8) / 1e9
-        for block, per_sm, warps, stages in itertools.product([64, 128], [2, 4, 8], [4, 8], [3]):
+        for (block, warps), per_sm, stages in itertools.product(DENSE_SHAPES, [2, 4, 8, 16], [3]):
             tk.TUNE["dense_few" if B * H <= 16 else "dense"] = dict(block=block, per_sm=per_sm, warps=warps, stages=stages)
             try:
-                ms = bench_ms(lambda: tk.dense_attend(qg, k, v, pos, limit))
+                ms = bench_ms(lambda: tk.dense_attend(qg, k, v, pos, runs, S))
             except Exception as e:  # out of shared memory, say: skip the variant
-                print(f"| dense_attend | {B} | {S} | {block} | {per_sm} | {warps} | {stages} | failed: {type(e).__name__} | |")
+                print(f"| dense_attend | {B} | {S} | {block} | {per_sm} | {warps} | {stages} | "
+                      f"failed: {type(e).__name__} {str(e)[:60]} | |")
                 continue
             best.setdefault((B, S), []).append((ms, block, per_sm, warps, stages))
             print(f"| dense_attend | {B} | {S} ({filled}) | {block} | {per_sm} | {warps} | {stages} | {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
@@ -80,7 +88,7 @@ def tune_gather():
         idx = torch.rand(B, H, S, device="cuda").argsort(-1)[..., :K].sort(-1).values
         ok = torch.ones(B, H, K, dtype=torch.bool, device="cuda")
         gb = B * H * K * (2 * D * 2 + 9) / 1e9
-        for block, per_sm, warps, stages in itertools.product([16, 32], [2, 4, 8], [4], [2, 3]):
+        for (block, warps), per_sm, stages in itertools.product(GATHER_SHAPES, [2, 4, 8], [2]):
             tk.TUNE["gather_few" if B * H <= 16 else "gather"] = dict(block=block, per_sm=per_sm, warps=warps, stages=stages)
             ms = bench_ms(lambda: tk.gather_attend(qg, k, v, idx, ok))
             times.setdefault((B, S), []).append((ms, block, per_sm, warps, stages))
@@ -118,7 +126,7 @@ def tune_quant():
         key = "quant_few" if B * H <= 16 else "quant"
         committed = dict(tk.TUNE[key])
         settings = [("fp32", tuple(committed.values()))] + [
-            ("bf16", s) for s in itertools.product([64, 128], [1, 2, 4], [4, 8], [3])]
+            ("bf16", (block, per_sm, warps, 3)) for (block, warps), per_sm in itertools.product(QUANT_SHAPES, [4, 8, 16, 32])]
         for variant, (block, per_sm, warps, stages) in settings:
             tk.NATIVE_DEQUANT = variant == "bf16"
             tk.TUNE[key] = dict(block=block, per_sm=per_sm, warps=warps, stages=stages)
@@ -209,18 +217,24 @@ def loop_sass(fn, pointers: dict, consts: dict, warps: int, stages: int):
 
 
 def sass():
-    """The per-tile instruction budget of the decode kernels at Llama-3-8B's head shapes: where a quantized
-    tile's instructions go against a dense one's (the kernels are issue-bound, not byte-bound: BENCHMARKS.md)."""
-    print("| kernel | tokens per tile | loop instructions per thread | per token | top opcodes |\n|---|---|---|---|---|")
-    base = dict(G=G, GP=16, D=D, DENSE=True, SCORES=False)
-    cases = [("dense_attend, bf16", tk._attend_kernel, dict(base, CHUNK=4096, BLOCK=64, RAGGED=False), 4, 3)]
+    """The per-tile instruction budget of the decode kernels at Llama-3-8B's head shapes, at the batch-8 launch
+    settings of triton_kernels.TUNE and at the 4-warp tiles they replaced: where a quantized tile's
+    instructions go against a dense one's (the kernels are issue-bound, not byte-bound: BENCHMARKS.md). Per
+    token: warp instructions (each thread's count x warps / tokens), what the SM's schedulers issue."""
+    print("| kernel | tokens per tile | warps | loop instructions per thread | warp instructions per token | top opcodes |\n"
+          "|---|---|---|---|---|---|")
+    base = dict(G=G, GP=16, D=D, DENSE=True, SCORES=False, CHUNK=4096)
+    dense, quant = tk.TUNE["dense"], tk.TUNE["quant"]
+    cases = [(f"dense_attend, bf16", tk._attend_kernel, dict(base, BLOCK=b, RAGGED=False), w)
+             for b, w in ((dense["block"], dense["warps"]), (64, 4))]
     for bits, native in ((4, True), (2, True), (4, False)):
-        cases.append((f"quant_attend, {bits}-bit, {'bf16' if native else 'fp32'} dequantization", tk._attend_quant_kernel,
-                      dict(base, CHUNK=4096, BLOCK=128, BITS=bits, QG=32, ALIGNED=True, NATIVE=native), 4, 3))
-    for name, fn, consts, warps, stages in cases:
-        n, ops = loop_sass(fn, SASS_POINTERS, consts, warps, stages)
+        for b, w in ((quant["block"], quant["warps"]), (128, 4)):
+            cases.append((f"quant_attend, {bits}-bit, {'bf16' if native else 'fp32'} dequantization", tk._attend_quant_kernel,
+                          dict(base, BLOCK=b, BITS=bits, QG=32, ALIGNED=True, NATIVE=native, ASM=native), w))
+    for name, fn, consts, warps in cases:
+        n, ops = loop_sass(fn, SASS_POINTERS, consts, warps, 3)
         top = ", ".join(f"{op} {c}" for op, c in ops.most_common(8))
-        print(f"| {name} | {consts['BLOCK']} | {n} | {n / consts['BLOCK']:.1f} | {top} |", flush=True)
+        print(f"| {name} | {consts['BLOCK']} | {warps} | {n} | {n * warps / consts['BLOCK']:.1f} | {top} |", flush=True)
 
 
 if __name__ == "__main__":

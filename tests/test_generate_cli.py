@@ -190,6 +190,7 @@ def test_boolean_flags_are_strict():
 
 @pytest.mark.parametrize("flags, says", [(["--kv_bits", "3"], "invalid choice: 3"),
                                          (["--kv_bits", "4", "--kv_residual", "20"], "a multiple of it"),
+                                         (["--kv_bits", "4", "--kv_residual", "0"], "at least one group"),
                                          (["--kv_bits", "4", "--kv_group", "0"], "the group must be >= 1"),
                                          (["--kv_bits", "4", "--kv_group", "48", "--kv_residual", "96"], "divide head_dim (64)")])
 def test_bad_kv_quantization(default_checkpoint, flags, says):

@@ -123,15 +123,16 @@ def test_codes_are_kivi_groups_packed(bits, dtype):
 @pytest.mark.parametrize("name,params", [("l2", {}), ("h2o", {}), ("tova", {"tova_per_head": True}), ("random", {}),
                                          ("scissorhands", {"sh_history": 8})])
 def test_evicting_policy_requantizes_groups_within_bound(name, params):
-    """An evicting policy overwrites single slots: each flushed token's key group is re-quantized with a range
-    that only widens, so a member is re-rounded (by at most half a step) only when its group's range grows:
-    every cached key stays within 1.5 current grid steps of its original (measured max 1.24 over these five
-    policies at 2, 4 and 8 bits; a slot = position cache: 0.5), every value within half a step; the residual
-    holds the newest tokens exactly."""
+    """An evicting policy overwrites single slots: one token a step leaves the residual (which holds the newest
+    R exactly) and its key group is re-quantized with a range that only widens, so a member is re-rounded (by
+    at most half a step) only when its group's range grows: every cached key stays within 1.5 current grid
+    steps of its original (measured max 1.41 over these five policies at 2, 4 and 8 bits, 1.24 when G tokens
+    were flushed every G steps; a slot = position cache: 0.5), every value within half a step."""
     c = make(name, 4, S=40, params=params)
     orig = drive(c, 30, 80)
     slots = naive_slots(c)
     st = c.store
+    assert st.front.tolist() == [30 + 79 + 1 - 16] * 2  # now + 1 - R: the newest 16 in the residual
     for (b, h, s), (p, key, val) in slots.items():
         k0, v0 = orig[b, h, p]
         if p >= int(st.front[b]):
@@ -234,9 +235,56 @@ def test_allocated_bytes_are_codes_scales_and_residual(bits):
 
 
 def test_bad_settings_raise():
-    for bad in (dict(kv_bits=3), dict(kv_bits=4, kv_group=24), dict(kv_bits=4, kv_residual=20)):
+    # kv_residual 0: the newest token enters through the residual (with none, a group's last token was lost)
+    for bad in (dict(kv_bits=3), dict(kv_bits=4, kv_group=24), dict(kv_bits=4, kv_residual=20), dict(kv_bits=4, kv_residual=0)):
         with pytest.raises(ValueError, match="kv_bits"):
             make("full", bad.pop("kv_bits"), **{("group" if k == "kv_group" else "residual"): v for k, v in bad.items()})
+
+
+def run_ptx(asm, inputs, n_out):
+    """The PTX subset _unpack_asm emits, by the ISA's definitions: prmt.b32 (default mode: result byte i is byte
+    c[4i+2:4i] of b:a, sign-replicated if c[4i+3]), shr.u32, lop3.b32 (bit = immLut[a b c]); registers are
+    32-bit, $0.. the outputs, then the inputs (which must never be written)."""
+    regs = {f"${n_out + i}": x for i, x in enumerate(inputs)}
+    val = lambda x: regs[x] if x.startswith("$") else int(x, 0)  # noqa: E731 (a read of an unwritten output fails)
+    for ins in filter(None, (x.strip() for x in asm.split(";"))):
+        op, rest = ins.split(None, 1)
+        d, *a = [x.strip() for x in rest.split(",")]
+        assert int(d[1:]) < n_out, f"{ins}: writes an input"
+        if op == "prmt.b32":
+            src, sel, out = val(a[0]) | val(a[1]) << 32, val(a[2]), 0
+            for i in range(4):
+                nib = sel >> 4 * i & 15
+                byte = src >> 8 * (nib & 7) & 255
+                out |= (255 if byte & 128 else 0) << 8 * i if nib & 8 else byte << 8 * i
+            regs[d] = out
+        elif op == "shr.u32":
+            regs[d] = val(a[0]) >> val(a[1])
+        elif op == "lop3.b32":
+            x, y, z, lut = (val(v) for v in a)
+            regs[d] = sum((lut >> ((x >> i & 1) << 2 | (y >> i & 1) << 1 | (z >> i & 1)) & 1) << i for i in range(32))
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+    return [regs[f"${i}"] for i in range(n_out)]
+
+
+@pytest.mark.parametrize("bits,dtype", [(4, torch.bfloat16), (2, torch.bfloat16), (8, torch.float16), (4, torch.float16),
+                                        (2, torch.float16)])
+def test_unpack_ptx_is_elementwise_per_byte(bits, dtype):
+    """The GPU kernel's inline PTX (the interpreter cannot run it): for a register of four packed bytes, piece
+    t's two output registers hold, in byte order, 16-bit numbers equal to 2^e + each byte's code t (the
+    elementwise contract inline_asm_elementwise needs: which bytes share a register depends on the layout)."""
+    import triton_kernels as tk
+    per, magic = 8 // bits, 128.0 if dtype == torch.bfloat16 else 1024.0
+    asm = tk._unpack_asm(bits, 0x4300 if dtype == torch.bfloat16 else 0x6400)
+    g = torch.Generator().manual_seed(0)
+    for word in [0, 0xFFFFFFFF] + torch.randint(0, 2 ** 32, (300,), generator=g, dtype=torch.int64).tolist():
+        out = run_ptx(asm, [word], 2 * per)
+        byts = [word >> 8 * e & 255 for e in range(4)]
+        for t in range(per):
+            halves = [out[2 * t] & 0xFFFF, out[2 * t] >> 16, out[2 * t + 1] & 0xFFFF, out[2 * t + 1] >> 16]
+            got = torch.tensor(halves, dtype=torch.int32).to(torch.int16).view(dtype).float().tolist()
+            assert got == [magic + (b >> t * bits & (1 << bits) - 1) for b in byts], (hex(word), t)
 
 
 # ---- the Triton kernel, in the interpreter ----
@@ -257,7 +305,7 @@ def check_native(device, dtype):
     against naive_slots + softmax within the 16-bit output's rounding, and quant_attend_scores' probabilities
     against the fp32 kernel's (tested against the naive ones in check_kernel)."""
     import triton_kernels as tk
-    for name, bits, D in (("full", 2, 32), ("l2", 4, 32), ("h2o", 8, 32)):
+    for name, bits, D in (("full", 2, 64), ("l2", 4, 32), ("h2o", 8, 32)):  # >= 16 bytes a row (QuantStore.kernel)
         c = make(name, bits, S=70, D=D, G=4, dtype=dtype)
         drive(c, 50, 30)
         qg = torch.randn(2, 2, 4, D, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -286,24 +334,24 @@ def check_kernel(device):
     (the kernel dequantizes tiles in registers; the reference reads codes with loops)."""
     from triton_kernels import quant_attend, quant_attend_scores
     check_native(device, torch.float16)  # the interpreter has no bf16
-    for name, bits in (("full", 2), ("l2", 4), ("h2o", 8)):  # every unpacking; slot = position and evicting
-        c = make(name, bits, S=70, D=32, G=4)
+    for name, bits, D in (("full", 2, 64), ("l2", 4, 32), ("h2o", 8, 32)):  # every unpacking; slot = position and evicting
+        c = make(name, bits, S=70, D=D, G=4)
         drive(c, 50, 30)
         st = c.store
         slots = naive_slots(c)
-        qg = torch.randn(2, 2, 4, 32, generator=torch.Generator().manual_seed(2))
+        qg = torch.randn(2, 2, 4, D, generator=torch.Generator().manual_seed(2))
         args = st.triton_args(c.pos)
         runs = torch.tensor([0, c.n_slots]).expand(2, 2, 2)
         got = quant_attend(qg, *args, runs, runs, c.n_slots, True)
         torch.testing.assert_close(got.double(), naive_attention(qg, slots, 2, 2), rtol=1e-4, atol=1e-4)
-        zeros = torch.zeros(2, 2, 1, 32)
+        zeros = torch.zeros(2, 2, 1, D)
         out, p_codes, p_ring, p_new = quant_attend_scores(qg, *args, zeros, zeros)
         # each slot's probability (its code's, or its residual entry's), group mean, against naive softmax weights
         probs = torch.cat([p_codes.scatter_add(-1, st.rslot.clamp(min=0), p_ring), p_new], -1)
         for (b, h, s), _ in list(slots.items())[::7]:
             mean = 0.0
             for g in range(4):
-                lg = {ss: sum(x * y for x, y in zip(qg[b, h, g].tolist(), kk.tolist())) / math.sqrt(32)
+                lg = {ss: sum(x * y for x, y in zip(qg[b, h, g].tolist(), kk.tolist())) / math.sqrt(D)
                       for (bb, hh, ss), (_, kk, _) in slots.items() if (bb, hh) == (b, h)}
                 top = max(max(lg.values()), 0.0)  # the new token's logit is 0
                 z = sum(math.exp(x - top) for x in lg.values()) + math.exp(-top)
@@ -315,9 +363,19 @@ def check_kernel(device):
         got = st.attend_gather(qg, c.pos, None, sel, ok)
         chosen = {key: val for key, val in slots.items() if key[2] % 3 == 0}
         torch.testing.assert_close(got.double(), naive_attention(qg, chosen, 2, 2), rtol=1e-4, atol=1e-4)
-    c = make("adakv", 2, S=40, D=32, G=4, new=30)  # the flat layout: one code row, each head a run of it
+    import triton_kernels as tk
+    tune = dict(tk.TUNE["quant_few"])
+    tk.TUNE["quant_few"]["block"] = 32  # tiles of 32 slots inside key groups of 64 (the scale row broadcast)
+    c = make("full", 4, S=200, D=64, G=4, group=64, residual=64)
+    drive(c, 150, 30)
+    qg = torch.randn(2, 2, 4, 64, generator=torch.Generator().manual_seed(4))
+    runs = torch.tensor([0, c.n_slots]).expand(2, 2, 2)
+    got = quant_attend(qg, *c.store.triton_args(c.pos), runs, runs, c.n_slots, True)
+    tk.TUNE["quant_few"] = tune
+    torch.testing.assert_close(got.double(), naive_attention(qg, naive_slots(c), 2, 2), rtol=1e-4, atol=1e-4)
+    c = make("adakv", 2, S=40, D=64, G=4, new=30)  # the flat layout: one code row, each head a run of it
     drive(c, 40, 30)
-    qg = torch.randn(2, 2, 4, 32, generator=torch.Generator().manual_seed(3))
+    qg = torch.randn(2, 2, 4, 64, generator=torch.Generator().manual_seed(3))
     runs = torch.stack([c.start, c.count], -1)
     got = quant_attend(qg, *c.store.triton_args(c.pos[:, None]), runs, runs, c.pos.shape[1], True)
     torch.testing.assert_close(got.double(), naive_attention(qg, naive_slots(c), 2, 2), rtol=1e-4, atol=1e-4)
