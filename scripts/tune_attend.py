@@ -4,6 +4,7 @@
         # attend_scores, quest_select, prompt_colsum; dense_attend; gather_attend; quant_attend (KIVI codes):
         # one table per kernel; the chosen dense/gather/quant settings go to chosen.json (bench.py --kernel_tune)
     python scripts/tune_attend.py sass      # no GPU needed: the decode kernels' main loops, instruction by kind
+    python scripts/tune_attend.py compare REV   # quant_attend at git revision REV beside the working tree's
 
 Every time is a CUDA-graph replay median (triton.testing.do_bench_cudagraph), so launch overhead is out
 and a kernel is timed as it runs inside the decode step's graph. GB/s counts the K/V rows (and positions,
@@ -144,6 +145,34 @@ def tune_quant():
             "quant_few": pick({k: v for k, v in best.items() if k[0] * H <= 16})}
 
 
+def compare(rev):
+    """quant_attend of triton_kernels.py at git revision `rev` beside the working tree's, at each one's committed
+    launch settings and at the other's, 32k filled, 4 and 2 bits, batch 8 and 1 (one process: the A/B of a kernel
+    change). The old file is loaded as a module of its own, its ops registered under another namespace."""
+    import importlib.util
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    src = subprocess.run(["git", "show", f"{rev}:triton_kernels.py"], cwd=root, capture_output=True, text=True,
+                         check=True).stdout.replace("kvcompress::", "kvcompare::")
+    path = Path("/tmp") / f"triton_kernels_{rev}.py"  # Triton reads a jit function's source from its file
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"triton_kernels_{rev}", path)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    kernels = {rev: old, "working tree": tk}
+    print("| batch | bits | kernel | launch (block/per SM/warps/stages) | us |\n|---|---|---|---|---|")
+    for B, bits in itertools.product((8, 1), (4, 2)):
+        args, _ = quant_case(B, 33792, 32769, bits)
+        key = "quant_few" if B * H <= 16 else "quant"
+        settings = {name: dict(m.TUNE[key]) for name, m in kernels.items()}
+        for name, m in kernels.items():
+            for setting in settings.values():
+                m.TUNE[key] = setting
+                ms = bench_ms(lambda: m.quant_attend(*args))
+                print(f"| {B} | {bits} | {name} | {'/'.join(map(str, setting.values()))} | {1e3 * ms:.1f} |", flush=True)
+            m.TUNE[key] = settings[name]
+
+
 def time_others():
     print("| kernel | shape | us | GB/s or TFLOP/s |\n|---|---|---|---|")
     for B in (1, 8):
@@ -241,6 +270,8 @@ if __name__ == "__main__":
     import json
     if sys.argv[1:] == ["sass"]:
         sys.exit(sass())
+    if sys.argv[1:2] == ["compare"] and torch.cuda.is_available():
+        sys.exit(compare(sys.argv[2]))
     if not torch.cuda.is_available():
         sys.exit("tune_attend.py times CUDA kernels: it needs a GPU (sass: the kernels' SASS, without one)")
     which = [w for w in sys.argv[1:] if not w.endswith(".json")] or ["others", "dense", "gather", "quant"]
