@@ -170,7 +170,9 @@ class QuantStore(nn.Module):
                              f"the group must divide head_dim ({head_dim}) and the residual be a multiple of the group, "
                              f"at least one group (the newest token enters through it)")
         self.n_kv, self.rows, self.n_slots, self.head_dim, self.dtype = n_kv, rows, slots, head_dim, dtype
-        residual = min(residual, slots // group * group)  # a residual past the cache's slots would only cost bytes
+        # a residual past the cache's slots would only cost bytes; at least one group: the newest token enters
+        # through it (with none, it was flushed before it was written)
+        residual = max(group, min(residual, slots // group * group))
         self.bits, self.G, self.R, self.Rr, self.aligned = bits, group, residual, residual + group, aligned
         S = -(-slots // group) * group + group
         self.spare = S // group - 1  # the spare group

@@ -145,6 +145,21 @@ def test_evicting_policy_requantizes_groups_within_bound(name, params):
     assert len(slots) >= 30  # the cache is full and has evicted
 
 
+@pytest.mark.parametrize("name", ["full", "h2o"])
+def test_cache_smaller_than_a_group_keeps_every_token(name):
+    """A cache of 6 slots (below one key group of 8) still holds a residual of one group: the newest token
+    enters through it. Capped at 0 slots' worth, every token of an evicting store was flushed before it was
+    written (generate.py's h2o at 4 bits on a short prompt printed "the the the"); every cached key must stay
+    within its group's grid."""
+    c = make(name, 4, S=6, new=20)
+    orig = drive(c, 6, 20)
+    st = c.store
+    assert st.R == 8
+    for (b, h, s), (p, key, val) in naive_slots(c).items():
+        step = st.ks[b, h, s // 8].float() if p < int(st.front[b]) else torch.zeros(16)
+        assert ((key - orig[b, h, p][0].float()).abs() <= step * 1.5 + 1e-5).all(), (name, p)
+
+
 def naive_attention(qg, slots, B, H):
     """softmax(q.k / sqrt(D)) v over the given slots, plain Python in float64."""
     D = qg.shape[-1]
