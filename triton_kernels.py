@@ -150,12 +150,12 @@ def _attend_partials(q, k, v, idx, ok, n, dense, scores, ragged=False):
 
 
 # Launch settings: rows per tile, programs per SM, warps, software-pipeline stages; "_few" when at most
-# 16 (sequence, KV head) rows share the GPU (batch 1 at Llama-3's 8 KV heads), where larger tiles and
-# fewer splits pay. Chosen from scripts/tune_attend.py on the H200 (2026-11-29; BENCHMARKS.md): dense
-# 64/2/4/3 was within 2% of the best at batch 8 (32k and 3.3k slots), 128/2/8/3 the best at batch 1
-# (63.8 vs 69.6 us at 32k); gather 32/4/4/2 the best at batch 8, 32/2/4/2 at batch 1 (31.6 vs 35.3 us).
-# quant (codes read by a bf16 model): `tune_attend.py quant` on the H200 (2026-11-30, the pieces kernel), the best
-# at 4 and 2 bits: one warp per program and 16 programs per SM at batch 8 (BENCHMARKS.md).
+# 16 (sequence, KV head) rows share the GPU (batch 1 at Llama-3's 8 KV heads). Chosen from
+# scripts/tune_attend.py on the H200 (BENCHMARKS.md): dense 64/2/2/3 the best at batch 8 (32k and 3.3k slots)
+# and at batch 1 and 32k, within 1% at batch 1 and 3.3k, once 1- and 2-warp programs were tried (2026-11-30:
+# 282 against 311 us for 4 warps at 32k x 8); gather 32/4/4/2 the best at batch 8, 32/2/4/2 at batch 1 (2026-11-29; 1 and 2
+# warps not yet tried). quant (codes read by a bf16 model; 2026-11-30, the pieces kernel): the best at 4 and
+# 2 bits, one warp per program and 16 programs per SM at batch 8.
 TUNE = {"dense": dict(block=64, per_sm=2, warps=2, stages=3), "dense_few": dict(block=64, per_sm=2, warps=2, stages=3),
         "gather": dict(block=32, per_sm=4, warps=4, stages=2), "gather_few": dict(block=32, per_sm=2, warps=4, stages=2),
         "quant": dict(block=32, per_sm=16, warps=1, stages=3), "quant_few": dict(block=64, per_sm=4, warps=2, stages=3)}
