@@ -40,8 +40,8 @@ def dense_case(B, S, filled):
     return qg, k, v, pos, torch.tensor([0, filled], device="cuda").expand(B, H, 2).contiguous()  # each row's run
 
 
-# (rows per tile, warps): fewer warps per program carry the same tile with fewer duplicated mask and
-# address instructions per token (`sass` counts them), and more programs per SM hide the latency
+# (rows per tile, warps) tried: 1- and 2-warp programs, first tried on 2026-11-30, won for the dense and the
+# quantized kernel at batch 8 (BENCHMARKS.md)
 DENSE_SHAPES = [(32, 1), (64, 1), (64, 2), (64, 4), (128, 4), (128, 8)]
 QUANT_SHAPES = [(32, 1), (64, 1), (64, 2), (128, 2), (128, 4)]
 GATHER_SHAPES = [(16, 1), (32, 1), (32, 2), (16, 4), (32, 4)]
@@ -248,13 +248,13 @@ def loop_sass(fn, pointers: dict, consts: dict, warps: int, stages: int):
 def sass():
     """The per-tile instruction budget of the decode kernels at Llama-3-8B's head shapes, at the batch-8 launch
     settings of triton_kernels.TUNE and at the 4-warp tiles they replaced: where a quantized tile's
-    instructions go against a dense one's (the kernels are issue-bound, not byte-bound: BENCHMARKS.md). Per
-    token: warp instructions (each thread's count x warps / tokens), what the SM's schedulers issue."""
+    instructions go against a dense one's. Per token: warp instructions (each thread's count x warps / tokens),
+    what the SM's schedulers issue. BENCHMARKS.md says where these counts tracked the times and where not."""
     print("| kernel | tokens per tile | warps | loop instructions per thread | warp instructions per token | top opcodes |\n"
           "|---|---|---|---|---|---|")
     base = dict(G=G, GP=16, D=D, DENSE=True, SCORES=False, CHUNK=4096)
     dense, quant = tk.TUNE["dense"], tk.TUNE["quant"]
-    cases = [(f"dense_attend, bf16", tk._attend_kernel, dict(base, BLOCK=b, RAGGED=False), w)
+    cases = [("dense_attend, bf16", tk._attend_kernel, dict(base, BLOCK=b, RAGGED=False), w)
              for b, w in ((dense["block"], dense["warps"]), (64, 4))]
     for bits, native in ((4, True), (2, True), (4, False)):
         for b, w in ((quant["block"], quant["warps"]), (128, 4)):
