@@ -334,10 +334,10 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
         slot = (row * SQ + idx).to(tl.int64)
         kp = _code_pieces(tl.load(KQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0), BITS, CT, ASM)
         s = tl.zeros([GP, BLOCK], tl.float32)
+        gi = (split * CHUNK + off) // QG + tl.arange(0, NG)  # ALIGNED: the tile's key groups
         for t in tl.static_range(PER):
             ch = dp * PER + t
             if ALIGNED:
-                gi = (split * CHUNK + off) // QG + tl.arange(0, NG)
                 grp = (row * NGR + gi).to(tl.int64)[:, None] * D + ch[None, :]
                 ks = tl.load(KS + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
                 kz = tl.load(KZ + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
