@@ -1091,12 +1091,14 @@ def make_store(cfg: CacheConfig, batch, n_kv, rows, slots, head_dim, dtype, alig
     return QuantStore(batch, n_kv, rows, slots, head_dim, dtype, cfg.kv_bits, cfg.kv_group, cfg.kv_residual, aligned)
 
 
-# CPU chunks of prompt attention: blocks this size are reused by the allocator; 256 MB ones were mapped and
-# unmapped each time (two thirds of the time in the kernel: 4.8 s against 1.9 s a layer, 10 x 2k prompts)
-PROMPT_CHUNK_BYTES = 32 << 20
+# chunks of prompt attention's [B, H, rows, T] fp32 logits. CPU: blocks this size are reused by the allocator;
+# 256 MB ones were mapped and unmapped each time (two thirds of the time in the kernel: 4.8 s against 1.9 s a
+# layer, 10 x 2k prompts). CUDA: at 8 x 32k one row is 32 MB, and row-at-a-time chunks took Scissorhands' 400
+# prompt rows from 7.5 s to 33 s (BENCHMARKS.md)
+PROMPT_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
 
 
-def prompt_attention(q, k, pos, rows=None, chunk_bytes=PROMPT_CHUNK_BYTES):
+def prompt_attention(q, k, pos, rows=None, chunk_bytes=None):
     """Softmax attention of prompt queries (all, or the last `rows`) over prompt keys, summed over
     queries and averaged over each KV head's query group: [B, H_kv, T] fp32. Causal, padding masked;
     computed in query chunks so no T x T matrix is ever materialised."""
@@ -1109,7 +1111,7 @@ def prompt_attention(q, k, pos, rows=None, chunk_bytes=PROMPT_CHUNK_BYTES):
     return total
 
 
-def prompt_probs(q, k, pos, rows=None, chunk_bytes=PROMPT_CHUNK_BYTES, causal_cut=False):
+def prompt_probs(q, k, pos, rows=None, chunk_bytes=None, causal_cut=False):
     """The rows behind prompt_attention, chunk by chunk: yields (first row, probs [B, H_kv, C, T] fp32
     averaged over each KV head's query group, the chunk's query positions [B, C]). causal_cut: only the
     first keys a chunk can see (prompts are left-padded, so query row j sees key rows <= j), [.., C, <= T]."""
@@ -1118,7 +1120,7 @@ def prompt_probs(q, k, pos, rows=None, chunk_bytes=PROMPT_CHUNK_BYTES, causal_cu
     q = q[:, :, -rows:] if rows else q
     first = T - q.shape[2]  # the prompt row of the first query
     q_pos = pos[:, first:]
-    chunk = max(1, chunk_bytes // (B * H * T * 4))
+    chunk = max(1, (chunk_bytes or PROMPT_CHUNK_BYTES.get(q.device.type, 32 << 20)) // (B * H * T * 4))
     kf = k.float().repeat_interleave(H // H_kv, dim=1).transpose(-1, -2)
     for i in range(0, q.shape[2], chunk):
         qp = q_pos[:, i:i + chunk]

@@ -155,7 +155,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def compile_decode(model, device, regional=None):
+def compile_decode(model, device, regional=None, frozen=False):
     """The decode step, compiled with fullgraph=True and static shapes (dynamic=False: a new cache size
     gets its own graph, never dynamo's automatic dynamic shapes).
     regional (the default on CUDA): one TransformerBlock.forward is compiled and every layer reuses it
@@ -163,19 +163,46 @@ def compile_decode(model, device, regional=None):
     one layer, or one per kind of layer (Spotlight's dense layers, PyramidKV's per-layer sizes); the
     whole step is then replayed as one CUDA graph (DecodeGraph), so no per-layer Python runs either.
     Otherwise (CPU) the whole forward is one graph: 30 compiled regions' call overhead cost ~20% of a
-    CPU step of the default model."""
+    CPU step of the default model.
+    frozen (CPU): see frozen_decode."""
     # eviction budgets follow each prompt's length, so an eval over many lengths meets many cache sizes,
     # each compiled once (per layer shape when regional); dynamo's default limit (8) would fail fullgraph
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(1024, getattr(torch._dynamo.config, name)))
     cuda = torch.device(device).type == "cuda"
+    if frozen:
+        if cuda or regional:
+            raise ValueError("a frozen decode step is CPU only and one graph (not regional)")
+        return frozen_decode(model)
     if not (cuda if regional is None else regional):
         return torch.compile(model.forward, fullgraph=True, dynamic=False)
     from model import TransformerBlock
     block = torch.compile(TransformerBlock.forward, fullgraph=True, dynamic=False)
     step = lambda tokens, input_pos: model.forward(tokens, input_pos, layer_step=block)  # noqa: E731
     return DecodeGraph(model, step) if cuda else step
+
+
+FROZEN_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+def frozen_decode(model, options=FROZEN_OPTIONS):
+    """The CPU decode step compiled with inductor's freezing and max-autotune: every weight becomes a
+    constant, so inductor can pack it for its own GEMM templates (AMX micro-kernels for int8 weights, where
+    a plain compile calls aten's int8 kernel: BENCHMARKS.md). Freezing folds every buffer the step reads but
+    does not write, a cache's per-prompt state (limits, budgets) included; that is safe only because dynamo
+    then guards each module buffer's identity, so a new set of caches (each generate() call) compiles again,
+    about 20 s for the default model (the first, autotuning, about 2 minutes), and the old graph stays in
+    memory (~200 MB each). For one long generation or a benchmark, not for an eval over many prompts.
+    Freezing is read when dynamo traces, not only by inductor, hence the patch around every call; it is also
+    in the options, so these graphs never share dynamo's cache entries with a plain compile of model.forward
+    (same options, same backend: a frozen call ran the plain graph)."""
+    compiled = torch.compile(model.forward, fullgraph=True, dynamic=False, options={**options, "freezing": True})
+
+    def step(tokens, input_pos):
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(tokens, input_pos)
+    return step
 
 
 class DecodeGraph:
@@ -474,6 +501,9 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=None, help="sequences per batch (prompts are cycled)")
     parser.add_argument("--no_chat", action="store_true", help="do not apply the chat template")
     parser.add_argument("--compile", action="store_true", help="compile the decode step (fullgraph)")
+    parser.add_argument("--freeze", action="store_true", help="CPU, with --compile: weights folded into the graph "
+                        "and packed for inductor's GEMM templates (max-autotune); faster decode, each sample compiles "
+                        "again, about 20 s (the first on a machine about 2 minutes)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per idle core, at most 8)")
@@ -483,6 +513,9 @@ def main(argv=None):
     param_keys = add_cache_args(parser)
     args = parse_with_config(parser, argv)
 
+    if args.freeze and (not args.compile or args.device != "cpu" or int(os.environ.get("WORLD_SIZE", 1)) > 1):
+        raise UserError("--freeze is for a compiled CPU decode step in one process: give it with --compile and "
+                        "--device cpu, not under torchrun")
     torch.manual_seed(args.seed)  # under torchrun every rank draws the same samples from the same logits
     dtype = check_device(args.device, args.dtype)
     for flag, value, low in (("--max_new_tokens", args.max_new_tokens, 1), ("--num_samples", args.num_samples, 1),
@@ -502,7 +535,7 @@ def main(argv=None):
     if empty := [i for i, p in enumerate(prompts) if not p]:
         raise UserError(f"prompt {empty[0]} is empty (no tokens{' with --no_chat' if args.no_chat else ''})")
     print(settings_line(cfg, args, threads))
-    step = compile_decode(model, args.device) if args.compile else None
+    step = compile_decode(model, args.device, frozen=args.freeze) if args.compile else None
     for n in range(args.num_samples):
         probes = []
         max_len = max(map(len, prompts)) + args.max_new_tokens

@@ -197,6 +197,11 @@ def test_bad_kv_quantization(default_checkpoint, flags, says):
     assert says in one_line_error(*flags, "--max_new_tokens", "2")
 
 
+@pytest.mark.parametrize("flags", [["--freeze"], ["--freeze", "--compile", "--device", "cuda"]])
+def test_freeze_needs_a_compiled_cpu_step(default_checkpoint, flags):
+    assert "give it with --compile and --device cpu" in one_line_error(*flags, "--max_new_tokens", "2")
+
+
 def test_quantized_cache_prints_its_bytes_and_bits(default_checkpoint):
     """--kv_bits 2: the run prints the bits and fewer bytes than the 16-bit cache's (the full cache's 1,024
     slots; a cache of a few dozen slots is mostly its full-precision residual)."""

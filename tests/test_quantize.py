@@ -237,6 +237,31 @@ def test_compiled_decode_equals_eager_with_no_recompiles(spec):
     assert graphs[0] - before == 1 and graphs[-1] == graphs[0], graphs
 
 
+
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_frozen_decode_compiles_for_each_set_of_caches_and_follows_each_prompt(kv_bits):
+    """generate.frozen_decode folds what the step only reads into constants, a cache's per-sequence budgets
+    included. Two batches of the same shapes whose sequences' budgets are swapped (fractional H2O budgets of
+    a 40- and a 25-token prompt, then of a 25- and a 40-token one) must each give the tokens of the plain
+    compiled step (which reads every buffer live; at 4 bits it parts from eager at a rounding tie, as the
+    frozen one does), which holds only because every new set of caches compiles again (graph count +1 per
+    generate call; without the guards, `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`, the second
+    batch ran the first one's constants and its tokens differed). Also over a 4-bit KV store
+    (kvstore.QuantStore, per-token flush). Inductor's max-autotune is left out here: it only changes which
+    GEMM kernels run (bench.py --cpu_vs_hf times the real options)."""
+    torch._dynamo.reset()
+    model = quant.quantize_model(tiny_model(), {"mode": "int8"})
+    g = torch.Generator().manual_seed(5)
+    batches = [[torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths] for lengths in ((40, 25), (25, 40))]
+    cfg = kv.CacheConfig(strategy="h2o", max_cache_length=["0.5"], kv_bits=kv_bits, kv_group=8, kv_residual=8)
+    step, plain = gen.frozen_decode(model, options={}), gen.compile_decode(model, "cpu")
+    for prompts in batches:
+        live = gen.generate(model, prompts, 30, cfg, decode_step=plain).tokens
+        before = counters["stats"]["unique_graphs"]
+        assert gen.generate(model, prompts, 30, cfg, decode_step=step).tokens == live
+        assert counters["stats"]["unique_graphs"] - before == 1
+
+
 # ---- checkpoints and errors -------------------------------------------------------------------------
 def run(script, *args):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
