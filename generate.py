@@ -188,12 +188,13 @@ FROZEN_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"
 
 def frozen_decode(model, options=FROZEN_OPTIONS):
     """The CPU decode step compiled with inductor's freezing and max-autotune: every weight becomes a
-    constant, so inductor can pack it for its own GEMM templates (AMX micro-kernels for int8 weights, where
-    a plain compile calls aten's int8 kernel: BENCHMARKS.md). Freezing folds every buffer the step reads but
+    constant, so inductor can pack it for its own CPP GEMM templates (weight-only int8 and int4 micro-kernels,
+    autotuned against aten's; a plain compile calls aten's int8 kernel: 2.48x against 1.86x transformers' decode
+    in BENCHMARKS.md). Freezing folds every buffer the step reads but
     does not write, a cache's per-prompt state (limits, budgets) included; that is safe only because dynamo
     then guards each module buffer's identity, so a new set of caches (each generate() call) compiles again,
     about 20 s for the default model (the first, autotuning, about 2 minutes), and the old graph stays in
-    memory (~200 MB each). For one long generation or a benchmark, not for an eval over many prompts.
+    memory (~200 MB each for int8). For one long generation or a benchmark, not for an eval over many prompts.
     Freezing is read when dynamo traces, not only by inductor, hence the patch around every call; it is also
     in the options, so these graphs never share dynamo's cache entries with a plain compile of model.forward
     (same options, same backend: a frozen call ran the plain graph)."""
