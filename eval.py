@@ -25,7 +25,8 @@ then ../shared/data beside the repository.
 
 Results go to results/<model>/<task>/<config>/, <config> a readable name plus a hash of every setting
 that changes results: config.json (the effective config), predictions.jsonl (one line per sample,
-appended and fsynced as made) and metrics.json; the run ends with a line per task and configuration
+appended and fsynced as made, with the git commit that made it) and metrics.json (its `code`: every commit
+among the rows); the run ends with a line per task and configuration
 (score ± standard error, n, folder). A rerun skips finished samples (a truncated last line is dropped),
 so a larger --num_samples extends a run, and refuses to mix configurations; --overwrite restarts;
 Ctrl-C says what is saved. Under torchrun each rank writes its shard to predictions.rank<r>.jsonl and
@@ -46,6 +47,7 @@ import itertools
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -270,6 +272,7 @@ class Ctx:
     rank: int = 0
     world: int = 1
     shards: int = 1  # ranks that split the samples: world, or 1 with --tensor_parallel (rank 0 writes)
+    code: str = "unknown"  # code_version(), written into every row
     full_runs: dict = dataclasses.field(default_factory=dict)  # fidelity's full-cache reference, per sample
     alone_memo: dict = dataclasses.field(default_factory=dict)  # alone_bytes, by config and lengths
 
@@ -646,6 +649,7 @@ def summarize(task, rows, meta) -> dict:
         out["gold_loglik"] = sum(r["option_loglik"][r["reference"]] for r in rows) / len(rows)
     for k in ("compression_ratio", "cache_bytes", "prefill_ms", "decode_tok_s", "n_prompt", "n_new"):
         out[k] = mean(k)
+    out["code"] = sorted({r.get("code", "unknown") for r in rows})  # more than one: rows of different commits
     return out
 
 
@@ -743,7 +747,7 @@ def run_samples(ctx, task, todo, cfg, target, index, desc) -> bool:
                 return True
             for s, row in zip(batch, rows):
                 if fd is not None:
-                    append_line(fd, {"id": s.id, **row, **({"meta": s.meta} if s.meta else {})})
+                    append_line(fd, {"id": s.id, **row, "code": ctx.code, **({"meta": s.meta} if s.meta else {})})
                 bar.update(min(ctx.shards, bar.total - bar.n))
     finally:
         bar.close()
@@ -790,7 +794,23 @@ def make_ctx(args, configs, loaded, rank, world) -> Ctx:
         print(f"note: with --compile, a fractional budget recompiles the decode step for every prompt length "
               f"({', '.join(budgeted)}); a budget in tokens (--max_cache_length 256) compiles once", file=sys.stderr)
     return Ctx(model, tok, args, device, dtype, gen.compile_decode(model, device) if args.compile else None, rank, world,
-               1 if tp else world)
+               1 if tp else world, code_version())
+
+
+def code_version() -> str:
+    """This checkout's commit ("+dirty" with uncommitted changes to tracked files), or "unknown" outside git.
+    Every result row records it: a config's hash names what it ran, not which code ran it (a resumed folder
+    can hold rows of two commits, and a fix to a strategy leaves its hash unchanged)."""
+    def git(*a):
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *a], capture_output=True, text=True,
+                              timeout=30)
+    try:
+        rev = git("rev-parse", "--short=12", "HEAD")
+        if rev.returncode:
+            return "unknown"
+        return rev.stdout.strip() + ("+dirty" if git("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def say(ctx, line: str):

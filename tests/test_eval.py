@@ -291,6 +291,23 @@ def test_rerun_after_a_failure_and_a_torn_line_matches_an_uninterrupted_run(tiny
     assert rows(pred) == reference
 
 
+@needs_evict
+def test_rows_record_the_commit_that_made_them(tiny, tmp_path, monkeypatch):
+    """A folder extended by a second run under other code: each row names its commit, metrics.json all of them;
+    code_version is this checkout's HEAD (with "+dirty" when tracked files differ)."""
+    args = ["--tasks", "passkey", "--context_length", "450", "--max_new_tokens", "4", "--cache_strategy", EVICT,
+            "--max_cache_length", "0.5"]
+    for code, n in (("c0ffee", "2"), ("beef00", "4")):
+        monkeypatch.setattr(E, "code_version", lambda code=code: code)
+        run(tiny, tmp_path, *args, "--num_samples", n)
+    folder = tmp_path / "tiny/passkey-450" / names(*args)[0]
+    assert [r["code"] for r in rows(folder / "predictions.jsonl")] == ["c0ffee"] * 2 + ["beef00"] * 2
+    assert metrics(folder / "metrics.json")["code"] == ["beef00", "c0ffee"]
+    monkeypatch.undo()
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert E.code_version().split("+")[0] == (head.stdout.strip() if head.returncode == 0 else "unknown")
+
+
 def write_checkpoint(d: Path, model) -> Path:
     """The tiny model as a converted checkpoint with a byte-level tiktoken tokenizer (256 one-byte tokens)."""
     from safetensors.torch import save_file
