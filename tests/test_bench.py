@@ -59,3 +59,12 @@ def test_strategy_specs():
         "spotlight", {"spotlight_prune": 0.98, "spotlight_recent": 64})
     assert bench.parse_spec("l2:l2_one_shot=true") == ("l2", {"l2_one_shot": True})
     assert bench.parse_spec("full") == ("full", {})
+
+
+def test_prompt_scoring_over_twice_a_plain_prefill_is_marked():
+    """--prefill's fill column: the strategy's prefill (plain prefill + its fill beyond the full cache's) over
+    the plain prefill, marked past issue 10's 2x (Scissorhands' 2.41x had gone unseen in a table)."""
+    full = dict(spec="full", context=256, batch=1, kept=1.0, tok_s=10.0, ms=100.0, gb=1.0, roof=20.0, cache_gb=1.0,
+                peak_gb=1.0, fill_s=1.0, compile_s=1.0, timed_s=1.0)
+    cells = {s: bench.row(dict(full, spec="x", fill_s=s), full, plain_s=10.0).split("|")[13] for s in (20.0, 2.0)}
+    assert "2.90× plain prefill, OVER 2×" in cells[20.0] and "1.10× plain prefill)" in cells[2.0], cells
