@@ -535,7 +535,7 @@ def row(r, full, plain_s) -> str:
     fill = f"{r['fill_s']:.1f}"
     if plain_s and full and r is not full:  # the strategy's prefill = plain prefill + its scoring and compaction
         ratio = (plain_s + r["fill_s"] - full["fill_s"]) / plain_s
-        fill += f" ({ratio:.2f}× plain prefill{', OVER 2×' if ratio > SCORING_LIMIT else ''})"
+        fill += f" ({ratio:.2f}× plain prefill{f', OVER {SCORING_LIMIT:g}×' if ratio > SCORING_LIMIT else ''})"
     cache_vs = f"{100 * r['cache_gb'] / full['cache_gb']:.1f}%" if full and r is not full else ""
     peak = "-" if math.isnan(r["peak_gb"]) else f"{r['peak_gb']:.1f}"  # CUDA's max allocated; none on CPU
     return (f"| {r['spec']} | {r['context']} | {r['batch']} | {100 * r['kept']:.0f}% | {r['tok_s']:.1f} | {r['ms']:.2f} | "

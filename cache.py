@@ -1120,7 +1120,7 @@ def prompt_probs(q, k, pos, rows=None, chunk_bytes=None, causal_cut=False):
     q = q[:, :, -rows:] if rows else q
     first = T - q.shape[2]  # the prompt row of the first query
     q_pos = pos[:, first:]
-    chunk = max(1, (chunk_bytes or PROMPT_CHUNK_BYTES.get(q.device.type, 32 << 20)) // (B * H * T * 4))
+    chunk = max(1, (chunk_bytes or PROMPT_CHUNK_BYTES.get(q.device.type, PROMPT_CHUNK_BYTES["cpu"])) // (B * H * T * 4))
     kf = k.float().repeat_interleave(H // H_kv, dim=1).transpose(-1, -2)
     for i in range(0, q.shape[2], chunk):
         qp = q_pos[:, i:i + chunk]

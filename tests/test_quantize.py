@@ -237,7 +237,6 @@ def test_compiled_decode_equals_eager_with_no_recompiles(spec):
     assert graphs[0] - before == 1 and graphs[-1] == graphs[0], graphs
 
 
-
 @pytest.mark.parametrize("kv_bits", [16, 4])
 def test_frozen_decode_compiles_for_each_set_of_caches_and_follows_each_prompt(kv_bits):
     """generate.frozen_decode folds what the step only reads into constants, a cache's per-sequence budgets
