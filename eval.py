@@ -790,11 +790,14 @@ def make_ctx(args, configs, loaded, rank, world) -> Ctx:
         tp.shard_model(model, device)
     budgeted = [n for n, (c, _) in configs.items() if (kv.REGISTRY[c.strategy].evicts or kv.REGISTRY[c.strategy].prefill_only)
                 and any(float(v) <= 1 for v in c.max_cache_length)]
-    if args.compile and budgeted and rank == 0:  # buffers sized from each sample's length: one shape each
-        print(f"note: with --compile, a fractional budget recompiles the decode step for every prompt length "
-              f"({', '.join(budgeted)}); a budget in tokens (--max_cache_length 256) compiles once", file=sys.stderr)
-    return Ctx(model, tok, args, device, dtype, gen.compile_decode(model, device) if args.compile else None, rank, world,
-               1 if tp else world, code_version())
+    quantized = [n for n, (c, _) in configs.items() if n in budgeted and c.kv_bits < 16]
+    if args.compile and quantized and rank == 0:  # buffers sized from each sample's length: one shape each
+        print(f"note: with --compile, a fractional budget over a quantized cache recompiles the decode step for every "
+              f"prompt length ({', '.join(quantized)}); a budget in tokens (--max_cache_length 256) compiles once",
+              file=sys.stderr)
+    # a fractional budget sizes each sample's caches from its length: slot counts symbolic, one graph for all
+    step = gen.compile_decode(model, device, symbolic_slots=bool(budgeted)) if args.compile else None
+    return Ctx(model, tok, args, device, dtype, step, rank, world, 1 if tp else world, code_version())
 
 
 def code_version() -> str:

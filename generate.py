@@ -155,13 +155,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def compile_decode(model, device, regional=None, frozen=False):
-    """The decode step, compiled with fullgraph=True and static shapes (dynamic=False: a new cache size
-    gets its own graph, never dynamo's automatic dynamic shapes).
+def compile_decode(model, device, regional=None, frozen=False, symbolic_slots=None):
+    """The decode step, compiled with fullgraph=True and static shapes (dynamic=False: never dynamo's
+    automatic dynamic shapes), except the caches' slot counts where symbolic_slots (SymbolicSlots).
     regional (the default on CUDA): one TransformerBlock.forward is compiled and every layer reuses it
     (dynamo lifts each layer's weights and cache buffers as graph inputs), so a 32-layer model compiles
-    one layer, or one per kind of layer (Spotlight's dense layers, PyramidKV's per-layer sizes); the
-    whole step is then replayed as one CUDA graph (DecodeGraph), so no per-layer Python runs either.
+    one layer, or one per kind of layer (Spotlight's dense layers); the whole step is then replayed as one
+    CUDA graph (DecodeGraph), so no per-layer Python runs either.
     Otherwise (CPU) the whole forward is one graph: 30 compiled regions' call overhead cost ~20% of a
     CPU step of the default model.
     frozen (CPU): see frozen_decode."""
@@ -176,11 +176,49 @@ def compile_decode(model, device, regional=None, frozen=False):
             raise ValueError("a frozen decode step is CPU only and one graph (not regional)")
         return frozen_decode(model)
     if not (cuda if regional is None else regional):
-        return torch.compile(model.forward, fullgraph=True, dynamic=False)
+        return SymbolicSlots(model, torch.compile(model.forward, fullgraph=True, dynamic=False), symbolic_slots)
     from model import TransformerBlock
     block = torch.compile(TransformerBlock.forward, fullgraph=True, dynamic=False)
-    step = lambda tokens, input_pos: model.forward(tokens, input_pos, layer_step=block)  # noqa: E731
+    step = SymbolicSlots(model, lambda tokens, input_pos: model.forward(tokens, input_pos, layer_step=block),
+                         symbolic_slots)
     return DecodeGraph(model, step) if cuda else step
+
+
+class SymbolicSlots:
+    """A compiled decode step for which a cache's slot count is a symbol, not a constant, when the sizes vary:
+    the layers' sizes differ (PyramidKV's and the head-budget strategies' per-layer budgets; 32 regional
+    graphs, ~170 s of compiling on the H200, became one), or `always` (eval.py with a fractional budget: each
+    prompt length its own sizes, one graph for them all). Each layer's cache buffers are marked dynamic
+    (maybe_mark_dynamic: code that needs a constant specialises it, which costs a graph, never an error) along
+    every dimension after the batch whose size is the slot count; dynamo forces module buffers static unless
+    told otherwise (the config below, read when it traces). Static sizes keep constant shapes: the attention
+    kernels' loop bounds are constants only then (triton_kernels._chunk_bound)."""
+    TRACE_CONFIG = {"force_parameter_static_shapes": False, "force_nn_module_property_static_shapes": False}
+
+    def __init__(self, model, step, always=None):
+        self.model, self.step, self.always, self.generation = model, step, always, None
+
+    def __call__(self, tokens, input_pos):
+        if self.generation != getattr(self.model, "cache_generation", 0):
+            self.generation = getattr(self.model, "cache_generation", 0)
+            caches = [layer.attention.kv_cache for layer in self.model.layers]
+            if self.always or len({c.pos.shape[-1] for c in caches}) > 1:
+                for c in caches:
+                    mark_slots_dynamic(c)
+        with torch._dynamo.config.patch(self.TRACE_CONFIG):
+            return self.step(tokens, input_pos)
+
+
+def mark_slots_dynamic(cache):
+    """Every buffer dimension of a layer's cache (its store's included) past the first (the batch) whose size is
+    the slot count, S = pos.shape[-1]. A dimension that equals S by chance (head_dim) is marked too: where
+    it must be a constant, dynamo specialises it, which is only the static graph again."""
+    S = cache.pos.shape[-1]
+    cache.store.symbolic = True  # dynamo shows a symbolic size to Python as an int: the kernels are told
+    for buf in cache.buffers():
+        for d in range(1, buf.dim()):
+            if buf.shape[d] == S:
+                torch._dynamo.maybe_mark_dynamic(buf, d)
 
 
 FROZEN_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}

@@ -61,8 +61,10 @@ def dequantize(codes, scale, zero):
 
 
 class DenseStore(nn.Module):
-    """Keys and values in the model dtype: k, v [B, rows, S, D]."""
+    """Keys and values in the model dtype: k, v [B, rows, S, D]. symbolic: the slot count is a symbol in the
+    compiled step (generate.SymbolicSlots sets it; the kernels then plan without specialising it)."""
     quantized = False
+    symbolic = False
 
     def __init__(self, batch, n_kv, rows, slots, head_dim, dtype):
         super().__init__()
@@ -113,7 +115,8 @@ class DenseStore(nn.Module):
             return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, :, None, :])
         from triton_kernels import dense_attend  # Triton: imported only on CUDA
         # a flat store (one row shared by H heads' runs of different lengths): each run split by its own length
-        return dense_attend(qg, k, v, self.heads(pos, H), runs, pos.shape[-1], self.rows == 1 and H > 1)
+        return dense_attend(qg, k, v, self.heads(pos, H), runs, pos.shape[-1], self.rows == 1 and H > 1,
+                            self.symbolic)
 
     def attend_gather(self, qg, pos, now, idx, ok):
         from triton_kernels import gather_attend  # Triton: imported only on CUDA
@@ -124,7 +127,7 @@ class DenseStore(nn.Module):
         [B, H, S + 1] fp32 (cached slots, then the new token). CUDA: one Triton pass that stores the logits."""
         if qg.is_cuda:
             from triton_kernels import attend_scores  # Triton: imported only on CUDA
-            return attend_scores(qg, self.k, self.v, pos, k_new, v_new)
+            return attend_scores(qg, self.k, self.v, pos, k_new, v_new, self.symbolic)
         return attend_new_torch(qg, self.k, self.v, pos >= 0, k_new, v_new)
 
 

@@ -25,7 +25,8 @@ QK^T over the causal half, never T x T (the section's header says how).
 
 All are registered with torch.library.triton_op so `torch.compile(fullgraph=True)` and CUDA graphs keep
 them. Tests run them on CPU in Triton's interpreter (TRITON_INTERPRET=1), which needs compile-time
-loop bounds (CHUNK, K are tl.constexpr) and has no libdevice (popcount by SWAR there).
+loop bounds (CHUNK, K are tl.constexpr; _attend_kernel's CHUNK is 0, a runtime bound, only where a compile made
+the cache size a symbol: _chunk_bound) and has no libdevice (popcount by SWAR there).
 """
 import torch
 import triton
@@ -35,12 +36,12 @@ from triton.language.extra import libdevice
 
 
 @triton.jit
-def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale,
+def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale, chunk,
                    sqb, sqh, sqg, skb, skh, sks, svb, svh, svs, sib, sih,
                    CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                    BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr, RAGGED: tl.constexpr):
     """Program (sequence x KV head, split): online softmax of the GQA group over rows
-    split*CHUNK .. +CHUNK of the list (IDX's slots where OK != 0; DENSE: the run of slots start + n for
+    split*chunk .. +chunk of the list (IDX's slots where OK != 0; DENSE: the run of slots start + n for
     n < length, (start, length) = IDX[b, h, :2], valid where the position buffer OK is >= 0: slots past
     the run are never loaded), stored as partials PO [.., G, D], PM, PL [.., G]. SCORES also stores the
     scaled logits PS [B, H, G, n_sel] (-1e30 at invalid slots: exp of it is 0). RAGGED (dense runs of
@@ -56,17 +57,19 @@ def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale,
     acc = tl.zeros([GP, D], tl.float32)
     if RAGGED:  # a while loop: its bound is data (a for loop's would need a constant in the interpreter)
         length = tl.load(IDX + bh * 2 + 1)
-        chunk = tl.cdiv(tl.cdiv(length, tl.num_programs(1)), BLOCK) * BLOCK
-        off = split * chunk
-        while off < tl.minimum(split * chunk + chunk, length):
+        own = tl.cdiv(tl.cdiv(length, tl.num_programs(1)), BLOCK) * BLOCK  # this run's chunk
+        off = split * own
+        while off < tl.minimum(split * own + own, length):
             m_i, l_i, acc = _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc, off + tl.arange(0, BLOCK),
                                           n_sel, scale, b, h, bh, skb, skh, sks, svb, svh, svs, sib, sih,
                                           G, GP, D, DENSE, SCORES)
             off += BLOCK
-    else:  # a for loop over a constant chunk: software-pipelined (num_stages)
-        for off in range(0, CHUNK, BLOCK):
+    else:  # a for loop: software-pipelined (num_stages), to a constant CHUNK or (CHUNK 0) the runtime chunk:
+        # _chunk_bound. Inline, not assigned: the interpreter turns an assigned constant into a tensor.
+        for off in range(0, CHUNK if CHUNK > 0 else chunk, BLOCK):
             m_i, l_i, acc = _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc,
-                                          split * CHUNK + off + tl.arange(0, BLOCK), n_sel, scale, b, h, bh,
+                                          split * (CHUNK if CHUNK > 0 else chunk) + off + tl.arange(0, BLOCK),
+                                          n_sel, scale, b, h, bh,
                                           skb, skh, sks, svb, svh, svs, sib, sih, G, GP, D, DENSE, SCORES)
     out = (bh * tl.num_programs(1) + split) * G + g  # only the G real rows: tl.dot's padding is not stored
     tl.store(PO + out[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
@@ -107,9 +110,11 @@ def _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc, n, n_sel, scale, b, h, bh
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
-def _launch_plan(q, n, dense, scores, ragged=False, quant=False):
+def _launch_plan(q, n, dense, scores, ragged=False, quant=False, symbolic=False):
     """The grid and partial buffers of a launch of _attend_kernel (or _attend_quant_kernel) over n rows:
-    (GP, the TUNE entry, splits, chunk, (po, pm, pl, s)); _attend_partials says what each buffer holds."""
+    (GP, the TUNE entry, splits, chunk, (po, pm, pl, s)); _attend_partials says what each buffer holds.
+    symbolic: n is a symbol in a compile (a store of generate.SymbolicSlots says so: dynamo shows a symbolic
+    size to Python as a plain int)."""
     B, H, G, D = q.shape
     GP = max(16, triton.next_power_of_2(G))  # tl.dot needs >= 16 rows
     # ~per_sm programs per SM (H200: 132 SMs), each a chunk of whole blocks. Bytes per (sequence, KV head,
@@ -122,9 +127,12 @@ def _launch_plan(q, n, dense, scores, ragged=False, quant=False):
     # a ragged run (per-head budgets in one flat buffer of n slots) is split by its own length, so the
     # splits are sized for the average run; sized for n, most programs would find their chunk empty
     per_row = triton.cdiv(n, H) if ragged else n
-    splits = max(1, min(triton.cdiv(per_row, tune["block"]), triton.cdiv(tune["per_sm"] * sms, B * H)))
+    most = triton.cdiv(tune["per_sm"] * sms, B * H)
+    # symbolic: always `most` splits, so that only the chunk is symbolic (a split count computed from n was
+    # specialised, a graph per value); a chunk past n is empty and weighs 0
+    splits = most if symbolic else max(1, min(triton.cdiv(per_row, tune["block"]), most))
     chunk = triton.cdiv(triton.cdiv(n, splits), tune["block"]) * tune["block"]
-    splits = splits if ragged else triton.cdiv(n, chunk)
+    splits = splits if ragged or symbolic else triton.cdiv(n, chunk)
     po = torch.empty(B, H, splits, G, D, device=q.device, dtype=torch.float32)
     pm = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
     pl = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
@@ -132,19 +140,27 @@ def _launch_plan(q, n, dense, scores, ragged=False, quant=False):
     return GP, tune, splits, chunk, (po, pm, pl, s)
 
 
-def _attend_partials(q, k, v, idx, ok, n, dense, scores, ragged=False):
+def _chunk_bound(chunk, symbolic) -> int:
+    """_attend_kernel's CHUNK constexpr: the chunk itself for a static cache size (a constant trip count, which
+    Triton's interpreter needs, and which took 635 loop instructions a tile in the dense kernel's SASS against 826
+    for a runtime one), 0 for a symbolic one (generate.SymbolicSlots: one graph for caches of many sizes): the
+    loop then runs to the runtime `chunk`, so no size is specialised."""
+    return 0 if symbolic else chunk
+
+
+def _attend_partials(q, k, v, idx, ok, n, dense, scores, ragged=False, symbolic=False):
     """Launch _attend_kernel over n rows; -> partials po [B, H, splits, G, D], pm, pl [B, H, splits, G]
     and (scores) the logits [B, H, G, n]. Gather: ok is int8 sharing idx's strides; dense: ok is the
     position buffer and idx each row's run of slots, (start, length) [B, H, 2] contiguous. Ragged: dense
     runs of any length <= n, about n / H on average (a flat buffer of n slots shared by H heads)."""
     B, H, G, D = q.shape
-    GP, tune, splits, chunk, (po, pm, pl, s) = _launch_plan(q, n, dense, scores, ragged)
+    GP, tune, splits, chunk, (po, pm, pl, s) = _launch_plan(q, n, dense, scores, ragged, symbolic=symbolic)
     q = q.contiguous()
     wrap_triton(_attend_kernel)[(B * H, splits)](
-        q, k, v, idx, ok, po, pm, pl, s, n, H, D ** -0.5,
+        q, k, v, idx, ok, po, pm, pl, s, n, H, D ** -0.5, chunk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), ok.stride(0), ok.stride(1),
-        CHUNK=chunk, G=G, GP=GP, D=D, BLOCK=tune["block"], DENSE=dense, SCORES=scores,
+        CHUNK=_chunk_bound(chunk, symbolic), G=G, GP=GP, D=D, BLOCK=tune["block"], DENSE=dense, SCORES=scores,
         RAGGED=ragged, num_warps=tune["warps"], num_stages=tune["stages"])
     return po, pm, pl, s
 
@@ -189,16 +205,23 @@ def gather_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.
 # the kernel: no separate mask pass) and below the sequence's limit (a cache whose slot is the position
 # passes input_pos + 1, so its unwritten tail is never loaded).
 
+def _every_slot(pos, H):
+    """Runs (start 0, length S) [B, H, 2] over all S = pos.shape[-1] slots; built from pos so that a symbolic S
+    (generate.SymbolicSlots) stays a symbol (torch.tensor of it would make it a constant)."""
+    B, S = pos.shape[0], pos.shape[-1]
+    return torch.stack([pos.new_zeros(B, H), pos.new_full((B, H), S)], -1)
+
+
 @triton_op("kvcompress::attend_scores", mutates_args={})
 def attend_scores(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                  k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  k_new: torch.Tensor, v_new: torch.Tensor, symbolic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """kvstore.DenseStore.attend_with_new: qg [B, H_kv, G, D] over the slots of k/v [B, H_kv, S, D] where pos
     [B, H_kv, S] >= 0, plus the new token k/v_new [B, H_kv, 1, D] -> out [B, H_kv, G, D] (qg's dtype) and
     the group-mean probabilities [B, H_kv, S + 1] fp32 (cached slots, then the new token). One pass over
     K/V that also stores the logits; the final max and normaliser then turn them into probabilities."""
     S = k.shape[2]
-    runs = torch.tensor([0, S], device=qg.device).expand(*qg.shape[:2], 2).contiguous()  # every slot
-    po, pm, pl, s = _attend_partials(qg, k, v, runs, pos, S, dense=True, scores=True)
+    runs = _every_slot(pos, qg.shape[1])
+    po, pm, pl, s = _attend_partials(qg, k, v, runs, pos, S, dense=True, scores=True, symbolic=symbolic)
     s_new = (qg.float() * k_new.float()).sum(-1) * qg.shape[-1] ** -0.5  # [B, H_kv, G], fp32
     out, m, z = _merge(po, pm, pl, s_new, v_new)
     probs = (torch.exp(s - m[..., None]) / z[..., None]).mean(2)
@@ -207,14 +230,15 @@ def attend_scores(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
 
 @triton_op("kvcompress::dense_attend", mutates_args={})
 def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, runs: torch.Tensor,
-                 n: int, ragged: bool = False) -> torch.Tensor:
+                 n: int, ragged: bool = False, symbolic: bool = False) -> torch.Tensor:
     """cache.attend on CUDA: qg [B, H_kv, G, D] over each row's run of slots start .. start + length - 1,
     (start, length) = runs [B, H_kv, 2] with length <= n, of k/v [B, H_kv, S, D] where pos [B, H_kv, S]
     >= 0 -> [B, H_kv, G, D]. Every valid slot's row is read once; masked loads never fetch another. A
     row with no valid slot gives nan. Ragged: head-budget caches pass one flat buffer of n slots per
-    sequence, expanded over heads with stride 0, and each head's run in it (of any length)."""
+    sequence, expanded over heads with stride 0, and each head's run in it (of any length). symbolic: n is a
+    symbol in a compile (_launch_plan)."""
     po, pm, pl, _ = _attend_partials(qg, k, v, runs.contiguous(), pos, n, dense=True, scores=False,
-                                     ragged=ragged)
+                                     ragged=ragged, symbolic=symbolic)
     return _merge(po, pm, pl)[0].to(qg.dtype)
 
 
@@ -388,7 +412,8 @@ def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, idx, ok, n, dense, sc
     wrap_triton(_attend_quant_kernel)[(B * H, splits)](
         q, kq, ks, kz, vq, vs, vz, idx, ok, pos.contiguous(), front, po, pm, pl, s, n, H, kq.shape[1], kq.shape[2],
         pos.shape[-1], ks.shape[2], D ** -0.5, q.stride(0), q.stride(1), q.stride(2), ok.stride(0), ok.stride(1),
-        CHUNK=chunk, G=G, GP=GP, D=D, BLOCK=tune["block"], DENSE=dense, SCORES=scores, BITS=bits, QG=group,
+        # a constant chunk (int: a symbolic size is specialised here; quantized stores compile per size)
+        CHUNK=int(chunk), G=G, GP=GP, D=D, BLOCK=tune["block"], DENSE=dense, SCORES=scores, BITS=bits, QG=group,
         # per-head rows (runs start at 0) whose tiles never straddle a key group
         ALIGNED=dense and kq.shape[1] == H and (tune["block"] % group == 0 or group % tune["block"] == 0),
         NATIVE=native, ASM=native and q.is_cuda, num_warps=tune["warps"], num_stages=tune["stages"])
@@ -424,7 +449,7 @@ def quant_attend_scores(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz
     slots [B, H_kv, S], of the residual's entries [B, H_kv, R + G] and of the new token [B, H_kv, 1]."""
     B, H = qg.shape[:2]
     S = pos.shape[-1]
-    runs = torch.tensor([0, S], device=qg.device).expand(B, H, 2).contiguous()
+    runs = _every_slot(pos, H)
     pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, runs, ring_ok, S, True, True, bits, group)
     pr = _ring_partials(qg, rk, rv, ring_ok, True)
     s_new = (qg.float() * k_new.float()).sum(-1) * qg.shape[-1] ** -0.5

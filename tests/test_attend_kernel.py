@@ -53,9 +53,10 @@ def cases(g):
         yield q, k, v, pos, k_new, v_new
 
 
-def check_attend_scores(device):
+def check_attend_scores(device, symbolic=False):
     """attend_scores against naive_attend (and DenseStore.attend_with_new's torch path, attend_new_torch,
-    against it too); dense_attend against naive_attend without a new token. fp32 in the interpreter, bf16 on CUDA."""
+    against it too); dense_attend against naive_attend without a new token. fp32 in the interpreter, bf16 on CUDA.
+    symbolic: the launch a symbolic cache size gets (a runtime loop bound, a fixed number of splits)."""
     from triton_kernels import attend_scores, dense_attend
     g = torch.Generator().manual_seed(0)
     dt = torch.bfloat16 if device == "cuda" else torch.float32
@@ -66,7 +67,7 @@ def check_attend_scores(device):
         filled = pos >= 0
         want_out, want_probs = naive_attend(q, k, v, filled, k_new, v_new)
         assert want_probs[1, 0, -1] == 1.0  # the empty row: all mass on the new token
-        out, probs = attend_scores(*(x.to(device) for x in case))
+        out, probs = attend_scores(*(x.to(device) for x in case), symbolic)
         assert out.dtype == dt and probs.dtype == torch.float32 and probs.shape == want_probs.shape
         torch.testing.assert_close(out.float().cpu(), want_out, **tol)
         torch.testing.assert_close(probs.cpu(), want_probs, **tol)
@@ -83,13 +84,18 @@ def check_attend_scores(device):
         run = (slot >= start[..., None]) & (slot < (start + length)[..., None])
         want_out, _ = naive_attend(q, k, v, (pos >= 0) & run)
         out = dense_attend(*(x.to(device) for x in (case[0], case[1], case[2], pos, torch.stack([start, length], -1))),
-                           S - 5)
+                           S - 5, False, symbolic)
         torch.testing.assert_close(out.float().cpu(), want_out, **tol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test below runs everywhere")
 def test_attend_scores_on_cuda():
     check_attend_scores("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the interpreter needs a constant loop bound")
+def test_attend_scores_as_a_symbolic_cache_size_launches_them_on_cuda():
+    check_attend_scores("cuda", symbolic=True)
 
 
 def test_attend_scores_in_interpreter():

@@ -238,7 +238,8 @@ def test_each_sample_budget_comes_from_its_own_length(tiny, tmp_path, data):
 def test_compiled_eval_matches_eager_and_compiles_once_per_config(tiny, tmp_path, data, capsys):
     """--compile: the same predictions as eager; with a token budget, prompts of different lengths share
     one graph per configuration (full caches are allocated in ALLOC_STEP buckets, eviction buffers at
-    the budget), the question tokens fed by decode steps included."""
+    the budget), the question tokens fed by decode steps included; with a fractional budget (each prompt
+    its own sizes) one graph too, its slot counts symbolic; a quantized store still compiles per size."""
     from torch._dynamo.utils import counters
     common = ["--data_dir", str(data), "--tasks", "medqa", "medqa_mc", "passkey", "--num_samples", "2", "--context_length", "450",
               "--max_new_tokens", "5", "--cache_strategy", "full", EVICT, "--max_cache_length", "100"]
@@ -256,10 +257,21 @@ def test_compiled_eval_matches_eager_and_compiles_once_per_config(tiny, tmp_path
                     assert a["option_loglik"] == pytest.approx(b["option_loglik"], abs=1e-4)
             lengths |= {r["n_prompt"] for r in eager}
     assert len(lengths) == 5  # medqa 2, medqa_mc 2 (the options come after), passkey 1
-    run(tiny, tmp_path / "frac", "--tasks", "passkey", "--num_samples", "1", "--context_length", "450",
-        "--max_new_tokens", "2", "--cache_strategy", EVICT, "--max_cache_length", "0.5", "--compile")
-    assert re.search(f"a fractional budget recompiles the decode step for every prompt length \\({EVICT}-0.5-max_new_tokens=2"
-                     f"{HASHED}\\)", capsys.readouterr().err)
+    # a fractional budget: each prompt length its own cache sizes, slot counts symbolic, still one graph
+    frac = ["--data_dir", str(data), "--tasks", "medqa", "--num_samples", "2", "--max_new_tokens", "3",
+            "--cache_strategy", EVICT, "--max_cache_length", "0.5"]
+    run(tiny, tmp_path / "frac_eager", *frac)
+    before = counters["stats"]["unique_graphs"]
+    run(tiny, tmp_path / "frac", *frac, "--compile")
+    assert counters["stats"]["unique_graphs"] - before == 1
+    eager, compiled = ([rows(p)[i]["prediction"] for i in range(2)] for p in
+                       (next((tmp_path / d).rglob("predictions.jsonl")) for d in ("frac_eager", "frac")))
+    assert compiled == eager and len({r["n_prompt"] for r in rows(next((tmp_path / "frac").rglob("predictions.jsonl")))}) == 2
+    run(tiny, tmp_path / "frac4", "--tasks", "passkey", "--num_samples", "1", "--context_length", "450", "--max_new_tokens",
+        "2", "--cache_strategy", EVICT, "--max_cache_length", "0.5", "--kv_bits", "4", "--kv_group", "8", "--kv_residual",
+        "16", "--compile")
+    assert re.search(f"a fractional budget over a quantized cache recompiles the decode step for every prompt length "
+                     f"\\({EVICT}-0.5-.*{HASHED}\\)", capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------- resuming

@@ -198,6 +198,37 @@ def test_regional_compile_equals_eager_and_compiles_one_layer():
     assert len(_debug_get_cache_entry_list(TransformerBlock.forward.__code__)) == 1  # the graph is the layer's
 
 
+def symbolic_slots_case(device, regional, tmp_path):
+    """generate.SymbolicSlots: PyramidKV's and HeadKV's layers each have their own slot count, and a second batch
+    of other lengths (a fractional budget) has others again; every one runs through one compiled graph whose
+    tokens equal eager's."""
+    from test_head_budgets import write_scores
+    torch._dynamo.reset()
+    model = tiny_model(n_layer=4).to(device)
+    write_scores(tmp_path, model.args)
+    g = torch.Generator().manual_seed(3)
+    batches = [[torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths] for lengths in ((200, 150), (180, 120))]
+    for name in ("pyramid", "headkv"):
+        cfg = kv.CacheConfig(strategy=name, max_cache_length=["0.5"], checkpoint_dir=str(tmp_path))
+        step, before, sizes = gen.compile_decode(model, device, regional=regional), counters["stats"]["unique_graphs"], set()
+        for prompts in batches:
+            eager = gen.generate(model, prompts, 12, cfg, device=device,
+                                 on_caches=lambda cs: sizes.add(tuple(c.pos.shape[-1] for c in cs))).tokens
+            assert gen.generate(model, prompts, 12, cfg, decode_step=step, device=device).tokens == eager, name
+        assert len(sizes) == 2 and all(len(set(s)) == 4 for s in sizes)  # every layer its own size, both batches
+        assert counters["stats"]["unique_graphs"] - before == 1, name
+
+
+@pytest.mark.parametrize("regional", [True, False])
+def test_layers_and_prompts_of_different_cache_sizes_share_one_compiled_graph(regional, tmp_path):
+    symbolic_slots_case("cpu", regional, tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the Triton attention with a runtime loop bound")
+def test_layers_of_different_cache_sizes_share_one_compiled_graph_on_cuda(tmp_path):
+    symbolic_slots_case("cuda", True, tmp_path)
+
+
 @pytest.mark.parametrize("strategy", ["streamingllm", "l2", "h2o", "tova", "snapkv", "pyramid"])
 def test_fractional_budget_is_each_sequences_own_in_a_batch(strategy):
     """A batch of a long and a short prompt with --max_cache_length 0.5: each sequence keeps half of its
