@@ -637,6 +637,9 @@ class Scissorhands(KVCache):
         self.register_buffer("ones", torch.zeros(batch, n_kv, n_slots, dtype=torch.int16))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # ring position = step % w
         self.register_buffer("new_bit", torch.zeros(batch, n_kv, dtype=torch.bool))
+        # filled slots per row, kept as state: summed each step, the count was fused with the history update
+        # into one reduction over B x H_kv thread blocks (8 at batch 1: 11.8 us a layer, BENCHMARKS.md)
+        self.register_buffer("held", torch.zeros(batch, n_kv, dtype=torch.long))
         self.prompt_hist = None
 
     def prefill_scores(self, q, k, v, pos):
@@ -653,10 +656,11 @@ class Scissorhands(KVCache):
         self.seen[..., :n] = seen.gather(-1, keep)
         self.ones.copy_(popcount64(self.hist.long()).sum(2))
         self.step.fill_(min(self.w, k.shape[2]))
+        self.held.copy_((self.pos >= 0).sum(-1))
 
     def decode_scores(self, q, k_new, input_pos, probs=None):
         filled = self.pos >= 0
-        bit = probs >= 1.0 / (filled.sum(-1, keepdim=True) + 1)  # A_tj >= 1 / n_t
+        bit = probs >= 1.0 / (self.held[..., None] + 1)  # A_tj >= 1 / n_t
         r = self.step % self.w
         word, mask = (r // 8).view(1), (1 << (r % 8)).to(torch.uint8)
         old = self.hist[:, :, word]  # [B, H_kv, 1, S]: the byte holding this step's bit of every slot
@@ -665,15 +669,22 @@ class Scissorhands(KVCache):
         self.ones += (new.short() - ((old & mask) != 0).short())[:, :, 0]  # the bit entering minus the one leaving
         self.seen.copy_(torch.where(filled, (self.seen + 1).clamp(max=self.w), self.seen))
         self.new_bit.copy_(bit[..., -1])
+        if self.m == 1 and self.w <= 2048:
+            # one drop at a time is choose_slot's own rule: an empty slot first, else the lowest mean (ties: the
+            # oldest). fp32 orders the means exactly here: distinct ones/seen differ by >= 1/w^2, over 2 ulps of
+            # fp32 below 1 for w <= 2048, and equal ones are rounded alike. One argmin a layer, not two.
+            mean = self.ones.float() / self.seen.float().clamp(min=1)
+            return torch.cat([mean, torch.full_like(mean[..., :1], math.inf)], -1)  # the new token stays
         # full: free the m lowest mean indicators at once, compared exactly (ones/seen as a 2^32 fixed
         # point, then position: ties drop the oldest); choose_slot then picks the first empty slot
         mean = (self.ones.long() << 32) // self.seen.long().clamp(min=1)
         key = ((mean << 24) | self.pos.clamp(min=0)).masked_fill(~filled | self.protected(self.pos, input_pos), MAX64)
         victim = (row_argmin(key)[..., None] if self.m == 1 else  # one reduction, not topk's sort
                   key.topk(min(self.m, self.n_slots), dim=-1, largest=False).indices)
-        free = (filled | ~self.usable()).all(-1, keepdim=True) & (key.gather(-1, victim) < MAX64)
+        free = (self.held >= self.limit.clamp(max=self.n_slots))[..., None] & (key.gather(-1, victim) < MAX64)
         b, h = grid(victim)
         self.pos[b[..., None], h[..., None], victim] = self.pos.gather(-1, victim).masked_fill(free, -1)
+        self.held -= free.sum(-1)
         return torch.zeros_like(probs)
 
     def on_write(self, slot, q, k_new, v_new, input_pos):
@@ -684,6 +695,8 @@ class Scissorhands(KVCache):
         self.hist[b, h, :, s] = torch.where(ok[..., None], fresh, self.hist[b, h, :, s])
         self.seen[b, h, s] = torch.where(ok, 1, self.seen[b, h, s]).to(torch.int16)
         self.ones[b, h, s] = torch.where(ok, self.new_bit.short(), self.ones[b, h, s])
+        # a written slot was empty unless the row was full (choose_slot takes an empty slot first)
+        self.held.copy_(torch.minimum(self.held + ok.long(), self.limit.clamp(max=self.n_slots)))
         self.step += 1
 
 

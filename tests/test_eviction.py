@@ -472,7 +472,7 @@ def test_tova_drops_the_new_token(per_head_flag, shape):
 
 @shapes
 @windows
-@pytest.mark.parametrize("w,m", [(6, 1), (6, 3), (400, 1)])
+@pytest.mark.parametrize("w,m", [(6, 1), (6, 3), (400, 1), (2100, 1)])  # 2100: past fp32 means (exact keys)
 def test_scissorhands(w, m, shape, sinks, recent):
     """Indicator A_tj >= 1/n_t, last w kept per token, lowest mean indicator dropped (m at once when
     full), sinks + recent protected, a refilled slot's history restarts."""
@@ -700,7 +700,7 @@ def expected_bytes(name, params, slots, B_, H, D_, elt):
             n += B_ * H * S * 4                                # each slot's key norm (fp32)
         elif name == "scissorhands":
             w = params.get("sh_history", 400)
-            n += B_ * H * S * (-(-w // 8)) + 2 * B_ * H * S * 2 + 8 + B_ * H  # bit ring + 2 counts + step + new bit
+            n += B_ * H * S * (-(-w // 8)) + 2 * B_ * H * S * 2 + 8 + B_ * H + B_ * H * 8  # bit ring + 2 counts + step + new bit + held
     return n
 
 
