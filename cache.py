@@ -615,7 +615,7 @@ class Scissorhands(KVCache):
     """Scissorhands, Liu et al. 2023 (cold-compress's reading of Algorithm 2): each step record for
     every cached token the indicator A_tj >= 1/n_t (group-mean attention at least uniform over the
     n_t tokens attended, the new one included); keep the last `sh_history` = 400 indicators per slot
-    in a bit-packed ring (ceil(w/8) bytes + int16 counts of records and of set bits per slot); when full, drop the `sh_drop`
+    in a bit-packed ring (ceil(w/8) bytes + 16-bit counts of records and of set bits per slot); when full, drop the `sh_drop`
     (paper: m, default 1) unprotected tokens of lowest mean indicator at once, the freed slots then
     filling without eviction; 4 sinks + 10 recent protected; a refilled slot's history restarts with
     the new token's own indicator. Prefill: the indicators of the last w prompt queries."""
@@ -632,9 +632,9 @@ class Scissorhands(KVCache):
         if self.w < 1 or self.w > 32767 or self.m < 1:
             raise ValueError("--sh_history must be in 1..32767 and --sh_drop >= 1")
         self.register_buffer("hist", torch.zeros(batch, n_kv, -(-self.w // 8), n_slots, dtype=torch.uint8))
-        self.register_buffer("seen", torch.zeros(batch, n_kv, n_slots, dtype=torch.int16))  # records held
-        # set bits of each slot's ring, kept as bits enter and leave: a step reads 2 bytes a slot, not w/8
-        self.register_buffer("ones", torch.zeros(batch, n_kv, n_slots, dtype=torch.int16))
+        # each slot's records held (seen, high 16 bits) and set bits of its ring (ones, low 16), kept as bits
+        # enter and leave: a step reads 4 bytes a slot, not w/8; one buffer, so one write where a token enters
+        self.register_buffer("tally", torch.zeros(batch, n_kv, n_slots, dtype=torch.int32))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # ring position = step % w
         self.register_buffer("new_bit", torch.zeros(batch, n_kv, dtype=torch.bool))
         # filled slots per row, kept as state: summed each step, the count was fused with the history update
@@ -650,11 +650,11 @@ class Scissorhands(KVCache):
         hist, seen = self.prompt_hist or prompt_indicators(q, k, pos, self.w)  # w rows: cheap beside the prefill
         self.prompt_hist = None
         n = keep.shape[-1]
-        for buf in (self.hist, self.seen, self.ones):
-            buf.zero_()
+        self.hist.zero_()
         self.hist[..., :n] = hist.gather(3, keep[:, :, None, :].expand(-1, -1, hist.shape[2], -1))
-        self.seen[..., :n] = seen.gather(-1, keep)
-        self.ones.copy_(popcount64(self.hist.long()).sum(2))
+        held = torch.zeros_like(self.tally)
+        held[..., :n] = seen.gather(-1, keep).int()
+        self.tally.copy_(held << 16 | popcount64(self.hist.long()).sum(2).int())
         self.step.fill_(min(self.w, k.shape[2]))
         self.held.copy_((self.pos >= 0).sum(-1))
 
@@ -666,18 +666,19 @@ class Scissorhands(KVCache):
         old = self.hist[:, :, word]  # [B, H_kv, 1, S]: the byte holding this step's bit of every slot
         new = (bit[..., :-1] & filled)[:, :, None]
         self.hist[:, :, word] = torch.where(new, old | mask, old & ~mask)
-        self.ones += (new.short() - ((old & mask) != 0).short())[:, :, 0]  # the bit entering minus the one leaving
-        self.seen.copy_(torch.where(filled, (self.seen + 1).clamp(max=self.w), self.seen))
+        ones = (self.tally & 0xFFFF) + (new.int() - ((old & mask) != 0).int())[:, :, 0]  # the bit entering - the one leaving
+        seen = torch.where(filled, ((self.tally >> 16) + 1).clamp(max=self.w), self.tally >> 16)
+        self.tally.copy_(seen << 16 | ones)
         self.new_bit.copy_(bit[..., -1])
         if self.m == 1 and self.w <= 2048:
             # one drop at a time is choose_slot's own rule: an empty slot first, else the lowest mean (ties: the
             # oldest). fp32 orders the means exactly here: distinct ones/seen differ by >= 1/w^2, over 2 ulps of
             # fp32 below 1 for w <= 2048, and equal ones are rounded alike. One argmin a layer, not two.
-            mean = self.ones.float() / self.seen.float().clamp(min=1)
+            mean = ones.float() / seen.float().clamp(min=1)
             return torch.cat([mean, torch.full_like(mean[..., :1], math.inf)], -1)  # the new token stays
         # full: free the m lowest mean indicators at once, compared exactly (ones/seen as a 2^32 fixed
         # point, then position: ties drop the oldest); choose_slot then picks the first empty slot
-        mean = (self.ones.long() << 32) // self.seen.long().clamp(min=1)
+        mean = (ones.long() << 32) // seen.long().clamp(min=1)
         key = ((mean << 24) | self.pos.clamp(min=0)).masked_fill(~filled | self.protected(self.pos, input_pos), MAX64)
         victim = (row_argmin(key)[..., None] if self.m == 1 else  # one reduction, not topk's sort
                   key.topk(min(self.m, self.n_slots), dim=-1, largest=False).indices)
@@ -693,8 +694,7 @@ class Scissorhands(KVCache):
         fresh = (torch.arange(self.hist.shape[2], device=slot.device) == r // 8).to(torch.uint8)
         fresh = fresh * (self.new_bit.to(torch.uint8) << (r % 8).to(torch.uint8))[..., None]  # [B, H, W]
         self.hist[b, h, :, s] = torch.where(ok[..., None], fresh, self.hist[b, h, :, s])
-        self.seen[b, h, s] = torch.where(ok, 1, self.seen[b, h, s]).to(torch.int16)
-        self.ones[b, h, s] = torch.where(ok, self.new_bit.short(), self.ones[b, h, s])
+        self.tally[b, h, s] = torch.where(ok, 1 << 16 | self.new_bit.int(), self.tally[b, h, s])  # seen 1, ones its bit
         # a written slot was empty unless the row was full (choose_slot takes an empty slot first)
         self.held.copy_(torch.minimum(self.held + ok.long(), self.limit.clamp(max=self.n_slots)))
         self.step += 1
