@@ -652,9 +652,9 @@ class Scissorhands(KVCache):
         n = keep.shape[-1]
         self.hist.zero_()
         self.hist[..., :n] = hist.gather(3, keep[:, :, None, :].expand(-1, -1, hist.shape[2], -1))
-        held = torch.zeros_like(self.tally)
-        held[..., :n] = seen.gather(-1, keep).int()
-        self.tally.copy_(held << 16 | popcount64(self.hist.long()).sum(2).int())
+        kept_seen = torch.zeros_like(self.tally)
+        kept_seen[..., :n] = seen.gather(-1, keep).int()
+        self.tally.copy_(kept_seen << 16 | popcount64(self.hist.long()).sum(2).int())
         self.step.fill_(min(self.w, k.shape[2]))
         self.held.copy_((self.pos >= 0).sum(-1))
 

@@ -191,8 +191,8 @@ class SymbolicSlots:
     prompt length its own sizes, one graph for them all). Each layer's cache buffers are marked dynamic
     (maybe_mark_dynamic: code that needs a constant specialises it, which costs a graph, never an error) along
     every dimension after the batch whose size is the slot count; dynamo forces module buffers static unless
-    told otherwise (the config below, read when it traces). Static sizes keep constant shapes: the attention
-    kernels' loop bounds are constants only then (triton_kernels._chunk_bound)."""
+    told otherwise (the config below, read when it traces). Sizes that do not vary stay constants: the dense
+    attention kernel's loop bound is a constant only then (triton_kernels._chunk_bound)."""
     TRACE_CONFIG = {"force_parameter_static_shapes": False, "force_nn_module_property_static_shapes": False}
 
     def __init__(self, model, step, always=None):
