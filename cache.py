@@ -132,6 +132,9 @@ class KVCache(nn.Module):
         # each (sequence, KV head)'s budget: slots at or past it are never used (a batch of prompts of
         # different lengths shares one buffer, each sequence compressed to its own fraction; make_caches)
         self.register_buffer("limit", torch.full((batch, n_kv), n_slots, dtype=torch.long))
+        # prefill-only policies: each row's filled slots are a prefix (prefill keeps them first), so the next
+        # generated token's slot is their count, not a search for the first empty slot (a reduction a layer)
+        self.register_buffer("count", torch.zeros(batch, n_kv, dtype=torch.long))
 
     @property
     def n_slots(self):
@@ -227,6 +230,7 @@ class KVCache(nn.Module):
         self.pos[:, :, :n] = tok_pos.gather(-1, keep).masked_fill(beyond, -1)
         idx = keep[..., None].expand(-1, -1, -1, k.shape[-1])
         self.store.prefill(k.gather(2, idx), v.gather(2, idx), self.pos, pos.max(dim=1).values)
+        self.count.copy_((self.pos >= 0).sum(-1))
         self.on_prefill(q, k, v, pos, keep)
 
     def prompt_scorer(self):
@@ -254,13 +258,21 @@ class KVCache(nn.Module):
         """[B, H_kv, S]: the slots below each row's budget (`limit`)."""
         return torch.arange(self.n_slots, device=self.limit.device) < self.limit[..., None]
 
+    @property
+    def drops(self):
+        """Whether a decode step can leave the new token out (write's slot == S)."""
+        return self.evicts or self.prefill_only
+
     def write(self, slot, k_new, v_new, input_pos):
         """Put the new token in `slot` [B, H_kv]; slot == S means it was evicted on arrival.
         index_put_ (not scatter_) so that inductor updates the buffers in place: a scatter_ into a
-        graph input can be functionalised into a full copy of the cache every step."""
-        keep_old = slot == self.n_slots
+        graph input can be functionalised into a full copy of the cache every step. A policy that never
+        drops writes without reading the old row (drop=None): the read made a kernel of its own before each
+        write, three more launches a layer."""
+        keep_old = slot == self.n_slots if self.drops else None
         (b, h), s = grid(slot), slot.clamp(max=self.n_slots - 1)
-        self.pos[b, h, s] = torch.where(keep_old, self.pos[b, h, s], input_pos[:, None])
+        now = input_pos[:, None].expand(slot.shape)
+        self.pos[b, h, s] = now if keep_old is None else torch.where(keep_old, self.pos[b, h, s], now)
         self.store.write(s, k_new[:, :, 0], v_new[:, :, 0], keep_old, input_pos)
 
     def select(self, qg, input_pos):
@@ -333,8 +345,9 @@ class KVCache(nn.Module):
             if self.evicts:
                 slot = self.choose_slot(self.decode_scores(qg, k_new, input_pos), input_pos)
             elif self.prefill_only:  # generated tokens fill the reserved (empty) slots, first one first
-                empty = (self.pos < 0) & self.usable()
-                slot = torch.where(empty.any(-1), empty.int().argmax(-1), self.n_slots)  # none left: dropped
+                room = self.count < self.limit.clamp(max=self.n_slots)
+                slot = torch.where(room, self.count, self.n_slots)  # none left: dropped
+                self.count += room.long()
             else:  # no eviction: slot = position (prefill set it up so; lengths are validated)
                 slot = input_pos[:, None].expand(B, H // self.n_group)
             self.write(slot, k_new, v_new, input_pos)
@@ -831,7 +844,7 @@ class HeadBudgetCache(KVCache):
         L = self.flat_length(n_slots)
         self.store = make_store(self.cfg, batch, n_kv, 1, L, head_dim, dtype, aligned=False)  # one flat row
         self.pos = torch.full((batch, L), -1, dtype=torch.long)
-        for name in ("start", "count", "cap"):  # each (sequence, KV head)'s run in the flat buffer
+        for name in ("start", "cap"):  # each (sequence, KV head)'s run in the flat buffer, `count` long
             self.register_buffer(name, torch.zeros(batch, n_kv, dtype=torch.long))
 
     @property

@@ -5,16 +5,16 @@ A cache (cache.KVCache and its strategies) owns the policy state: `pos` (each sl
 over them; every policy calls the same five methods, so any policy runs on any store:
     prefill(k, v, pos, now, owner)        the slots' content after the prompt
     advance(pos, now)                     start of a decode step (QuantStore flushes its residual here)
-    write(slot, k_new, v_new, drop, now)  the new token into slot [B, H_kv] (drop: it was not kept)
+    write(slot, k_new, v_new, drop, now)  the new token into slot [B, H_kv] (drop: it was not kept; None: never)
     attend(qg, pos, now, runs=, mask=)    decode attention over each head's run of slots (CUDA) or a mask
     attend_gather(qg, pos, now, idx, ok)  a retrieval selection; attend_with_new: plus probabilities
 Layouts: `rows` code rows per sequence: n_kv (one per KV head, [B, H_kv, S]) or 1 (HeadBudgetCache's flat
 buffer, every head a run of it; a head's row index is then 0).
 
-DenseStore: k, v [B, rows, S, D] in the model dtype. QuantStore: KIVI (Liu et al. 2024, arXiv 2402.02750),
-asymmetric min/max integer codes at 2/4/8 bits, bit-packed along head_dim into uint8; keys per CHANNEL over
-groups of G slots, values per TOKEN over groups of G channels; scale and zero point in the model dtype;
-the newest tokens stay in a full-precision ring of R + G entries per KV head. Where slot = position (aligned),
+DenseStore: k, v [B, rows, S, D] in the model dtype (two views of one buffer). QuantStore: KIVI (Liu et al.
+2024, arXiv 2402.02750), asymmetric min/max integer codes at 2/4/8 bits, bit-packed along head_dim into uint8;
+keys per CHANNEL over groups of G slots, values per TOKEN over groups of G channels; scale and zero point in the
+model dtype; the newest tokens stay in a full-precision ring of R + G entries per KV head. Where slot = position (aligned),
 positions >= the frontier F = (now + 1 - R) // G * G (R to R + G - 1 tokens) are in the ring and are flushed into
 codes a whole key group of G positions at a time, as KIVI does. An evicting or appending policy writes slots out
 of position order, so a key group collects tokens over time: there the ring holds the newest R and one token is
@@ -61,16 +61,24 @@ def dequantize(codes, scale, zero):
 
 
 class DenseStore(nn.Module):
-    """Keys and values in the model dtype: k, v [B, rows, S, D]. symbolic: the slot count is a symbol in the
-    compiled step (generate.SymbolicSlots sets it; the kernels then plan without specialising it)."""
+    """Keys and values in the model dtype: k, v [B, rows, S, D] (kv[0], kv[1]). symbolic: the slot count is a
+    symbol in the compiled step (generate.SymbolicSlots sets it; the kernels then plan without specialising it)."""
     quantized = False
     symbolic = False
 
     def __init__(self, batch, n_kv, rows, slots, head_dim, dtype):
         super().__init__()
         self.n_kv, self.rows, self.n_slots, self.head_dim, self.dtype = n_kv, rows, slots, head_dim, dtype
-        self.register_buffer("k", torch.zeros(batch, rows, slots, head_dim, dtype=dtype))
-        self.register_buffer("v", torch.zeros(batch, rows, slots, head_dim, dtype=dtype))
+        # keys then values in one buffer, so a decode step writes both in one index_put (one kernel, not two)
+        self.register_buffer("kv", torch.zeros(2, batch, rows, slots, head_dim, dtype=dtype))
+
+    @property
+    def k(self):
+        return self.kv[0]
+
+    @property
+    def v(self):
+        return self.kv[1]
 
     def row_bytes(self) -> float:
         """Bytes one (KV head, token) row of K and V occupies (read_bytes)."""
@@ -98,8 +106,9 @@ class DenseStore(nn.Module):
         """index_put_ (not scatter_) so that inductor updates the buffers in place: a scatter_ into a
         graph input can be functionalised into a full copy of the cache every step."""
         b, h, s = index_grid(slot, self.rows)
-        for buf, new in ((self.k, k_new), (self.v, v_new)):
-            buf[b, h, s] = torch.where(drop[..., None], buf[b, h, s], new)
+        kv = torch.arange(2, device=slot.device)[:, None, None]
+        new = torch.stack([k_new, v_new])
+        self.kv[kv, b, h, s] = new if drop is None else torch.where(drop[..., None], self.kv[kv, b, h, s], new)
 
     def heads(self, x, H):
         return x if x.shape[1] == H else x.expand(x.shape[0], H, *x.shape[2:])  # flat: stride-0 heads
@@ -270,7 +279,7 @@ class QuantStore(nn.Module):
         r = (now % self.Rr)[:, None]
         self.rk[b, h, r], self.rv[b, h, r] = k_new, v_new
         self.rslot[b, h, r] = slot
-        self.rpos[b, h, r] = torch.where(drop, -1, now[:, None])
+        self.rpos[b, h, r] = now[:, None].expand(slot.shape) if drop is None else torch.where(drop, -1, now[:, None])
 
     def advance(self, pos, now):
         """When the frontier passes positions (aligned: a group of G, every G steps; otherwise one, every step),

@@ -191,6 +191,40 @@ def _merge(po, pm, pl, s_new=None, v_new=None):
     return acc / z[..., None], m, z
 
 
+@triton.jit
+def _merge_kernel(PO, PM, PL, OUT, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,
+                  SB: tl.constexpr):
+    """Program (sequence x KV head x query row): _merge without a new token, in one launch (inductor made two of
+    the torch merge, a reduction for the max and normaliser, then the weighted sum; each is a few microseconds
+    a layer). SP: SPLITS rounded up to a power of two; SB splits are summed at a time (a [SB, D] tile). Merging
+    in the attention kernel instead (a row's last program, by an atomic ticket) made that kernel 5 us a layer
+    slower at batch 1 (BENCHMARKS.md): the merge then runs serially at the end of the longest program."""
+    row = tl.program_id(0)
+    bh, g = row // G, row % G
+    s, d = tl.arange(0, SP), tl.arange(0, D)
+    pm = tl.load(PM + (bh * SPLITS + s) * G + g, mask=s < SPLITS, other=float("-inf"))
+    m = tl.max(pm, 0)
+    z = tl.sum(tl.load(PL + (bh * SPLITS + s) * G + g, mask=s < SPLITS, other=0.0) * tl.exp(pm - m), 0)
+    acc = tl.zeros([D], tl.float32)
+    for s0 in tl.static_range(0, SPLITS, SB):
+        sb = s0 + tl.arange(0, SB)
+        w = tl.exp(tl.load(PM + (bh * SPLITS + sb) * G + g, mask=sb < SPLITS, other=float("-inf")) - m)
+        po = tl.load(PO + ((bh * SPLITS + sb) * G + g)[:, None] * D + d[None, :], mask=(sb < SPLITS)[:, None],
+                     other=0.0)
+        acc += tl.sum(po * w[:, None], 0)
+    tl.store(OUT + row * D + d, (acc / z).to(OUT.dtype.element_ty))
+
+
+def _merge_out(po, pm, pl, dtype):
+    """_merge(po, pm, pl)[0] as dtype, by _merge_kernel: -> [B, H, G, D]."""
+    B, H, splits, G, D = po.shape
+    out = torch.empty(B, H, G, D, device=po.device, dtype=dtype)
+    SP = triton.next_power_of_2(splits)
+    wrap_triton(_merge_kernel)[(B * H * G,)](po, pm, pl, out, G=G, D=D, SPLITS=splits, SP=SP, SB=min(SP, 32),
+                                             num_warps=4)
+    return out
+
+
 @triton_op("kvcompress::gather_attend", mutates_args={})
 def gather_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
                   ok: torch.Tensor) -> torch.Tensor:
@@ -198,7 +232,7 @@ def gather_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.
     -> [B, H_kv, G, D]. Reads K selected rows per KV head, never the whole cache."""
     idx, ok8 = idx.contiguous(), ok.to(torch.int8).contiguous()  # OK shares IDX's strides
     po, pm, pl, _ = _attend_partials(q, k, v, idx, ok8, idx.shape[-1], dense=False, scores=False)
-    return _merge(po, pm, pl)[0].to(q.dtype)
+    return _merge_out(po, pm, pl, q.dtype)
 
 
 # Dense reads: the same kernel over slots 0..S-1, valid where the cache's position buffer is >= 0 (read in
@@ -239,7 +273,7 @@ def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
     symbol in a compile (_launch_plan)."""
     po, pm, pl, _ = _attend_partials(qg, k, v, runs.contiguous(), pos, n, dense=True, scores=False,
                                      ragged=ragged, symbolic=symbolic)
-    return _merge(po, pm, pl)[0].to(qg.dtype)
+    return _merge_out(po, pm, pl, qg.dtype)
 
 
 # ---- quantized caches (kvstore.QuantStore, KIVI): attention that reads the codes in place ----------
@@ -437,7 +471,7 @@ def quant_attend(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch
     okc = ok.to(torch.int8) if not dense else ring_ok  # dense: OK is never read
     pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, idx, okc, n, dense, False, bits, group)
     pr = _ring_partials(qg, rk, rv, ring_ok, False)
-    return _merge(*(torch.cat([a, b], 2) for a, b in zip(pc[:3], pr[:3])))[0].to(qg.dtype)
+    return _merge_out(*(torch.cat([a, b], 2) for a, b in zip(pc[:3], pr[:3])), qg.dtype)
 
 
 @triton_op("kvcompress::quant_attend_scores", mutates_args={})

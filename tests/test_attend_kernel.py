@@ -88,6 +88,43 @@ def check_attend_scores(device, symbolic=False):
         torch.testing.assert_close(out.float().cpu(), want_out, **tol)
 
 
+def check_merge_kernel(device):
+    """_merge_kernel (dense_attend's and gather_attend's merge of the splits' partials) against the merge written
+    out per query row in float64: out = sum_s exp(m_s - M) po_s / sum_s exp(m_s - M) l_s, M = max_s m_s. Split
+    counts below, at and above its 32-split tile (several tiles, a partial last one), an empty split (the
+    kernel's m = -1e30, l = 0, po = 0), which must weigh nothing, and split maxima far apart (exp of them
+    overflows fp32 unless the largest is subtracted first)."""
+    from triton_kernels import _merge_out
+    g = torch.Generator().manual_seed(0)
+    for B, H, splits, G, D, spread in [(1, 2, 3, 4, 32, 3), (2, 3, 32, 3, 64, 3), (1, 2, 70, 4, 128, 60)]:
+        pm = spread * torch.randn(B, H, splits, G, generator=g)
+        pl = torch.rand(B, H, splits, G, generator=g) * 50 + 1
+        po = torch.randn(B, H, splits, G, D, generator=g) * pl[..., None]
+        pm[0, 0, -1], pl[0, 0, -1], po[0, 0, -1] = -1.0e30, 0.0, 0.0  # an empty split
+        want = torch.zeros(B, H, G, D, dtype=torch.float64)
+        for b in range(B):
+            for h in range(H):
+                for r in range(G):
+                    top = max(pm[b, h, :, r].tolist())
+                    w = [math.exp(x - top) for x in pm[b, h, :, r].tolist()]
+                    z = sum(wi * li for wi, li in zip(w, pl[b, h, :, r].tolist()))
+                    want[b, h, r] = sum(wi * po[b, h, i, r].double() for i, wi in enumerate(w)) / z
+        for dt in (torch.float32, torch.bfloat16):
+            got = _merge_out(po.to(device), pm.to(device), pl.to(device), dt)
+            assert got.dtype == dt and got.shape == (B, H, G, D)
+            tol = 1e-5 if dt == torch.float32 else 1e-2
+            torch.testing.assert_close(got.double().cpu(), want.to(dt).double(), atol=tol, rtol=tol)
+
+
+def test_merge_kernel_in_interpreter():
+    in_triton_interpreter("test_attend_kernel", "check_merge_kernel")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test above runs everywhere")
+def test_merge_kernel_on_cuda():
+    check_merge_kernel("cuda")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test below runs everywhere")
 def test_attend_scores_on_cuda():
     check_attend_scores("cuda")

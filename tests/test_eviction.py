@@ -689,6 +689,7 @@ def expected_bytes(name, params, slots, B_, H, D_, elt):
     n = 0
     for S in slots:
         n += 2 * B_ * H * S * D_ * elt + B_ * H * S * 8 + B_ * H * 8  # K, V, positions, per-row budgets
+        n += B_ * H * 8  # the filled slots' count
         if name == "lsh":
             L = params.get("lsh_dim", 16)
             n += B_ * H * S * (2 if L <= 16 else 4 if L <= 32 else 8) + D_ * L * 4  # codes + R (fp32)

@@ -131,7 +131,7 @@ def test_window_ring_bytes_and_contents(fam):
             want = sorted(range(int(last[0]) - W + 1, int(last[0]) + 1))
             assert sorted(c.pos[0, 0].tolist()) == want  # exactly the last W positions
             assert sorted(c.pos[1, 1].tolist()) == sorted(range(int(last[1]) - W + 1, int(last[1]) + 1))
-            assert kv.cache_bytes([c]) == B * H * W * row + B * H * 8  # + its `limit`
+            assert kv.cache_bytes([c]) == B * H * W * row + 2 * B * H * 8  # + its `limit` and `count`
         else:
             assert type(c) is kv.REGISTRY["h2o"] and c.n_slots == 20
     managed = [c for i, c in enumerate(caches) if i not in local]

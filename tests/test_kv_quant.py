@@ -241,7 +241,7 @@ def test_allocated_bytes_are_codes_scales_and_residual(bits):
     codes = 2 * B * H * Sq * D * bits // 8
     scales = 2 * B * H * (Sq // G) * D * 2 + 2 * B * H * Sq * (D // G) * 2
     residual = 2 * B * H * (R + G) * D * 2 + 2 * B * H * (R + G) * 8 + B * 8
-    policy = B * H * Sa * 8 + B * H * 8
+    policy = B * H * Sa * 8 + 2 * B * H * 8  # positions, limit, count
     assert kv.cache_bytes(caches) == L * (codes + scales + residual + policy)
     dense = kv.cache_bytes(kv.make_caches(args, kv.CacheConfig(), B, S, 10, "cpu", torch.bfloat16))
     # 2,048 slots: 8-bit 66%, 4-bit 41%, 2-bit 29% of bf16 (int64 positions and the 160-entry residual
