@@ -471,7 +471,7 @@ def quant_attend(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch
     okc = ok.to(torch.int8) if not dense else ring_ok  # dense: OK is never read
     pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, idx, okc, n, dense, False, bits, group)
     pr = _ring_partials(qg, rk, rv, ring_ok, False)
-    return _merge_out(*(torch.cat([a, b], 2) for a, b in zip(pc[:3], pr[:3])), qg.dtype)
+    return _merge(*(torch.cat([a, b], 2) for a, b in zip(pc[:3], pr[:3])))[0].to(qg.dtype)
 
 
 @triton_op("kvcompress::quant_attend_scores", mutates_args={})
