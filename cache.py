@@ -132,8 +132,9 @@ class KVCache(nn.Module):
         # each (sequence, KV head)'s budget: slots at or past it are never used (a batch of prompts of
         # different lengths shares one buffer, each sequence compressed to its own fraction; make_caches)
         self.register_buffer("limit", torch.full((batch, n_kv), n_slots, dtype=torch.long))
-        # prefill-only policies: each row's filled slots are a prefix (prefill keeps them first), so the next
-        # generated token's slot is their count, not a search for the first empty slot (a reduction a layer)
+        # filled slots per row. Prefill-only policies: they are a prefix (prefill keeps them first), so the next
+        # generated token's slot is their count, not a search for the first empty slot (a reduction a layer);
+        # HeadBudgetCache: each head's run length in its flat buffer. Unused by the other policies (8 bytes a row)
         self.register_buffer("count", torch.zeros(batch, n_kv, dtype=torch.long))
 
     @property
@@ -844,7 +845,7 @@ class HeadBudgetCache(KVCache):
         L = self.flat_length(n_slots)
         self.store = make_store(self.cfg, batch, n_kv, 1, L, head_dim, dtype, aligned=False)  # one flat row
         self.pos = torch.full((batch, L), -1, dtype=torch.long)
-        for name in ("start", "cap"):  # each (sequence, KV head)'s run in the flat buffer, `count` long
+        for name in ("start", "cap"):  # each (sequence, KV head)'s run in the flat buffer; its length: `count`
             self.register_buffer(name, torch.zeros(batch, n_kv, dtype=torch.long))
 
     @property

@@ -15,11 +15,11 @@ DenseStore: k, v [B, rows, S, D] in the model dtype (two views of one buffer). Q
 2024, arXiv 2402.02750), asymmetric min/max integer codes at 2/4/8 bits, bit-packed along head_dim into uint8;
 keys per CHANNEL over groups of G slots, values per TOKEN over groups of G channels; scale and zero point in the
 model dtype; the newest tokens stay in a full-precision ring of R + G entries per KV head. Where slot = position
-(aligned), positions >= the frontier F = (now + 1 - R) // G * G (R to R + G - 1 tokens) are in the ring and are flushed into
-codes a whole key group of G positions at a time, as KIVI does. An evicting or appending policy writes slots out
-of position order, so a key group collects tokens over time: there the ring holds the newest R and one token is
-flushed a step, re-quantizing its slot's group with a range that only widens (a departure from KIVI, whose
-groups are never revisited).
+(aligned), positions >= the frontier F = (now + 1 - R) // G * G (R to R + G - 1 tokens) are in the ring and are
+flushed into codes a whole key group of G positions at a time, as KIVI does. An evicting or appending policy
+writes slots out of position order, so a key group collects tokens over time: there the ring holds the newest R
+and one token is flushed a step, re-quantizing its slot's group with a range that only widens (a departure from
+KIVI, whose groups are never revisited).
 """
 import math
 
