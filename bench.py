@@ -523,8 +523,11 @@ def weights_vs_float(weights, results) -> list[str]:
 
 
 def tuning():
+    import model
     import triton_kernels
-    return triton_kernels.TUNE
+    gemm = (f"triton_kernels.decode_linear for projections no wider than their input (wo, w2), {triton_kernels.LINEAR_TUNE}"
+            if model.DECODE_GEMM else "cuBLAS (--no_decode_gemm)")
+    return f"{triton_kernels.TUNE}; decode GEMMs: {gemm}"
 
 
 SCORING_LIMIT = 2.0  # issue 10: prompt scoring within 2x a plain prefill; marked when over (a 2.41x went unseen)
@@ -631,6 +634,7 @@ def main():
     g.add_argument("--profile", action="store_true", help="also list each configuration's kernels (torch.profiler)")
     g.add_argument("--kernel_tune", help="JSON of launch settings from scripts/tune_attend.py (triton_kernels.TUNE entries) "
                    "instead of the committed ones")
+    g.add_argument("--no_decode_gemm", action="store_true", help="every decode GEMM by cuBLAS (model.DECODE_GEMM off)")
     g.add_argument("--hf", action="store_true", help="also transformers' generate() on the same shape")
     g.add_argument("--hf_cache", choices=["dynamic", "static"], default="dynamic",
                    help="its default dynamic cache (eager), or a static cache (which it compiles itself)")
@@ -655,6 +659,9 @@ def main():
         import json
         import triton_kernels
         triton_kernels.TUNE.update(json.loads(Path(a.kernel_tune).read_text()))
+    if a.no_decode_gemm:
+        import model
+        model.DECODE_GEMM = False
     lines, failed = (cpu_vs_hf(a), False) if a.cpu_vs_hf else gpu(a)
     text = "\n".join(lines) + "\n"
     print("\n" + text)

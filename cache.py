@@ -200,7 +200,8 @@ class KVCache(nn.Module):
         recent = self.recent
         if 0 < self.recent_window < 1:  # a fraction of each row's own budget (H2O's recent ratio), the
             # slots reserved for what is appended after the prefill left out
-            recent = ((self.limit - self.reserve) * self.recent_window).round().long()[..., None]
+            # at least the new token, even where a tiny budget rounds the fraction to 0 (`drops`)
+            recent = ((self.limit - self.reserve) * self.recent_window).round().long().clamp(min=1)[..., None]
         return (pos < self.n_sinks) | (pos > now[:, None, None] - recent)
 
     def prefill(self, q, k, v, pos):
@@ -261,8 +262,10 @@ class KVCache(nn.Module):
 
     @property
     def drops(self):
-        """Whether a decode step can leave the new token out (write's slot == S)."""
-        return self.evicts or self.prefill_only
+        """Whether a decode step can leave the new token out (write's slot == S): a prefill-only cache once
+        full; an evicting one unless it protects a recent window, which always holds the new token (choose_slot
+        scores it +inf, and ties go to the oldest), so its writes need not read the old row (`write`)."""
+        return self.prefill_only or self.evicts and not (self.protects and self.recent_window > 0)
 
     def write(self, slot, k_new, v_new, input_pos):
         """Put the new token in `slot` [B, H_kv]; slot == S means it was evicted on arrival.

@@ -187,12 +187,29 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
+DECODE_GEMM = True  # Linear's decode-step kernel on CUDA (bench.py --no_decode_gemm times cuBLAS instead)
+
+
+class Linear(nn.Linear):
+    """nn.Linear; on CUDA a decode step's call (at most 16 rows, 16-bit, no bias) of a projection at most as wide
+    as its input (wo, w2) runs triton_kernels.decode_linear, which streamed Llama-3-8B's wo and w2 at 3.0 and
+    3.9 TB/s on the H200 where cuBLAS took 2.5 and 3.7 (BENCHMARKS.md, session 14); cuBLAS kept the wider ones."""
+
+    def forward(self, x):
+        if (DECODE_GEMM and x.is_cuda and self.bias is None and x.numel() <= 16 * x.shape[-1] and self.in_features % 16 == 0
+                and self.out_features <= self.in_features and x.dtype in (torch.bfloat16, torch.float16)
+                and self.weight.dtype == x.dtype):
+            from triton_kernels import decode_linear  # Triton: imported only on CUDA
+            return decode_linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = args.n_head, args.n_local_heads, args.head_dim
-        self.wqkv = nn.Linear(args.dim, (args.n_head + 2 * args.n_local_heads) * args.head_dim, bias=args.qkv_bias)
-        self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        self.wqkv = Linear(args.dim, (args.n_head + 2 * args.n_local_heads) * args.head_dim, bias=args.qkv_bias)
+        self.wo = Linear(args.n_head * args.head_dim, args.dim, bias=False)
         # Qwen3, Gemma 3: per-head norms (their weights permuted like q/k's head dims by the converter)
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
@@ -243,13 +260,14 @@ ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tan
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
+        # gate (w1) and up (w3) stacked: one GEMM reads both (checkpoints keep w1, w3: fuse_gate_up)
+        self.w13 = Linear(args.dim, 2 * args.intermediate_size, bias=False)
+        self.w2 = Linear(args.intermediate_size, args.dim, bias=False)  # down
         self.act = ACTIVATIONS[args.mlp_act]
 
     def forward(self, x):
-        return self.w2(self.act(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(self.act(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -351,6 +369,16 @@ class Transformer(nn.Module):
         return self.output(self.norm(x if all_logits else x[:, -1])).float()
 
 
+def fuse_gate_up(state: dict) -> dict:
+    """A checkpoint's gate and up projections (feed_forward.w1, .w3, as every converter and older quantize.py
+    runs write them) stacked as FeedForward's w13, gate first; int4's scales_and_zeros [in / g, out, 2] stack
+    on their output axis (1), every other tensor on axis 0."""
+    for k in [k for k in state if ".feed_forward.w1." in k]:
+        gate, up = state.pop(k), state.pop(k.replace(".w1.", ".w3."))
+        state[k.replace(".w1.", ".w13.")] = torch.cat([gate, up], dim=1 if k.endswith("scales_and_zeros") else 0)
+    return state
+
+
 def load_model(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Transformer:
     """Load a converted checkpoint (scripts/; quantize.py's too): config.json + model.safetensors, memory-mapped."""
     from safetensors.torch import load_file
@@ -363,7 +391,7 @@ def load_model(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Transforme
         model = Transformer(args)
         if quant:
             quant.swap(model, quant.check_spec(args.quantization, args))
-    state = load_file(checkpoint_dir / "model.safetensors", device="cpu")  # mmap: pages load on demand
+    state = fuse_gate_up(load_file(checkpoint_dir / "model.safetensors", device="cpu"))  # mmap: pages load on demand
     if quant:  # a tied output: the embedding's int8 table and scales
         state = quant.complete(state, model, checkpoint_dir / "model.safetensors")
     elif args.tie_embeddings:

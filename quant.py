@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 MODES = ("int8", "int4")
 GROUPSIZES = (32, 64, 128, 256)
-LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 ATEN = torch.ops.aten
 HAS = {n: hasattr(ATEN, n) for n in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu",
                                      "_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm",

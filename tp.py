@@ -1,9 +1,9 @@
 """Tensor parallelism over KV heads, gpt-fast's tp.py in plain torch.distributed (launched with torchrun).
 
 Rank r of N holds KV heads [r H_kv/N, (r+1) H_kv/N) of every layer: their rows of the fused wqkv (its query
-heads' q, its K and V heads), the matching columns of wo, a 1/N slice of the MLP's hidden units (rows of w1
-and w3, columns of w2), and only those heads' KV cache, so per-head eviction, retrieval selection and head
-budgets run where the heads are. wo and w2 produce partial sums: one all-reduce after each (a forward
+heads' q, its K and V heads), the matching columns of wo, a 1/N slice of the MLP's hidden units (rows of w13's
+gate and up halves, columns of w2), and only those heads' KV cache, so per-head eviction, retrieval selection
+and head budgets run where the heads are. wo and w2 produce partial sums: one all-reduce after each (a forward
 hook, so the compiled decode step traces it and the CUDA graph captures NCCL's kernel). An untied output
 projection is split by vocabulary rows (its logits all-gathered: it is read every step) when N divides the
 vocabulary; the embedding table (a gather of B rows a step), a tied output and the norms stay
@@ -108,8 +108,7 @@ def shard_model(model, device):
             att.wqkv.bias = P(_rows(att.wqkv.bias, [Hq * D, Hkv * D, Hkv * D], rank), requires_grad=False)
         att.wo.weight = P(_rows(att.wo.weight.t(), [Hq * D], rank).t().contiguous(), requires_grad=False)
         att.n_head, att.n_kv = Hq // world, Hkv // world  # query heads of the rank's KV heads: contiguous
-        for w in (ff.w1, ff.w3):
-            w.weight = P(_rows(w.weight, [a.intermediate_size], rank), requires_grad=False)
+        ff.w13.weight = P(_rows(ff.w13.weight, [a.intermediate_size] * 2, rank), requires_grad=False)
         ff.w2.weight = P(_rows(ff.w2.weight.t(), [a.intermediate_size], rank).t().contiguous(), requires_grad=False)
         att.wo.register_forward_hook(_reduce_hook)
         ff.w2.register_forward_hook(_reduce_hook)
@@ -132,7 +131,7 @@ def weight_split(model, world: int | None = None) -> tuple[int, int]:
     sharded = replicated = 0
     for name, p in model.named_parameters():  # a tied output is the embedding table: counted once
         n = p.numel() * p.element_size()
-        if (name.startswith("layers.") and any(s in name for s in ("wqkv", "wo", "w1", "w2", "w3"))) or \
+        if (name.startswith("layers.") and any(s in name for s in ("wqkv", "wo", "w13", "w2"))) or \
                 (name == "output.weight" and splits_output(model, world)):
             sharded += n
         else:

@@ -28,6 +28,8 @@ them. Tests run them on CPU in Triton's interpreter (TRITON_INTERPRET=1), which 
 loop bounds (CHUNK, K are tl.constexpr; _attend_kernel's CHUNK is 0, a runtime bound, only where a compile made
 the cache size a symbol: _chunk_bound) and has no libdevice (popcount by SWAR there).
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -952,3 +954,50 @@ def prompt_colsum(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, rows: int
         q, k, pos, pad, lse, out, T, T - R, R, H, H_kv, q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), BM=64, BN=128, num_warps=8, **flags)
     return out
+
+
+# ---- decode GEMMs: y = x W^T for the few rows of a decode step (batch <= 16) ----------------------------
+# A decode step streams every weight once (15 GB at Llama-3-8B); cuBLAS's kernels for M = 1..8 streamed wo at
+# 2.5 TB/s of the H200's 4.2 and w2 at 3.7 (BENCHMARKS.md, session 14). Here each program owns BLOCK_N output
+# features and the whole K (no split, no reduction launch): it streams its [BLOCK_N, K] slab of W in
+# [BLOCK_N, BLOCK_K] tiles (pipelined by num_stages) against x's rows padded to 16 (tl.dot's minimum; the MMA's
+# spare rows cost nothing in a bandwidth-bound loop).
+
+@triton.jit
+def _linear_kernel(X, W, Y, M, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """Program n: Y[:, n BLOCK_N ...] = X [M, K] @ W[n BLOCK_N ..., :]^T, K a multiple of BLOCK_K. IEEE: fp32
+    operands (the interpreter's tests) multiplied in fp32, not tf32."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, 16)
+    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + m[:, None] * K + k[None, :], mask=m[:, None] < M, other=0.0)
+        w = tl.load(W + cols.to(tl.int64)[:, None] * K + k[None, :], mask=cols[:, None] < N, other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee" if IEEE else None)
+    tl.store(Y + m[:, None] * N + cols[None, :], acc.to(Y.dtype.element_ty), mask=(m[:, None] < M) & (cols[None, :] < N))
+
+
+# Launch setting: `python scripts/tune_attend.py linear` on the H200 (2026-11-30; BENCHMARKS.md, session 14):
+# the fastest for Llama-3-8B's wo and w2 at batch 1 and 8 (11.1 and 30.1 us at batch 1, cuBLAS 13.5 and 31.4;
+# other models' shapes were not tuned). For the
+# wider projections cuBLAS was as fast or faster (w1 and w3 stacked: 54.7 us, this kernel's best 55.5), so
+# model.Linear calls this kernel only where out_features <= in_features.
+LINEAR_TUNE = dict(block_n=32, block_k=512, warps=4, stages=3)
+
+
+@triton_op("kvcompress::decode_linear", mutates_args={})
+def decode_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (at most 16 rows) @ w [N, K]^T -> [..., N] in x's dtype, fp32 accumulation."""
+    K, N = x.shape[-1], w.shape[0]
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    t = LINEAR_TUNE
+    block_k = math.gcd(K, t["block_k"])  # a divisor of K (no mask along K): 576 -> 64 (SmolLM2)
+    assert M <= 16 and block_k >= 16 and w.stride(1) == 1 and w.stride(0) == K, \
+        "decode_linear: at most 16 rows, K a multiple of 16, W contiguous"
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    wrap_triton(_linear_kernel)[(triton.cdiv(N, t["block_n"]),)](
+        x2, w, y, M, N, K=K, BLOCK_N=t["block_n"], BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
+        num_warps=t["warps"], num_stages=t["stages"])
+    return y.view(*x.shape[:-1], N)

@@ -5,6 +5,7 @@
         # one table per kernel; the chosen dense/gather/quant settings go to chosen.json (bench.py --kernel_tune)
     python scripts/tune_attend.py sass      # no GPU needed: the decode kernels' main loops, instruction by kind
     python scripts/tune_attend.py compare REV   # quant_attend at git revision REV beside the working tree's
+    python scripts/tune_attend.py linear    # the decode GEMMs (triton_kernels.decode_linear) against cuBLAS
 
 Every time is a CUDA-graph replay median (triton.testing.do_bench_cudagraph), so launch overhead is out
 and a kernel is timed as it runs inside the decode step's graph. GB/s counts the K/V rows (and positions,
@@ -204,6 +205,51 @@ def time_others():
         print(f"| prompt_colsum | B={B}, T={T}, rows={rows}, one layer | {1e3 * ms:.0f} | {flops / ms / 1e9:.0f} TFLOP/s |", flush=True)
 
 
+# Llama-3-8B's weights (N, K): wqkv, wo, w1 (= w3), w1 and w3 stacked, w2, the output projection
+LINEAR_SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w1": (14336, 4096), "w13": (28672, 4096),
+                 "w2": (4096, 14336), "output": (128256, 4096)}
+LINEAR_SETTINGS = list(itertools.product([16, 32, 64], [128, 256, 512], [4, 8], [3, 5]))  # block_n, block_k, warps, stages
+
+
+def tune_linear():
+    """triton_kernels.decode_linear against cuBLAS (F.linear) at batch 1 and 8 for each weight shape. Each
+    timed call runs over copies of W that together exceed the H200's 50 MB L2 (a decode step never finds a
+    weight in L2: the other 14 GB pass in between), timed per copy."""
+    import torch.nn.functional as F
+    print("| weight | batch | kernel | block_n | block_k | warps | stages | us | GB/s |\n|---|---|---|---|---|---|---|---|---|")
+    committed, best = dict(tk.LINEAR_TUNE), {}
+    for (name, (N, K)), M in itertools.product(LINEAR_SHAPES.items(), (1, 8)):
+        copies = max(1, math.ceil(400e6 / (N * K * 2)))
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        gb = N * K * 2 / 1e9
+        ref = F.linear(x, ws[0])
+        ms = bench_ms(lambda: [F.linear(x, w) for w in ws]) / copies
+        print(f"| {name} | {M} | cuBLAS | | | | | {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
+        for bn, bk, warps, stages in LINEAR_SETTINGS:
+            tk.LINEAR_TUNE = dict(block_n=bn, block_k=bk, warps=warps, stages=stages)
+            try:
+                torch.testing.assert_close(tk.decode_linear(x, ws[0]), ref, rtol=2e-2, atol=2e-2)
+                ms = bench_ms(lambda: [tk.decode_linear(x, w) for w in ws]) / copies
+            except Exception as e:  # out of shared memory, say: skip the setting
+                print(f"| {name} | {M} | triton | {bn} | {bk} | {warps} | {stages} | failed: {type(e).__name__} | |")
+                continue
+            best.setdefault((name, M), []).append((ms, bn, bk, warps, stages))
+            print(f"| {name} | {M} | triton | {bn} | {bk} | {warps} | {stages} | {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
+        del ws
+    tk.LINEAR_TUNE = committed
+    print("\nBest setting per shape; then the settings by summed time over a layer (wqkv + wo + 2 w1 + w2) at each batch:")
+    for key, rows in best.items():
+        print(key, min(rows))
+    for M in (1, 8):
+        total = {}
+        for name, n in (("wqkv", 1), ("wo", 1), ("w1", 2), ("w2", 1)):
+            for ms, *setting in best.get((name, M), []):
+                total[tuple(setting)] = total.get(tuple(setting), 0) + n * ms
+        for setting, ms in sorted(total.items(), key=lambda kv: kv[1])[:5]:
+            print(f"batch {M}: layer {1e3 * ms:.1f} us at block_n/block_k/warps/stages {setting}")
+
+
 # the decode kernels' pointer arguments as a bf16 model launches them (loop_sass's signature)
 SASS_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KQ": "*u8", "VQ": "*u8", "KS": "*bf16", "KZ": "*bf16",
                  "VS": "*bf16", "VZ": "*bf16", "IDX": "*i64", "OK": "*i64", "POS": "*i64", "FRONT": "*i64",
@@ -279,6 +325,7 @@ if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__)
     chosen = {}
     for w in which:
-        chosen |= {"dense": tune_dense, "gather": tune_gather, "quant": tune_quant, "others": time_others}[w]() or {}
+        chosen |= {"dense": tune_dense, "gather": tune_gather, "quant": tune_quant, "others": time_others,
+                   "linear": tune_linear}[w]() or {}
     if out:
         Path(out).write_text(json.dumps(chosen, indent=1))

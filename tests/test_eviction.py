@@ -684,6 +684,34 @@ def test_prefill_only_caches_fill_a_prefix_and_count_it(name, params, budget):
     assert grew_somewhere and full_somewhere
 
 
+@pytest.mark.parametrize("name,params", [v for v in VARIANTS if v[0] in ("random", "l2", "lsh", "h2o", "scissorhands")
+                                         and not v[1].get("l2_one_shot")])
+def test_a_protected_new_token_is_never_dropped_and_written_without_a_read(name, params, monkeypatch):
+    """Evicting policies with a recent window protect the token just arrived, so choose_slot never returns S
+    (drop) for it: `drops` is False and write skips reading the old row. Checked at half the prompt over 12 steps
+    of the 2-sequence batch (one row left-padded): each step's position enters every row of every evicting
+    layer, and the logits and every cache buffer equal a run forced through the reading write (drops True)."""
+    def run():
+        model, caches, now, logits = prefilled(name, params, "0.5", 12)
+        out = [logits]
+        with torch.no_grad():
+            for i in range(12):
+                out.append(model(out[-1].argmax(-1, keepdim=True)[:, :1], now + i)[:, -1])
+                for c in caches:
+                    if c.evicts:
+                        assert ((c.pos == (now + i)[:, None, None]).sum(-1) == 1).all(), f"step {i}: new token dropped"
+        assert all(((c.pos >= 0).sum(-1) == c.limit).all() for c in caches if c.evicts)  # full: every step evicted
+        return out, [{k: t.clone() for k, t in c.state_dict().items()} for c in caches], caches
+    out, bufs, caches = run()
+    assert any(c.evicts for c in caches) and not any(c.drops for c in caches if c.evicts)
+    monkeypatch.setattr(kv.KVCache, "drops", property(lambda self: True))
+    out2, bufs2, _ = run()
+    for a, b in zip(out, out2, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for c1, c2 in zip(bufs, bufs2, strict=True):
+        assert c1.keys() == c2.keys() and all(torch.equal(c1[k], c2[k]) for k in c1)
+
+
 @pytest.mark.parametrize("name,params", VARIANTS)
 def test_zero_recompiles(name, params):
     """The decode step compiles once (fullgraph) and never again while the cache fills and evicts."""

@@ -90,3 +90,28 @@ def test_prompt_colsum_on_cuda():
 
 def test_prompt_colsum_in_interpreter():
     in_triton_interpreter("test_kernels", "check_prompt_colsum")
+
+
+def check_decode_linear(device):
+    """triton_kernels.decode_linear against a float64 product summed per output in Python: 1 to 16 rows, K
+    with no power-of-two factor above 64 (576, SmolLM2's width: BLOCK_K 64), N not a multiple of the tile."""
+    from triton_kernels import decode_linear
+    g = torch.Generator().manual_seed(0)
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    for M, K, N in [(1, 576, 100), (3, 256, 40), (8, 1536, 33), (16, 64, 70)]:
+        x, w = torch.randn(M, K, generator=g).to(dt), torch.randn(N, K, generator=g).to(dt)
+        xs, ws = x.double().tolist(), w.double().tolist()
+        ref = torch.tensor([[math.fsum(a * b for a, b in zip(xs[m], ws[n])) for n in range(N)] for m in range(M)])
+        got = decode_linear(x.to(device)[None], w.to(device)).cpu()  # a leading batch axis, as the model's [B, 1, K]
+        assert got.shape == (1, M, N) and got.dtype == dt
+        tol = dict(rtol=1e-2, atol=0.2) if device == "cuda" else dict(rtol=1e-5, atol=1e-4)  # bf16 output rounding
+        torch.testing.assert_close(got[0].double(), ref.double(), **tol, msg=lambda m: f"{(M, K, N)}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test below runs everywhere")
+def test_decode_linear_on_cuda():
+    check_decode_linear("cuda")
+
+
+def test_decode_linear_in_interpreter():
+    in_triton_interpreter("test_kernels", "check_decode_linear")

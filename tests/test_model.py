@@ -246,6 +246,36 @@ def test_fractional_budget_is_each_sequences_own_in_a_batch(strategy):
         assert abs(used[b].item() - own) <= 2  # half its own prompt (+ rounding), not the longest's
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: model.Linear's decode kernel (triton_kernels.decode_linear)")
+def test_decode_gemm_kernel_gives_cublas_tokens(monkeypatch):
+    """model.Linear sends a decode step's wo and w2 (at most 16 rows, out <= in) to decode_linear and nothing
+    else; batch-2 greedy tokens equal cuBLAS's (model.DECODE_GEMM off), eager, and compiled as generate runs it."""
+    import model as M
+    import triton_kernels as tk
+    model = tiny_model().to("cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (40, 25)]
+    cfg = kv.CacheConfig(strategy="h2o", max_cache_length=["30"])
+    monkeypatch.setattr(M, "DECODE_GEMM", False)
+    cublas = gen.generate(model, prompts, 16, cfg, device="cuda").tokens
+    monkeypatch.setattr(M, "DECODE_GEMM", True)
+    real, shapes = tk.decode_linear, []
+    monkeypatch.setattr(tk, "decode_linear", lambda x, w: shapes.append((x.shape, w.shape)) or real(x, w))
+    assert gen.generate(model, prompts, 16, cfg, device="cuda").tokens == cublas
+    a = model.args
+    assert set(shapes) == {((2, 1, a.n_head * a.head_dim), (a.dim, a.n_head * a.head_dim)),
+                           ((2, 1, a.intermediate_size), (a.dim, a.intermediate_size))}
+    assert len(shapes) == 15 * a.n_layer * 2  # 15 decode steps (the first token is prefill's), wo and w2
+    monkeypatch.setattr(tk, "decode_linear", real)
+    compiled = {}  # against cuBLAS compiled alike (inductor's bf16 fusions round otherwise than eager)
+    for on in (False, True):
+        monkeypatch.setattr(M, "DECODE_GEMM", on)
+        torch._dynamo.reset()
+        step = gen.compile_decode(model, "cuda")
+        compiled[on] = gen.generate(model, prompts, 16, cfg, decode_step=step, device="cuda").tokens
+    assert compiled[True] == compiled[False]
+
+
 def strategy_config(name, prompt_len, max_new_tokens, checkpoint_dir="") -> kv.CacheConfig:
     """A budget that makes the strategy do its work: evicting ones start over budget (prompt compression,
     then an eviction every step); prefill-only ones compress the prompt; retrieval ones ignore it."""

@@ -296,6 +296,28 @@ def test_quantized_checkpoint_round_trips_through_generates_loader(default_check
     assert torch.equal(prompt_logits(loaded, chat), prompt_logits(memory, chat))
 
 
+def test_checkpoint_with_separate_gate_and_up_loads_as_the_fused_one(int4_checkpoint, tmp_path):
+    """A checkpoint that stores the MLP's gate and up projections apart (feed_forward.w1 / w3: the converters'
+    layout, and quantize.py's before w13) loads into the same model as one storing them stacked: int4 codes
+    split by output rows, their scales_and_zeros [in / g, out, 2] by the output axis."""
+    from safetensors.torch import load_file, save_file
+    state = load_file(int4_checkpoint / "model.safetensors")
+    split = {}
+    for k, t in state.items():
+        if ".w13." in k:
+            axis = 1 if k.endswith("scales_and_zeros") else 0
+            split[k.replace(".w13.", ".w1.")], split[k.replace(".w13.", ".w3.")] = (x.contiguous() for x in t.chunk(2, axis))
+        else:
+            split[k] = t
+    assert any(".w3." in k for k in split) and not any(".w13." in k for k in split)
+    for f in int4_checkpoint.iterdir():
+        if f.name != "model.safetensors":
+            (tmp_path / f.name).symlink_to(f)
+    save_file(split, tmp_path / "model.safetensors")
+    a, b = (load_model(d, dtype=torch.float32).state_dict() for d in (int4_checkpoint, tmp_path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_generate_cli_runs_a_quantized_checkpoint(int4_checkpoint):
     r = run("generate.py", "--checkpoint_path", int4_checkpoint, "--max_new_tokens", "4", "--threads", "1")
     assert r.returncode == 0, r.stderr
