@@ -525,8 +525,8 @@ def weights_vs_float(weights, results) -> list[str]:
 def tuning():
     import model
     import triton_kernels
-    gemm = (f"triton_kernels.decode_linear for projections no wider than their input (wo, w2), {triton_kernels.LINEAR_TUNE}"
-            if model.DECODE_GEMM else "cuBLAS (--no_decode_gemm)")
+    gemm = (f"triton_kernels.decode_linear for projections no wider than their input (wo, w2), "
+            f"{triton_kernels.LINEAR_TUNE}" if model.DECODE_GEMM else "cuBLAS (--no_decode_gemm)")
     return f"{triton_kernels.TUNE}; decode GEMMs: {gemm}"
 
 

@@ -196,9 +196,9 @@ class Linear(nn.Linear):
     3.9 TB/s on the H200 where cuBLAS took 2.5 and 3.7 (BENCHMARKS.md, session 14); cuBLAS kept the wider ones."""
 
     def forward(self, x):
-        if (DECODE_GEMM and x.is_cuda and self.bias is None and x.numel() <= 16 * x.shape[-1] and self.in_features % 16 == 0
-                and self.out_features <= self.in_features and x.dtype in (torch.bfloat16, torch.float16)
-                and self.weight.dtype == x.dtype):
+        if (DECODE_GEMM and x.is_cuda and self.bias is None and x.numel() <= 16 * x.shape[-1]
+                and self.in_features % 16 == 0 and self.out_features <= self.in_features
+                and x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == x.dtype):
             from triton_kernels import decode_linear  # Triton: imported only on CUDA
             return decode_linear(x, self.weight)
         return F.linear(x, self.weight, self.bias)

@@ -975,14 +975,15 @@ def _linear_kernel(X, W, Y, M, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_
         x = tl.load(X + m[:, None] * K + k[None, :], mask=m[:, None] < M, other=0.0)
         w = tl.load(W + cols.to(tl.int64)[:, None] * K + k[None, :], mask=cols[:, None] < N, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee" if IEEE else None)
-    tl.store(Y + m[:, None] * N + cols[None, :], acc.to(Y.dtype.element_ty), mask=(m[:, None] < M) & (cols[None, :] < N))
+    tl.store(Y + m[:, None] * N + cols[None, :], acc.to(Y.dtype.element_ty),
+             mask=(m[:, None] < M) & (cols[None, :] < N))
 
 
 # Launch setting: `python scripts/tune_attend.py linear` on the H200 (2026-11-30; BENCHMARKS.md, session 14):
 # the fastest for Llama-3-8B's wo and w2 at batch 1 and 8 (11.1 and 30.1 us at batch 1, cuBLAS 13.5 and 31.4;
-# other models' shapes were not tuned). For the
-# wider projections cuBLAS was as fast or faster (w1 and w3 stacked: 54.7 us, this kernel's best 55.5), so
-# model.Linear calls this kernel only where out_features <= in_features.
+# other models' shapes were not tuned). For the wider projections cuBLAS was as fast or faster (w1 and w3
+# stacked: 54.7 us, this kernel's best 55.5), so model.Linear calls this kernel only where out_features <=
+# in_features.
 LINEAR_TUNE = dict(block_n=32, block_k=512, warps=4, stages=3)
 
 

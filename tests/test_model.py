@@ -246,7 +246,7 @@ def test_fractional_budget_is_each_sequences_own_in_a_batch(strategy):
         assert abs(used[b].item() - own) <= 2  # half its own prompt (+ rounding), not the longest's
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: model.Linear's decode kernel (triton_kernels.decode_linear)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: model.Linear's decode kernel (decode_linear)")
 def test_decode_gemm_kernel_gives_cublas_tokens(monkeypatch):
     """model.Linear sends a decode step's wo and w2 (at most 16 rows, out <= in) to decode_linear and nothing
     else; batch-2 greedy tokens equal cuBLAS's (model.DECODE_GEMM off), eager, and compiled as generate runs it."""

@@ -306,7 +306,8 @@ def test_checkpoint_with_separate_gate_and_up_loads_as_the_fused_one(int4_checkp
     for k, t in state.items():
         if ".w13." in k:
             axis = 1 if k.endswith("scales_and_zeros") else 0
-            split[k.replace(".w13.", ".w1.")], split[k.replace(".w13.", ".w3.")] = (x.contiguous() for x in t.chunk(2, axis))
+            gate, up = (x.contiguous() for x in t.chunk(2, axis))
+            split[k.replace(".w13.", ".w1.")], split[k.replace(".w13.", ".w3.")] = gate, up
         else:
             split[k] = t
     assert any(".w3." in k for k in split) and not any(".w13." in k for k in split)
