@@ -527,7 +527,9 @@ def tuning():
     import triton_kernels
     gemm = (f"triton_kernels.decode_linear for projections no wider than their input (wo, w2), "
             f"{triton_kernels.LINEAR_TUNE}" if model.DECODE_GEMM else "cuBLAS (--no_decode_gemm)")
-    return f"{triton_kernels.TUNE}; decode GEMMs: {gemm}"
+    evict = (f"triton_kernels.evict_slot, {triton_kernels.EVICT_CHUNK} slots and {triton_kernels.EVICT_WARPS} warps a program"
+             if kv.EVICT_KERNEL else "torch (--no_evict_kernel)")
+    return f"{triton_kernels.TUNE}; decode GEMMs: {gemm}; eviction's choice: {evict}"
 
 
 SCORING_LIMIT = 2.0  # issue 10: prompt scoring within 2x a plain prefill; marked when over (a 2.41x went unseen)
@@ -635,6 +637,7 @@ def main():
     g.add_argument("--kernel_tune", help="JSON of launch settings from scripts/tune_attend.py (triton_kernels.TUNE entries) "
                    "instead of the committed ones")
     g.add_argument("--no_decode_gemm", action="store_true", help="every decode GEMM by cuBLAS (model.DECODE_GEMM off)")
+    g.add_argument("--no_evict_kernel", action="store_true", help="eviction's choice in torch (cache.EVICT_KERNEL off)")
     g.add_argument("--hf", action="store_true", help="also transformers' generate() on the same shape")
     g.add_argument("--hf_cache", choices=["dynamic", "static"], default="dynamic",
                    help="its default dynamic cache (eager), or a static cache (which it compiles itself)")
@@ -662,6 +665,8 @@ def main():
     if a.no_decode_gemm:
         import model
         model.DECODE_GEMM = False
+    if a.no_evict_kernel:
+        kv.EVICT_KERNEL = False
     lines, failed = (cpu_vs_hf(a), False) if a.cpu_vs_hf else gpu(a)
     text = "\n".join(lines) + "\n"
     print("\n" + text)

@@ -113,6 +113,7 @@ class KVCache(nn.Module):
     needs_attn = False
     prefill_only = False
     retrieves = False
+    keeps_newest = False  # decode scores rank the new token above every unprotected slot (`drops`)
 
     def __init__(self, batch, n_kv, n_slots, head_dim, n_group, dtype, layer, n_layer, cfg: CacheConfig,
                  max_new_tokens: int = 0, peers=None):
@@ -136,6 +137,8 @@ class KVCache(nn.Module):
         # generated token's slot is their count, not a search for the first empty slot (a reduction a layer);
         # HeadBudgetCache: each head's run length in its flat buffer. Unused by the other policies (8 bytes a row)
         self.register_buffer("count", torch.zeros(batch, n_kv, dtype=torch.long))
+        if self.evicts:  # triton_kernels.evict_slot's per-row ticket (choose_slot on CUDA): zero between calls
+            self.register_buffer("ticket", torch.zeros(batch, n_kv, dtype=torch.int32), persistent=False)
 
     @property
     def n_slots(self):
@@ -243,7 +246,16 @@ class KVCache(nn.Module):
                    peers=self.peers).to(self.limit.device)
 
     def choose_slot(self, keep, input_pos):
-        """keep [B, H_kv, S + 1] -> the slot [B, H_kv] that takes the new token (S = drop the new one)."""
+        """keep [B, H_kv, S + 1] -> the slot [B, H_kv] that takes the new token (S = drop the new one). On CUDA one
+        kernel (triton_kernels.evict_slot; keep None: the positions are the scores, the base rule's), except for
+        policies scored by attention: inductor fuses their score update into this torch form, which the kernel
+        (opaque to it) would have to read back as a separate tensor, and it measured 1-2% slower there at batch 1
+        (BENCHMARKS.md, session 15)."""
+        if self.pos.is_cuda and EVICT_KERNEL and not self.needs_attn:
+            from triton_kernels import evict_slot
+            frac = float(self.recent_window) if 0 < self.recent_window < 1 else 0.0
+            return evict_slot(self.pos if keep is None else keep.float(), self.pos, input_pos, self.limit, self.ticket,
+                              self.n_sinks, self.recent, frac, self.reserve, keep is not None)
         B, H, S = self.pos.shape
         new_pos = input_pos[:, None, None].expand(B, H, 1)
         all_pos = torch.cat([self.pos, new_pos], dim=-1)
@@ -264,8 +276,9 @@ class KVCache(nn.Module):
     def drops(self):
         """Whether a decode step can leave the new token out (write's slot == S): a prefill-only cache once
         full; an evicting one unless it protects a recent window, which always holds the new token (choose_slot
-        scores it +inf, and ties go to the oldest), so its writes need not read the old row (`write`)."""
-        return self.prefill_only or self.evicts and not (self.protects and self.recent_window > 0)
+        scores it +inf, and ties go to the oldest), or its scores keep the newest (`keeps_newest`); then its
+        writes need not read the old row (`write`)."""
+        return self.prefill_only or self.evicts and not (self.protects and self.recent_window > 0 or self.keeps_newest)
 
     def write(self, slot, k_new, v_new, input_pos):
         """Put the new token in `slot` [B, H_kv]; slot == S means it was evicted on arrival.
@@ -346,8 +359,10 @@ class KVCache(nn.Module):
             self.on_write(slot, qg, k_new, v_new, input_pos)
             return self.attend_selected(qg, input_pos).view(B, H, 1, D)
         else:
-            if self.evicts:
-                slot = self.choose_slot(self.decode_scores(qg, k_new, input_pos), input_pos)
+            if self.evicts:  # the base rule's scores are the positions: CUDA's kernel reads them from `pos` itself
+                plain = (self.pos.is_cuda and EVICT_KERNEL and not self.needs_attn
+                         and type(self).decode_scores is KVCache.decode_scores)
+                slot = self.choose_slot(None if plain else self.decode_scores(qg, k_new, input_pos), input_pos)
             elif self.prefill_only:  # generated tokens fill the reserved (empty) slots, first one first
                 room = self.count < self.limit.clamp(max=self.n_slots)
                 slot = torch.where(room, self.count, self.n_slots)  # none left: dropped
@@ -400,6 +415,8 @@ class StreamingLLM(KVCache):
     source = "arXiv 2309.17453"
     evicts = True
     window = 0  # the position score keeps the newest anyway: only the 4 sinks need protecting
+    # the new token's position tops every slot's, and budget_slots keeps a slot beyond the sinks: never dropped
+    keeps_newest = True
 
 
 def hash_uniform(*keys, device=None):
@@ -462,6 +479,7 @@ class L2(KVCache):
         super().__init__(batch, n_kv, n_slots, *args, **kwargs)
         if self.p["l2_one_shot"]:
             self.evicts, self.prefill_only, self.protects = False, True, False
+            del self.ticket  # it never evicts
         # each slot's key norm, kept as keys arrive: a step then reads 4 bytes a slot, not the whole K cache
         self.register_buffer("norms", torch.zeros(batch, n_kv, 0 if self.p["l2_one_shot"] else n_slots))
 
@@ -718,6 +736,7 @@ class Scissorhands(KVCache):
 
 
 MAX64 = torch.iinfo(torch.long).max
+EVICT_KERNEL = True  # choose_slot by triton_kernels.evict_slot on CUDA (bench.py --no_evict_kernel: its torch form)
 ARGMIN_CHUNK = 128  # slots per partial minimum in row_argmin
 
 

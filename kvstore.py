@@ -28,11 +28,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# 4-bit codes are packed planar: byte j holds channels j and j + D / 2, so each of the kernel's two pieces of a row
+# is a half of the channels, contiguous (its query slice, key scales and output columns load and store as vectors):
+# the 4-bit kernel took 219 against 283 us at 32k x 8 with channel pairs in a byte (BENCHMARKS.md, session 15). At 2
+# bits the planar kernel was slower (401 against 266 us), so 2- and 8-bit bytes hold consecutive channels.
+PLANAR_BITS = (4,)
+
+
 def pack_codes(codes, bits):
-    """codes [..., D] integers in [0, 2^bits) -> [..., D * bits / 8] uint8: channel d in byte d // (8 / bits),
-    bits (d % (8 / bits)) * bits and up (little end first)."""
+    """codes [..., D] integers in [0, 2^bits) -> [..., D * bits / 8] uint8, piece i of a byte at bits i * bits
+    and up (little end first), per = 8 / bits pieces a byte: planar (PLANAR_BITS), byte j's piece i is channel
+    i * D / per + j; otherwise channel d is in byte d // per, piece d % per."""
     per = 8 // bits
-    c = codes.to(torch.uint8).view(*codes.shape[:-1], -1, per)
+    c = codes.to(torch.uint8)
+    c = c.unflatten(-1, (per, -1)).transpose(-1, -2) if bits in PLANAR_BITS else c.unflatten(-1, (-1, per))
     out = c[..., 0]
     for i in range(1, per):
         out = out | (c[..., i] << (i * bits))
@@ -42,7 +51,8 @@ def pack_codes(codes, bits):
 def unpack_codes(packed, bits):
     """pack_codes' inverse: [..., D * bits / 8] uint8 -> [..., D] uint8."""
     shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-    return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2)
+    c = (packed[..., None] >> shifts) & ((1 << bits) - 1)  # [..., D bits / 8, pieces]
+    return (c.transpose(-1, -2) if bits in PLANAR_BITS else c).flatten(-2)
 
 
 def minmax_quantize(x, mn, mx, bits, dtype):
@@ -407,7 +417,7 @@ class QuantStore(nn.Module):
         if sel is not None:
             ring = ring & sel.gather(2, self.rslot.clamp(min=0))
         return (self.kq, self.ks, self.kz, self.vq, self.vs, self.vz, pos, self.front, self.rk, self.rv, ring,
-                self.bits, self.G)
+                self.bits, self.G, self.bits in PLANAR_BITS)
 
     def attend_with_new(self, qg, pos, now, k_new, v_new):
         B, H = qg.shape[:2]

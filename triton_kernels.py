@@ -124,7 +124,8 @@ def _launch_plan(q, n, dense, scores, ragged=False, quant=False, symbolic=False)
     # add a 4 * G = 16 byte logit write, read back once by the epilogue (which writes 4 bytes of probs).
     # Llama-3-8B at B = 8, S = 3.3k slots (10% of 32k): per layer 108 MB of K/V, then 3.4 MB of logits
     # written and read, 0.8 of probs, 1.7 of positions: ~8% on top of K/V.
-    tune = TUNE[("quant" if quant and dense else "dense" if dense else "gather") + ("_few" if B * H <= 16 else "")]
+    kind = "quant" if quant and dense else ("scores" if scores else "dense") if dense else "gather"
+    tune = TUNE[kind + ("_few" if B * H <= 16 else "")]
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     # a ragged run (per-head budgets in one flat buffer of n slots) is split by its own length, so the
     # splits are sized for the average run; sized for n, most programs would find their chunk empty
@@ -173,10 +174,13 @@ def _attend_partials(q, k, v, idx, ok, n, dense, scores, ragged=False, symbolic=
 # and at batch 1 and 32k, within 1% at batch 1 and 3.3k, once 1- and 2-warp programs were tried (2026-11-30:
 # 282 against 311 us for 4 warps at 32k x 8); gather 32/4/4/2 the best at batch 8, 32/2/4/2 at batch 1 (2026-11-29; 1 and 2
 # warps not yet tried). quant (codes read by a bf16 model; 2026-11-30, the pieces kernel): the best at 4 and
-# 2 bits, one warp per program and 16 programs per SM at batch 8.
+# 2 bits, one warp per program and 16 programs per SM at batch 8. scores (attend_scores: the dense kernel that also
+# stores the logits; `tune_attend.py scores`, 2026-11-30): 114.0 against 121.4 us for the op at batch 8 and 3.3k
+# slots with dense's setting, 66.3 against 67.5 at batch 1.
 TUNE = {"dense": dict(block=64, per_sm=2, warps=2, stages=3), "dense_few": dict(block=64, per_sm=2, warps=2, stages=3),
         "gather": dict(block=32, per_sm=4, warps=4, stages=2), "gather_few": dict(block=32, per_sm=2, warps=4, stages=2),
-        "quant": dict(block=32, per_sm=16, warps=1, stages=3), "quant_few": dict(block=64, per_sm=4, warps=2, stages=3)}
+        "quant": dict(block=32, per_sm=16, warps=1, stages=3), "quant_few": dict(block=64, per_sm=4, warps=2, stages=3),
+        "scores": dict(block=32, per_sm=8, warps=1, stages=3), "scores_few": dict(block=128, per_sm=4, warps=4, stages=3)}
 
 
 def _merge(po, pm, pl, s_new=None, v_new=None):
@@ -350,14 +354,15 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
                          scale, sqb, sqh, sqg, sib, sih, CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          D: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr,
                          BITS: tl.constexpr, QG: tl.constexpr, ALIGNED: tl.constexpr, NATIVE: tl.constexpr,
-                         ASM: tl.constexpr):
+                         ASM: tl.constexpr, PLANAR: tl.constexpr):
     """Program (sequence x KV head, split) as _attend_kernel's, over codes: kq/vq [B, HC, SQ, D BITS / 8] uint8,
     ks/kz [B, HC, NGR, D] (key groups of QG slots), vs/vz [B, HC, SQ, D / QG] (value groups of QG channels),
     all contiguous; HC = H (a row per KV head) or 1 (a flat row every head reads). A slot counts if its token
     is in codes: 0 <= pos < FRONT[b] (DENSE, over the run IDX[b, h, :2]; POS [B, HC, SP]), or OK != 0 (gather).
-    A tile's codes are never interleaved back into channel order: piece t of the bytes (_code_pieces) holds
-    channels PER j + t, so q.K^T is a sum of PER dots over the pieces' channels (q loaded strided), p.V makes PER
-    partial outputs (stored strided), and the key scales are loaded strided. ALIGNED (dense runs from slot 0,
+    A tile's codes are never put back into channel order: piece t of the bytes (_code_pieces) holds channels
+    t DP + j (PLANAR: kvstore.pack_codes' 4-bit layout) or PER j + t, so q.K^T is a sum of PER dots over the
+    pieces' channels and p.V makes PER partial outputs; PLANAR pieces are contiguous channels, so their query
+    slices, key scales and output columns are vectors (strided otherwise). ALIGNED (dense runs from slot 0,
     BLOCK a multiple or a divisor of QG): a tile is whole key groups or lies in one, so each group's scale and
     zero row is loaded once and broadcast over its slots (loaded per slot, they held the 4-bit cache at 0.50x the
     bf16 one; BENCHMARKS.md). NATIVE (a bf16 model at 2 or 4 bits, an fp16 one at any): tiles are dequantized in the
@@ -371,7 +376,7 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
     qs = ()
     accs = ()
     for t in tl.static_range(PER):
-        ch = dp * PER + t
+        ch = t * DP + dp if PLANAR else dp * PER + t  # piece t's channels
         qs = qs + (tl.load(Q + b * sqb + h * sqh + g[:, None] * sqg + ch[None, :], mask=g[:, None] < G, other=0.0),)
         accs = accs + (tl.zeros([GP, DP], tl.float32),)
     CT: tl.constexpr = qs[0].dtype if NATIVE else tl.float32  # dequantization's type
@@ -379,7 +384,11 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
     m_i = tl.full([GP], -1.0e30, tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     NG: tl.constexpr = BLOCK // QG if BLOCK >= QG else 1  # key groups a tile spans (ALIGNED)
-    WHOLE: tl.constexpr = QG % PER == 0  # a piece's column j is in value group j // (QG / PER)
+    # value scales loaded per token and broadcast over whole groups of a piece's columns: interleaved, column j of
+    # every piece is in group j // (QG / PER); PLANAR, piece t spans NGP groups from t DP / QG (or lies in one)
+    WHOLE: tl.constexpr = (DP % QG == 0 or QG % DP == 0) if PLANAR else QG % PER == 0
+    NGP: tl.constexpr = DP // QG if DP >= QG else 1
+    dgp = tl.arange(0, NGP)
     for off in range(0, CHUNK, BLOCK):
         n = split * CHUNK + off + tl.arange(0, BLOCK)
         inb = n < n_sel
@@ -396,7 +405,7 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
         s = tl.zeros([GP, BLOCK], tl.float32)
         gi = (split * CHUNK + off) // QG + tl.arange(0, NG)  # ALIGNED: the tile's key groups
         for t in tl.static_range(PER):
-            ch = dp * PER + t
+            ch = t * DP + dp if PLANAR else dp * PER + t
             if ALIGNED:
                 grp = (row * NGR + gi).to(tl.int64)[:, None] * D + ch[None, :]
                 ks = tl.load(KS + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
@@ -410,7 +419,7 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
         m_new, alpha, p = _softmax_step((s * scale).to(tl.float32), ok, inb, n, m_i, PS, bh, n_sel, G, GP, SCORES)
         vp = _code_pieces(tl.load(VQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0), BITS, CT, ASM)
         pv = p.to(qs[0].dtype)
-        if WHOLE:
+        if WHOLE and not PLANAR:
             vg = slot[:, None] * (D // QG) + dg[None, :]
             vs = tl.load(VS + vg, mask=ok[:, None], other=0.0).to(CT)[:, :, None]
             vz = tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(CT)[:, :, None]
@@ -418,10 +427,16 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
             vz = tl.reshape(tl.broadcast_to(vz, (BLOCK, D // QG, QG // PER)), (BLOCK, DP))
         new = ()
         for t in tl.static_range(PER):
+            if WHOLE and PLANAR:  # this piece's groups, each over DP / NGP of its columns
+                vg = slot[:, None] * (D // QG) + ((t * DP) // QG + dgp)[None, :]
+                vs = tl.load(VS + vg, mask=ok[:, None], other=0.0).to(CT)[:, :, None]
+                vz = tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(CT)[:, :, None]
+                vs = tl.reshape(tl.broadcast_to(vs, (BLOCK, NGP, DP // NGP)), (BLOCK, DP))
+                vz = tl.reshape(tl.broadcast_to(vz, (BLOCK, NGP, DP // NGP)), (BLOCK, DP))
             if WHOLE:
                 v = vp[t] * vs + vz
             else:
-                vg = slot[:, None] * (D // QG) + ((dp * PER + t) // QG)[None, :]
+                vg = slot[:, None] * (D // QG) + ((t * DP + dp if PLANAR else dp * PER + t) // QG)[None, :]
                 v = vp[t] * tl.load(VS + vg, mask=ok[:, None], other=0.0).to(CT) + \
                     tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(CT)
             new = new + (tl.dot(pv, v.to(pv.dtype), accs[t] * alpha[:, None]),)
@@ -430,7 +445,7 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
         m_i = m_new
     out = (bh * tl.num_programs(1) + split) * G + g
     for t in tl.static_range(PER):
-        tl.store(PO + out[:, None] * D + (dp * PER + t)[None, :], accs[t], mask=g[:, None] < G)
+        tl.store(PO + out[:, None] * D + (t * DP + dp if PLANAR else dp * PER + t)[None, :], accs[t], mask=g[:, None] < G)
     tl.store(PM + out, m_i, mask=g < G)
     tl.store(PL + out, l_i, mask=g < G)
 
@@ -438,7 +453,7 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
 NATIVE_DEQUANT = True  # dequantize in the model's 16-bit dtype where exact (tune_attend.py quant times both)
 
 
-def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, idx, ok, n, dense, scores, bits, group):
+def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, idx, ok, n, dense, scores, bits, group, planar):
     """_attend_partials over the codes (same splits and tuning: a tile's bytes are fewer, its rows as many)."""
     B, H, G, D = q.shape
     assert D * bits // 8 >= 16, "a piece's tl.dot needs 16 bytes a row (kvstore.QuantStore.kernel)"
@@ -452,7 +467,7 @@ def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, idx, ok, n, dense, sc
         CHUNK=int(chunk), G=G, GP=GP, D=D, BLOCK=tune["block"], DENSE=dense, SCORES=scores, BITS=bits, QG=group,
         # per-head rows (runs start at 0) whose tiles never straddle a key group
         ALIGNED=dense and kq.shape[1] == H and (tune["block"] % group == 0 or group % tune["block"] == 0),
-        NATIVE=native, ASM=native and q.is_cuda, num_warps=tune["warps"], num_stages=tune["stages"])
+        NATIVE=native, ASM=native and q.is_cuda, PLANAR=planar, num_warps=tune["warps"], num_stages=tune["stages"])
     return po, pm, pl, s
 
 
@@ -465,13 +480,13 @@ def _ring_partials(q, rk, rv, ring_ok, scores):
 @triton_op("kvcompress::quant_attend", mutates_args={})
 def quant_attend(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vq: torch.Tensor,
                  vs: torch.Tensor, vz: torch.Tensor, pos: torch.Tensor, front: torch.Tensor, rk: torch.Tensor,
-                 rv: torch.Tensor, ring_ok: torch.Tensor, bits: int, group: int, idx: torch.Tensor, ok: torch.Tensor,
-                 n: int, dense: bool) -> torch.Tensor:
+                 rv: torch.Tensor, ring_ok: torch.Tensor, bits: int, group: int, planar: bool, idx: torch.Tensor,
+                 ok: torch.Tensor, n: int, dense: bool) -> torch.Tensor:
     """kvstore.QuantStore's decode attention: qg [B, H_kv, G, D] over the codes (dense: each head's run
     (start, length) = idx [B, H_kv, 2] of slots in codes, ok unused; gather: the n rows idx where ok) and
     the residual's entries where ring_ok -> [B, H_kv, G, D]."""
     okc = ok.to(torch.int8) if not dense else ring_ok  # dense: OK is never read
-    pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, idx, okc, n, dense, False, bits, group)
+    pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, idx, okc, n, dense, False, bits, group, planar)
     pr = _ring_partials(qg, rk, rv, ring_ok, False)
     return _merge(*(torch.cat([a, b], 2) for a, b in zip(pc[:3], pr[:3])))[0].to(qg.dtype)
 
@@ -479,14 +494,14 @@ def quant_attend(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch
 @triton_op("kvcompress::quant_attend_scores", mutates_args={})
 def quant_attend_scores(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vq: torch.Tensor,
                         vs: torch.Tensor, vz: torch.Tensor, pos: torch.Tensor, front: torch.Tensor, rk: torch.Tensor,
-                        rv: torch.Tensor, ring_ok: torch.Tensor, bits: int, group: int, k_new: torch.Tensor,
-                        v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        rv: torch.Tensor, ring_ok: torch.Tensor, bits: int, group: int, planar: bool,
+                        k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """attend_scores over a QuantStore: out [B, H_kv, G, D] and the group-mean probabilities of the codes'
     slots [B, H_kv, S], of the residual's entries [B, H_kv, R + G] and of the new token [B, H_kv, 1]."""
     B, H = qg.shape[:2]
     S = pos.shape[-1]
     runs = _every_slot(pos, H)
-    pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, runs, ring_ok, S, True, True, bits, group)
+    pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, runs, ring_ok, S, True, True, bits, group, planar)
     pr = _ring_partials(qg, rk, rv, ring_ok, True)
     s_new = (qg.float() * k_new.float()).sum(-1) * qg.shape[-1] ** -0.5
     out, m, z = _merge(*(torch.cat([a, b], 2) for a, b in zip(pc[:3], pr[:3])), s_new, v_new)
@@ -1002,3 +1017,90 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x2, w, y, M, N, K=K, BLOCK_N=t["block_n"], BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
         num_warps=t["warps"], num_stages=t["stages"])
     return y.view(*x.shape[:-1], N)
+
+
+# ---- eviction's choice: the slot that takes the new token -----------------------------------------------------
+# cache.KVCache.choose_slot in one launch. Inductor made three of its torch form (the order-preserving score bits,
+# per-chunk minima, the argmin of those), 7.4 us a layer at 32k x 8 for 1.7 MB of keys (BENCHMARKS.md, session 14).
+# Here each program takes EVICT_CHUNK candidates of a (sequence, KV head) row and stores their least key and its
+# index; the row's last program to finish (an atomic ticket per row, which it resets) reduces those. One program
+# per row (a serial scan of 3.3k slots) took 8 us a layer inside the decode step at batch 1 (BENCHMARKS.md).
+
+@triton.jit
+def _evict_slot_kernel(KEEP, POS, NOW, LIMIT, TICKET, PKEY, PIDX, SLOT, S, H, skb, skh, n_sinks, recent, frac, reserve,
+                       CHUNK: tl.constexpr, PART: tl.constexpr, SCORED: tl.constexpr, FRACTIONAL: tl.constexpr):
+    """Program (row = b H + h, chunk c): the argmin over candidates i = 0..S (slot i < S, the new token at i = S) of
+    the key (score's order-preserving bits, position + 1), score = +inf where protected (position < n_sinks or >
+    now - recent), -inf where empty (position < 0), the candidate left out past the row's limit (not the new
+    token); ties: the first index. SCORED: scores KEEP[b, h, i] (strides skb, skh, 1), else the position itself
+    (StreamingLLM's). FRACTIONAL: recent = round-half-even((limit - reserve) frac), at least 1 (H2O's recent
+    ratio; KVCache.protected). TICKET [rows] int32 is 0 on entry and left 0."""
+    row, c, n_ch = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    b, h = row // H, row % H
+    now = tl.load(NOW + b)
+    limit = tl.load(LIMIT + row)
+    if FRACTIONAL:
+        x = (limit - reserve).to(tl.float32) * frac
+        f = tl.floor(x)
+        up = (x - f > 0.5) | ((x - f == 0.5) & (f - 2.0 * tl.floor(f * 0.5) == 1.0))  # ties to even, as torch
+        rec = tl.maximum(f + up.to(tl.float32), 1.0).to(tl.int64)
+    else:
+        rec = recent
+    i = c * CHUNK + tl.arange(0, CHUNK)
+    p = tl.load(POS + row.to(tl.int64) * S + i, mask=i < S, other=-1)
+    p = tl.where(i == S, now, p)
+    if SCORED:
+        score = tl.load(KEEP + b.to(tl.int64) * skb + h * skh + i, mask=i <= S, other=0.0).to(tl.float32)
+    else:
+        score = p.to(tl.float32)
+    score = tl.where((p < n_sinks) | (p > now - rec), float("inf"), score)
+    score = tl.where(p < 0, float("-inf"), score)
+    score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> 0.0: one key for zero
+    bits = score.to(tl.int32, bitcast=True)
+    key = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) + p + 1  # int order = the floats' order
+    key = tl.where((i < limit) | (i == S), key, 0x7FFFFFFFFFFFFFFF)  # limit <= S: nothing past S counts
+    least = tl.min(key, 0)
+    tl.store(PKEY + row * n_ch + c, least)
+    tl.store(PIDX + row * n_ch + c, tl.min(tl.where(key == least, i, 0x7FFFFFFF), 0))
+    # acq_rel: this program's partials are released before its ticket, the others' acquired by the last one
+    if tl.atomic_add(TICKET + row, 1) == n_ch - 1:
+        best = tl.full([], 0x7FFFFFFFFFFFFFFF, tl.int64)
+        at = tl.full([], 0, tl.int32)
+        j0 = 0
+        while j0 < n_ch:  # a while loop: its bound is data (a for loop's would need a constant in the interpreter)
+            j = j0 + tl.arange(0, PART)
+            k = tl.load(PKEY + row * n_ch + j, mask=j < n_ch, other=0x7FFFFFFFFFFFFFFF, cache_modifier=".cg")
+            least = tl.min(k, 0)
+            first = tl.min(tl.where(k == least, j, 0x7FFFFFFF), 0)  # the first chunk holds the first index
+            at = tl.where(least < best, first, at)
+            best = tl.minimum(least, best)
+            j0 += PART
+        tl.store(SLOT + row, tl.load(PIDX + row * n_ch + at, cache_modifier=".cg").to(tl.int64))
+        tl.store(TICKET + row, 0)
+
+
+# candidates a program, its warps; partials reduced at a time. `python scripts/tune_attend.py evict` on the H200
+# (2026-11-30, BENCHMARKS.md): 512 / 4 within 0.2 us of the best setting at batch 1 and 8 (2.9-3.9 us a call,
+# the compiled torch form 5.1-14.2)
+EVICT_CHUNK, EVICT_WARPS, EVICT_PART = 512, 4, 128
+
+
+@triton_op("kvcompress::evict_slot", mutates_args={"ticket"})
+def evict_slot(keep: torch.Tensor, pos: torch.Tensor, input_pos: torch.Tensor, limit: torch.Tensor,
+               ticket: torch.Tensor, n_sinks: int, recent: int, frac: float, reserve: int, scored: bool) -> torch.Tensor:
+    """cache.KVCache.choose_slot: keep [B, H_kv, S + 1] fp32 (last dim contiguous; unread unless scored: the
+    positions are the scores), pos [B, H_kv, S], input_pos [B], limit [B, H_kv], ticket [B, H_kv] int32 zeros
+    (left zero); sinks below position n_sinks and the last `recent` positions protected (frac > 0: recent is that
+    fraction of each row's limit - reserve) -> the slot [B, H_kv] int64 (S: the new token)."""
+    B, H, S = pos.shape
+    assert not scored or keep.stride(-1) == 1 and keep.dtype == torch.float32
+    assert ticket.is_contiguous() and ticket.dtype == torch.int32
+    n_ch = triton.cdiv(S + 1, EVICT_CHUNK)
+    pkey = torch.empty(B * H, n_ch, device=pos.device, dtype=torch.long)
+    pidx = torch.empty(B * H, n_ch, device=pos.device, dtype=torch.int32)
+    slot = torch.empty(B, H, device=pos.device, dtype=torch.long)
+    wrap_triton(_evict_slot_kernel)[(B * H, n_ch)](
+        keep, pos.contiguous(), input_pos, limit.contiguous(), ticket, pkey, pidx, slot, S, H, keep.stride(0),
+        keep.stride(1), n_sinks, recent, frac, reserve, CHUNK=EVICT_CHUNK, PART=EVICT_PART, SCORED=scored, FRACTIONAL=frac > 0,
+        num_warps=EVICT_WARPS)
+    return slot

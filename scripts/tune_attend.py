@@ -6,6 +6,8 @@
     python scripts/tune_attend.py sass      # no GPU needed: the decode kernels' main loops, instruction by kind
     python scripts/tune_attend.py compare REV   # quant_attend at git revision REV beside the working tree's
     python scripts/tune_attend.py linear    # the decode GEMMs (triton_kernels.decode_linear) against cuBLAS
+    python scripts/tune_attend.py evict     # eviction's choice (triton_kernels.evict_slot) against its torch form
+    python scripts/tune_attend.py scores    # attend_scores' launch settings (attention that stores the logits)
 
 Every time is a CUDA-graph replay median (triton.testing.do_bench_cudagraph), so launch overhead is out
 and a kernel is timed as it runs inside the decode step's graph. GB/s counts the K/V rows (and positions,
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import kvstore  # noqa: E402
 import triton_kernels as tk  # noqa: E402
 
 H, G, D = 8, 4, 128  # Llama-3-8B: KV heads, query heads per KV head, head_dim
@@ -81,6 +84,28 @@ def pick(times):
     return dict(block=block, per_sm=per_sm, warps=warps, stages=stages)
 
 
+def tune_scores():
+    """attend_scores (dense attention that also stores the logits: H2O, TOVA, Scissorhands) over a 10% budget of 32k
+    at batch 1 and 8, dense_attend at its committed setting beside it: the logits' stores may move the best launch."""
+    best = {}
+    print("| kernel | batch | slots | block | per SM | warps | stages | us |\n|---|---|---|---|---|---|---|---|")
+    for B in (1, 8):
+        qg, k, v, pos, runs = dense_case(B, 3300, 3300)
+        k_new, v_new = (torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        ms = bench_ms(lambda: tk.dense_attend(qg, k, v, pos, runs, 3300))
+        print(f"| dense_attend (committed) | {B} | 3300 | | | | | {1e3 * ms:.1f} |", flush=True)
+        key = "scores_few" if B * H <= 16 else "scores"
+        committed = dict(tk.TUNE[key])
+        for (block, warps), per_sm, stages in itertools.product(DENSE_SHAPES, [2, 4, 8], [3]):
+            tk.TUNE[key] = dict(block=block, per_sm=per_sm, warps=warps, stages=stages)
+            ms = bench_ms(lambda: tk.attend_scores(qg, k, v, pos, k_new, v_new))
+            best.setdefault((B, 3300), []).append((ms, block, per_sm, warps, stages))
+            print(f"| attend_scores | {B} | 3300 | {block} | {per_sm} | {warps} | {stages} | {1e3 * ms:.1f} |", flush=True)
+        tk.TUNE[key] = committed
+    return {"scores": pick({k: v for k, v in best.items() if k[0] * H > 16}),
+            "scores_few": pick({k: v for k, v in best.items() if k[0] * H <= 16})}
+
+
 def tune_gather():
     times = {}
     print("| kernel | batch | selected of slots | block | per SM | warps | stages | us | GB/s |\n|---|---|---|---|---|---|---|---|---|")
@@ -114,7 +139,8 @@ def quant_case(B, S, filled, bits, group=32, residual=128):
     ring = torch.ones(B, H, Rr, dtype=torch.bool, **gen)
     qg = torch.randn(B, H, G, D, dtype=torch.bfloat16, **gen)
     runs = torch.tensor([0, S], **gen).expand(B, H, 2)
-    args = (qg, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring, bits, group, runs, runs, S, True)
+    args = (qg, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring, bits, group, bits in kvstore.PLANAR_BITS, runs, runs, S,
+            True)
     return args, B * H * filled * (2 * Dp + 2 * 2 * 2 * D / group + 8) / 1e9  # codes, scales and zeros, positions
 
 
@@ -161,6 +187,7 @@ def compare(rev):
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)
     kernels = {rev: old, "working tree": tk}
+    before_planar = "planar" not in src  # quant_attend's signature before the 4-bit planar layout (no planar flag)
     print("| batch | bits | kernel | launch (block/per SM/warps/stages) | us |\n|---|---|---|---|---|")
     for B, bits in itertools.product((8, 1), (4, 2)):
         args, _ = quant_case(B, 33792, 32769, bits)
@@ -169,7 +196,8 @@ def compare(rev):
         for name, m in kernels.items():
             for setting in settings.values():
                 m.TUNE[key] = setting
-                ms = bench_ms(lambda: m.quant_attend(*args))
+                a = args[:14] + args[15:] if m is old and before_planar else args
+                ms = bench_ms(lambda: m.quant_attend(*a))
                 print(f"| {B} | {bits} | {name} | {'/'.join(map(str, setting.values()))} | {1e3 * ms:.1f} |", flush=True)
             m.TUNE[key] = settings[name]
 
@@ -250,6 +278,35 @@ def tune_linear():
             print(f"batch {M}: layer {1e3 * ms:.1f} us at block_n/block_k/warps/stages {setting}")
 
 
+def tune_evict():
+    """Eviction's choice at a 10% budget of 32k (3,277 slots) and batch 1 and 8: triton_kernels.evict_slot at each
+    tile and warp count, against choose_slot's torch form compiled (cache.EVICT_KERNEL off), for H2O (scores, a
+    fractional window) and StreamingLLM (positions, 4 sinks)."""
+    import cache as kv
+    print("| policy | batch | form | chunk | warps | us |\n|---|---|---|---|---|---|")
+    committed = tk.EVICT_CHUNK, tk.EVICT_WARPS
+    for name, B in itertools.product(("h2o", "streamingllm"), (1, 8)):
+        cfg = kv.CacheConfig(strategy=name)
+        c = kv.REGISTRY[name](B, H, 3277, D, G, torch.bfloat16, 0, 32, cfg).cuda()
+        c.needs_attn = False  # H2O's own choose_slot keeps the torch form on CUDA (cache.py says why): time the kernel
+        c.limit.fill_(3277)
+        c.pos.copy_(torch.stack([torch.randperm(32768, device="cuda")[:3277] for _ in range(B * H)]).view(B, H, -1))
+        now = torch.full((B,), 32768, device="cuda")
+        keep = None if name == "streamingllm" else torch.rand(B, H, 3278, device="cuda")
+        kv.EVICT_KERNEL = False
+        torch_form = torch.compile(lambda keep, now: c.choose_slot(keep, now), fullgraph=True)
+        ref = torch_form(c.decode_scores(None, None, now) if keep is None else keep, now)
+        ms = bench_ms(lambda: torch_form(c.decode_scores(None, None, now) if keep is None else keep, now))
+        print(f"| {name} | {B} | torch, compiled | | | {1e3 * ms:.1f} |", flush=True)
+        kv.EVICT_KERNEL = True
+        for chunk, warps in itertools.product((128, 256, 512, 1024, 2048), (1, 2, 4, 8)):
+            tk.EVICT_CHUNK, tk.EVICT_WARPS = chunk, warps
+            assert torch.equal(c.choose_slot(keep, now), ref)
+            ms = bench_ms(lambda: c.choose_slot(keep, now))
+            print(f"| {name} | {B} | evict_slot | {chunk} | {warps} | {1e3 * ms:.1f} |", flush=True)
+        tk.EVICT_CHUNK, tk.EVICT_WARPS = committed
+
+
 # the decode kernels' pointer arguments as a bf16 model launches them (loop_sass's signature)
 SASS_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KQ": "*u8", "VQ": "*u8", "KS": "*bf16", "KZ": "*bf16",
                  "VS": "*bf16", "VZ": "*bf16", "IDX": "*i64", "OK": "*i64", "POS": "*i64", "FRONT": "*i64",
@@ -305,7 +362,8 @@ def sass():
     for bits, native in ((4, True), (2, True), (4, False)):
         for b, w in ((quant["block"], quant["warps"]), (128, 4)):
             cases.append((f"quant_attend, {bits}-bit, {'bf16' if native else 'fp32'} dequantization", tk._attend_quant_kernel,
-                          dict(base, BLOCK=b, BITS=bits, QG=32, ALIGNED=True, NATIVE=native, ASM=native), w))
+                          dict(base, BLOCK=b, BITS=bits, QG=32, ALIGNED=True, NATIVE=native, ASM=native,
+                               PLANAR=bits in kvstore.PLANAR_BITS), w))
     for name, fn, consts, warps in cases:
         n, ops = loop_sass(fn, SASS_POINTERS, consts, warps, 3)
         top = ", ".join(f"{op} {c}" for op, c in ops.most_common(8))
@@ -326,6 +384,6 @@ if __name__ == "__main__":
     chosen = {}
     for w in which:
         chosen |= {"dense": tune_dense, "gather": tune_gather, "quant": tune_quant, "others": time_others,
-                   "linear": tune_linear}[w]() or {}
+                   "linear": tune_linear, "evict": tune_evict, "scores": tune_scores}[w]() or {}
     if out:
         Path(out).write_text(json.dumps(chosen, indent=1))

@@ -11,6 +11,7 @@ and without protected tokens (WINDOWS). Continuous random data keeps float score
 scores (Hamming distances, indicator counts) tie, and both sides break ties toward evicting the
 oldest token, the rule cache.py documents.
 """
+import copy
 import math
 from fractions import Fraction
 
@@ -684,11 +685,12 @@ def test_prefill_only_caches_fill_a_prefix_and_count_it(name, params, budget):
     assert grew_somewhere and full_somewhere
 
 
-@pytest.mark.parametrize("name,params", [v for v in VARIANTS if v[0] in ("random", "l2", "lsh", "h2o", "scissorhands")
-                                         and not v[1].get("l2_one_shot")])
+@pytest.mark.parametrize("name,params", [v for v in VARIANTS if v[0] in ("streamingllm", "random", "l2", "lsh", "h2o",
+                                                                         "scissorhands") and not v[1].get("l2_one_shot")])
 def test_a_protected_new_token_is_never_dropped_and_written_without_a_read(name, params, monkeypatch):
-    """Evicting policies with a recent window protect the token just arrived, so choose_slot never returns S
-    (drop) for it: `drops` is False and write skips reading the old row. Checked at half the prompt over 12 steps
+    """Evicting policies with a recent window protect the token just arrived, and StreamingLLM's position score
+    keeps the newest, so choose_slot never returns S (drop) for it: `drops` is False and write skips reading the
+    old row. Checked at half the prompt over 12 steps
     of the 2-sequence batch (one row left-padded): each step's position enters every row of every evicting
     layer, and the logits and every cache buffer equal a run forced through the reading write (drops True)."""
     def run():
@@ -710,6 +712,32 @@ def test_a_protected_new_token_is_never_dropped_and_written_without_a_read(name,
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for c1, c2 in zip(bufs, bufs2, strict=True):
         assert c1.keys() == c2.keys() and all(torch.equal(c1[k], c2[k]) for k in c1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: triton_kernels.evict_slot (its interpreter test in "
+                    "test_kernels runs everywhere)")
+@pytest.mark.parametrize("protocol", ["stream", "context"])
+@pytest.mark.parametrize("name,params", [v for v in VARIANTS if kv.REGISTRY[v[0]].evicts and not v[1].get("l2_one_shot")])
+def test_choose_slot_on_cuda_equals_torch(name, params, protocol):
+    """choose_slot's CUDA kernel (taken here by every policy), given the cache's own sinks, window (H2O's fractional
+    one: of each row's limit less the reserve, which protocol context makes non-zero) and limits, picks what its
+    torch form picks, after the prefill and every decode step of run_cache, for integer scores that tie; by
+    position (keep None) too."""
+    g = torch.Generator().manual_seed(1)
+    checked = []
+
+    def check(cache):
+        gpu = copy.deepcopy(cache).cuda()
+        gpu.needs_attn = False  # the attention-scored policies keep the torch form on CUDA: take the kernel anyway
+        now = cache.pos.amax((1, 2)) + 1
+        keep = torch.randint(-2, 2, (*cache.pos.shape[:2], cache.n_slots + 1), generator=g).float()
+        assert torch.equal(gpu.choose_slot(keep.cuda(), now.cuda()).cpu(), cache.choose_slot(keep, now))
+        by_pos = kv.KVCache.decode_scores(cache, None, None, now)
+        assert torch.equal(gpu.choose_slot(None, now.cuda()).cpu(), cache.choose_slot(by_pos, now))
+        checked.append(True)
+    for sinks, recent in [(None, None), (SINKS, RECENT), (0, 0)]:  # the strategy's own (H2O: half of the budget)
+        run_cache(name, SLOTS, params, sinks=sinks, recent=recent, each_step=check, protocol=protocol)
+    assert len(checked) == 3 * (STEPS + 1)
 
 
 @pytest.mark.parametrize("name,params", VARIANTS)
@@ -754,6 +782,8 @@ def expected_bytes(name, params, slots, B_, H, D_, elt):
     for S in slots:
         n += 2 * B_ * H * S * D_ * elt + B_ * H * S * 8 + B_ * H * 8  # K, V, positions, per-row budgets
         n += B_ * H * 8  # the filled slots' count
+        if kv.REGISTRY[name].evicts and not params.get("l2_one_shot"):
+            n += B_ * H * 4  # evict_slot's ticket (int32)
         if name == "lsh":
             L = params.get("lsh_dim", 16)
             n += B_ * H * S * (2 if L <= 16 else 4 if L <= 32 else 8) + D_ * L * 4  # codes + R (fp32)

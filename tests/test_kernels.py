@@ -1,5 +1,6 @@
 """triton_kernels.prompt_colsum (H2O / SnapKV / TOVA prompt scores) against a plain-Python reference
 written from the definition, and the torch path (cache.prompt_attention) against the same reference."""
+import itertools
 import math
 
 import pytest
@@ -115,3 +116,85 @@ def test_decode_linear_on_cuda():
 
 def test_decode_linear_in_interpreter():
     in_triton_interpreter("test_kernels", "check_decode_linear")
+
+
+def naive_evict(keep, pos, now, limit, sinks, recent, frac, reserve):
+    """The slot that takes the new token, per (sequence, KV head), from the rule cache.py documents: among the
+    slots below the row's limit and the new token (candidate S, at position now), an empty slot first, then the
+    lowest score, a protected one (a sink, or within the recent window) scoring +inf; ties evict the oldest
+    position, then the first candidate. frac > 0: the window is round(frac (limit - reserve)), at least 1."""
+    B, H, S = len(pos), len(pos[0]), len(pos[0][0])
+    out = []
+    for b in range(B):
+        row = []
+        for h in range(H):
+            window = max(1, round(frac * (limit[b][h] - reserve))) if frac else recent
+            cands = []
+            for i in range(S + 1):
+                if i < S and i >= limit[b][h]:
+                    continue
+                p = pos[b][h][i] if i < S else now[b]
+                if p < 0:
+                    score = -math.inf
+                elif p < sinks or p > now[b] - window:
+                    score = math.inf
+                else:
+                    score = keep[b][h][i]
+                cands.append((score, p, i))
+            row.append(min(cands)[2])
+        out.append(row)
+    return out
+
+
+def check_evict_slot(device):
+    """triton_kernels.evict_slot against naive_evict: Llama-3-8B's 8 KV heads, rows of different limits, empty
+    slots, integer scores that tie (and -0.0 beside 0.0), chunks of 16 candidates (several programs a row, their
+    partials reduced two at a time) and the default chunk (one a row); sinks and window, a fractional window (H2O's, ties to even),
+    nothing protected; scored, and by position (StreamingLLM's)."""
+    import triton_kernels as tk
+    g = torch.Generator().manual_seed(0)
+    B, H, S = 3, 8, 47
+    chunk0, part0 = tk.EVICT_CHUNK, tk.EVICT_PART
+    for chunk, (sinks, recent, frac, reserve), scored in itertools.product(
+            (16, chunk0), [(4, 10, 0.0, 0), (0, 0, 0.5, 3), (0, 0, 0.0, 0), (2, 0, 0.25, 0)], (True, False)):
+        tk.EVICT_CHUNK, tk.EVICT_PART = chunk, 2 if chunk == 16 else part0  # 2: the partials in several tiles
+        # distinct positions in a row, none a sink but the first four slots'
+        pos = torch.stack([torch.randperm(190, generator=g)[:S] for _ in range(B * H)]).view(B, H, S) + 4
+        pos[:, :, :4] = torch.arange(4)
+        limit = torch.randint(S - 20, S + 1, (B, H), generator=g)
+        # rows whose choice the edge of a window decides (below): none of their slots empty
+        edges = [(0, 0, 47, 12, 195 - 10),  # just outside a window of 10
+                 (2, 2, 46, 10, 200 - 21),  # (46 - 3) / 2 = 21.5 -> 22: just inside
+                 (2, 3, 46, 11, 200 - 11),  # 46 / 4 = 11.5 -> 12: just inside
+                 (1, 1, 44, 10, 250 - 20),  # (44 - 3) / 2 = 20.5 -> 20 (even, down): just outside
+                 (0, 1, 42, 10, 195 - 10),  # 42 / 4 = 10.5 -> 10: just outside
+                 (0, 2, 47, 10, 195 - 11)]  # 47 / 4 = 11.75 -> 12: just inside
+        empty = torch.rand(B, H, S, generator=g) < 0.1
+        for b, h, n, i, p in edges:
+            empty[b, h], limit[b, h] = False, n
+        pos[empty] = -1
+        now = torch.tensor([195, 250, 200])
+        keep = torch.randint(-3 if chunk == 16 else 0, 3, (B, H, S + 1), generator=g).float()  # 0 the least, or not
+        keep[keep == 0] = torch.tensor([0.0, -0.0])[torch.randint(0, 2, (int((keep == 0).sum()),), generator=g)]
+        for b, h, n, i, p in edges:  # the row's least score at that position
+            pos[b, h][pos[b, h] == p] = pos[b, h, i].item()  # a swap: positions stay distinct
+            pos[b, h, i], keep[b, h, i] = p, -100.0
+        limit[2, 0], keep[2, 0, S] = 1, -200.0  # one slot: a fractional window still protects the new token
+        if not scored:
+            keep = torch.cat([pos.float(), now.float()[:, None, None].expand(B, H, 1)], -1)
+        ref = naive_evict(keep.tolist(), pos.tolist(), now.tolist(), limit.tolist(), sinks, recent, frac, reserve)
+        ticket = torch.zeros(B, H, dtype=torch.int32, device=device)
+        got = tk.evict_slot(keep.to(device), pos.to(device), now.to(device), limit.to(device), ticket, sinks, recent,
+                            frac, reserve, scored)
+        assert got.cpu().tolist() == ref, (chunk, sinks, recent, frac, scored)
+        assert not ticket.any()  # left zero for the next call
+    tk.EVICT_CHUNK, tk.EVICT_PART = chunk0, part0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test below runs everywhere")
+def test_evict_slot_on_cuda():
+    check_evict_slot("cuda")
+
+
+def test_evict_slot_in_interpreter():
+    in_triton_interpreter("test_kernels", "check_evict_slot")

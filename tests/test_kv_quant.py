@@ -26,13 +26,18 @@ def naive_quant(xs, bits, dtype):
 
 
 def naive_pack(codes, bits):
-    """Channel d in byte d // (8 / bits) at bit (d % (8 / bits)) * bits."""
-    per = 8 // bits
-    return [sum(codes[j * per + i] << (i * bits) for i in range(per)) for j in range(len(codes) // per)]
+    """4 bits (planar): byte j holds channel j at bit 0 and channel j + D / 2 at bit 4. 2 and 8 bits: channel d
+    in byte d // (8 / bits) at bit (d % (8 / bits)) * bits."""
+    per, n = 8 // bits, len(codes) // (8 // bits)
+    if bits == 4:
+        return [codes[j] | codes[j + n] << 4 for j in range(n)]
+    return [sum(codes[j * per + i] << (i * bits) for i in range(per)) for j in range(n)]
 
 
 def naive_unpack(byts, bits):
     per = 8 // bits
+    if bits == 4:
+        return [byte & 15 for byte in byts] + [byte >> 4 for byte in byts]
     return [(byte >> (i * bits)) & (2 ** bits - 1) for byte in byts for i in range(per)]
 
 
