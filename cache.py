@@ -45,7 +45,8 @@ strategy, which manages the other layers only (make_caches; budgets, patterns an
 ring stays in the model dtype: its window is the model's, not a budget).
 Decode attention on CUDA is Triton (triton_kernels.py): dense_attend over the filled slots, attend_scores
 when the probabilities are needed, gather_attend for a selection (quant_attend / quant_attend_scores read
-a QuantStore's codes in place); on CPU, SDPA with a mask (a QuantStore dequantizes first).
+a QuantStore's codes in place); on CPU, SDPA with a mask (a QuantStore dequantizes first). The victim choice
+(choose_slot) is one Triton kernel on CUDA, evict_slot, for the policies not scored by attention.
 Quantized storage under eviction (departs from KIVI, which never evicts): a token enters the store's
 full-precision residual and is flushed into codes a group of positions at a time; a slot = position
 policy fills each key group whole (KIVI exactly), while an evicting or appending policy overwrites single

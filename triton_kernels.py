@@ -23,6 +23,10 @@ quant_attend, quant_attend_scores: dense_attend / gather_attend / attend_scores 
 prompt_colsum: the prompt scores of H2O, SnapKV and TOVA (cache.prompt_attention) in two passes of
 QK^T over the causal half, never T x T (the section's header says how).
 
+decode_linear: y = x W^T for a decode step's few rows (model.Linear's wo and w2 on CUDA).
+
+evict_slot: cache.KVCache.choose_slot (the slot that takes the new token) in one launch.
+
 All are registered with torch.library.triton_op so `torch.compile(fullgraph=True)` and CUDA graphs keep
 them. Tests run them on CPU in Triton's interpreter (TRITON_INTERPRET=1), which needs compile-time
 loop bounds (CHUNK, K are tl.constexpr; _attend_kernel's CHUNK is 0, a runtime bound, only where a compile made
