@@ -219,6 +219,26 @@ def symbolic_slots_case(device, regional, tmp_path):
         assert counters["stats"]["unique_graphs"] - before == 1, name
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA: triton_kernels.evict_slot with a symbolic slot count"))])
+def test_evicting_caches_for_prompts_of_many_lengths_share_one_compiled_graph(device):
+    """eval.py's compiled decode over prompts of many lengths (a fractional budget: SymbolicSlots always):
+    StreamingLLM and L2 evict every step (on CUDA through evict_slot, whose slot count is then a symbol); one
+    graph for both batches' sizes, eager's tokens."""
+    torch._dynamo.reset()
+    model = tiny_model(n_layer=2).to(device)
+    g = torch.Generator().manual_seed(3)
+    batches = [[torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths] for lengths in ((200, 150), (180, 120))]
+    for name in ("streamingllm", "l2"):
+        cfg = kv.CacheConfig(strategy=name, max_cache_length=["0.5"])
+        step, before, sizes = gen.compile_decode(model, device, symbolic_slots=True), counters["stats"]["unique_graphs"], set()
+        for prompts in batches:
+            eager = gen.generate(model, prompts, 12, cfg, device=device,
+                                 on_caches=lambda cs: sizes.add(cs[0].pos.shape[-1])).tokens
+            assert gen.generate(model, prompts, 12, cfg, decode_step=step, device=device).tokens == eager, name
+        assert len(sizes) == 2 and counters["stats"]["unique_graphs"] - before == 1, name
+
+
 @pytest.mark.parametrize("regional", [True, False])
 def test_layers_and_prompts_of_different_cache_sizes_share_one_compiled_graph(regional, tmp_path):
     symbolic_slots_case("cpu", regional, tmp_path)
