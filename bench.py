@@ -527,8 +527,8 @@ def tuning():
     import triton_kernels
     gemm = (f"triton_kernels.decode_linear for projections no wider than their input (wo, w2), "
             f"{triton_kernels.LINEAR_TUNE}" if model.DECODE_GEMM else "cuBLAS (--no_decode_gemm)")
-    evict = (f"triton_kernels.evict_slot, {triton_kernels.EVICT_CHUNK} slots and {triton_kernels.EVICT_WARPS} warps a program"
-             if kv.EVICT_KERNEL else "torch (--no_evict_kernel)")
+    evict = (f"triton_kernels.evict_slot, {triton_kernels.EVICT_CHUNK} slots and {triton_kernels.EVICT_WARPS} "
+             "warps a program" if kv.EVICT_KERNEL else "torch (--no_evict_kernel)")
     return f"{triton_kernels.TUNE}; decode GEMMs: {gemm}; eviction's choice: {evict}"
 
 

@@ -252,7 +252,7 @@ class KVCache(nn.Module):
         policies scored by attention: inductor fuses their score update into this torch form, which the kernel
         (opaque to it) would have to read back as a separate tensor, and it measured 1-2% slower there at batch 1
         (BENCHMARKS.md, session 15)."""
-        if self.pos.is_cuda and EVICT_KERNEL and not self.needs_attn:
+        if self.evict_kernel:
             from triton_kernels import evict_slot
             frac = float(self.recent_window) if 0 < self.recent_window < 1 else 0.0
             return evict_slot(self.pos if keep is None else keep.float(), self.pos, input_pos, self.limit, self.ticket,
@@ -272,6 +272,11 @@ class KVCache(nn.Module):
     def usable(self):
         """[B, H_kv, S]: the slots below each row's budget (`limit`)."""
         return torch.arange(self.n_slots, device=self.limit.device) < self.limit[..., None]
+
+    @property
+    def evict_kernel(self):
+        """Whether choose_slot runs triton_kernels.evict_slot (its docstring says when)."""
+        return self.pos.is_cuda and EVICT_KERNEL and not self.needs_attn
 
     @property
     def drops(self):
@@ -361,8 +366,7 @@ class KVCache(nn.Module):
             return self.attend_selected(qg, input_pos).view(B, H, 1, D)
         else:
             if self.evicts:  # the base rule's scores are the positions: CUDA's kernel reads them from `pos` itself
-                plain = (self.pos.is_cuda and EVICT_KERNEL and not self.needs_attn
-                         and type(self).decode_scores is KVCache.decode_scores)
+                plain = self.evict_kernel and type(self).decode_scores is KVCache.decode_scores
                 slot = self.choose_slot(None if plain else self.decode_scores(qg, k_new, input_pos), input_pos)
             elif self.prefill_only:  # generated tokens fill the reserved (empty) slots, first one first
                 room = self.count < self.limit.clamp(max=self.n_slots)

@@ -184,7 +184,8 @@ def _attend_partials(q, k, v, idx, ok, n, dense, scores, ragged=False, symbolic=
 TUNE = {"dense": dict(block=64, per_sm=2, warps=2, stages=3), "dense_few": dict(block=64, per_sm=2, warps=2, stages=3),
         "gather": dict(block=32, per_sm=4, warps=4, stages=2), "gather_few": dict(block=32, per_sm=2, warps=4, stages=2),
         "quant": dict(block=32, per_sm=16, warps=1, stages=3), "quant_few": dict(block=64, per_sm=4, warps=2, stages=3),
-        "scores": dict(block=32, per_sm=8, warps=1, stages=3), "scores_few": dict(block=128, per_sm=4, warps=4, stages=3)}
+        "scores": dict(block=32, per_sm=8, warps=1, stages=3),
+        "scores_few": dict(block=128, per_sm=4, warps=4, stages=3)}
 
 
 def _merge(po, pm, pl, s_new=None, v_new=None):
@@ -449,7 +450,8 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
         m_i = m_new
     out = (bh * tl.num_programs(1) + split) * G + g
     for t in tl.static_range(PER):
-        tl.store(PO + out[:, None] * D + (t * DP + dp if PLANAR else dp * PER + t)[None, :], accs[t], mask=g[:, None] < G)
+        ch = t * DP + dp if PLANAR else dp * PER + t
+        tl.store(PO + out[:, None] * D + ch[None, :], accs[t], mask=g[:, None] < G)
     tl.store(PM + out, m_i, mask=g < G)
     tl.store(PL + out, l_i, mask=g < G)
 
@@ -499,7 +501,8 @@ def quant_attend(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch
 def quant_attend_scores(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vq: torch.Tensor,
                         vs: torch.Tensor, vz: torch.Tensor, pos: torch.Tensor, front: torch.Tensor, rk: torch.Tensor,
                         rv: torch.Tensor, ring_ok: torch.Tensor, bits: int, group: int, planar: bool,
-                        k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        k_new: torch.Tensor,
+                        v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """attend_scores over a QuantStore: out [B, H_kv, G, D] and the group-mean probabilities of the codes'
     slots [B, H_kv, S], of the residual's entries [B, H_kv, R + G] and of the new token [B, H_kv, 1]."""
     B, H = qg.shape[:2]
@@ -1105,6 +1108,6 @@ def evict_slot(keep: torch.Tensor, pos: torch.Tensor, input_pos: torch.Tensor, l
     slot = torch.empty(B, H, device=pos.device, dtype=torch.long)
     wrap_triton(_evict_slot_kernel)[(B * H, n_ch)](
         keep, pos.contiguous(), input_pos, limit.contiguous(), ticket, pkey, pidx, slot, S, H, keep.stride(0),
-        keep.stride(1), n_sinks, recent, frac, reserve, CHUNK=EVICT_CHUNK, PART=EVICT_PART, SCORED=scored, FRACTIONAL=frac > 0,
-        num_warps=EVICT_WARPS)
+        keep.stride(1), n_sinks, recent, frac, reserve, CHUNK=EVICT_CHUNK, PART=EVICT_PART, SCORED=scored,
+        FRACTIONAL=frac > 0, num_warps=EVICT_WARPS)
     return slot

@@ -690,9 +690,9 @@ def test_prefill_only_caches_fill_a_prefix_and_count_it(name, params, budget):
 def test_a_protected_new_token_is_never_dropped_and_written_without_a_read(name, params, monkeypatch):
     """Evicting policies with a recent window protect the token just arrived, and StreamingLLM's position score
     keeps the newest, so choose_slot never returns S (drop) for it: `drops` is False and write skips reading the
-    old row. Checked at half the prompt over 12 steps
-    of the 2-sequence batch (one row left-padded): each step's position enters every row of every evicting
-    layer, and the logits and every cache buffer equal a run forced through the reading write (drops True)."""
+    old row. Checked at half the prompt over 12 steps of the 2-sequence batch (one row left-padded): each step's
+    position enters every row of every evicting layer, and the logits and every cache buffer equal a run forced
+    through the reading write (drops True)."""
     def run():
         model, caches, now, logits = prefilled(name, params, "0.5", 12)
         out = [logits]

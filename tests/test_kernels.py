@@ -149,8 +149,8 @@ def naive_evict(keep, pos, now, limit, sinks, recent, frac, reserve):
 def check_evict_slot(device):
     """triton_kernels.evict_slot against naive_evict: Llama-3-8B's 8 KV heads, rows of different limits, empty
     slots, integer scores that tie (and -0.0 beside 0.0), chunks of 16 candidates (several programs a row, their
-    partials reduced two at a time) and the default chunk (one a row); sinks and window, a fractional window (H2O's, ties to even),
-    nothing protected; scored, and by position (StreamingLLM's)."""
+    partials reduced two at a time) and the default chunk (one a row); sinks and window, a fractional window
+    (H2O's, ties to even), nothing protected; scored, and by position (StreamingLLM's)."""
     import triton_kernels as tk
     g = torch.Generator().manual_seed(0)
     B, H, S = 3, 8, 47
