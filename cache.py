@@ -46,7 +46,7 @@ ring stays in the model dtype: its window is the model's, not a budget).
 Decode attention on CUDA is Triton (triton_kernels.py): dense_attend over the filled slots, attend_scores
 when the probabilities are needed, gather_attend for a selection (quant_attend / quant_attend_scores read
 a QuantStore's codes in place); on CPU, SDPA with a mask (a QuantStore dequantizes first). The victim choice
-(choose_slot) is one Triton kernel on CUDA, evict_slot, for the policies not scored by attention.
+(choose_slot) is one Triton kernel on CUDA, evict_slot.
 Quantized storage under eviction (departs from KIVI, which never evicts): a token enters the store's
 full-precision residual and is flushed into codes a group of positions at a time; a slot = position
 policy fills each key group whole (KIVI exactly), while an evicting or appending policy overwrites single
@@ -248,10 +248,8 @@ class KVCache(nn.Module):
 
     def choose_slot(self, keep, input_pos):
         """keep [B, H_kv, S + 1] -> the slot [B, H_kv] that takes the new token (S = drop the new one). On CUDA one
-        kernel (triton_kernels.evict_slot; keep None: the positions are the scores, the base rule's), except for
-        policies scored by attention: inductor fuses their score update into this torch form, which the kernel
-        (opaque to it) would have to read back as a separate tensor, and it measured 1-2% slower there at batch 1
-        (BENCHMARKS.md, session 15)."""
+        kernel (triton_kernels.evict_slot; keep None: the positions are the scores, the base rule's); elsewhere the
+        torch form below, which inductor made three reductions of on CUDA (BENCHMARKS.md, sessions 15 and 16)."""
         if self.evict_kernel:
             from triton_kernels import evict_slot
             frac = float(self.recent_window) if 0 < self.recent_window < 1 else 0.0
@@ -276,7 +274,7 @@ class KVCache(nn.Module):
     @property
     def evict_kernel(self):
         """Whether choose_slot runs triton_kernels.evict_slot (its docstring says when)."""
-        return self.pos.is_cuda and EVICT_KERNEL and not self.needs_attn
+        return self.pos.is_cuda and EVICT_KERNEL
 
     @property
     def drops(self):
@@ -587,8 +585,9 @@ class H2O(KVCache):
 
     def __init__(self, batch, n_kv, n_slots, *args, **kwargs):
         super().__init__(batch, n_kv, n_slots, *args, **kwargs)
-        self.register_buffer("score", torch.zeros(batch, n_kv, n_slots))  # accumulated attention per slot
-        self.register_buffer("new_score", torch.zeros(batch, n_kv))        # the new token's, for on_write
+        # accumulated attention per slot, then the new token's own: the decode scores themselves, handed to
+        # choose_slot as they are (no [S + 1] concatenation built each step)
+        self.register_buffer("score", torch.zeros(batch, n_kv, n_slots + 1))
         self.prompt_sums = None
 
     def prefill_scores(self, q, k, v, pos):
@@ -602,13 +601,13 @@ class H2O(KVCache):
         self.score[:, :, :keep.shape[-1]] = sums.gather(-1, keep)
 
     def decode_scores(self, q, k_new, input_pos, probs=None):
-        self.score += probs[..., :-1]  # empty slots get 0
-        self.new_score.copy_(probs[..., -1])
-        return torch.cat([self.score, self.new_score[..., None]], -1)
+        new = torch.arange(self.n_slots + 1, device=probs.device) == self.n_slots
+        self.score.copy_(torch.where(new, probs, self.score + probs))  # empty slots get 0
+        return self.score
 
     def on_write(self, slot, q, k_new, v_new, input_pos):
         (b, h), s = grid(slot), slot.clamp(max=self.n_slots - 1)
-        self.score[b, h, s] = torch.where(slot < self.n_slots, self.new_score, self.score[b, h, s])
+        self.score[b, h, s] = torch.where(slot < self.n_slots, self.score[..., -1], self.score[b, h, s])
 
 
 @register
@@ -638,8 +637,9 @@ class TOVA(KVCache):
     def pool(self, a):  # [B, H_kv, N]
         if self.p["tova_per_head"]:
             return a
-        if self.world == 1:
-            return a.mean(dim=1, keepdim=True).expand_as(a)
+        if self.world == 1:  # a sum of head slices, a pointwise kernel: inductor's reduction over the strided
+            # head axis took up to 16.7 us a layer at 32k x 8 (BENCHMARKS.md, session 16)
+            return (sum(a.unbind(1)) / a.shape[1])[:, None].expand_as(a)
         from tp import all_reduce  # tensor parallel: the other ranks' heads (see the docstring)
         return (all_reduce(a.sum(dim=1, keepdim=True)) / (a.shape[1] * self.world)).expand_as(a)
 
@@ -675,7 +675,11 @@ class Scissorhands(KVCache):
         # each slot's records held (seen, high 16 bits) and set bits of its ring (ones, low 16), kept as bits
         # enter and leave: a step reads 4 bytes a slot, not w/8; one buffer, so one write where a token enters
         self.register_buffer("tally", torch.zeros(batch, n_kv, n_slots, dtype=torch.int32))
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # ring position = step % w
+        # `ring`'s origin: the position whose step records at ring position 0
+        self.register_buffer("origin", torch.zeros((), dtype=torch.long))
+        # the decode scores (m = 1): each slot's mean indicator, then +inf (the new token stays); choose_slot
+        # reads this buffer as it is (no [S + 1] concatenation built each step)
+        self.register_buffer("score", F.pad(torch.zeros(batch, n_kv, n_slots), (0, 1), value=math.inf))
         self.register_buffer("new_bit", torch.zeros(batch, n_kv, dtype=torch.bool))
         # filled slots per row, kept as state: summed each step, the count was fused with the history update
         # into one reduction over B x H_kv thread blocks (8 at batch 1: 11.8 us a layer, BENCHMARKS.md)
@@ -695,13 +699,18 @@ class Scissorhands(KVCache):
         kept_seen = torch.zeros_like(self.tally)
         kept_seen[..., :n] = seen.gather(-1, keep).int()
         self.tally.copy_(kept_seen << 16 | popcount64(self.hist.long()).sum(2).int())
-        self.step.fill_(min(self.w, k.shape[2]))
+        self.origin.copy_(pos[0].max() + 1 - min(self.w, k.shape[2]))  # the first decode step records at min(w, T)
         self.held.copy_((self.pos >= 0).sum(-1))
+
+    def ring(self, input_pos):
+        """This step's ring position: the records so far mod w (every sequence of a batch advances one position a
+        step), derived from the position, with no counter to increment in every layer (a launch of its own each)."""
+        return (input_pos[0] - self.origin) % self.w
 
     def decode_scores(self, q, k_new, input_pos, probs=None):
         filled = self.pos >= 0
         bit = probs >= 1.0 / (self.held[..., None] + 1)  # A_tj >= 1 / n_t
-        r = self.step % self.w
+        r = self.ring(input_pos)
         word, mask = (r // 8).view(1), (1 << (r % 8)).to(torch.uint8)
         old = self.hist[:, :, word]  # [B, H_kv, 1, S]: the byte holding this step's bit of every slot
         new = (bit[..., :-1] & filled)[:, :, None]
@@ -714,8 +723,8 @@ class Scissorhands(KVCache):
             # one drop at a time is choose_slot's own rule: an empty slot first, else the lowest mean (ties: the
             # oldest). fp32 orders the means exactly here: distinct ones/seen differ by >= 1/w^2, over 2 ulps of
             # fp32 below 1 for w <= 2048, and equal ones are rounded alike. One argmin a layer, not two.
-            mean = ones.float() / seen.float().clamp(min=1)
-            return torch.cat([mean, torch.full_like(mean[..., :1], math.inf)], -1)  # the new token stays
+            self.score[..., :-1] = ones.float() / seen.float().clamp(min=1)
+            return self.score
         # full: free the m lowest mean indicators at once, compared exactly (ones/seen as a 2^32 fixed
         # point, then position: ties drop the oldest); choose_slot then picks the first empty slot
         mean = (ones.long() << 32) // seen.long().clamp(min=1)
@@ -730,14 +739,13 @@ class Scissorhands(KVCache):
 
     def on_write(self, slot, q, k_new, v_new, input_pos):
         (b, h), s, ok = grid(slot), slot.clamp(max=self.n_slots - 1), slot < self.n_slots
-        r = self.step % self.w  # the new token's history: cleared, then this step's own indicator
+        r = self.ring(input_pos)  # the new token's history: cleared, then this step's own indicator
         fresh = (torch.arange(self.hist.shape[2], device=slot.device) == r // 8).to(torch.uint8)
         fresh = fresh * (self.new_bit.to(torch.uint8) << (r % 8).to(torch.uint8))[..., None]  # [B, H, W]
         self.hist[b, h, :, s] = torch.where(ok[..., None], fresh, self.hist[b, h, :, s])
         self.tally[b, h, s] = torch.where(ok, 1 << 16 | self.new_bit.int(), self.tally[b, h, s])  # seen 1, ones its bit
         # a written slot was empty unless the row was full (choose_slot takes an empty slot first)
         self.held.copy_(torch.minimum(self.held + ok.long(), self.limit.clamp(max=self.n_slots)))
-        self.step += 1
 
 
 MAX64 = torch.iinfo(torch.long).max

@@ -42,16 +42,19 @@ from triton.language.extra import libdevice
 
 
 @triton.jit
-def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale, chunk,
+def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, KN, VN, n_sel, H, scale, chunk,
                    sqb, sqh, sqg, skb, skh, sks, svb, svh, svs, sib, sih,
                    CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                   BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr, RAGGED: tl.constexpr):
+                   BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr, RAGGED: tl.constexpr,
+                   NEW: tl.constexpr):
     """Program (sequence x KV head, split): online softmax of the GQA group over rows
     split*chunk .. +chunk of the list (IDX's slots where OK != 0; DENSE: the run of slots start + n for
     n < length, (start, length) = IDX[b, h, :2], valid where the position buffer OK is >= 0: slots past
     the run are never loaded), stored as partials PO [.., G, D], PM, PL [.., G]. SCORES also stores the
-    scaled logits PS [B, H, G, n_sel] (-1e30 at invalid slots: exp of it is 0). RAGGED (dense runs of
-    very different lengths, HeadBudgetCache's): each row splits its own run evenly over the splits."""
+    scaled logits PS [B, H, G, n_sel + NEW] (-1e30 at invalid slots: exp of it is 0). NEW: split 0 also
+    attends the new token KN, VN [B, H, D] (contiguous), its logit stored in PS's last column, so the merge
+    of the partials is the whole softmax. RAGGED (dense runs of very different lengths,
+    HeadBudgetCache's): each row splits its own run evenly over the splits."""
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     g, d = tl.arange(0, GP), tl.arange(0, D)
@@ -61,6 +64,13 @@ def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale, chunk,
     m_i = tl.full([GP], -1.0e30, tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
+    if NEW:  # split 0 starts from the new token: its weight 1 at max s_new
+        first = split == 0
+        s_new = (tl.sum(q.to(tl.float32) * tl.load(KN + bh * D + d).to(tl.float32)[None, :], 1) * scale).to(tl.float32)
+        tl.store(PS + (bh * G + g) * (n_sel + 1) + n_sel, s_new, mask=(g < G) & first)
+        m_i = tl.where(first, s_new, m_i)
+        l_i = tl.where(first, 1.0, l_i)
+        acc = tl.where(first, tl.load(VN + bh * D + d).to(tl.float32)[None, :] + acc, acc)
     if RAGGED:  # a while loop: its bound is data (a for loop's would need a constant in the interpreter)
         length = tl.load(IDX + bh * 2 + 1)
         own = tl.cdiv(tl.cdiv(length, tl.num_programs(1)), BLOCK) * BLOCK  # this run's chunk
@@ -68,7 +78,7 @@ def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale, chunk,
         while off < tl.minimum(split * own + own, length):
             m_i, l_i, acc = _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc, off + tl.arange(0, BLOCK),
                                           n_sel, scale, b, h, bh, skb, skh, sks, svb, svh, svs, sib, sih,
-                                          G, GP, D, DENSE, SCORES)
+                                          G, GP, D, DENSE, SCORES, NEW)
             off += BLOCK
     else:  # a for loop: software-pipelined (num_stages), to a constant CHUNK or (CHUNK 0) the runtime chunk:
         # _chunk_bound. Inline, not assigned: the interpreter turns an assigned constant into a tensor.
@@ -76,7 +86,7 @@ def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale, chunk,
             m_i, l_i, acc = _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc,
                                           split * (CHUNK if CHUNK > 0 else chunk) + off + tl.arange(0, BLOCK),
                                           n_sel, scale, b, h, bh,
-                                          skb, skh, sks, svb, svh, svs, sib, sih, G, GP, D, DENSE, SCORES)
+                                          skb, skh, sks, svb, svh, svs, sib, sih, G, GP, D, DENSE, SCORES, NEW)
     out = (bh * tl.num_programs(1) + split) * G + g  # only the G real rows: tl.dot's padding is not stored
     tl.store(PO + out[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
     tl.store(PM + out, m_i, mask=g < G)
@@ -84,13 +94,14 @@ def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, n_sel, H, scale, chunk,
 
 
 @triton.jit
-def _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, G: tl.constexpr, GP: tl.constexpr, SCORES: tl.constexpr):
+def _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, row, G: tl.constexpr, GP: tl.constexpr, SCORES: tl.constexpr):
     """One tile's logits s [GP, BLOCK] (valid where ok) into the online softmax: -> (the new max m_new, the
-    old accumulators' factor alpha, the tile's weights p); SCORES stores the masked logits first."""
+    old accumulators' factor alpha, the tile's weights p); SCORES stores the masked logits first (PS's rows
+    `row` long)."""
     g = tl.arange(0, GP)
     s = tl.where(ok[None, :], s, -1.0e30)
     if SCORES:
-        tl.store(PS + (bh * G + g[:, None]) * n_sel + n[None, :], s, mask=(g[:, None] < G) & inb[None, :])
+        tl.store(PS + (bh * G + g[:, None]) * row + n[None, :], s, mask=(g[:, None] < G) & inb[None, :])
     m_new = tl.maximum(m_i, tl.max(s, 1))
     return m_new, tl.exp(m_i - m_new), tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
 
@@ -98,7 +109,8 @@ def _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, G: tl.constexpr, GP: tl.con
 @triton.jit
 def _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc, n, n_sel, scale, b, h, bh,
                   skb, skh, sks, svb, svh, svs, sib, sih,
-                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr):
+                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr,
+                  NEW: tl.constexpr):
     """_attend_kernel's step over the BLOCK list entries n: the online softmax's (m_i, l_i, acc) updated."""
     d = tl.arange(0, D)
     inb = n < n_sel
@@ -111,12 +123,12 @@ def _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc, n, n_sel, scale, b, h, bh
         idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
     k = tl.load(K + b * skb + h * skh + idx[:, None] * sks + d[None, :], mask=ok[:, None], other=0.0)
     s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # [GP, BLOCK]; inductor passes scale as fp64
-    m_new, alpha, p = _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, G, GP, SCORES)
+    m_new, alpha, p = _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, n_sel + NEW, G, GP, SCORES)
     v = tl.load(V + b * svb + h * svh + idx[:, None] * svs + d[None, :], mask=ok[:, None], other=0.0)
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
-def _launch_plan(q, n, dense, scores, ragged=False, quant=False, symbolic=False):
+def _launch_plan(q, n, dense, scores, ragged=False, quant=False, symbolic=False, new=False):
     """The grid and partial buffers of a launch of _attend_kernel (or _attend_quant_kernel) over n rows:
     (GP, the TUNE entry, splits, chunk, (po, pm, pl, s)); _attend_partials says what each buffer holds.
     symbolic: n is a symbol in a compile (a store of generate.SymbolicSlots says so: dynamo shows a symbolic
@@ -143,7 +155,7 @@ def _launch_plan(q, n, dense, scores, ragged=False, quant=False, symbolic=False)
     po = torch.empty(B, H, splits, G, D, device=q.device, dtype=torch.float32)
     pm = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
     pl = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
-    s = torch.empty(B, H, G, n, device=q.device, dtype=torch.float32) if scores else pm  # pm: never written
+    s = torch.empty(B, H, G, n + new, device=q.device, dtype=torch.float32) if scores else pm  # pm: never written
     return GP, tune, splits, chunk, (po, pm, pl, s)
 
 
@@ -155,20 +167,23 @@ def _chunk_bound(chunk, symbolic) -> int:
     return 0 if symbolic else chunk
 
 
-def _attend_partials(q, k, v, idx, ok, n, dense, scores, ragged=False, symbolic=False):
+def _attend_partials(q, k, v, idx, ok, n, dense, scores, ragged=False, symbolic=False, new=None):
     """Launch _attend_kernel over n rows; -> partials po [B, H, splits, G, D], pm, pl [B, H, splits, G]
-    and (scores) the logits [B, H, G, n]. Gather: ok is int8 sharing idx's strides; dense: ok is the
-    position buffer and idx each row's run of slots, (start, length) [B, H, 2] contiguous. Ragged: dense
-    runs of any length <= n, about n / H on average (a flat buffer of n slots shared by H heads)."""
+    and (scores) the logits [B, H, G, n (+ 1 with new)]. Gather: ok is int8 sharing idx's strides; dense: ok
+    is the position buffer and idx each row's run of slots, (start, length) [B, H, 2] contiguous. Ragged:
+    dense runs of any length <= n, about n / H on average (a flat buffer of n slots shared by H heads).
+    new: the new token's (k, v) [B, H, 1, D], attended by split 0 (its logit last in the logits)."""
     B, H, G, D = q.shape
-    GP, tune, splits, chunk, (po, pm, pl, s) = _launch_plan(q, n, dense, scores, ragged, symbolic=symbolic)
+    GP, tune, splits, chunk, (po, pm, pl, s) = _launch_plan(q, n, dense, scores, ragged, symbolic=symbolic,
+                                                            new=new is not None)
     q = q.contiguous()
+    kn, vn = (x.contiguous() for x in new) if new is not None else (q, q)  # (q: a pointer never read)
     wrap_triton(_attend_kernel)[(B * H, splits)](
-        q, k, v, idx, ok, po, pm, pl, s, n, H, D ** -0.5, chunk,
+        q, k, v, idx, ok, po, pm, pl, s, kn, vn, n, H, D ** -0.5, chunk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), ok.stride(0), ok.stride(1),
         CHUNK=_chunk_bound(chunk, symbolic), G=G, GP=GP, D=D, BLOCK=tune["block"], DENSE=dense, SCORES=scores,
-        RAGGED=ragged, num_warps=tune["warps"], num_stages=tune["stages"])
+        RAGGED=ragged, NEW=new is not None, num_warps=tune["warps"], num_stages=tune["stages"])
     return po, pm, pl, s
 
 
@@ -203,13 +218,14 @@ def _merge(po, pm, pl, s_new=None, v_new=None):
 
 
 @triton.jit
-def _merge_kernel(PO, PM, PL, OUT, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,
-                  SB: tl.constexpr):
+def _merge_kernel(PO, PM, PL, OUT, MZ, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,
+                  SB: tl.constexpr, STATS: tl.constexpr):
     """Program (sequence x KV head x query row): _merge without a new token, in one launch (inductor made two of
     the torch merge, a reduction for the max and normaliser, then the weighted sum; each is a few microseconds
     a layer). SP: SPLITS rounded up to a power of two; SB splits are summed at a time (a [SB, D] tile). Merging
     in the attention kernel instead (a row's last program, by an atomic ticket) made that kernel 5 us a layer
-    slower at batch 1 (BENCHMARKS.md): the merge then runs serially at the end of the longest program."""
+    slower at batch 1 (BENCHMARKS.md): the merge then runs serially at the end of the longest program.
+    STATS also stores the row's max and normaliser, MZ [2, rows]."""
     row = tl.program_id(0)
     bh, g = row // G, row % G
     s, d = tl.arange(0, SP), tl.arange(0, D)
@@ -224,16 +240,21 @@ def _merge_kernel(PO, PM, PL, OUT, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.
                      other=0.0)
         acc += tl.sum(po * w[:, None], 0)
     tl.store(OUT + row * D + d, (acc / z).to(OUT.dtype.element_ty))
+    if STATS:
+        tl.store(MZ + row, m)
+        tl.store(MZ + tl.num_programs(0) + row, z)
 
 
-def _merge_out(po, pm, pl, dtype):
-    """_merge(po, pm, pl)[0] as dtype, by _merge_kernel: -> [B, H, G, D]."""
+def _merge_out(po, pm, pl, dtype, stats=False):
+    """_merge(po, pm, pl)[0] as dtype, by _merge_kernel: -> [B, H, G, D]; stats: also the softmax's max and
+    normaliser, each [B, H, G] fp32."""
     B, H, splits, G, D = po.shape
     out = torch.empty(B, H, G, D, device=po.device, dtype=dtype)
+    mz = torch.empty(2, B, H, G, device=po.device, dtype=torch.float32) if stats else pm  # pm: never written
     SP = triton.next_power_of_2(splits)
-    wrap_triton(_merge_kernel)[(B * H * G,)](po, pm, pl, out, G=G, D=D, SPLITS=splits, SP=SP, SB=min(SP, 32),
-                                             num_warps=4)
-    return out
+    wrap_triton(_merge_kernel)[(B * H * G,)](po, pm, pl, out, mz, G=G, D=D, SPLITS=splits, SP=SP, SB=min(SP, 32),
+                                             STATS=stats, num_warps=4)
+    return (out, mz[0], mz[1]) if stats else out
 
 
 @triton_op("kvcompress::gather_attend", mutates_args={})
@@ -263,14 +284,15 @@ def attend_scores(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
     """kvstore.DenseStore.attend_with_new: qg [B, H_kv, G, D] over the slots of k/v [B, H_kv, S, D] where pos
     [B, H_kv, S] >= 0, plus the new token k/v_new [B, H_kv, 1, D] -> out [B, H_kv, G, D] (qg's dtype) and
     the group-mean probabilities [B, H_kv, S + 1] fp32 (cached slots, then the new token). One pass over
-    K/V that also stores the logits; the final max and normaliser then turn them into probabilities."""
-    S = k.shape[2]
+    K/V that also stores the logits (the new token's with them: its split attends it first), one merge that
+    also gives the final max and normaliser, which then turn the logits into probabilities (in torch, so that
+    inductor fuses them into the policy's score update). The new token inside the kernel, not beside it, saved
+    the launches of its logit and of a torch merge (BENCHMARKS.md, session 16)."""
     runs = _every_slot(pos, qg.shape[1])
-    po, pm, pl, s = _attend_partials(qg, k, v, runs, pos, S, dense=True, scores=True, symbolic=symbolic)
-    s_new = (qg.float() * k_new.float()).sum(-1) * qg.shape[-1] ** -0.5  # [B, H_kv, G], fp32
-    out, m, z = _merge(po, pm, pl, s_new, v_new)
-    probs = (torch.exp(s - m[..., None]) / z[..., None]).mean(2)
-    return out.to(qg.dtype), torch.cat([probs, (torch.exp(s_new - m) / z).mean(2)[..., None]], -1)
+    po, pm, pl, s = _attend_partials(qg, k, v, runs, pos, k.shape[2], dense=True, scores=True, symbolic=symbolic,
+                                     new=(k_new, v_new))
+    out, m, z = _merge_out(po, pm, pl, qg.dtype, stats=True)
+    return out, (torch.exp(s - m[..., None]) / z[..., None]).mean(2)
 
 
 @triton_op("kvcompress::dense_attend", mutates_args={})
@@ -355,6 +377,12 @@ def _unpack_asm(bits, magic):
 
 
 @triton.jit
+def _piece_channels(t, dp, DP: tl.constexpr, PER: tl.constexpr, PLANAR: tl.constexpr):
+    """The channels of piece t's columns dp (kvstore.pack_codes' layouts): t DP + j planar, else PER j + t."""
+    return t * DP + dp if PLANAR else dp * PER + t
+
+
+@triton.jit
 def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM, PL, PS, n_sel, H, HC, SQ, SP, NGR,
                          scale, sqb, sqh, sqg, sib, sih, CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          D: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr,
@@ -381,7 +409,7 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
     qs = ()
     accs = ()
     for t in tl.static_range(PER):
-        ch = t * DP + dp if PLANAR else dp * PER + t  # piece t's channels
+        ch = _piece_channels(t, dp, DP, PER, PLANAR)
         qs = qs + (tl.load(Q + b * sqb + h * sqh + g[:, None] * sqg + ch[None, :], mask=g[:, None] < G, other=0.0),)
         accs = accs + (tl.zeros([GP, DP], tl.float32),)
     CT: tl.constexpr = qs[0].dtype if NATIVE else tl.float32  # dequantization's type
@@ -410,7 +438,7 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
         s = tl.zeros([GP, BLOCK], tl.float32)
         gi = (split * CHUNK + off) // QG + tl.arange(0, NG)  # ALIGNED: the tile's key groups
         for t in tl.static_range(PER):
-            ch = t * DP + dp if PLANAR else dp * PER + t
+            ch = _piece_channels(t, dp, DP, PER, PLANAR)
             if ALIGNED:
                 grp = (row * NGR + gi).to(tl.int64)[:, None] * D + ch[None, :]
                 ks = tl.load(KS + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
@@ -421,7 +449,8 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
                 k = kp[t] * tl.load(KS + grp, mask=ok[:, None], other=0.0).to(CT) + \
                     tl.load(KZ + grp, mask=ok[:, None], other=0.0).to(CT)
             s = tl.dot(qs[t], tl.trans(k.to(qs[t].dtype)), s)
-        m_new, alpha, p = _softmax_step((s * scale).to(tl.float32), ok, inb, n, m_i, PS, bh, n_sel, G, GP, SCORES)
+        m_new, alpha, p = _softmax_step((s * scale).to(tl.float32), ok, inb, n, m_i, PS, bh, n_sel, n_sel, G, GP,
+                                        SCORES)
         vp = _code_pieces(tl.load(VQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0), BITS, CT, ASM)
         pv = p.to(qs[0].dtype)
         if WHOLE and not PLANAR:
@@ -441,7 +470,7 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
             if WHOLE:
                 v = vp[t] * vs + vz
             else:
-                vg = slot[:, None] * (D // QG) + ((t * DP + dp if PLANAR else dp * PER + t) // QG)[None, :]
+                vg = slot[:, None] * (D // QG) + (_piece_channels(t, dp, DP, PER, PLANAR) // QG)[None, :]
                 v = vp[t] * tl.load(VS + vg, mask=ok[:, None], other=0.0).to(CT) + \
                     tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(CT)
             new = new + (tl.dot(pv, v.to(pv.dtype), accs[t] * alpha[:, None]),)
@@ -450,7 +479,7 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
         m_i = m_new
     out = (bh * tl.num_programs(1) + split) * G + g
     for t in tl.static_range(PER):
-        ch = t * DP + dp if PLANAR else dp * PER + t
+        ch = _piece_channels(t, dp, DP, PER, PLANAR)
         tl.store(PO + out[:, None] * D + ch[None, :], accs[t], mask=g[:, None] < G)
     tl.store(PM + out, m_i, mask=g < G)
     tl.store(PL + out, l_i, mask=g < G)

@@ -288,7 +288,6 @@ def tune_evict():
     for name, B in itertools.product(("h2o", "streamingllm"), (1, 8)):
         cfg = kv.CacheConfig(strategy=name)
         c = kv.REGISTRY[name](B, H, 3277, D, G, torch.bfloat16, 0, 32, cfg).cuda()
-        c.needs_attn = False  # H2O's own choose_slot keeps the torch form on CUDA (cache.py says why): time the kernel
         c.limit.fill_(3277)
         c.pos.copy_(torch.stack([torch.randperm(32768, device="cuda")[:3277] for _ in range(B * H)]).view(B, H, -1))
         now = torch.full((B,), 32768, device="cuda")
@@ -310,7 +309,8 @@ def tune_evict():
 # the decode kernels' pointer arguments as a bf16 model launches them (loop_sass's signature)
 SASS_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KQ": "*u8", "VQ": "*u8", "KS": "*bf16", "KZ": "*bf16",
                  "VS": "*bf16", "VZ": "*bf16", "IDX": "*i64", "OK": "*i64", "POS": "*i64", "FRONT": "*i64",
-                 "PO": "*fp32", "PM": "*fp32", "PL": "*fp32", "PS": "*fp32"}
+                 "PO": "*fp32", "PM": "*fp32", "PL": "*fp32", "PS": "*fp32",
+                 "KN": "*bf16", "VN": "*bf16"}
 
 
 def loop_sass(fn, pointers: dict, consts: dict, warps: int, stages: int):
@@ -357,7 +357,7 @@ def sass():
           "|---|---|---|---|---|---|")
     base = dict(G=G, GP=16, D=D, DENSE=True, SCORES=False, CHUNK=4096)
     dense, quant = tk.TUNE["dense"], tk.TUNE["quant"]
-    cases = [("dense_attend, bf16", tk._attend_kernel, dict(base, BLOCK=b, RAGGED=False), w)
+    cases = [("dense_attend, bf16", tk._attend_kernel, dict(base, BLOCK=b, RAGGED=False, NEW=False), w)
              for b, w in ((dense["block"], dense["warps"]), (64, 4))]
     for bits, native in ((4, True), (2, True), (4, False)):
         for b, w in ((quant["block"], quant["warps"]), (128, 4)):

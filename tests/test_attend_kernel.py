@@ -89,7 +89,8 @@ def check_attend_scores(device, symbolic=False):
 
 
 def check_merge_kernel(device):
-    """_merge_kernel (dense_attend's and gather_attend's merge of the splits' partials) against the merge written
+    """_merge_kernel (dense_attend's, gather_attend's and attend_scores' merge of the splits' partials, and
+    attend_scores' max and normaliser) against the merge written
     out per query row in float64: out = sum_s exp(m_s - M) po_s / sum_s exp(m_s - M) l_s, M = max_s m_s. Split
     counts below, at and above its 32-split tile (several tiles, a partial last one), an empty split (the
     kernel's m = -1e30, l = 0, po = 0), which must weigh nothing, and split maxima far apart (exp of them
@@ -102,6 +103,7 @@ def check_merge_kernel(device):
         po = torch.randn(B, H, splits, G, D, generator=g) * pl[..., None]
         pm[0, 0, -1], pl[0, 0, -1], po[0, 0, -1] = -1.0e30, 0.0, 0.0  # an empty split
         want = torch.zeros(B, H, G, D, dtype=torch.float64)
+        want_m, want_z = torch.zeros(B, H, G, dtype=torch.float64), torch.zeros(B, H, G, dtype=torch.float64)
         for b in range(B):
             for h in range(H):
                 for r in range(G):
@@ -109,11 +111,16 @@ def check_merge_kernel(device):
                     w = [math.exp(x - top) for x in pm[b, h, :, r].tolist()]
                     z = sum(wi * li for wi, li in zip(w, pl[b, h, :, r].tolist()))
                     want[b, h, r] = sum(wi * po[b, h, i, r].double() for i, wi in enumerate(w)) / z
+                    want_m[b, h, r], want_z[b, h, r] = top, z
         for dt in (torch.float32, torch.bfloat16):
             got = _merge_out(po.to(device), pm.to(device), pl.to(device), dt)
             assert got.dtype == dt and got.shape == (B, H, G, D)
             tol = 1e-5 if dt == torch.float32 else 1e-2
             torch.testing.assert_close(got.double().cpu(), want.to(dt).double(), atol=tol, rtol=tol)
+            out, m, z = _merge_out(po.to(device), pm.to(device), pl.to(device), dt, stats=True)  # and max, normaliser
+            assert torch.equal(out, got) and m.dtype == z.dtype == torch.float32
+            torch.testing.assert_close(m.double().cpu(), want_m, atol=0, rtol=0)
+            torch.testing.assert_close(z.double().cpu(), want_z, atol=1e-5, rtol=1e-5)
 
 
 def test_merge_kernel_in_interpreter():

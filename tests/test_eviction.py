@@ -788,14 +788,16 @@ def expected_bytes(name, params, slots, B_, H, D_, elt):
             L = params.get("lsh_dim", 16)
             n += B_ * H * S * (2 if L <= 16 else 4 if L <= 32 else 8) + D_ * L * 4  # codes + R (fp32)
         elif name == "h2o":
-            n += B_ * H * S * 4 + B_ * H * 4                    # accumulated scores + the new token's
+            n += B_ * H * (S + 1) * 4                          # accumulated scores, then the new token's
         elif name == "random":
             n += 2 * 8                                         # the salt (seed, layer)
         elif name == "l2" and not params.get("l2_one_shot"):
             n += B_ * H * S * 4                                # each slot's key norm (fp32)
         elif name == "scissorhands":
             w = params.get("sh_history", 400)
-            n += B_ * H * S * (-(-w // 8)) + 2 * B_ * H * S * 2 + 8 + B_ * H + B_ * H * 8  # bit ring + 2 counts + step + new bit + held
+            # bit ring + 2 counts + origin + new bit + held
+            n += B_ * H * S * (-(-w // 8)) + 2 * B_ * H * S * 2 + 8 + B_ * H + B_ * H * 8
+            n += B_ * H * (S + 1) * 4  # the decode scores (mean indicators, then the new token's +inf)
     return n
 
 
