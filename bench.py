@@ -45,6 +45,7 @@ apart), transformers' as (max_new_tokens - 1) / (time(max_new_tokens) - time(1 t
 --repeats, interleaved: each repeat runs every implementation once, so load on a shared machine falls on all.
 """
 import argparse
+import ast
 import datetime
 import gc
 import math
@@ -529,7 +530,13 @@ def tuning():
             f"{triton_kernels.LINEAR_TUNE}" if model.DECODE_GEMM else "cuBLAS (--no_decode_gemm)")
     evict = (f"triton_kernels.evict_slot, {triton_kernels.EVICT_CHUNK} slots and {triton_kernels.EVICT_WARPS} "
              "warps a program" if kv.EVICT_KERNEL else "torch (--no_evict_kernel)")
-    return f"{triton_kernels.TUNE}; decode GEMMs: {gemm}; eviction's choice: {evict}"
+    codes = "triton_kernels.hash_codes (--hash_kernel)" if kv.HASH_KERNEL else "torch"
+    inductor = f"; inductor settings: {', '.join(INDUCTOR_SET)} (--inductor)" if INDUCTOR_SET else ""
+    return (f"{triton_kernels.TUNE}; decode GEMMs: {gemm}; eviction's choice: {evict}; Spotlight's decode codes: "
+            f"{codes}{inductor}")
+
+
+INDUCTOR_SET = []  # --inductor's settings, named in the output
 
 
 SCORING_LIMIT = 2.0  # issue 10: prompt scoring within 2x a plain prefill; marked when over (a 2.41x went unseen)
@@ -638,6 +645,11 @@ def main():
                    "instead of the committed ones")
     g.add_argument("--no_decode_gemm", action="store_true", help="every decode GEMM by cuBLAS (model.DECODE_GEMM off)")
     g.add_argument("--no_evict_kernel", action="store_true", help="eviction's choice in torch (cache.EVICT_KERNEL off)")
+    g.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config.KEY to a Python literal for the run (A/B an inductor setting, "
+                   "e.g. reorder_for_locality=False, which generate.CPU_OPTIONS sets for CPU steps)")
+    g.add_argument("--hash_kernel", action="store_true",
+                   help="Spotlight's decode codes by triton_kernels.hash_codes (cache.HASH_KERNEL on; off until timed)")
     g.add_argument("--hf", action="store_true", help="also transformers' generate() on the same shape")
     g.add_argument("--hf_cache", choices=["dynamic", "static"], default="dynamic",
                    help="its default dynamic cache (eager), or a static cache (which it compiles itself)")
@@ -667,6 +679,15 @@ def main():
         model.DECODE_GEMM = False
     if a.no_evict_kernel:
         kv.EVICT_KERNEL = False
+    kv.HASH_KERNEL = kv.HASH_KERNEL or a.hash_kernel
+    for setting in a.inductor:
+        key, _, value = setting.partition("=")
+        try:
+            assert hasattr(torch._inductor.config, key)
+            setattr(torch._inductor.config, key, ast.literal_eval(value))
+            INDUCTOR_SET.append(setting)
+        except (AssertionError, ValueError, SyntaxError):
+            p.error(f"--inductor {setting}: give KEY=VALUE, KEY a torch._inductor.config setting, VALUE a Python literal")
     lines, failed = (cpu_vs_hf(a), False) if a.cpu_vs_hf else gpu(a)
     text = "\n".join(lines) + "\n"
     print("\n" + text)

@@ -155,6 +155,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+# inductor's options for a CPU decode step. reorder_for_locality moves each producer down to its first consumer: it put
+# the attention's read of V (attend_new_torch) after the cache write in the policies that attend before they choose
+# the slot (H2O, TOVA, Scissorhands), and inductor, which writes a buffer in place only when nothing reads it after the
+# write, then copied the whole K/V buffer every step: H2O at 50% of a 3.3k-token prompt decoded at 20.4 tok/s with it
+# and 28.0 without, TOVA 16.4 and 21.7, Scissorhands 18.7 and 25.3 (BENCHMARKS.md, session 17). On CUDA the
+# attention is one op before the write; bench.py --inductor reorder_for_locality=False times it there.
+CPU_OPTIONS = {"reorder_for_locality": False}
+
+
 def compile_decode(model, device, regional=None, frozen=False, symbolic_slots=None):
     """The decode step, compiled with fullgraph=True and static shapes (dynamic=False: never dynamo's
     automatic dynamic shapes), except the caches' slot counts where symbolic_slots (SymbolicSlots).
@@ -171,14 +180,16 @@ def compile_decode(model, device, regional=None, frozen=False, symbolic_slots=No
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(1024, getattr(torch._dynamo.config, name)))
     cuda = torch.device(device).type == "cuda"
+    options = {} if cuda else CPU_OPTIONS
     if frozen:
         if cuda or regional:
             raise ValueError("a frozen decode step is CPU only and one graph (not regional)")
         return frozen_decode(model)
     if not (cuda if regional is None else regional):
-        return SymbolicSlots(model, torch.compile(model.forward, fullgraph=True, dynamic=False), symbolic_slots)
+        return SymbolicSlots(model, torch.compile(model.forward, fullgraph=True, dynamic=False, options=options),
+                             symbolic_slots)
     from model import TransformerBlock
-    block = torch.compile(TransformerBlock.forward, fullgraph=True, dynamic=False)
+    block = torch.compile(TransformerBlock.forward, fullgraph=True, dynamic=False, options=options)
     step = SymbolicSlots(model, lambda tokens, input_pos: model.forward(tokens, input_pos, layer_step=block),
                          symbolic_slots)
     return DecodeGraph(model, step) if cuda else step
@@ -221,7 +232,7 @@ def mark_slots_dynamic(cache):
                 torch._dynamo.maybe_mark_dynamic(buf, d)
 
 
-FROZEN_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+FROZEN_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", **CPU_OPTIONS}
 
 
 def frozen_decode(model, options=FROZEN_OPTIONS):
@@ -639,7 +650,7 @@ def report(res: Result, model, prompts, args):
           f"compile/first step: {res.compile_s:.1f} s")
     print(f"decode: {tok_s:.1f} tok/s per sequence, {tok_s * B:.1f} tok/s total (batch {B}, {res.decode_steps} steps)")
     bits = f"{args.kv_bits}-bit KIVI codes, group {args.kv_group}, residual {args.kv_residual}" if args.kv_bits < 16 \
-        else "model dtype, 16-bit"
+        else f"model dtype, {str(model.norm.weight.dtype).removeprefix('torch.')}"
     print(f"cache: {res.cache_bytes / 2**20:.2f} MiB allocated ({res.cache_bytes:,} bytes; {args.cache_strategy}, {bits}), "
           f"compression ratio {res.compression_ratio:.3f} (1 - slots used / tokens seen)")
     if res.ring_bytes:  # the model's own sliding windows: the strategy manages (and the ratio counts) the others

@@ -68,3 +68,9 @@ def test_prompt_scoring_over_twice_a_plain_prefill_is_marked():
                 peak_gb=1.0, fill_s=1.0, compile_s=1.0, timed_s=1.0)
     cells = {s: bench.row(dict(full, spec="x", fill_s=s), full, plain_s=10.0).split("|")[13] for s in (20.0, 2.0)}
     assert "2.90× plain prefill, OVER 2×" in cells[20.0] and "1.10× plain prefill)" in cells[2.0], cells
+
+
+def test_an_inductor_setting_that_does_not_exist_is_one_line():
+    r = subprocess.run([sys.executable, "bench.py", "--gpu", "--inductor", "reorder_for_locality=Fals"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--inductor reorder_for_locality=Fals" in r.stderr

@@ -611,9 +611,10 @@ VARIANTS = [("streamingllm", {}), ("random", {}), ("l2", {}), ("l2", {"l2_one_sh
             ("scissorhands", {}), ("scissorhands", {"sh_drop": 3}), ("snapkv", {}), ("pyramid", {})]
 
 
-def prefilled(name, params, budget, steps, prompt=40):
+def prefilled(name, params, budget, steps, prompt=40, **config):
     """The tiny model (seed 0) with `name` caches holding a prefilled 2-sequence batch (the second left-
-    padded by 5), sized for `steps` more tokens; returns (model, caches, next positions, prefill logits)."""
+    padded by 5), sized for `steps` more tokens (config: more CacheConfig fields); returns (model, caches, next
+    positions, prefill logits)."""
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny")
     model = Transformer(args).eval()
@@ -621,7 +622,7 @@ def prefilled(name, params, budget, steps, prompt=40):
     pos = torch.arange(prompt).repeat(B, 1)
     pos[1] -= 5
     pos[1, :5] = -1
-    cfg = kv.CacheConfig(strategy=name, max_cache_length=[budget], params=params)
+    cfg = kv.CacheConfig(strategy=name, max_cache_length=[budget], params=params, **config)
     caches = kv.make_caches(args, cfg, B, prompt + steps + 1, steps + 1, "cpu", torch.float32)
     model.setup_caches(caches)
     with torch.no_grad():
@@ -639,6 +640,28 @@ def tiny_run(name, params, budget, steps, step_fn=None, prompt=40):
             out.append(step_fn(tok, now + i)[:, -1].clone())
             tok = out[-1].argmax(-1, keepdim=True)
     return caches, out
+
+
+@pytest.mark.parametrize("name,bits", [("h2o", 16), ("tova", 16), ("scissorhands", 16), ("h2o", 4)])
+def test_cpu_decode_step_writes_the_cache_in_place(name, bits):
+    """generate.compile_decode's CPU step allocates no temporary the shape of a K/V store buffer: it writes the new
+    row in place instead of copying the buffer each step (H2O, TOVA and Scissorhands attend before they write;
+    inductor's reorder_for_locality moved their read of V after the write, which made it copy:
+    generate.CPU_OPTIONS), in the model dtype and 4-bit codes alike; and its tokens are eager's."""
+    from torch._inductor.utils import run_and_get_code
+    import generate
+    steps = 3
+    model, caches, now, _ = prefilled(name, {}, "0.5", steps, kv_bits=bits, kv_group=4, kv_residual=4)
+    shapes = {tuple(b.shape) for c in caches for b in c.store.buffers() if b.dim() >= 4}  # K/V, codes, scales
+    tok = torch.zeros(B, 1, dtype=torch.long)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+        got, code = run_and_get_code(generate.compile_decode(model, "cpu"), tok, now)
+    temps = [sh for sh in shapes for c in code if f"empty_strided_cpu({sh}" in c]
+    assert shapes and code and not temps, temps
+    model, *_ = prefilled(name, {}, "0.5", steps, kv_bits=bits, kv_group=4, kv_residual=4)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(tok, now), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name,params", VARIANTS)
