@@ -749,6 +749,7 @@ class Scissorhands(KVCache):
 
 
 MAX64 = torch.iinfo(torch.long).max
+HASH_KERNEL = False  # Spotlight's decode codes by triton_kernels.hash_codes on CUDA (bench.py --hash_kernel)
 EVICT_KERNEL = True  # choose_slot by triton_kernels.evict_slot on CUDA (bench.py --no_evict_kernel: its torch form)
 ARGMIN_CHUNK = 128  # slots per partial minimum in row_argmin
 
@@ -1556,16 +1557,27 @@ class Spotlight(KVCache):
             return spotlight_hash(x, self.w1, self.b1, self.w2, self.b2, self.lift)
         return x @ self.R if self.hash_kind == "simhash" else x
 
+    def codes_of(self, x):
+        """x [B, Hh, N, d] -> the packed sign codes of its hash [B, Hh, N, W]. A decode step's few rows on CUDA:
+        triton_kernels.hash_codes, one launch, with HASH_KERNEL (off until timed on the GPU, BENCHMARKS.md)."""
+        if x.is_cuda and HASH_KERNEL and x.shape[2] <= 16:
+            from triton_kernels import hash_codes, hash_codes_fit  # Triton: imported only on CUDA
+            if hash_codes_fit(x.shape[-1], self.d):
+                if self.hash_kind == "mlp":
+                    return hash_codes(x, self.lift, self.w1, self.b1, self.w2, self.b2)
+                return hash_codes(x, self.R if self.hash_kind == "simhash" else None, None, None, None, None)
+        return pack_bits(self.hash(x) > 0)
+
     def key_codes(self, k):
         """k [B, H_kv, T, d] -> [B, H_kv, Gh, T, W]."""
         B, H, T, d = k.shape
         x = k.repeat_interleave(self.gh, dim=1) if self.gh > 1 else k
-        return pack_bits(self.hash(x) > 0).view(B, H, self.gh, T, -1)
+        return self.codes_of(x).view(B, H, self.gh, T, -1)
 
     def query_codes(self, qg):
         """qg [B, H_kv, G, d] -> [B, H_kv, G, W]."""
         B, H, G, d = qg.shape
-        return pack_bits(self.hash(qg.reshape(B, H * self.gh, G // self.gh, d)) > 0).view(B, H, G, -1)
+        return self.codes_of(qg.reshape(B, H * self.gh, G // self.gh, d)).view(B, H, G, -1)
 
     def on_prefill(self, q, k, v, pos, keep):
         if not self.dense:

@@ -12,6 +12,8 @@ every cache's decode attention on CUDA, and attend_scores is DenseStore.attend_w
 cache plus the new token, and the group-mean softmax probabilities H2O, TOVA and Scissorhands score
 with) in one bandwidth-bound pass over K and V that also stores the logits.
 
+hash_codes: Spotlight's (and lsh_retrieval's, spotlight_linear's) packed sign codes of a few rows, one launch.
+
 spotlight_select: Spotlight's scoring and top-k selection, with the output of cache.count_select.
 
 quest_select: Quest's page scores and page selection (the current page plus the best others, no sort),
@@ -33,6 +35,7 @@ loop bounds (CHUNK, K are tl.constexpr; _attend_kernel's CHUNK is 0, a runtime b
 the cache size a symbol: _chunk_bound) and has no libdevice (popcount by SWAR there).
 """
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -545,6 +548,59 @@ def quant_attend_scores(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz
     return out.to(qg.dtype), probs[0], probs[1], (torch.exp(s_new - m) / z).mean(2)[..., None]
 
 
+# ---- Spotlight's hash codes: the hash and the sign bits packed, one launch ---------------------------
+# The torch path (cache.Spotlight.hash, then pack_bits) is a dtype copy, two cuBLAS bmm calls and two fused
+# pointwise kernels per hash: 15 us of bmm a layer at batch 1 on the H200, besides the pointwise ones
+# (BENCHMARKS.md, "Where a decode step goes"), for a few rows of 64-128 numbers per head.
+
+@triton.jit
+def _hash_codes_kernel(X, LIFT, W1, B1, W2, B2, OUT, H, N, sxb, sxh, sxn, D: tl.constexpr, NB: tl.constexpr,
+                       NP: tl.constexpr, LIFTED: tl.constexpr, MLP: tl.constexpr, PREC: tl.constexpr):
+    """Program (sequence x hash head h): the codes of rows x = X[b, h, :N] [N, D] (cache.Spotlight.hash, then
+    pack_bits): LIFTED x = x LIFT[h] ([D, NB]: a lift, or lsh_retrieval's R); MLP y = x + SiLU(x W1[h] + b1),
+    x = y + (y W2[h] + b2); bit i of word w = (x[64 w + i] > 0) -> OUT [B, H, N, NB / 64] int64. PREC tf32x3:
+    products near fp32's on the tensor cores (a code bit is the sign of a sum: only sums within rounding of 0 may
+    differ from cuBLAS's fp32); ieee's FMA products held each 128 x 128 weight in registers and spilled (sm_90 SASS,
+    8 warps: no spills, 2.4k instructions a thread at d = n = 128)."""
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    r, d, j = tl.arange(0, NP), tl.arange(0, D), tl.arange(0, NB)
+    x = tl.load(X + b * sxb + h * sxh + r[:, None] * sxn + d[None, :], mask=r[:, None] < N, other=0.0).to(tl.float32)
+    if LIFTED:
+        x = tl.dot(x, tl.load(LIFT + (h * D + d[:, None]) * NB + j[None, :]), input_precision=PREC)
+    if MLP:
+        w = (h * NB + j[:, None]) * NB + j[None, :]
+        y = tl.dot(x, tl.load(W1 + w), input_precision=PREC) + tl.load(B1 + h * NB + j)[None, :]
+        y = x + y * tl.sigmoid(y)
+        x = y + (tl.dot(y, tl.load(W2 + w), input_precision=PREC) + tl.load(B2 + h * NB + j)[None, :])
+    bits = (x > 0).to(tl.int64) << (j % 64).to(tl.int64)[None, :]  # distinct bits: their sum is their OR
+    words = tl.sum(tl.reshape(bits, (NP, NB // 64, 64)), 2)
+    wi = tl.arange(0, NB // 64)
+    tl.store(OUT + (bh * N + r[:, None]) * (NB // 64) + wi[None, :], words, mask=r[:, None] < N)
+
+
+def hash_codes_fit(d: int, n: int) -> bool:
+    """Whether hash_codes takes head_dim d and n code bits (powers of two, whole int64 words)."""
+    return d >= 16 and n >= 64 and d & (d - 1) == 0 and n & (n - 1) == 0
+
+
+@triton_op("kvcompress::hash_codes", mutates_args={})
+def hash_codes(x: torch.Tensor, lift: Optional[torch.Tensor], w1: Optional[torch.Tensor], b1: Optional[torch.Tensor],
+               w2: Optional[torch.Tensor], b2: Optional[torch.Tensor]) -> torch.Tensor:
+    """pack_bits(spotlight_hash(x, w1, b1, w2, b2, lift) > 0) (w1 None: no MLP, the codes of x lift, or of x with
+    no lift): x [B, H, N, d] (any float dtype), lift [H, d, n], w [H, n, n], b [H, n] fp32 -> [B, H, N, n / 64]."""
+    B, H, N, D = x.shape
+    NB = lift.shape[-1] if lift is not None else D
+    x = x if x.stride(3) == 1 else x.contiguous()
+    out = torch.empty(B, H, N, NB // 64, dtype=torch.long, device=x.device)
+    mlp = w1 is not None
+    lift, w1, b1, w2, b2 = (t.contiguous() if t is not None else out for t in (lift, w1, b1, w2, b2))  # out: never read
+    wrap_triton(_hash_codes_kernel)[(B * H,)](
+        x, lift, w1, b1, w2, b2, out, H, N, x.stride(0), x.stride(1), x.stride(2), D=D, NB=NB,
+        NP=max(16, triton.next_power_of_2(N)), LIFTED=lift is not out, MLP=mlp, PREC="tf32x3", num_warps=8)
+    return out
+
+
 # ---- Spotlight's selection: Hamming scores, the n-th best score, the slots at or above it ----------
 # The torch path (cache.count_select) costs a dozen kernels per layer (scores recomputed by several
 # consumers, a contended scatter-add, scans). Here a two-level (radix) select: tl.histogram lowers to warp
@@ -887,7 +943,7 @@ def quest_select(qg, kmax, kmin, input_pos, n_sel, K: int, page_size: int, S: in
 def _prompt_dot(a, b, SCALE: tl.constexpr, IEEE: tl.constexpr):
     """a [M, D] @ b [N, D]^T in fp32, times SCALE: logits in log2 units."""
     if IEEE:  # fp32 inputs (the interpreter's tests): tf32 would cost the 1e-4 they check
-        s = tl.dot(a, tl.trans(b), input_precision="ieee")
+        s = tl.dot(a, tl.trans(b), input_precision=PREC)
     else:
         s = tl.dot(a, tl.trans(b))
     return s * SCALE

@@ -67,20 +67,20 @@ def write_hashes(path, args, heads=None, scale=0.3, seed=0):
     return path
 
 
-def run(model, args, strategy, params, ckpt="", steps=10, B=2, T=40, step_fn=None):
+def run(model, args, strategy, params, ckpt="", steps=10, B=2, T=40, step_fn=None, device="cpu"):
     """Prefill a left-padded batch, then decode `steps` tokens; every step's logits [B, steps + 1, V]."""
     g = torch.Generator().manual_seed(1)
     toks = torch.randint(0, args.vocab_size, (B, T), generator=g)
     pos = torch.arange(T).repeat(B, 1)
     pos[1] = (pos[1] - 7).clamp(min=-1)  # left padding: the second prompt is 7 tokens shorter
     cfg = kv.CacheConfig(strategy=strategy, params=params, checkpoint_dir=str(ckpt))
-    model.setup_caches(kv.make_caches(args, cfg, B, T + steps + 1, steps + 1, "cpu", torch.float32))
+    model.setup_caches(kv.make_caches(args, cfg, B, T + steps + 1, steps + 1, device, torch.float32))
     with torch.no_grad():
-        out = [model.prefill(toks, pos)]
-        ip = pos[:, -1] + 1
+        out = [model.prefill(toks.to(device), pos.to(device))]
+        ip = pos[:, -1].to(device) + 1
         step = step_fn or model.forward
         for _ in range(steps):
-            out.append(step(torch.randint(0, args.vocab_size, (B, 1), generator=g), ip)[:, -1].clone())
+            out.append(step(torch.randint(0, args.vocab_size, (B, 1), generator=g).to(device), ip)[:, -1].clone())
             ip = ip + 1
     return torch.stack(out, 1)
 
@@ -353,6 +353,89 @@ def check_spotlight_select(device, qbits, kbits, pos, ip, k, sinks, recent, scor
             assert idx[ok].tolist() == want and ok.tolist() == [i < len(want) for i in range(K)], (b, h)
             wants[b].append(want)
     return wants
+
+
+def naive_hash_words(x, lift, w1, b1, w2, b2):
+    """One row x [d] of one head through Spotlight's hash in float64, written out: h = x lift (or x), then
+    y = h + SiLU(h W1 + b1), h = y + y W2 + b2 when w1 is given -> (h as floats, the code words as Python
+    ints in int64's range, bit i of word w = h[64 w + i] > 0)."""
+    h = [float(v) for v in x]
+    if lift is not None:
+        h = [sum(h[i] * float(lift[i][j]) for i in range(len(h))) for j in range(len(lift[0]))]
+    if w1 is not None:
+        n = len(h)
+        a = [sum(h[i] * float(w1[i][j]) for i in range(n)) + float(b1[j]) for j in range(n)]
+        y = [h[j] + a[j] / (1 + math.exp(-a[j])) for j in range(n)]
+        h = [y[j] + sum(y[i] * float(w2[i][j]) for i in range(n)) + float(b2[j]) for j in range(n)]
+    words = []
+    for w in range(len(h) // 64):
+        u = sum(1 << i for i in range(64) if h[64 * w + i] > 0)
+        words.append(u - (1 << 64) if u >= 1 << 63 else u)
+    return h, words
+
+
+def check_hash_codes(device):
+    """triton_kernels.hash_codes against naive_hash_words, every row and head, for Spotlight's MLP hash at
+    d = n = 64 and 128 and with a lift (d 64, 128 bits), lsh_retrieval's x R, and spotlight_linear's sign(x);
+    one row (a new key), a GQA group, and a group that is not a power of two. A bit whose float64 value is
+    within 1e-4 of 0 may go either way (fp32 sums)."""
+    from triton_kernels import hash_codes
+    g = torch.Generator().manual_seed(3)
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    for kind, d, n, N in [("mlp", 64, 64, 4), ("mlp", 128, 128, 1), ("mlp", 64, 128, 5), ("simhash", 64, 64, 3),
+                          ("sign", 128, 128, 4)]:
+        B, H = 2, 3
+        x = torch.randn(B, H, N, d, generator=g).to(dt)
+        lift = torch.randn(H, d, n, generator=g) / d ** 0.5 if kind == "simhash" or n > d else None
+        w1, w2 = (torch.randn(H, n, n, generator=g) / n ** 0.5 if kind == "mlp" else None for _ in range(2))
+        b1, b2 = (torch.randn(H, n, generator=g) * 0.1 if kind == "mlp" else None for _ in range(2))
+        got = hash_codes(*(t.to(device) if t is not None else None for t in (x, lift, w1, b1, w2, b2))).cpu()
+        assert got.shape == (B, H, N, n // 64) and got.dtype == torch.long, (kind, got.shape)
+        for b in range(B):
+            for h in range(H):
+                for r in range(N):
+                    hv, want = naive_hash_words(x[b, h, r].double().tolist(), *(
+                        t[h].tolist() if t is not None else None for t in (lift, w1, b1, w2, b2)))
+                    for w, word in enumerate(want):
+                        diff = (int(got[b, h, r, w]) ^ word) & (2 ** 64 - 1)
+                        near = sum(1 << i for i in range(64) if abs(hv[64 * w + i]) < 1e-4)
+                        assert diff & ~near == 0, (kind, b, h, r, w, bin(diff))
+
+
+def test_hash_codes_in_interpreter():
+    in_triton_interpreter("test_retrieval", "check_hash_codes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test above runs everywhere")
+def test_hash_codes_on_cuda():
+    check_hash_codes("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA (the kernel itself: the interpreter test above)")
+@pytest.mark.parametrize("strategy", ["spotlight", "spotlight_linear", "lsh_retrieval"])
+def test_hash_kernel_gives_the_torch_codes_in_decode(strategy, tmp_path, monkeypatch):
+    """cache.HASH_KERNEL on: every layer's key codes after a decode, and the logits, equal the torch path's (a bit
+    may differ only where its sum is within rounding of 0: at most 1 in 10^4), eager and compiled into one graph."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    args = ModelArgs.from_name("tiny")
+    args.n_layer, args.dim, args.head_dim = 3, 256, 64  # head_dim 64: hash_codes' smallest code
+    model = Transformer(args).eval().cuda()
+    ckpt = write_hashes(tmp_path, args)
+    got = {}
+    for on, compiled in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(kv, "HASH_KERNEL", on)
+        torch._dynamo.reset()
+        counters.clear()
+        step = torch.compile(model.forward, fullgraph=True) if compiled else None
+        logits = run(model, args, strategy, SPARSE, ckpt, steps=8, step_fn=step, device="cuda")
+        codes = torch.stack([layer.attention.kv_cache.codes for layer in model.layers[2:]])  # layers 0, 1: dense
+        got[on, compiled] = logits, codes
+        assert not compiled or counters["stats"]["unique_graphs"] == 1
+    for key in ((True, False), (True, True)):
+        torch.testing.assert_close(got[key][0], got[False, False][0], rtol=1e-4, atol=1e-4)
+        diff = sum(bin(int(x) & (2 ** 64 - 1)).count("1") for x in (got[key][1] ^ got[False, False][1]).flatten().tolist())
+        assert diff <= got[key][1].numel() * 64 // 10 ** 4, (key, diff)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test below runs everywhere")
