@@ -679,15 +679,18 @@ def main():
         model.DECODE_GEMM = False
     if a.no_evict_kernel:
         kv.EVICT_KERNEL = False
-    kv.HASH_KERNEL = kv.HASH_KERNEL or a.hash_kernel
+    if a.hash_kernel:
+        kv.HASH_KERNEL = True
     for setting in a.inductor:
         key, _, value = setting.partition("=")
         try:
-            assert hasattr(torch._inductor.config, key)
-            setattr(torch._inductor.config, key, ast.literal_eval(value))
-            INDUCTOR_SET.append(setting)
-        except (AssertionError, ValueError, SyntaxError):
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            value = key = None
+        if key is None or not hasattr(torch._inductor.config, key):
             p.error(f"--inductor {setting}: give KEY=VALUE, KEY a torch._inductor.config setting, VALUE a Python literal")
+        setattr(torch._inductor.config, key, value)
+        INDUCTOR_SET.append(setting)
     lines, failed = (cpu_vs_hf(a), False) if a.cpu_vs_hf else gpu(a)
     text = "\n".join(lines) + "\n"
     print("\n" + text)

@@ -555,11 +555,11 @@ def quant_attend_scores(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz
 
 @triton.jit
 def _hash_codes_kernel(X, LIFT, W1, B1, W2, B2, OUT, H, N, sxb, sxh, sxn, D: tl.constexpr, NB: tl.constexpr,
-                       NP: tl.constexpr, LIFTED: tl.constexpr, MLP: tl.constexpr, PREC: tl.constexpr):
+                       NP: tl.constexpr, LIFTED: tl.constexpr, MLP: tl.constexpr):
     """Program (sequence x hash head h): the codes of rows x = X[b, h, :N] [N, D] (cache.Spotlight.hash, then
     pack_bits): LIFTED x = x LIFT[h] ([D, NB]: a lift, or lsh_retrieval's R); MLP y = x + SiLU(x W1[h] + b1),
-    x = y + (y W2[h] + b2); bit i of word w = (x[64 w + i] > 0) -> OUT [B, H, N, NB / 64] int64. PREC tf32x3:
-    products near fp32's on the tensor cores (a code bit is the sign of a sum: only sums within rounding of 0 may
+    x = y + (y W2[h] + b2); bit i of word w = (x[64 w + i] > 0) -> OUT [B, H, N, NB / 64] int64. tf32x3 products:
+    near fp32's on the tensor cores (a code bit is the sign of a sum: only sums within rounding of 0 may
     differ from cuBLAS's fp32); ieee's FMA products held each 128 x 128 weight in registers and spilled (sm_90 SASS,
     8 warps: no spills, 2.4k instructions a thread at d = n = 128)."""
     bh = tl.program_id(0)
@@ -567,12 +567,12 @@ def _hash_codes_kernel(X, LIFT, W1, B1, W2, B2, OUT, H, N, sxb, sxh, sxn, D: tl.
     r, d, j = tl.arange(0, NP), tl.arange(0, D), tl.arange(0, NB)
     x = tl.load(X + b * sxb + h * sxh + r[:, None] * sxn + d[None, :], mask=r[:, None] < N, other=0.0).to(tl.float32)
     if LIFTED:
-        x = tl.dot(x, tl.load(LIFT + (h * D + d[:, None]) * NB + j[None, :]), input_precision=PREC)
+        x = tl.dot(x, tl.load(LIFT + (h * D + d[:, None]) * NB + j[None, :]), input_precision="tf32x3")
     if MLP:
         w = (h * NB + j[:, None]) * NB + j[None, :]
-        y = tl.dot(x, tl.load(W1 + w), input_precision=PREC) + tl.load(B1 + h * NB + j)[None, :]
+        y = tl.dot(x, tl.load(W1 + w), input_precision="tf32x3") + tl.load(B1 + h * NB + j)[None, :]
         y = x + y * tl.sigmoid(y)
-        x = y + (tl.dot(y, tl.load(W2 + w), input_precision=PREC) + tl.load(B2 + h * NB + j)[None, :])
+        x = y + (tl.dot(y, tl.load(W2 + w), input_precision="tf32x3") + tl.load(B2 + h * NB + j)[None, :])
     bits = (x > 0).to(tl.int64) << (j % 64).to(tl.int64)[None, :]  # distinct bits: their sum is their OR
     words = tl.sum(tl.reshape(bits, (NP, NB // 64, 64)), 2)
     wi = tl.arange(0, NB // 64)
@@ -593,11 +593,11 @@ def hash_codes(x: torch.Tensor, lift: Optional[torch.Tensor], w1: Optional[torch
     NB = lift.shape[-1] if lift is not None else D
     x = x if x.stride(3) == 1 else x.contiguous()
     out = torch.empty(B, H, N, NB // 64, dtype=torch.long, device=x.device)
-    mlp = w1 is not None
+    lifted, mlp = lift is not None, w1 is not None
     lift, w1, b1, w2, b2 = (t.contiguous() if t is not None else out for t in (lift, w1, b1, w2, b2))  # out: never read
     wrap_triton(_hash_codes_kernel)[(B * H,)](
         x, lift, w1, b1, w2, b2, out, H, N, x.stride(0), x.stride(1), x.stride(2), D=D, NB=NB,
-        NP=max(16, triton.next_power_of_2(N)), LIFTED=lift is not out, MLP=mlp, PREC="tf32x3", num_warps=8)
+        NP=max(16, triton.next_power_of_2(N)), LIFTED=lifted, MLP=mlp, num_warps=8)
     return out
 
 
