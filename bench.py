@@ -374,7 +374,7 @@ def plain_prefill_s(model, context, batch, device, dtype) -> float:
     layer.attention.kv_cache = kv.make_caches(args, cfg, batch, context, 0, device, dtype)[0]
     x = torch.randn(batch, context, args.dim, device=device, dtype=dtype)
     pos = torch.arange(context, device=device).expand(batch, -1)
-    rope = model.ropes(pos)[bool(layer.attention.window)]  # layer 0: a sliding-window one in Gemma 3
+    rope = model.ropes(pos)[1 if layer.attention.window else 0]  # layer 0: a sliding-window one in Gemma 3
     times = []
     for _ in range(3):
         gen.sync(device)
@@ -530,7 +530,7 @@ def tuning():
             f"{triton_kernels.LINEAR_TUNE}" if model.DECODE_GEMM else "cuBLAS (--no_decode_gemm)")
     evict = (f"triton_kernels.evict_slot, {triton_kernels.EVICT_CHUNK} slots and {triton_kernels.EVICT_WARPS} "
              "warps a program" if kv.EVICT_KERNEL else "torch (--no_evict_kernel)")
-    codes = "triton_kernels.hash_codes (--hash_kernel)" if kv.HASH_KERNEL else "torch"
+    codes = "triton_kernels.hash_codes" if kv.HASH_KERNEL else "torch (--no_hash_kernel)"
     inductor = f"; inductor settings: {', '.join(INDUCTOR_SET)} (--inductor)" if INDUCTOR_SET else ""
     return (f"{triton_kernels.TUNE}; decode GEMMs: {gemm}; eviction's choice: {evict}; Spotlight's decode codes: "
             f"{codes}{inductor}")
@@ -648,8 +648,8 @@ def main():
     g.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                    help="set torch._inductor.config.KEY to a Python literal for the run (A/B an inductor setting, "
                    "e.g. reorder_for_locality=False, which generate.CPU_OPTIONS sets for CPU steps)")
-    g.add_argument("--hash_kernel", action="store_true",
-                   help="Spotlight's decode codes by triton_kernels.hash_codes (cache.HASH_KERNEL on; off until timed)")
+    g.add_argument("--no_hash_kernel", action="store_true",
+                   help="Spotlight's decode codes in torch (cache.HASH_KERNEL off), not by triton_kernels.hash_codes")
     g.add_argument("--hf", action="store_true", help="also transformers' generate() on the same shape")
     g.add_argument("--hf_cache", choices=["dynamic", "static"], default="dynamic",
                    help="its default dynamic cache (eager), or a static cache (which it compiles itself)")
@@ -679,8 +679,8 @@ def main():
         model.DECODE_GEMM = False
     if a.no_evict_kernel:
         kv.EVICT_KERNEL = False
-    if a.hash_kernel:
-        kv.HASH_KERNEL = True
+    if a.no_hash_kernel:
+        kv.HASH_KERNEL = False
     for setting in a.inductor:
         key, _, value = setting.partition("=")
         try:

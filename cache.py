@@ -194,7 +194,9 @@ class KVCache(nn.Module):
         return torch.cat([self.pos.float(), input_pos.float()[:, None, None].expand(*self.pos.shape[:2], 1)], -1)
 
     def on_write(self, slot, q, k_new, v_new, input_pos):
-        """Auxiliary state for the new token, now in `slot` [B, H_kv] (S = the new token was dropped)."""
+        """Auxiliary state for the new token, now in `slot` [B, H_kv] (S = the new token was dropped). A
+        retrieval strategy may return the query's part of its index (Spotlight: the codes it hashed with the
+        new key's, in one launch), which select then takes as `q_index` instead of computing it."""
 
     # ---- shared mechanics ----------------------------------------------------------------------
     def protected(self, pos, now):
@@ -296,9 +298,9 @@ class KVCache(nn.Module):
         self.pos[b, h, s] = now if keep_old is None else torch.where(keep_old, self.pos[b, h, s], now)
         self.store.write(s, k_new[:, :, 0], v_new[:, :, 0], keep_old, input_pos)
 
-    def select(self, qg, input_pos):
+    def select(self, qg, input_pos, q_index=None):
         """Retrieval strategies: the slots this decode step reads, as (idx [B, H_kv, K], ok [B, H_kv, K])
-        with K static, or None to read every filled slot (dense layers)."""
+        with K static, or None to read every filled slot (dense layers). q_index: what on_write returned."""
         return None
 
     def index_bytes(self) -> int:
@@ -315,9 +317,9 @@ class KVCache(nn.Module):
         qg = torch.zeros(*self.limit.shape, self.n_group, self.head_dim, device=self.limit.device, dtype=self.dtype)
         return int(self.attend_mask(qg, input_pos).sum())
 
-    def attend_mask(self, q, input_pos):
+    def attend_mask(self, q, input_pos, q_index=None):
         """Which slots the decode query reads: [B, H_kv, S] bool. Retrieval strategies narrow it."""
-        sel = self.select(q, input_pos) if self.retrieves else None
+        sel = self.select(q, input_pos, q_index) if self.retrieves else None
         if sel is None:
             return self.pos >= 0
         idx, ok = sel
@@ -338,12 +340,12 @@ class KVCache(nn.Module):
         runs = torch.stack([torch.zeros_like(limit), limit], -1)[:, None].expand(B, H, 2)
         return self.store.attend(qg, self.pos, input_pos, runs=runs)
 
-    def attend_selected(self, qg, input_pos):
+    def attend_selected(self, qg, input_pos, q_index=None):
         """Retrieval decode attention. On CUDA a gather kernel reads only the selected rows of K and V
         (token-level selections are not block-aligned, so a block mask would save nothing)."""
         if not qg.is_cuda:
-            return self.store.attend(qg, self.pos, input_pos, mask=self.attend_mask(qg, input_pos))
-        sel = self.select(qg, input_pos)
+            return self.store.attend(qg, self.pos, input_pos, mask=self.attend_mask(qg, input_pos, q_index))
+        sel = self.select(qg, input_pos, q_index)
         if sel is None:  # a dense layer
             return self.attend_all(qg, input_pos)
         return self.store.attend_gather(qg, self.pos, input_pos, *sel)
@@ -360,8 +362,8 @@ class KVCache(nn.Module):
         elif self.retrieves:  # every token kept: store it, index it (codes, page bounds), read a sliver
             slot = input_pos[:, None].expand(B, H // self.n_group)
             self.write(slot, k_new, v_new, input_pos)
-            self.on_write(slot, qg, k_new, v_new, input_pos)
-            return self.attend_selected(qg, input_pos).view(B, H, 1, D)
+            q_index = self.on_write(slot, qg, k_new, v_new, input_pos)
+            return self.attend_selected(qg, input_pos, q_index).view(B, H, 1, D)
         else:
             if self.evicts:  # the base rule's scores are the positions: CUDA's kernel reads them from `pos` itself
                 plain = self.evict_kernel and type(self).decode_scores is KVCache.decode_scores
@@ -749,7 +751,7 @@ class Scissorhands(KVCache):
 
 
 MAX64 = torch.iinfo(torch.long).max
-HASH_KERNEL = False  # Spotlight's decode codes by triton_kernels.hash_codes on CUDA (bench.py --hash_kernel)
+HASH_KERNEL = True  # Spotlight's decode codes by triton_kernels.hash_codes on CUDA (bench.py --no_hash_kernel: torch)
 EVICT_KERNEL = True  # choose_slot by triton_kernels.evict_slot on CUDA (bench.py --no_evict_kernel: its torch form)
 ARGMIN_CHUNK = 128  # slots per partial minimum in row_argmin
 
@@ -1557,27 +1559,37 @@ class Spotlight(KVCache):
             return spotlight_hash(x, self.w1, self.b1, self.w2, self.b2, self.lift)
         return x @ self.R if self.hash_kind == "simhash" else x
 
-    def codes_of(self, x):
-        """x [B, Hh, N, d] -> the packed sign codes of its hash [B, Hh, N, W]. A decode step's few rows on CUDA:
-        triton_kernels.hash_codes, one launch, with HASH_KERNEL (off until timed on the GPU, BENCHMARKS.md)."""
-        if x.is_cuda and HASH_KERNEL and x.shape[2] <= 16:
+    def codes_of(self, x, x2=None):
+        """x [B, Hh, N, d] (then x2 [B, Hh, N2, d]) -> the packed sign codes of its hash [B, Hh, N (+ N2), W]. A
+        decode step's few rows on CUDA: triton_kernels.hash_codes, one launch, with HASH_KERNEL (BENCHMARKS.md)."""
+        rows = x.shape[2] + (0 if x2 is None else x2.shape[2])
+        if x.is_cuda and HASH_KERNEL and rows <= 16:
             from triton_kernels import hash_codes, hash_codes_fit  # Triton: imported only on CUDA
             if hash_codes_fit(x.shape[-1], self.d):
                 if self.hash_kind == "mlp":
-                    return hash_codes(x, self.lift, self.w1, self.b1, self.w2, self.b2)
-                return hash_codes(x, self.R if self.hash_kind == "simhash" else None, None, None, None, None)
-        return pack_bits(self.hash(x) > 0)
+                    return hash_codes(x, x2, self.lift, self.w1, self.b1, self.w2, self.b2)
+                return hash_codes(x, x2, self.R if self.hash_kind == "simhash" else None, None, None, None, None)
+        codes = pack_bits(self.hash(x) > 0)  # x2 hashed apart, so the torch path's sums are as they were
+        return codes if x2 is None else torch.cat([codes, pack_bits(self.hash(x2) > 0)], 2)
+
+    def key_rows(self, k):
+        """k [B, H_kv, T, d] -> the rows of each hash head [B, H_kv Gh, T, d]."""
+        return k.repeat_interleave(self.gh, dim=1) if self.gh > 1 else k
+
+    def query_rows(self, qg):
+        """qg [B, H_kv, G, d] -> the rows of each hash head [B, H_kv Gh, G / Gh, d]."""
+        B, H, G, d = qg.shape
+        return qg.reshape(B, H * self.gh, G // self.gh, d)
 
     def key_codes(self, k):
         """k [B, H_kv, T, d] -> [B, H_kv, Gh, T, W]."""
         B, H, T, d = k.shape
-        x = k.repeat_interleave(self.gh, dim=1) if self.gh > 1 else k
-        return self.codes_of(x).view(B, H, self.gh, T, -1)
+        return self.codes_of(self.key_rows(k)).view(B, H, self.gh, T, -1)
 
     def query_codes(self, qg):
         """qg [B, H_kv, G, d] -> [B, H_kv, G, W]."""
         B, H, G, d = qg.shape
-        return self.codes_of(qg.reshape(B, H * self.gh, G // self.gh, d)).view(B, H, G, -1)
+        return self.codes_of(self.query_rows(qg)).view(B, H, G, -1)
 
     def on_prefill(self, q, k, v, pos, keep):
         if not self.dense:
@@ -1589,9 +1601,15 @@ class Spotlight(KVCache):
         return self.codes.numel() * self.codes.element_size()  # every slot's code is scored
 
     def on_write(self, slot, q, k_new, v_new, input_pos):
-        if not self.dense:
-            b, h = grid(slot)  # an index_put_: a scatter_ here copied the whole code buffer every step
-            self.codes[b, h, :, slot] = self.key_codes(k_new)[:, :, :, 0]  # [B, H_kv, Gh, W]
+        """The new key's codes into its slot; returns the query's, hashed with them in one launch (select's
+        q_index: a hash_codes launch a layer fewer, 8 us at batch 1 and 8 on the H200)."""
+        if self.dense:
+            return None
+        B, H, G, _ = q.shape
+        c = self.codes_of(self.query_rows(q), self.key_rows(k_new))  # [B, H_kv Gh, G / Gh + 1, W]: query, then key
+        b, h = grid(slot)  # an index_put_: a scatter_ here copied the whole code buffer every step
+        self.codes[b, h, :, slot] = c[:, :, -1].view(B, H, self.gh, -1)  # [B, H_kv, Gh, W]
+        return c[:, :, :-1].reshape(B, H, G, -1)
 
     def n_select(self, n):
         """How many keys the hash picks among n cached ones (n an int or a [B] tensor)."""
@@ -1600,11 +1618,12 @@ class Spotlight(KVCache):
             return max(min(n, 20), n - math.floor(rho * n))
         return torch.maximum(n.clamp(max=20), n - (n.double() * rho).floor().long())
 
-    def select(self, qg, input_pos):
+    def select(self, qg, input_pos, q_index=None):
         if self.dense:
             return None
         S, sinks, recent = self.n_slots, self.p["spotlight_sinks"], self.p["spotlight_recent"]
-        q, K, k = self.query_codes(qg), min(S, self.n_select(S) + sinks + recent + 1), self.n_select(input_pos + 1)
+        q = self.query_codes(qg) if q_index is None else q_index
+        K, k = min(S, self.n_select(S) + sinks + recent + 1), self.n_select(input_pos + 1)
         if qg.is_cuda and self.gh == 1:  # the same selection in Triton (per-query-head codes: torch path)
             from triton_kernels import spotlight_select
             return spotlight_select(q, self.codes[:, :, 0], self.pos, input_pos, k, K, self.d, sinks, recent)
@@ -1687,7 +1706,7 @@ class Quest(KVCache):
         tokens = (n.double() * b).ceil() if b <= 1 else n.clamp(max=int(b)).double()
         return (tokens / self.ps).ceil().long().clamp(min=1)
 
-    def select(self, qg, input_pos):
+    def select(self, qg, input_pos, q_index=None):
         if self.dense:
             return None
         P, ps, S = self.kmax.shape[2], self.ps, self.n_slots

@@ -340,7 +340,7 @@ class Transformer(nn.Module):
         ropes = self.ropes(input_pos[:, None])  # [B, 1, D/2, 2] each
         x = self.embed(tokens)
         for layer in self.layers:
-            rope = ropes[bool(layer.attention.window)]
+            rope = ropes[1 if layer.attention.window else 0]
             x = layer_step(layer, x, rope, input_pos) if layer_step else layer(x, rope, input_pos)
         return self.output(self.norm(x)).float()
 
@@ -353,7 +353,7 @@ class Transformer(nn.Module):
         ropes = self.ropes(pos)
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer.feed(x, ropes[bool(layer.attention.window)], pos)
+            x = layer.feed(x, ropes[1 if layer.attention.window else 0], pos)
         return self.output(self.norm(x if all_logits else x[:, -1])).float()
 
     def prefill(self, tokens, pos, chunk: int = 1024, all_logits: bool = False):
@@ -365,7 +365,7 @@ class Transformer(nn.Module):
         ropes = self.ropes(pos.clamp(min=0))
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer.prefill(x, ropes[bool(layer.attention.window)], pos, chunk)
+            x = layer.prefill(x, ropes[1 if layer.attention.window else 0], pos, chunk)
         return self.output(self.norm(x if all_logits else x[:, -1])).float()
 
 

@@ -40,8 +40,16 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+from torch.library import wrap_triton as _wrap_triton
 from triton.language.extra import libdevice
+from triton.runtime.interpreter import InterpretedFunction
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton, but a kernel under Triton's interpreter is launched as it is, as torch 2.13's
+    wrap_triton does itself (2.11's, on the GPU image, raises)."""
+    return kernel if isinstance(kernel, InterpretedFunction) else _wrap_triton(kernel)
 
 
 @triton.jit
@@ -553,30 +561,42 @@ def quant_attend_scores(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz
 # pointwise kernels per hash: 15 us of bmm a layer at batch 1 on the H200, besides the pointwise ones
 # (BENCHMARKS.md, "Where a decode step goes"), for a few rows of 64-128 numbers per head.
 
+HASH_WARPS = 8  # hash_codes' warps (sm_90 SASS: see _hash_codes_kernel)
+
+
 @triton.jit
-def _hash_codes_kernel(X, LIFT, W1, B1, W2, B2, OUT, H, N, sxb, sxh, sxn, D: tl.constexpr, NB: tl.constexpr,
-                       NP: tl.constexpr, LIFTED: tl.constexpr, MLP: tl.constexpr):
-    """Program (sequence x hash head h): the codes of rows x = X[b, h, :N] [N, D] (cache.Spotlight.hash, then
-    pack_bits): LIFTED x = x LIFT[h] ([D, NB]: a lift, or lsh_retrieval's R); MLP y = x + SiLU(x W1[h] + b1),
-    x = y + (y W2[h] + b2); bit i of word w = (x[64 w + i] > 0) -> OUT [B, H, N, NB / 64] int64. tf32x3 products:
-    near fp32's on the tensor cores (a code bit is the sign of a sum: only sums within rounding of 0 may
-    differ from cuBLAS's fp32); ieee's FMA products held each 128 x 128 weight in registers and spilled (sm_90 SASS,
-    8 warps: no spills, 2.4k instructions a thread at d = n = 128)."""
+def _hash_codes_kernel(X, X2, LIFT, W1, B1, W2, B2, OUT, H, N, N2, sxb, sxh, sxn, s2b, s2h, s2n, D: tl.constexpr,
+                       NB: tl.constexpr, NP: tl.constexpr, LIFTED: tl.constexpr, MLP: tl.constexpr):
+    """Program (sequence x hash head h): the codes of rows x = X[b, h, :N] then X2[b, h, :N2] [N + N2, D]
+    (cache.Spotlight.hash, then pack_bits): LIFTED x = x LIFT[h] ([D, NB]: a lift, or lsh_retrieval's R); MLP
+    y = x + SiLU(x W1[h] + b1), x = y + (y W2[h] + b2); bit i of word w = (x[64 w + i] > 0) -> OUT
+    [B, H, N + N2, NB / 64] int64. Every weight's load is issued before the first product: few programs (B x H)
+    each read 64-160 KB, so their loads' latency, not bandwidth, was the time (8.3 us a launch at batch 1 and 8
+    with the loads in program order, 4.6 us with R alone, 1.2 us with no weight: H200). tf32x3 products: near
+    fp32's on the tensor cores (a code bit is the sign of a sum: only sums within rounding of 0 may differ
+    from cuBLAS's fp32); ieee's FMA products held each 128 x 128 weight in registers and spilled."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     r, d, j = tl.arange(0, NP), tl.arange(0, D), tl.arange(0, NB)
-    x = tl.load(X + b * sxb + h * sxh + r[:, None] * sxn + d[None, :], mask=r[:, None] < N, other=0.0).to(tl.float32)
     if LIFTED:
-        x = tl.dot(x, tl.load(LIFT + (h * D + d[:, None]) * NB + j[None, :]), input_precision="tf32x3")
+        lift = tl.load(LIFT + (h * D + d[:, None]) * NB + j[None, :])
     if MLP:
         w = (h * NB + j[:, None]) * NB + j[None, :]
-        y = tl.dot(x, tl.load(W1 + w), input_precision="tf32x3") + tl.load(B1 + h * NB + j)[None, :]
+        w1, b1, w2, b2 = tl.load(W1 + w), tl.load(B1 + h * NB + j), tl.load(W2 + w), tl.load(B2 + h * NB + j)
+    x = tl.load(X + b * sxb + h * sxh + r[:, None] * sxn + d[None, :], mask=r[:, None] < N, other=0.0)
+    x2 = tl.load(X2 + b * s2b + h * s2h + (r[:, None] - N) * s2n + d[None, :],
+                 mask=(r[:, None] >= N) & (r[:, None] < N + N2), other=0.0)
+    x = tl.where(r[:, None] < N, x.to(tl.float32), x2.to(tl.float32))
+    if LIFTED:
+        x = tl.dot(x, lift, input_precision="tf32x3")
+    if MLP:
+        y = tl.dot(x, w1, input_precision="tf32x3") + b1[None, :]
         y = x + y * tl.sigmoid(y)
-        x = y + (tl.dot(y, tl.load(W2 + w), input_precision="tf32x3") + tl.load(B2 + h * NB + j)[None, :])
+        x = y + (tl.dot(y, w2, input_precision="tf32x3") + b2[None, :])
     bits = (x > 0).to(tl.int64) << (j % 64).to(tl.int64)[None, :]  # distinct bits: their sum is their OR
     words = tl.sum(tl.reshape(bits, (NP, NB // 64, 64)), 2)
     wi = tl.arange(0, NB // 64)
-    tl.store(OUT + (bh * N + r[:, None]) * (NB // 64) + wi[None, :], words, mask=r[:, None] < N)
+    tl.store(OUT + (bh * (N + N2) + r[:, None]) * (NB // 64) + wi[None, :], words, mask=r[:, None] < N + N2)
 
 
 def hash_codes_fit(d: int, n: int) -> bool:
@@ -585,19 +605,23 @@ def hash_codes_fit(d: int, n: int) -> bool:
 
 
 @triton_op("kvcompress::hash_codes", mutates_args={})
-def hash_codes(x: torch.Tensor, lift: Optional[torch.Tensor], w1: Optional[torch.Tensor], b1: Optional[torch.Tensor],
-               w2: Optional[torch.Tensor], b2: Optional[torch.Tensor]) -> torch.Tensor:
-    """pack_bits(spotlight_hash(x, w1, b1, w2, b2, lift) > 0) (w1 None: no MLP, the codes of x lift, or of x with
-    no lift): x [B, H, N, d] (any float dtype), lift [H, d, n], w [H, n, n], b [H, n] fp32 -> [B, H, N, n / 64]."""
+def hash_codes(x: torch.Tensor, x2: Optional[torch.Tensor], lift: Optional[torch.Tensor], w1: Optional[torch.Tensor],
+               b1: Optional[torch.Tensor], w2: Optional[torch.Tensor], b2: Optional[torch.Tensor]) -> torch.Tensor:
+    """pack_bits(spotlight_hash(rows, w1, b1, w2, b2, lift) > 0) of the rows x, then x2 (a decode step hashes its
+    query and its new key in one launch; w1 None: no MLP, the codes of x lift, or of x with no lift): x [B, H, N, d],
+    x2 [B, H, N2, d] (any float dtype), lift [H, d, n], w [H, n, n], b [H, n] fp32 -> [B, H, N + N2, n / 64]."""
     B, H, N, D = x.shape
     NB = lift.shape[-1] if lift is not None else D
     x = x if x.stride(3) == 1 else x.contiguous()
-    out = torch.empty(B, H, N, NB // 64, dtype=torch.long, device=x.device)
+    x2 = x[:, :, :0] if x2 is None else x2 if x2.stride(3) == 1 else x2.contiguous()
+    N2 = x2.shape[2]
+    out = torch.empty(B, H, N + N2, NB // 64, dtype=torch.long, device=x.device)
     lifted, mlp = lift is not None, w1 is not None
     lift, w1, b1, w2, b2 = (t.contiguous() if t is not None else out for t in (lift, w1, b1, w2, b2))  # out: never read
     wrap_triton(_hash_codes_kernel)[(B * H,)](
-        x, lift, w1, b1, w2, b2, out, H, N, x.stride(0), x.stride(1), x.stride(2), D=D, NB=NB,
-        NP=max(16, triton.next_power_of_2(N)), LIFTED=lifted, MLP=mlp, num_warps=8)
+        x, x2, lift, w1, b1, w2, b2, out, H, N, N2, x.stride(0), x.stride(1), x.stride(2), x2.stride(0), x2.stride(1),
+        x2.stride(2), D=D, NB=NB, NP=max(16, triton.next_power_of_2(N + N2)), LIFTED=lifted, MLP=mlp,
+        num_warps=HASH_WARPS)
     return out
 
 

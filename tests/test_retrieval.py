@@ -377,24 +377,28 @@ def naive_hash_words(x, lift, w1, b1, w2, b2):
 def check_hash_codes(device):
     """triton_kernels.hash_codes against naive_hash_words, every row and head, for Spotlight's MLP hash at
     d = n = 64 and 128 and with a lift (d 64, 128 bits), lsh_retrieval's x R, and spotlight_linear's sign(x);
-    one row (a new key), a GQA group, and a group that is not a power of two. A bit whose float64 value is
-    within 1e-4 of 0 may go either way (fp32 sums)."""
+    one row (a new key), a GQA group, a group that is not a power of two, and a decode step's query rows with
+    its new key's (x2, a strided view as Spotlight.on_write passes it). A bit whose float64 value is within 1e-4
+    of 0 may go either way (fp32 sums)."""
     from triton_kernels import hash_codes
     g = torch.Generator().manual_seed(3)
     dt = torch.bfloat16 if device == "cuda" else torch.float32
-    for kind, d, n, N in [("mlp", 64, 64, 4), ("mlp", 128, 128, 1), ("mlp", 64, 128, 5), ("simhash", 64, 64, 3),
-                          ("sign", 128, 128, 4)]:
+    for kind, d, n, N, N2 in [("mlp", 64, 64, 4, 0), ("mlp", 128, 128, 1, 0), ("mlp", 64, 128, 5, 0),
+                              ("simhash", 64, 64, 3, 0), ("sign", 128, 128, 4, 0), ("mlp", 128, 128, 4, 1),
+                              ("mlp", 64, 128, 3, 2), ("simhash", 64, 64, 4, 1), ("sign", 64, 64, 2, 1)]:
         B, H = 2, 3
         x = torch.randn(B, H, N, d, generator=g).to(dt)
+        x2 = torch.randn(B, N2, H, d, generator=g).to(dt).transpose(1, 2) if N2 else None  # strided, as k_new is
         lift = torch.randn(H, d, n, generator=g) / d ** 0.5 if kind == "simhash" or n > d else None
         w1, w2 = (torch.randn(H, n, n, generator=g) / n ** 0.5 if kind == "mlp" else None for _ in range(2))
         b1, b2 = (torch.randn(H, n, generator=g) * 0.1 if kind == "mlp" else None for _ in range(2))
-        got = hash_codes(*(t.to(device) if t is not None else None for t in (x, lift, w1, b1, w2, b2))).cpu()
-        assert got.shape == (B, H, N, n // 64) and got.dtype == torch.long, (kind, got.shape)
+        got = hash_codes(*(t.to(device) if t is not None else None for t in (x, x2, lift, w1, b1, w2, b2))).cpu()
+        assert got.shape == (B, H, N + N2, n // 64) and got.dtype == torch.long, (kind, got.shape)
+        rows = x if x2 is None else torch.cat([x, x2], 2)
         for b in range(B):
             for h in range(H):
-                for r in range(N):
-                    hv, want = naive_hash_words(x[b, h, r].double().tolist(), *(
+                for r in range(N + N2):
+                    hv, want = naive_hash_words(rows[b, h, r].double().tolist(), *(
                         t[h].tolist() if t is not None else None for t in (lift, w1, b1, w2, b2)))
                     for w, word in enumerate(want):
                         diff = (int(got[b, h, r, w]) ^ word) & (2 ** 64 - 1)
