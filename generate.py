@@ -160,8 +160,10 @@ def sync(device):
 # the slot (H2O, TOVA, Scissorhands), and inductor, which writes a buffer in place only when nothing reads it after the
 # write, then copied the whole K/V buffer every step: H2O at 50% of a 3.3k-token prompt decoded at 20.4 tok/s with it
 # and 28.0 without, TOVA 16.4 and 21.7, Scissorhands 18.7 and 25.3 (BENCHMARKS.md, session 17). On CUDA the
-# attention is one op before the write; bench.py --inductor reorder_for_locality=False times it there.
-CPU_OPTIONS = {"reorder_for_locality": False}
+# attention is one op before the write; bench.py --inductor reorder_for_locality=False times it there. From torch 2.13
+# only: 2.11's inductor (the GPU image's), with the pass off, wrote the new K/V row wrong in the layers whose slot
+# count is a symbol (PyramidKV's, SymbolicSlots), so compiled tokens left eager's (tests/test_model.py caught it).
+CPU_OPTIONS = {"reorder_for_locality": False} if torch.__version__ >= "2.13" else {}
 
 
 def compile_decode(model, device, regional=None, frozen=False, symbolic_slots=None):

@@ -59,9 +59,12 @@ def all_reduce(x):
 
 
 def all_gather(x, dim: int):
-    """Every rank's x, concatenated along `dim` in rank order; traceable like all_reduce."""
+    """Every rank's x, concatenated along `dim` in rank order; traceable like all_reduce. Gathered along dim 0
+    and re-cut here: along another dim, torch 2.11's funcol splits it in a function dynamo will not trace
+    (a graph break, so a fullgraph compile of the step fails)."""
     gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # its newer name (torch 2.13)
-    return gather(x.contiguous(), dim, dist.group.WORLD)
+    y = gather(x.contiguous(), 0, dist.group.WORLD)
+    return y if dim == 0 else torch.cat(y.chunk(y.shape[0] // x.shape[0], 0), dim)
 
 
 def all_gather_heads(x):

@@ -428,6 +428,7 @@ def test_qwen3_gguf(tmp_path):
     gives the model it was written from (so it is laid out as transformers expects llama.cpp's); ours
     converts it to the same logits, and its qwen2 pre-tokenizer to the source tokenizer.json's tokens.
     head_dim 128: transformers' qwen3 GGUF reader assumes it (every Qwen3 has it)."""
+    pytest.importorskip("gguf")  # a requirement; absent on the GPU image
     torch.manual_seed(0)
     tok = families.write_qwen2_tokenizer(tmp_path / "hf", families.QWEN3_TEMPLATE)
     model = families.randomised(transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
@@ -453,6 +454,7 @@ def test_llama32_gguf_rope_freqs(tmp_path):
     """A Llama 3.2 GGUF: tied, q/k permuted by llama.cpp, its Llama-3.1 scaling stored as llama.cpp's
     per-dimension divisors (rope_freqs, computed here by the rule its converter applies). Ours must give
     transformers' logits of the model it came from; without the divisors they differ."""
+    pytest.importorskip("gguf")  # a requirement; absent on the GPU image
     torch.manual_seed(0)
     model = families.llama32(tmp_path / "hf").eval()
     c, s = model.config, model.config.rope_parameters
@@ -500,6 +502,7 @@ def test_corrupt_safetensors_is_one_clear_error(tiny, tmp_path):
 
 
 def test_corrupt_gguf_is_one_clear_error(tmp_path):
+    pytest.importorskip("gguf")  # a requirement; absent on the GPU image
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + bytes(range(256)) * 4)
     with pytest.raises(ValueError, match="cannot read GGUF"):

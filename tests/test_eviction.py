@@ -642,6 +642,7 @@ def tiny_run(name, params, budget, steps, step_fn=None, prompt=40):
     return caches, out
 
 
+@pytest.mark.skipif(torch.__version__ < "2.13", reason="generate.CPU_OPTIONS is set from torch 2.13 (2.11 miscompiled)")
 @pytest.mark.parametrize("name,bits", [("h2o", 16), ("tova", 16), ("scissorhands", 16), ("h2o", 4)])
 def test_cpu_decode_step_writes_the_cache_in_place(name, bits):
     """generate.compile_decode's CPU step allocates no temporary the shape of a K/V store buffer: it writes the new
