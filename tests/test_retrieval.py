@@ -146,6 +146,25 @@ def test_spotlight_selection_matches_naive(strategy, tmp_path):
             assert sum(s > kth for s, _ in scored) <= k <= sum(s >= kth for s, _ in scored)
 
 
+@pytest.mark.parametrize("strategy,per_query_head", [("spotlight", False), ("spotlight", True), ("lsh_retrieval", False)])
+def test_decode_selects_with_the_query_codes_hashed_beside_the_new_key(strategy, per_query_head, tmp_path, monkeypatch):
+    """Spotlight.on_write hashes the query's rows with the new key's and hands the query's codes to select
+    (q_index); the logits of every step equal a run whose select hashes the query itself (q_index dropped), for
+    per-KV-head and per-query-head hashes (Gh > 1), and the prune reads a sliver (the codes matter)."""
+    model, args = tiny()
+    ckpt = write_hashes(tmp_path, args, heads=args.n_head if per_query_head else None)
+    got = run(model, args, strategy, SPARSE, ckpt, steps=8)
+    for c in (layer.attention.kv_cache for layer in model.layers[2:]):  # layers 0, 1: dense
+        assert c.gh == (args.n_head // args.n_local_heads if per_query_head else 1)
+        filled = (c.pos >= 0)[:, :, None, :, None].expand_as(c.codes)  # every key's codes, prefill's and decode's
+        assert torch.equal(c.codes[filled], c.key_codes(c.k)[filled])
+    write = kv.Spotlight.on_write
+    monkeypatch.setattr(kv.Spotlight, "on_write", lambda self, *a: [write(self, *a), None][1])
+    want = run(model, args, strategy, SPARSE, ckpt, steps=8)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (got[:, 1:] - run(model, args, strategy, EVERY, ckpt, steps=8)[:, 1:]).abs().max() > 1e-3
+
+
 def test_read_bytes_counts_the_selection_and_the_codes():
     """kv.read_bytes (what generate.py prints): the K/V rows of each layer's selection, counted here from
     the naive selection, plus the packed codes scanned; the full cache reads all it holds."""
