@@ -570,11 +570,13 @@ def _hash_codes_kernel(X, X2, LIFT, W1, B1, W2, B2, OUT, H, N, N2, sxb, sxh, sxn
     """Program (sequence x hash head h): the codes of rows x = X[b, h, :N] then X2[b, h, :N2] [N + N2, D]
     (cache.Spotlight.hash, then pack_bits): LIFTED x = x LIFT[h] ([D, NB]: a lift, or lsh_retrieval's R); MLP
     y = x + SiLU(x W1[h] + b1), x = y + (y W2[h] + b2); bit i of word w = (x[64 w + i] > 0) -> OUT
-    [B, H, N + N2, NB / 64] int64. Every weight's load is issued before the first product: few programs (B x H)
-    each read 64-160 KB, so their loads' latency, not bandwidth, was the time (8.3 us a launch at batch 1 and 8
-    with the loads in program order, 4.6 us with R alone, 1.2 us with no weight: H200). tf32x3 products: near
-    fp32's on the tensor cores (a code bit is the sign of a sum: only sums within rounding of 0 may differ
-    from cuBLAS's fp32); ieee's FMA products held each 128 x 128 weight in registers and spilled."""
+    [B, H, N + N2, NB / 64] int64. Every weight's load is issued before the first product. That did not shorten a
+    launch (H200: 8.3 us with the loads in program order, 9.1 us for the query's and the key's rows with them all
+    first; 4.6 us with R alone, 1.2 us with no weight): one program's chain of ~2,400 instructions on one SM is
+    the time (BENCHMARKS.md, session 18). tf32x3 products: near fp32's on the tensor cores (a code bit is the sign
+    of a sum: only sums within rounding of 0 may differ from cuBLAS's fp32); ieee's FMA products held each
+    128 x 128 weight in registers and spilled. sm_90 SASS at d = n = 128: no spills at 8 warps (HASH_WARPS);
+    4 and 16 warps spill."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     r, d, j = tl.arange(0, NP), tl.arange(0, D), tl.arange(0, NB)
