@@ -533,7 +533,7 @@ def tuning():
     codes = "triton_kernels.hash_codes" if kv.HASH_KERNEL else "torch (--no_hash_kernel)"
     inductor = f"; inductor settings: {', '.join(INDUCTOR_SET)} (--inductor)" if INDUCTOR_SET else ""
     return (f"{triton_kernels.TUNE}; decode GEMMs: {gemm}; eviction's choice: {evict}; Spotlight's decode codes: "
-            f"{codes}{inductor}")
+            f"{codes}; the decode step's inductor options: {gen.CUDA_OPTIONS}{inductor}")
 
 
 INDUCTOR_SET = []  # --inductor's settings, named in the output
@@ -690,6 +690,8 @@ def main():
         if key is None or not hasattr(torch._inductor.config, key):
             p.error(f"--inductor {setting}: give KEY=VALUE, KEY a torch._inductor.config setting, VALUE a Python literal")
         setattr(torch._inductor.config, key, value)
+        if key in gen.CUDA_OPTIONS:  # compile_decode's own options would override the global setting
+            gen.CUDA_OPTIONS[key] = value
         INDUCTOR_SET.append(setting)
     lines, failed = (cpu_vs_hf(a), False) if a.cpu_vs_hf else gpu(a)
     text = "\n".join(lines) + "\n"

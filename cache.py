@@ -136,7 +136,8 @@ class KVCache(nn.Module):
         self.register_buffer("limit", torch.full((batch, n_kv), n_slots, dtype=torch.long))
         # filled slots per row. Prefill-only policies: they are a prefix (prefill keeps them first), so the next
         # generated token's slot is their count, not a search for the first empty slot (a reduction a layer);
-        # HeadBudgetCache: each head's run length in its flat buffer. Unused by the other policies (8 bytes a row)
+        # StreamingLLM: its ring's next slot; HeadBudgetCache: each head's run length in its flat
+        # buffer. Unused by the other policies (8 bytes a row)
         self.register_buffer("count", torch.zeros(batch, n_kv, dtype=torch.long))
         if self.evicts:  # triton_kernels.evict_slot's per-row ticket (choose_slot on CUDA): zero between calls
             self.register_buffer("ticket", torch.zeros(batch, n_kv, dtype=torch.int32), persistent=False)
@@ -250,13 +251,15 @@ class KVCache(nn.Module):
 
     def choose_slot(self, keep, input_pos):
         """keep [B, H_kv, S + 1] -> the slot [B, H_kv] that takes the new token (S = drop the new one). On CUDA one
-        kernel (triton_kernels.evict_slot; keep None: the positions are the scores, the base rule's); elsewhere the
-        torch form below, which inductor made three reductions of on CUDA (BENCHMARKS.md, sessions 15 and 16)."""
+        kernel (triton_kernels.evict_slot; keep None: it computes the policy's scores from `pos` itself, see
+        scores_from_pos); elsewhere the torch form below, which inductor made three reductions of on CUDA
+        (BENCHMARKS.md, sessions 15 and 16)."""
         if self.evict_kernel:
             from triton_kernels import evict_slot
             frac = float(self.recent_window) if 0 < self.recent_window < 1 else 0.0
+            salt = self.salt if keep is None and type(self).decode_scores is Random.decode_scores else None
             return evict_slot(self.pos if keep is None else keep.float(), self.pos, input_pos, self.limit, self.ticket,
-                              self.n_sinks, self.recent, frac, self.reserve, keep is not None)
+                              self.n_sinks, self.recent, frac, self.reserve, keep is not None, salt, self.head0)
         B, H, S = self.pos.shape
         new_pos = input_pos[:, None, None].expand(B, H, 1)
         all_pos = torch.cat([self.pos, new_pos], dim=-1)
@@ -269,6 +272,10 @@ class KVCache(nn.Module):
         ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()  # int32 order = the floats' order
         return row_argmin(((ordered << 32) + all_pos + 1).masked_fill(~usable, MAX64))
 
+    def evict_choice(self, qg, k_new, input_pos):
+        """The slot [B, H_kv] the new token takes in an evicting cache: choose_slot over the decode scores."""
+        return self.choose_slot(None if self.scores_from_pos else self.decode_scores(qg, k_new, input_pos), input_pos)
+
     def usable(self):
         """[B, H_kv, S]: the slots below each row's budget (`limit`)."""
         return torch.arange(self.n_slots, device=self.limit.device) < self.limit[..., None]
@@ -277,6 +284,12 @@ class KVCache(nn.Module):
     def evict_kernel(self):
         """Whether choose_slot runs triton_kernels.evict_slot (its docstring says when)."""
         return self.pos.is_cuda and EVICT_KERNEL
+
+    @property
+    def scores_from_pos(self):
+        """Whether choose_slot's kernel computes this policy's decode scores from the positions itself: the base
+        rule's (the positions) and Random's (their hash; three torch kernels a layer otherwise)."""
+        return self.evict_kernel and type(self).decode_scores in (KVCache.decode_scores, Random.decode_scores)
 
     @property
     def drops(self):
@@ -365,9 +378,8 @@ class KVCache(nn.Module):
             q_index = self.on_write(slot, qg, k_new, v_new, input_pos)
             return self.attend_selected(qg, input_pos, q_index).view(B, H, 1, D)
         else:
-            if self.evicts:  # the base rule's scores are the positions: CUDA's kernel reads them from `pos` itself
-                plain = self.evict_kernel and type(self).decode_scores is KVCache.decode_scores
-                slot = self.choose_slot(None if plain else self.decode_scores(qg, k_new, input_pos), input_pos)
+            if self.evicts:
+                slot = self.evict_choice(qg, k_new, input_pos)
             elif self.prefill_only:  # generated tokens fill the reserved (empty) slots, first one first
                 room = self.count < self.limit.clamp(max=self.n_slots)
                 slot = torch.where(room, self.count, self.n_slots)  # none left: dropped
@@ -414,7 +426,7 @@ class StreamingLLM(KVCache):
     """StreamingLLM, Xiao et al. 2023: 4 attention sinks (--global_tokens) + the most recent
     tokens; the base's default score (the position) is exactly that rule. Departure: keys are cached
     after RoPE, so kept tokens keep their original positions; the paper re-numbers positions inside
-    the cache (kvpress does not either)."""
+    the cache (kvpress does not either). Decode keeps the paper's rolling cache (evict_choice)."""
     # follows arXiv 2309.17453; departs: original positions instead of cache-relative ones
     name = "streamingllm"
     source = "arXiv 2309.17453"
@@ -422,6 +434,19 @@ class StreamingLLM(KVCache):
     window = 0  # the position score keeps the newest anyway: only the 4 sinks need protecting
     # the new token's position tops every slot's, and budget_slots keeps a slot beyond the sinks: never dropped
     keeps_newest = True
+
+    def evict_choice(self, qg, k_new, input_pos):
+        """The paper's rolling cache: choose_slot's argmin of the positions, without a search. Prefill leaves each
+        row's tokens as a prefix of its slots in position order, the sinks first; so each new token goes to the
+        next empty slot while there is one, then round the slots past the sinks, oldest first. `count` is the
+        slot after the last one written (prefill: the tokens kept). A recent window (--recent_window) takes the
+        argmin: a window as long as the budget past the sinks protects every slot, and the argmin then evicts a
+        sink, which the ring never does."""
+        if self.recent_window:
+            return super().evict_choice(qg, k_new, input_pos)
+        slot = torch.where(self.count < self.limit.clamp(max=self.n_slots), self.count, self.n_sinks)
+        self.count.copy_(slot + 1)
+        return slot
 
 
 def hash_uniform(*keys, device=None):
@@ -544,8 +569,10 @@ class LSH(KVCache):
         L = self.R.shape[1]
         w = [-(1 << i) if i == self.bits - 1 else 1 << i for i in range(L)]
         # a decode step's few rows as a broadcast sum that inductor fuses with the packing: two cuBLAS
-        # calls a layer (~4 us each with their split-K reduce) were 6% of a batch-1 step at 32k
-        bits = (x.float() @ self.R if x.dim() > 3 else (x.float()[..., None] * self.R).sum(-2)) >= 0
+        # calls a layer (~4 us each with their split-K reduce) were 6% of a batch-1 step at 32k. The sum runs
+        # along x's contiguous last axis: summed along dim -2, inductor's autotuner could pick a looped reduction
+        # over 16 programs, 15 us a layer at 32k x 8 (H200, BENCHMARKS.md session 19)
+        bits = (x.float() @ self.R if x.dim() > 3 else (x.float()[..., None, :] * self.R.t()).sum(-1)) >= 0
         return (bits.long() * torch.tensor(w, device=x.device)).sum(-1).to(self.codes.dtype)
 
     def hamming(self, a, b):

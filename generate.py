@@ -164,6 +164,12 @@ def sync(device):
 # only: 2.11's inductor (the GPU image's), with the pass off, wrote the new K/V row wrong in the layers whose slot
 # count is a symbol (PyramidKV's, SymbolicSlots), so compiled tokens left eager's (tests/test_model.py caught it).
 CPU_OPTIONS = {"reorder_for_locality": False} if torch.__version__ >= "2.13" else {}
+# CUDA: inductor's combo kernels launch a layer's independent small kernels as one (the q and k/v RoPE writes, the
+# new token's position, the attention's row bounds): at 32k x 8 a decode step went from 464 launches to 400 for the
+# full cache (+0.7% tok/s) and from 464 to 432 for StreamingLLM; in one A/B against the full cache of each run,
+# StreamingLLM 2.26x -> 2.34x, Random 2.28x -> 2.31x, H2O 2.13x -> 2.19x, L2 2.21x either way (H200, BENCHMARKS.md
+# session 19). bench.py --inductor combo_kernels=False times the step without them.
+CUDA_OPTIONS = {"combo_kernels": True}
 
 
 def compile_decode(model, device, regional=None, frozen=False, symbolic_slots=None):
@@ -182,7 +188,7 @@ def compile_decode(model, device, regional=None, frozen=False, symbolic_slots=No
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(1024, getattr(torch._dynamo.config, name)))
     cuda = torch.device(device).type == "cuda"
-    options = {} if cuda else CPU_OPTIONS
+    options = CUDA_OPTIONS if cuda else CPU_OPTIONS
     if frozen:
         if cuda or regional:
             raise ValueError("a frozen decode step is CPU only and one graph (not regional)")

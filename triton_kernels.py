@@ -1145,13 +1145,15 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # per row (a serial scan of 3.3k slots) took 8 us a layer inside the decode step at batch 1 (BENCHMARKS.md).
 
 @triton.jit
-def _evict_slot_kernel(KEEP, POS, NOW, LIMIT, TICKET, PKEY, PIDX, SLOT, S, H, skb, skh, n_sinks, recent, frac, reserve,
-                       CHUNK: tl.constexpr, PART: tl.constexpr, SCORED: tl.constexpr, FRACTIONAL: tl.constexpr):
+def _evict_slot_kernel(KEEP, POS, NOW, LIMIT, TICKET, PKEY, PIDX, SLOT, SALT, S, H, skb, skh, n_sinks, recent, frac,
+                       reserve, head0, CHUNK: tl.constexpr, PART: tl.constexpr, RULE: tl.constexpr,
+                       FRACTIONAL: tl.constexpr):
     """Program (row = b H + h, chunk c): the argmin over candidates i = 0..S (slot i < S, the new token at i = S) of
     the key (score's order-preserving bits, position + 1), score = +inf where protected (position < n_sinks or >
     now - recent), -inf where empty (position < 0), the candidate left out past the row's limit (not the new
-    token); ties: the first index. SCORED: scores KEEP[b, h, i] (strides skb, skh, 1), else the position itself
-    (StreamingLLM's). FRACTIONAL: recent = round-half-even((limit - reserve) frac), at least 1 (H2O's recent
+    token); ties: the first index. RULE 0: scores KEEP[b, h, i] (strides skb, skh, 1); 1: the position itself
+    (StreamingLLM's); 2: cache.Random's fresh uniform score, hash_uniform(SALT[0], SALT[1], b, head0 + h, now,
+    position), hashed here rather than stored by three torch kernels a layer. FRACTIONAL: recent = round-half-even((limit - reserve) frac), at least 1 (H2O's recent
     ratio; KVCache.protected). TICKET [rows] int32 is 0 on entry and left 0."""
     row, c, n_ch = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     b, h = row // H, row % H
@@ -1167,10 +1169,14 @@ def _evict_slot_kernel(KEEP, POS, NOW, LIMIT, TICKET, PKEY, PIDX, SLOT, S, H, sk
     i = c * CHUNK + tl.arange(0, CHUNK)
     p = tl.load(POS + row.to(tl.int64) * S + i, mask=i < S, other=-1)
     p = tl.where(i == S, now, p)
-    if SCORED:
+    if RULE == 0:
         score = tl.load(KEEP + b.to(tl.int64) * skb + h * skh + i, mask=i <= S, other=0.0).to(tl.float32)
-    else:
+    elif RULE == 1:
         score = p.to(tl.float32)
+    else:
+        x = _hash_step(_hash_step(tl.zeros_like(p), tl.load(SALT)), tl.load(SALT + 1))
+        x = _hash_step(_hash_step(x, b.to(tl.int64)), (head0 + h).to(tl.int64))
+        score = (_hash_step(_hash_step(x, now), p) >> 8).to(tl.float32)
     score = tl.where((p < n_sinks) | (p > now - rec), float("inf"), score)
     score = tl.where(p < 0, float("-inf"), score)
     score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> 0.0: one key for zero
@@ -1197,6 +1203,16 @@ def _evict_slot_kernel(KEEP, POS, NOW, LIMIT, TICKET, PKEY, PIDX, SLOT, S, H, sk
         tl.store(TICKET + row, 0)
 
 
+@triton.jit
+def _hash_step(x, key):
+    """One key of cache.hash_uniform, in int64 as there: x < 2^32, so no product overflows."""
+    m = 0xFFFFFFFF
+    x = (x * 0x27D4EB2F + key) & m
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & m
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & m
+    return (x >> 16) ^ x
+
+
 # candidates a program, its warps; partials reduced at a time. `python scripts/tune_attend.py evict` on the H200
 # (2026-11-30, BENCHMARKS.md): 512 / 4 within 0.2 us of the best setting at batch 1 and 8 (2.9-3.9 us a call,
 # the compiled torch form 5.1-14.2)
@@ -1205,11 +1221,13 @@ EVICT_CHUNK, EVICT_WARPS, EVICT_PART = 512, 4, 128
 
 @triton_op("kvcompress::evict_slot", mutates_args={"ticket"})
 def evict_slot(keep: torch.Tensor, pos: torch.Tensor, input_pos: torch.Tensor, limit: torch.Tensor,
-               ticket: torch.Tensor, n_sinks: int, recent: int, frac: float, reserve: int, scored: bool) -> torch.Tensor:
+               ticket: torch.Tensor, n_sinks: int, recent: int, frac: float, reserve: int, scored: bool,
+               salt: Optional[torch.Tensor] = None, head0: int = 0) -> torch.Tensor:
     """cache.KVCache.choose_slot: keep [B, H_kv, S + 1] fp32 (last dim contiguous; unread unless scored: the
-    positions are the scores), pos [B, H_kv, S], input_pos [B], limit [B, H_kv], ticket [B, H_kv] int32 zeros
-    (left zero); sinks below position n_sinks and the last `recent` positions protected (frac > 0: recent is that
-    fraction of each row's limit - reserve) -> the slot [B, H_kv] int64 (S: the new token)."""
+    positions are the scores, or with salt [2] int64 (seed, layer) cache.Random's hash of them), pos [B, H_kv, S],
+    input_pos [B], limit [B, H_kv], ticket [B, H_kv] int32 zeros (left zero); sinks below position n_sinks and the
+    last `recent` positions protected (frac > 0: recent is that fraction of each row's limit - reserve) -> the slot
+    [B, H_kv] int64 (S: the new token). head0: the first KV head's index in the model (Random's hash takes it)."""
     B, H, S = pos.shape
     assert not scored or keep.stride(-1) == 1 and keep.dtype == torch.float32
     assert ticket.is_contiguous() and ticket.dtype == torch.int32
@@ -1218,7 +1236,7 @@ def evict_slot(keep: torch.Tensor, pos: torch.Tensor, input_pos: torch.Tensor, l
     pidx = torch.empty(B * H, n_ch, device=pos.device, dtype=torch.int32)
     slot = torch.empty(B, H, device=pos.device, dtype=torch.long)
     wrap_triton(_evict_slot_kernel)[(B * H, n_ch)](
-        keep, pos.contiguous(), input_pos, limit.contiguous(), ticket, pkey, pidx, slot, S, H, keep.stride(0),
-        keep.stride(1), n_sinks, recent, frac, reserve, CHUNK=EVICT_CHUNK, PART=EVICT_PART, SCORED=scored,
-        FRACTIONAL=frac > 0, num_warps=EVICT_WARPS)
+        keep, pos.contiguous(), input_pos, limit.contiguous(), ticket, pkey, pidx, slot, pos if salt is None else salt,
+        S, H, keep.stride(0), keep.stride(1), n_sinks, recent, frac, reserve, head0, CHUNK=EVICT_CHUNK,
+        PART=EVICT_PART, RULE=0 if scored else 1 if salt is None else 2, FRACTIONAL=frac > 0, num_warps=EVICT_WARPS)
     return slot

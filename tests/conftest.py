@@ -82,3 +82,14 @@ class Capture(torch.nn.Module):
     def prefill(self, q, k, v, pos):
         self.q, self.k = q, k
         self.cache.prefill(q, k, v, pos)
+
+
+def hash24(*keys):
+    """The random strategy's documented stream (cache.hash_uniform), in Python ints."""
+    x = 0
+    for key in keys:
+        x = (x * 0x27D4EB2F + key) & 0xFFFFFFFF
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+        x = (x >> 16) ^ x
+    return x >> 8

@@ -14,6 +14,7 @@ oldest token, the rule cache.py documents.
 import copy
 import math
 from fractions import Fraction
+from functools import partial
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import cache as kv
+from conftest import hash24
 from model import ModelArgs, Transformer
 
 B, D = 2, 8
@@ -190,28 +192,37 @@ def assert_invariants(history, slots, sinks=SINKS, recent=RECENT, protects=True)
                     assert {p for p in seen if protect(p, now, sinks, recent)} <= set(kept_), f"step {t}"
 
 
-def hash24(*keys):
-    """The random strategy's documented stream (cache.hash_uniform), in Python ints."""
-    x = 0
-    for key in keys:
-        x = (x * 0x27D4EB2F + key) & 0xFFFFFFFF
-        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
-        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
-        x = (x >> 16) ^ x
-    return x >> 8
-
-
 # ---- one test per strategy ------------------------------------------------------------------------
 
 @shapes
-@windows
+@pytest.mark.parametrize("sinks,recent", [*WINDOWS, (SINKS, 0)], ids=["window", "unprotected", "sinks"])
 def test_streamingllm(shape, sinks, recent):
-    """Sinks + the newest tokens; with no sinks, a plain sliding window."""
+    """Sinks + the newest tokens; with no sinks, a plain sliding window. Without a window (the paper's setting
+    and the strategy's default) decode takes the rolling-cache form (StreamingLLM.evict_choice)."""
     def ref(b, h):
         return ref_scored(Seq(b, shape), SLOTS, lambda p, now: p, sinks, recent)
     _, hist = run_cache("streamingllm", SLOTS, sinks=sinks, recent=recent, shape=shape)
     assert_same(hist, per_head(ref, shape[0]))
     assert_invariants(hist, SLOTS, sinks, recent)
+
+
+@pytest.mark.parametrize("sinks", [0, SINKS, 4])
+@pytest.mark.parametrize("slots,limits", [(SLOTS, (12, 7)), (30, (30, 26)), (30, (21, 12))],
+                         ids=["compressed", "room-left", "one-each"])
+def test_streamingllm_ring_takes_the_argmins_slot(sinks, slots, limits):
+    """The rolling cache puts each new token where choose_slot's argmin of the positions would, for rows with
+    budgets of their own (`limit`): prompts cut to them, prompts that leave slots empty, one of each."""
+    cfg = kv.CacheConfig(strategy="streamingllm", global_tokens=sinks, recent_window=0)
+    q, k, v, pos = scripted((8, 4))
+    cache = kv.REGISTRY["streamingllm"](B, 8, slots, D, 4, torch.float32, 0, 1, cfg, STEPS)
+    cache.limit.copy_(torch.tensor(limits)[:, None].expand(B, 8))
+    cache.prefill(q[:, :, :T], k[:, :, :T], v[:, :, :T], pos)
+    for t in range(STEPS):
+        now = pos[:, -1] + 1 + t
+        want = cache.choose_slot(kv.KVCache.decode_scores(cache, None, None, now), now)
+        cache.decode(q[:, :, T + t:T + t + 1], k[:, :, T + t:T + t + 1], v[:, :, T + t:T + t + 1], now)
+        assert torch.equal(cache.pos.gather(-1, want[..., None])[..., 0], now[:, None].expand(B, 8)), t
+        assert torch.equal(cache.k.gather(2, want[..., None, None].expand(B, 8, 1, D))[:, :, 0], k[:, :, T + t])
 
 
 @shapes
@@ -746,7 +757,7 @@ def test_choose_slot_on_cuda_equals_torch(name, params, protocol):
     """choose_slot's CUDA kernel (taken here by every policy), given the cache's own sinks, window (H2O's fractional
     one: of each row's limit less the reserve, which protocol context makes non-zero) and limits, picks what its
     torch form picks, after the prefill and every decode step of run_cache, for integer scores that tie; by
-    position (keep None) too."""
+    position (keep None) too, or for Random by its hash, which the kernel then computes itself."""
     g = torch.Generator().manual_seed(1)
     checked = []
 
@@ -756,7 +767,9 @@ def test_choose_slot_on_cuda_equals_torch(name, params, protocol):
         now = cache.pos.amax((1, 2)) + 1
         keep = torch.randint(-2, 2, (*cache.pos.shape[:2], cache.n_slots + 1), generator=g).float()
         assert torch.equal(gpu.choose_slot(keep.cuda(), now.cuda()).cpu(), cache.choose_slot(keep, now))
-        by_pos = kv.KVCache.decode_scores(cache, None, None, now)
+        # keep None: the positions are the scores, or Random's hash of them, which the kernel computes itself
+        own = type(cache).decode_scores is kv.Random.decode_scores
+        by_pos = (cache.decode_scores if own else partial(kv.KVCache.decode_scores, cache))(None, None, now)
         assert torch.equal(gpu.choose_slot(None, now.cuda()).cpu(), cache.choose_slot(by_pos, now))
         checked.append(True)
     for sinks, recent in [(None, None), (SINKS, RECENT), (0, 0)]:  # the strategy's own (H2O: half of the budget)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cache as kv
-from conftest import in_triton_interpreter
+from conftest import hash24, in_triton_interpreter
 
 # (B, H_kv, G, T, D, left padding of sequence 1): SmolLM2's GQA (3 KV heads x 3, D 64) and a scaled-down
 # Llama-3 (4 x 4); T not a multiple of any block; padding that covers a whole key block (130) or not (70, 5)
@@ -150,13 +150,14 @@ def check_evict_slot(device):
     """triton_kernels.evict_slot against naive_evict: Llama-3-8B's 8 KV heads, rows of different limits, empty
     slots, integer scores that tie (and -0.0 beside 0.0), chunks of 16 candidates (several programs a row, their
     partials reduced two at a time) and the default chunk (one a row); sinks and window, a fractional window
-    (H2O's, ties to even), nothing protected; scored, and by position (StreamingLLM's)."""
+    (H2O's, ties to even), nothing protected; scored, by position (StreamingLLM's), and by Random's hash of the
+    positions (seed, layer, sequence, head0 + head, now, position), which the kernel computes itself."""
     import triton_kernels as tk
     g = torch.Generator().manual_seed(0)
     B, H, S = 3, 8, 47
     chunk0, part0 = tk.EVICT_CHUNK, tk.EVICT_PART
     for chunk, (sinks, recent, frac, reserve), scored in itertools.product(
-            (16, chunk0), [(4, 10, 0.0, 0), (0, 0, 0.5, 3), (0, 0, 0.0, 0), (2, 0, 0.25, 0)], (True, False)):
+            (16, chunk0), [(4, 10, 0.0, 0), (0, 0, 0.5, 3), (0, 0, 0.0, 0), (2, 0, 0.25, 0)], (True, False, "random")):
         tk.EVICT_CHUNK, tk.EVICT_PART = chunk, 2 if chunk == 16 else part0  # 2: the partials in several tiles
         # distinct positions in a row, none a sink but the first four slots'
         pos = torch.stack([torch.randperm(190, generator=g)[:S] for _ in range(B * H)]).view(B, H, S) + 4
@@ -180,12 +181,17 @@ def check_evict_slot(device):
             pos[b, h][pos[b, h] == p] = pos[b, h, i].item()  # a swap: positions stay distinct
             pos[b, h, i], keep[b, h, i] = p, -100.0
         limit[2, 0], keep[2, 0, S] = 1, -200.0  # one slot: a fractional window still protects the new token
-        if not scored:
+        seed, layer, head0 = 7, 5, 16  # Random's salt; a tensor-parallel rank's first head
+        if scored is False:
             keep = torch.cat([pos.float(), now.float()[:, None, None].expand(B, H, 1)], -1)
+        elif scored == "random":
+            keep = torch.tensor([[[float(hash24(seed, layer, b, head0 + h, now[b].item(), p))
+                                   for p in pos[b, h].tolist() + [now[b].item()]] for h in range(H)] for b in range(B)])
         ref = naive_evict(keep.tolist(), pos.tolist(), now.tolist(), limit.tolist(), sinks, recent, frac, reserve)
         ticket = torch.zeros(B, H, dtype=torch.int32, device=device)
+        salt = torch.tensor([seed, layer], device=device) if scored == "random" else None
         got = tk.evict_slot(keep.to(device), pos.to(device), now.to(device), limit.to(device), ticket, sinks, recent,
-                            frac, reserve, scored)
+                            frac, reserve, scored is True, salt, head0 if salt is not None else 0)
         assert got.cpu().tolist() == ref, (chunk, sinks, recent, frac, scored)
         assert not ticket.any()  # left zero for the next call
     tk.EVICT_CHUNK, tk.EVICT_PART = chunk0, part0
