@@ -1153,8 +1153,9 @@ def _evict_slot_kernel(KEEP, POS, NOW, LIMIT, TICKET, PKEY, PIDX, SLOT, SALT, S,
     now - recent), -inf where empty (position < 0), the candidate left out past the row's limit (not the new
     token); ties: the first index. RULE 0: scores KEEP[b, h, i] (strides skb, skh, 1); 1: the position itself
     (StreamingLLM's); 2: cache.Random's fresh uniform score, hash_uniform(SALT[0], SALT[1], b, head0 + h, now,
-    position), hashed here rather than stored by three torch kernels a layer. FRACTIONAL: recent = round-half-even((limit - reserve) frac), at least 1 (H2O's recent
-    ratio; KVCache.protected). TICKET [rows] int32 is 0 on entry and left 0."""
+    position), hashed here rather than by three torch kernels a layer. FRACTIONAL: recent = round-half-even((limit
+    - reserve) frac), at least 1 (H2O's recent ratio; KVCache.protected). TICKET [rows] int32 is 0 on entry and
+    left 0."""
     row, c, n_ch = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     b, h = row // H, row % H
     now = tl.load(NOW + b)
