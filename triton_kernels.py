@@ -1175,9 +1175,9 @@ def _evict_slot_kernel(KEEP, POS, NOW, LIMIT, TICKET, PKEY, PIDX, SLOT, SALT, S,
     elif RULE == 1:
         score = p.to(tl.float32)
     else:
-        x = _hash_step(_hash_step(tl.zeros_like(p), tl.load(SALT)), tl.load(SALT + 1))
-        x = _hash_step(_hash_step(x, b.to(tl.int64)), (head0 + h).to(tl.int64))
-        score = (_hash_step(_hash_step(x, now), p) >> 8).to(tl.float32)
+        x = _hash_step(_hash_step(tl.zeros([], tl.int64), tl.load(SALT)), tl.load(SALT + 1))  # the row's: scalars
+        x = _hash_step(_hash_step(_hash_step(x, b.to(tl.int64)), (head0 + h).to(tl.int64)), now)
+        score = (_hash_step(x, p) >> 8).to(tl.float32)  # only the position's step per candidate
     score = tl.where((p < n_sinks) | (p > now - rec), float("inf"), score)
     score = tl.where(p < 0, float("-inf"), score)
     score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> 0.0: one key for zero
