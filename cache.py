@@ -134,11 +134,11 @@ class KVCache(nn.Module):
         # each (sequence, KV head)'s budget: slots at or past it are never used (a batch of prompts of
         # different lengths shares one buffer, each sequence compressed to its own fraction; make_caches)
         self.register_buffer("limit", torch.full((batch, n_kv), n_slots, dtype=torch.long))
-        # filled slots per row. Prefill-only policies: they are a prefix (prefill keeps them first), so the next
-        # generated token's slot is their count, not a search for the first empty slot (a reduction a layer);
-        # StreamingLLM: its ring's next slot; HeadBudgetCache: each head's run length in its flat
-        # buffer. Unused by the other policies (8 bytes a row)
-        self.register_buffer("count", torch.zeros(batch, n_kv, dtype=torch.long))
+        # each row's filled slots are a prefix after prefill (it keeps them first); `offset` is their number minus
+        # the first decode position, so offset + p counts the tokens a row has seen by position p. Prefill-only
+        # policies append position p at that slot, StreamingLLM's ring counts from it: a function of the
+        # position, with no pointer to advance (see StreamingLLM.evict_choice). Unused by the other policies
+        self.register_buffer("offset", torch.zeros(batch, n_kv, dtype=torch.long))
         if self.evicts:  # triton_kernels.evict_slot's per-row ticket (choose_slot on CUDA): zero between calls
             self.register_buffer("ticket", torch.zeros(batch, n_kv, dtype=torch.int32), persistent=False)
 
@@ -239,7 +239,7 @@ class KVCache(nn.Module):
         self.pos[:, :, :n] = tok_pos.gather(-1, keep).masked_fill(beyond, -1)
         idx = keep[..., None].expand(-1, -1, -1, k.shape[-1])
         self.store.prefill(k.gather(2, idx), v.gather(2, idx), self.pos, pos.max(dim=1).values)
-        self.count.copy_((self.pos >= 0).sum(-1))
+        self.offset.copy_((self.pos >= 0).sum(-1) - pos.max(dim=1).values[:, None] - 1)
         self.on_prefill(q, k, v, pos, keep)
 
     def prompt_scorer(self):
@@ -293,11 +293,11 @@ class KVCache(nn.Module):
 
     @property
     def drops(self):
-        """Whether a decode step can leave the new token out (write's slot == S): a prefill-only cache once
-        full; an evicting one unless it protects a recent window, which always holds the new token (choose_slot
-        scores it +inf, and ties go to the oldest), or its scores keep the newest (`keeps_newest`); then its
-        writes need not read the old row (`write`)."""
-        return self.prefill_only or self.evicts and not (self.protects and self.recent_window > 0 or self.keeps_newest)
+        """Whether a decode step can leave the new token out (write's slot == S): an evicting cache unless it
+        protects a recent window, which always holds the new token (choose_slot scores it +inf, and ties go to the
+        oldest), or its scores keep the newest (`keeps_newest`); then its writes need not read the old row
+        (`write`). A prefill-only cache never drops (decode's overflow rule)."""
+        return self.evicts and not (self.protects and self.recent_window > 0 or self.keeps_newest)
 
     def write(self, slot, k_new, v_new, input_pos):
         """Put the new token in `slot` [B, H_kv]; slot == S means it was evicted on arrival.
@@ -380,10 +380,11 @@ class KVCache(nn.Module):
         else:
             if self.evicts:
                 slot = self.evict_choice(qg, k_new, input_pos)
-            elif self.prefill_only:  # generated tokens fill the reserved (empty) slots, first one first
-                room = self.count < self.limit.clamp(max=self.n_slots)
-                slot = torch.where(room, self.count, self.n_slots)  # none left: dropped
-                self.count += room.long()
+            elif self.prefill_only:  # generated tokens fill the reserved (empty) slots, first one first. Past
+                # them (more tokens than the max_new_tokens reserved, which generate never decodes) each new token
+                # takes the row's last slot: it still attends to itself, and the write reads nothing (a drop's
+                # write kept the old row: two kernels a layer more, ~0.1 ms a step at 32k x 8, BENCHMARKS.md)
+                slot = (self.offset + input_pos[:, None]).clamp(max=self.limit.clamp(max=self.n_slots) - 1)
             else:  # no eviction: slot = position (prefill set it up so; lengths are validated)
                 slot = input_pos[:, None].expand(B, H // self.n_group)
             self.write(slot, k_new, v_new, input_pos)
@@ -438,15 +439,17 @@ class StreamingLLM(KVCache):
     def evict_choice(self, qg, k_new, input_pos):
         """The paper's rolling cache: choose_slot's argmin of the positions, without a search. Prefill leaves each
         row's tokens as a prefix of its slots in position order, the sinks first; so each new token goes to the
-        next empty slot while there is one, then round the slots past the sinks, oldest first. `count` is the
-        slot after the last one written (prefill: the tokens kept). A recent window (--recent_window) takes the
-        argmin: a window as long as the budget past the sinks protects every slot, and the argmin then evicts a
-        sink, which the ring never does."""
+        next empty slot while there is one, then round the slots past the sinks, oldest first: slot p of the
+        sequence offset + input_pos (KVCache.offset). A function of the position, with no pointer to advance: torch 2.11's CPU inductor (the GPU image's) moved a pointer's update ahead of the K/V
+        write that re-read it, so K/V went one slot past the positions. A recent window (--recent_window) takes
+        the argmin: a window as long as the budget past the sinks protects every slot, and the argmin then evicts
+        a sink, which the ring never does."""
         if self.recent_window:
             return super().evict_choice(qg, k_new, input_pos)
-        slot = torch.where(self.count < self.limit.clamp(max=self.n_slots), self.count, self.n_sinks)
-        self.count.copy_(slot + 1)
-        return slot
+        p, n = self.offset + input_pos[:, None], self.limit.clamp(max=self.n_slots)  # p: tokens seen, sinks included
+        # int32 modulo: int64 division is a long software sequence on the GPU
+        wrap = ((p - n).int() % (n - self.n_sinks).clamp(min=1).int()).long()
+        return torch.where(p < n, p, self.n_sinks + wrap)
 
 
 def hash_uniform(*keys, device=None):
@@ -910,8 +913,9 @@ class HeadBudgetCache(KVCache):
         L = self.flat_length(n_slots)
         self.store = make_store(self.cfg, batch, n_kv, 1, L, head_dim, dtype, aligned=False)  # one flat row
         self.pos = torch.full((batch, L), -1, dtype=torch.long)
-        for name in ("start", "cap"):  # each (sequence, KV head)'s run in the flat buffer; its length: `count`
-            self.register_buffer(name, torch.zeros(batch, n_kv, dtype=torch.long))
+        del self.offset  # its runs' lengths are counted instead
+        for name in ("start", "cap", "count"):  # each (sequence, KV head)'s run in the flat buffer: its first slot,
+            self.register_buffer(name, torch.zeros(batch, n_kv, dtype=torch.long))  # capacity and length
 
     @property
     def n_slots(self):

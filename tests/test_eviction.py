@@ -686,37 +686,34 @@ def test_budget_covering_sequence_matches_full(name, params):
 
 @pytest.mark.parametrize("name,params", [("snapkv", {}), ("pyramid", {}), ("l2", {"l2_one_shot": True})])
 @pytest.mark.parametrize("budget", ["0.5", "1.0"])
-def test_prefill_only_caches_fill_a_prefix_and_count_it(name, params, budget):
-    """Prefill-only caches append each generated token at `count` (KVCache.decode), which is right only if each
-    row's filled slots are a prefix of its slots and `count` is their number: checked after the prefill
+def test_prefill_only_caches_fill_a_prefix_and_append_at_offset(name, params, budget):
+    """Prefill-only caches append the token at position p in slot offset + p (KVCache.decode), which is right only
+    if each row's filled slots are a prefix of its slots and offset + p their number: checked after the prefill
     (compressed, and not: slot = position, the left-padded row's padding dropped) and after every step. A row
-    with room takes the new token in slot count (and count grows by one); a full row drops it, unchanged."""
+    with room takes the new token in the slot after its prefix; a full row's last slot takes it, the rest
+    unchanged."""
     steps = 8
     model, caches, now, _ = prefilled(name, params, budget, steps)
     managed = [c for c in caches if c.prefill_only]
     assert managed
-
-    def check(c):
-        n = (c.pos >= 0).sum(-1)
-        assert torch.equal(c.count, n) and torch.equal(c.pos >= 0, torch.arange(c.n_slots) < n[..., None])
-
     for c in managed:
-        check(c)
+        n = (c.pos >= 0).sum(-1)
+        assert torch.equal(c.offset + now[:, None], n) and torch.equal(c.pos >= 0, torch.arange(c.n_slots) < n[..., None])
     grew_somewhere, full_somewhere = False, False
     with torch.no_grad():
         for i in range(steps + 8):  # past the reserve of the longer row
-            before = [(c.pos.clone(), c.count.clone()) for c in managed]
+            before = [c.pos.clone() for c in managed]
             model(torch.zeros(B, 1, dtype=torch.long), now + i)
-            for c, (pos, count) in zip(managed, before):
-                check(c)
-                grew = c.count - count
-                assert ((grew == 0) | (grew == 1)).all()
-                last = c.pos.gather(-1, (c.count - 1)[..., None])[..., 0]
-                assert (last[grew == 1] == (now[:, None] + i).expand_as(last)[grew == 1]).all()
-                assert torch.equal(c.pos[grew == 0], pos[grew == 0])
-                assert (c.count[grew == 0] == c.limit.clamp(max=c.n_slots)[grew == 0]).all()  # only a full row
-                grew_somewhere |= bool((grew == 1).any())
-                full_somewhere |= bool((grew == 0).any())
+            for c, pos in zip(managed, before):
+                held, room = (pos >= 0).sum(-1), c.limit.clamp(max=c.n_slots)
+                grew = held < room
+                slot = torch.where(grew, held, room - 1)  # a prefix grows; a full row's last slot takes the token
+                assert torch.equal((c.pos >= 0).sum(-1), held + grew.long())
+                assert (c.pos.gather(-1, slot[..., None])[..., 0] == (now[:, None] + i).expand_as(slot)).all()
+                other = torch.arange(c.n_slots) != slot[..., None]
+                assert torch.equal(c.pos[other], pos[other])
+                grew_somewhere |= bool(grew.any())
+                full_somewhere |= bool((~grew).any())
     assert grew_somewhere and full_somewhere
 
 
