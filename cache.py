@@ -440,10 +440,11 @@ class StreamingLLM(KVCache):
         """The paper's rolling cache: choose_slot's argmin of the positions, without a search. Prefill leaves each
         row's tokens as a prefix of its slots in position order, the sinks first; so each new token goes to the
         next empty slot while there is one, then round the slots past the sinks, oldest first: slot p of the
-        sequence offset + input_pos (KVCache.offset). A function of the position, with no pointer to advance: torch 2.11's CPU inductor (the GPU image's) moved a pointer's update ahead of the K/V
-        write that re-read it, so K/V went one slot past the positions. A recent window (--recent_window) takes
-        the argmin: a window as long as the budget past the sinks protects every slot, and the argmin then evicts
-        a sink, which the ring never does."""
+        sequence offset + input_pos (KVCache.offset). A function of the position, with no pointer to advance:
+        torch 2.11's CPU inductor (the GPU image's) moved a pointer's update ahead of the K/V write that re-read it,
+        so K/V went one slot past the positions. A recent window (--recent_window) takes the argmin: a window as
+        long as the budget past the sinks protects every slot, and the argmin then evicts a sink, which the ring
+        never does."""
         if self.recent_window:
             return super().evict_choice(qg, k_new, input_pos)
         p, n = self.offset + input_pos[:, None], self.limit.clamp(max=self.n_slots)  # p: tokens seen, sinks included

@@ -698,7 +698,8 @@ def test_prefill_only_caches_fill_a_prefix_and_append_at_offset(name, params, bu
     assert managed
     for c in managed:
         n = (c.pos >= 0).sum(-1)
-        assert torch.equal(c.offset + now[:, None], n) and torch.equal(c.pos >= 0, torch.arange(c.n_slots) < n[..., None])
+        assert torch.equal(c.offset + now[:, None], n)
+        assert torch.equal(c.pos >= 0, torch.arange(c.n_slots) < n[..., None])
     grew_somewhere, full_somewhere = False, False
     with torch.no_grad():
         for i in range(steps + 8):  # past the reserve of the longer row
