@@ -15,10 +15,9 @@ Kernels (torch's own; checked at import, else a plain dequantize-then-matmul, sl
 - CPU int8: aten._weight_int8pack_mm with bf16 activations (its fp32 path measured 3x slower than an fp32
   F.linear on this machine's one core, the bf16 one 3x faster); the result is cast back to the model's dtype.
 - CPU int4: aten._weight_int4pack_mm_for_cpu, bf16 activations likewise (fp32: 25x slower than bf16).
-- CUDA int8: one row (batch-1 decode) is a multiply-and-sum compiled on its own (`gemv_int8`), which
-  inductor fuses into one kernel reading the int8 weight once, whether or not the caller is compiled (the
-  regional CUDA decode step runs the output projection outside its compiled block). More rows (prefill,
-  batched decode): the weight dequantized, then a matmul (it writes the weight in bf16 first: slower).
+- CUDA int8: a decode step (at most 16 rows, 16-bit activations) runs triton_kernels.decode_linear, which
+  streams the int8 codes once, converts them to the MMA's operand in registers and applies the scales to the
+  sums; more rows (prefill): the weight dequantized, then a matmul (it writes the weight in bf16 first).
 - CUDA int4: aten._weight_int4pack_mm (tinygemm), bf16 only, on the tiled layout of
   _convert_weight_to_int4pack (K a multiple of 32; innerKTiles the largest of 8, 4, 2 that divides K / 16).
 A checkpoint holds the portable form (int4: two codes a byte, the even column in the high nibble); `finish`
@@ -106,16 +105,10 @@ def int8_matmul(x, q, scales):
     """x [M, K] @ dequantized(q)^T -> [M, N] in x's dtype; scales bf16 on CPU (Int8Linear.pack)."""
     if x.is_cpu and scales.dtype == torch.bfloat16 and HAS["_weight_int8pack_mm"]:
         return ATEN._weight_int8pack_mm(x.to(torch.bfloat16), q, scales).to(x.dtype)
-    if x.shape[0] == 1 and x.is_cuda:
-        return gemv_int8(x, q, scales)
+    if x.is_cuda and x.shape[0] <= 16 and x.shape[1] % 16 == 0 and x.dtype in (torch.bfloat16, torch.float16):
+        from triton_kernels import decode_linear  # a decode step: the codes streamed once, never dequantized
+        return decode_linear(x, q, scales)
     return F.linear(x, q.to(x.dtype)) * scales.to(x.dtype)
-
-
-def _gemv_int8(x, q, scales):  # [1, K] x [N, K]: fp32 products and sums, never materialised once compiled
-    return ((x.float()[:, None, :] * q.float()).sum(-1) * scales.float()).to(x.dtype)
-
-
-gemv_int8 = torch.compile(_gemv_int8, fullgraph=True, dynamic=False)  # traced inline inside a compiled caller
 
 
 class Int4Linear(nn.Module):

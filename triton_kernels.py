@@ -25,7 +25,8 @@ quant_attend, quant_attend_scores: dense_attend / gather_attend / attend_scores 
 prompt_colsum: the prompt scores of H2O, SnapKV and TOVA (cache.prompt_attention) in two passes of
 QK^T over the causal half, never T x T (the section's header says how).
 
-decode_linear: y = x W^T for a decode step's few rows (model.Linear's wo and w2 on CUDA).
+decode_linear: y = x W^T for a decode step's few rows (model.Linear's wo and w2 on CUDA, and every int8
+weight: quant.Int8Linear).
 
 evict_slot: cache.KVCache.choose_slot (the slot that takes the new token) in one launch.
 
@@ -1094,20 +1095,28 @@ def prompt_colsum(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, rows: int
 # 2.5 TB/s of the H200's 4.2 and w2 at 3.7 (BENCHMARKS.md, session 14). Here each program owns BLOCK_N output
 # features and the whole K (no split, no reduction launch): it streams its [BLOCK_N, K] slab of W in
 # [BLOCK_N, BLOCK_K] tiles (pipelined by num_stages) against x's rows padded to 16 (tl.dot's minimum; the MMA's
-# spare rows cost nothing in a bandwidth-bound loop).
+# spare rows cost nothing in a bandwidth-bound loop). An int8 W (quant.Int8Linear: per-output scales) streams
+# half the bytes; its codes become the MMA's 16-bit operand in registers and the scales apply once, to the sums.
 
 @triton.jit
-def _linear_kernel(X, W, Y, M, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+def _linear_kernel(X, W, S, Y, M, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                   INT8: tl.constexpr):
     """Program n: Y[:, n BLOCK_N ...] = X [M, K] @ W[n BLOCK_N ..., :]^T, K a multiple of BLOCK_K. IEEE: fp32
-    operands (the interpreter's tests) multiplied in fp32, not tf32."""
+    operands (the interpreter's tests) multiplied in fp32, not tf32. INT8: W int8 codes, Y = (X @ W^T) S[None, :]
+    in fp32 before the output's rounding. Triton 3.6 casts int8 to bf16 without an int-to-float conversion (LOP3,
+    PRMT, HADD2 in the sm_90 SASS: 4.5 instructions a weight against 2.0 for a bf16 W; tune_attend.py sass)."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, 16)
     acc = tl.zeros([16, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(X + m[:, None] * K + k[None, :], mask=m[:, None] < M, other=0.0)
-        w = tl.load(W + cols.to(tl.int64)[:, None] * K + k[None, :], mask=cols[:, None] < N, other=0.0)
+        w = tl.load(W + cols.to(tl.int64)[:, None] * K + k[None, :], mask=cols[:, None] < N, other=0)
+        if INT8:
+            w = w.to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee" if IEEE else None)
+    if INT8:
+        acc = acc * tl.load(S + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + m[:, None] * N + cols[None, :], acc.to(Y.dtype.element_ty),
              mask=(m[:, None] < M) & (cols[None, :] < N))
 
@@ -1116,23 +1125,30 @@ def _linear_kernel(X, W, Y, M, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_
 # the fastest for Llama-3-8B's wo and w2 at batch 1 and 8 (11.1 and 30.1 us at batch 1, cuBLAS 13.5 and 31.4;
 # other models' shapes were not tuned). For the wider projections cuBLAS was as fast or faster (w1 and w3
 # stacked: 54.7 us, this kernel's best 55.5), so model.Linear calls this kernel only where out_features <=
-# in_features.
+# in_features. INT8_TUNE: int8 weights, every projection (no cuBLAS kernel takes int8 weights), from `tune_attend.py
+# linear8` (H200, 2026-12-01; BENCHMARKS.md, session 21): "wide" where N >= 4 K (w1 and w3 stacked, the output
+# projection: 33.5 and 135.8 us at batch 1, against 36.6 and 156.2 at the narrow setting), "narrow" elsewhere.
 LINEAR_TUNE = dict(block_n=32, block_k=512, warps=4, stages=3)
+INT8_TUNE = {"narrow": dict(block_n=32, block_k=512, warps=4, stages=3),
+             "wide": dict(block_n=64, block_k=256, warps=4, stages=3)}
 
 
 @triton_op("kvcompress::decode_linear", mutates_args={})
-def decode_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., K] (at most 16 rows) @ w [N, K]^T -> [..., N] in x's dtype, fp32 accumulation."""
+def decode_linear(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., K] (at most 16 rows) @ w [N, K]^T -> [..., N] in x's dtype, fp32 accumulation. An int8 w takes
+    its per-output scales [N] (quant.Int8Linear): x @ (w scales[:, None])^T."""
     K, N = x.shape[-1], w.shape[0]
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
-    t = LINEAR_TUNE
+    int8 = w.dtype == torch.int8
+    t = INT8_TUNE["wide" if N >= 4 * K else "narrow"] if int8 else LINEAR_TUNE
     block_k = math.gcd(K, t["block_k"])  # a divisor of K (no mask along K): 576 -> 64 (SmolLM2)
-    assert M <= 16 and block_k >= 16 and w.stride(1) == 1 and w.stride(0) == K, \
-        "decode_linear: at most 16 rows, K a multiple of 16, W contiguous"
+    assert M <= 16 and block_k >= 16 and w.stride(1) == 1 and w.stride(0) == K and int8 == (scales is not None), \
+        "decode_linear: at most 16 rows, K a multiple of 16, W contiguous, scales with int8 W only"
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     wrap_triton(_linear_kernel)[(triton.cdiv(N, t["block_n"]),)](
-        x2, w, y, M, N, K=K, BLOCK_N=t["block_n"], BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
+        x2, w, scales if int8 else w, y, M, N, K=K, BLOCK_N=t["block_n"], BLOCK_K=block_k,
+        IEEE=x.dtype == torch.float32, INT8=int8,
         num_warps=t["warps"], num_stages=t["stages"])
     return y.view(*x.shape[:-1], N)
 

@@ -6,6 +6,7 @@
     python scripts/tune_attend.py sass      # no GPU needed: the decode kernels' main loops, instruction by kind
     python scripts/tune_attend.py compare REV   # quant_attend at git revision REV beside the working tree's
     python scripts/tune_attend.py linear    # the decode GEMMs (triton_kernels.decode_linear) against cuBLAS
+    python scripts/tune_attend.py linear8   # the same over int8 weights (quant.Int8Linear's decode kernel)
     python scripts/tune_attend.py evict     # eviction's choice (triton_kernels.evict_slot) against its torch form
     python scripts/tune_attend.py scores    # attend_scores' launch settings (attention that stores the logits)
 
@@ -237,41 +238,56 @@ def time_others():
 LINEAR_SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w1": (14336, 4096), "w13": (28672, 4096),
                  "w2": (4096, 14336), "output": (128256, 4096)}
 LINEAR_SETTINGS = list(itertools.product([16, 32, 64], [128, 256, 512], [4, 8], [3, 5]))  # block_n, block_k, warps, stages
+INT8_SETTINGS = list(itertools.product([16, 32, 64], [256, 512, 1024], [4, 8], [3, 4]))
 
 
-def tune_linear():
-    """triton_kernels.decode_linear against cuBLAS (F.linear) at batch 1 and 8 for each weight shape. Each
+def tune_linear(int8=False):
+    """triton_kernels.decode_linear against cuBLAS (F.linear) at batch 1 and 8 for each weight shape; int8: over
+    int8 codes with per-output scales (quant.Int8Linear), beside cuBLAS and decode_linear on the bf16 weight. Each
     timed call runs over copies of W that together exceed the H200's 50 MB L2 (a decode step never finds a
-    weight in L2: the other 14 GB pass in between), timed per copy."""
+    weight in L2: the other 14 GB pass in between), timed per copy. GB/s counts W's bytes (int8: codes)."""
     import torch.nn.functional as F
     print("| weight | batch | kernel | block_n | block_k | warps | stages | us | GB/s |\n|---|---|---|---|---|---|---|---|---|")
-    committed, best = dict(tk.LINEAR_TUNE), {}
+    tune_name = "INT8_TUNE" if int8 else "LINEAR_TUNE"
+    committed, best = dict(getattr(tk, tune_name)), {}
     for (name, (N, K)), M in itertools.product(LINEAR_SHAPES.items(), (1, 8)):
-        copies = max(1, math.ceil(400e6 / (N * K * 2)))
+        copies = max(1, math.ceil(400e6 / (N * K * (1 if int8 else 2))))
         ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        gb = N * K * 2 / 1e9
+        gb = N * K * (1 if int8 else 2) / 1e9
         ref = F.linear(x, ws[0])
+        tol = dict(rtol=2e-2, atol=2e-2)
         ms = bench_ms(lambda: [F.linear(x, w) for w in ws]) / copies
-        print(f"| {name} | {M} | cuBLAS | | | | | {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
-        for bn, bk, warps, stages in LINEAR_SETTINGS:
-            tk.LINEAR_TUNE = dict(block_n=bn, block_k=bk, warps=warps, stages=stages)
+        print(f"| {name} | {M} | cuBLAS, bf16 W | | | | | {1e3 * ms:.1f} | {N * K * 2 / ms / 1e6:.0f} |", flush=True)
+        args = [(w,) for w in ws]
+        if int8:
+            ms = bench_ms(lambda: [tk.decode_linear(x, w) for w in ws]) / copies
+            print(f"| {name} | {M} | triton, bf16 W | committed | | | | {1e3 * ms:.1f} | {N * K * 2 / ms / 1e6:.0f} |", flush=True)
+            scales = torch.rand(N, device="cuda", dtype=torch.bfloat16) / 64
+            args = [(torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8), scales) for _ in range(copies)]
+            del ws
+            ref = F.linear(x.float(), args[0][0].float() * scales.float()[:, None])  # fp32: bf16 W rounds too much
+        tol = dict(rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+        for bn, bk, warps, stages in INT8_SETTINGS if int8 else LINEAR_SETTINGS:
+            setting = dict(block_n=bn, block_k=bk, warps=warps, stages=stages)
+            setattr(tk, tune_name, {"narrow": setting, "wide": setting} if int8 else setting)
             try:
-                torch.testing.assert_close(tk.decode_linear(x, ws[0]), ref, rtol=2e-2, atol=2e-2)
-                ms = bench_ms(lambda: [tk.decode_linear(x, w) for w in ws]) / copies
+                torch.testing.assert_close(tk.decode_linear(x, *args[0]).float(), ref.float(), **tol)
+                ms = bench_ms(lambda: [tk.decode_linear(x, *a) for a in args]) / copies
             except Exception as e:  # out of shared memory, say: skip the setting
                 print(f"| {name} | {M} | triton | {bn} | {bk} | {warps} | {stages} | failed: {type(e).__name__} | |")
                 continue
             best.setdefault((name, M), []).append((ms, bn, bk, warps, stages))
-            print(f"| {name} | {M} | triton | {bn} | {bk} | {warps} | {stages} | {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
-        del ws
-    tk.LINEAR_TUNE = committed
-    print("\nBest setting per shape; then the settings by summed time over a layer (wqkv + wo + 2 w1 + w2) at each batch:")
+            print(f"| {name} | {M} | triton{', int8 W' if int8 else ''} | {bn} | {bk} | {warps} | {stages} | {1e3 * ms:.1f} | "
+                  f"{gb / ms * 1e3:.0f} |", flush=True)
+        del args
+    setattr(tk, tune_name, committed)
+    print("\nBest setting per shape; then the settings by summed time over a layer (wqkv + wo + w13 + w2) at each batch:")
     for key, rows in best.items():
         print(key, min(rows))
     for M in (1, 8):
         total = {}
-        for name, n in (("wqkv", 1), ("wo", 1), ("w1", 2), ("w2", 1)):
+        for name, n in (("wqkv", 1), ("wo", 1), ("w13", 1), ("w2", 1)):
             for ms, *setting in best.get((name, M), []):
                 total[tuple(setting)] = total.get(tuple(setting), 0) + n * ms
         for setting, ms in sorted(total.items(), key=lambda kv: kv[1])[:5]:
@@ -370,6 +386,18 @@ def sass():
         print(f"| {name} | {consts['BLOCK']} | {warps} | {n} | {n * warps / consts['BLOCK']:.1f} | {top} |", flush=True)
 
 
+    print("\n| decode_linear, Llama-3-8B's w2 (K 14,336) | block_n x block_k | warps | loop instructions per thread | "
+          "thread instructions per weight | top opcodes |\n|---|---|---|---|---|---|")
+    for int8 in (False, True):
+        t = tk.INT8_TUNE["narrow"] if int8 else tk.LINEAR_TUNE
+        consts = dict(K=14336, BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], IEEE=False, INT8=int8)
+        pointers = {"X": "*bf16", "W": "*i8" if int8 else "*bf16", "S": "*bf16", "Y": "*bf16"}
+        n, ops = loop_sass(tk._linear_kernel, pointers, consts, t["warps"], t["stages"])
+        top = ", ".join(f"{op} {c}" for op, c in ops.most_common(8))
+        print(f"| {'int8' if int8 else 'bf16'} W | {t['block_n']} x {t['block_k']} | {t['warps']} | {n} | "
+              f"{n * t['warps'] * 32 / (t['block_n'] * t['block_k']):.2f} | {top} |", flush=True)
+
+
 if __name__ == "__main__":
     import json
     if sys.argv[1:] == ["sass"]:
@@ -384,6 +412,6 @@ if __name__ == "__main__":
     chosen = {}
     for w in which:
         chosen |= {"dense": tune_dense, "gather": tune_gather, "quant": tune_quant, "others": time_others,
-                   "linear": tune_linear, "evict": tune_evict, "scores": tune_scores}[w]() or {}
+                   "linear": tune_linear, "linear8": lambda: tune_linear(int8=True), "evict": tune_evict, "scores": tune_scores}[w]() or {}
     if out:
         Path(out).write_text(json.dumps(chosen, indent=1))

@@ -95,18 +95,25 @@ def test_prompt_colsum_in_interpreter():
 
 def check_decode_linear(device):
     """triton_kernels.decode_linear against a float64 product summed per output in Python: 1 to 16 rows, K
-    with no power-of-two factor above 64 (576, SmolLM2's width: BLOCK_K 64), N not a multiple of the tile."""
+    with no power-of-two factor above 64 (576, SmolLM2's width: BLOCK_K 64), N not a multiple of the tile; and
+    int8 codes (every value -127..127 in the first case) with per-output scales: sum_k x[m, k] q[n, k] s[n]."""
     from triton_kernels import decode_linear
     g = torch.Generator().manual_seed(0)
     dt = torch.bfloat16 if device == "cuda" else torch.float32
-    for M, K, N in [(1, 576, 100), (3, 256, 40), (8, 1536, 33), (16, 64, 70)]:
-        x, w = torch.randn(M, K, generator=g).to(dt), torch.randn(N, K, generator=g).to(dt)
-        xs, ws = x.double().tolist(), w.double().tolist()
-        ref = torch.tensor([[math.fsum(a * b for a, b in zip(xs[m], ws[n])) for n in range(N)] for m in range(M)])
-        got = decode_linear(x.to(device)[None], w.to(device)).cpu()  # a leading batch axis, as the model's [B, 1, K]
+    for int8, (M, K, N) in itertools.product((False, True), [(1, 576, 100), (3, 256, 40), (8, 1536, 33), (16, 64, 70)]):
+        x = torch.randn(M, K, generator=g).to(dt)
+        if int8:
+            w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+            w[0, :255] = torch.arange(-127, 128, dtype=torch.int8)[:K]
+            s = (torch.rand(N, generator=g) + 0.5).to(dt)
+        else:
+            w, s = torch.randn(N, K, generator=g).to(dt), torch.ones(N)
+        xs, ws, ss = x.double().tolist(), w.double().tolist(), s.double().tolist()
+        ref = torch.tensor([[math.fsum(a * b for a, b in zip(xs[m], ws[n])) * ss[n] for n in range(N)] for m in range(M)])
+        got = decode_linear(x.to(device)[None], w.to(device), s.to(device) if int8 else None).cpu()  # [B, 1, K] as the model's
         assert got.shape == (1, M, N) and got.dtype == dt
-        tol = dict(rtol=1e-2, atol=0.2) if device == "cuda" else dict(rtol=1e-5, atol=1e-4)  # bf16 output rounding
-        torch.testing.assert_close(got[0].double(), ref.double(), **tol, msg=lambda m: f"{(M, K, N)}: {m}")
+        tol = dict(rtol=1e-2, atol=2.0 if int8 else 0.2) if device == "cuda" else dict(rtol=1e-5, atol=5e-2 if int8 else 1e-4)
+        torch.testing.assert_close(got[0].double(), ref.double(), **tol, msg=lambda m: f"{(int8, M, K, N)}: {m}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test below runs everywhere")

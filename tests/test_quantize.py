@@ -141,16 +141,21 @@ def test_int4_without_a_kernel_dequantizes_exactly(monkeypatch):
     assert torch.allclose(m(x), F.linear(x, w), atol=1e-5)
 
 
-def test_cuda_batch1_int8_gemv_equals_F_linear_eager_and_inlined():
-    """The CUDA batch-1 path (a compiled multiply-and-sum), run on CPU: alone and traced inside another
-    compiled function (as the regional decode step does), against F.linear of the dequantized weights."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: Int8Linear's decode kernel (decode_linear)")
+def test_cuda_int8_decode_rows_equal_F_linear_of_the_dequantized_weight():
+    """Int8Linear on CUDA in bf16: 1 and 8 rows (decode_linear, eager and inside a compiled caller, as the decode
+    step runs it) and 40 rows (dequantize, then matmul) against F.linear of the dequantized weight in fp32."""
     w = torch.randn(96, 128, generator=torch.Generator().manual_seed(5))
-    q, s = quant.quantize_int8(w)
-    x = torch.randn(1, 128)
-    ref = F.linear(x, quant.dequantize_int8(q, s))
-    assert torch.allclose(quant.gemv_int8(x, q, s), ref, atol=1e-4)
-    outer = torch.compile(lambda x, q, s: quant.gemv_int8(x, q, s) + 1, fullgraph=True, dynamic=False)
-    assert torch.allclose(outer(x, q, s), ref + 1, atol=1e-4)
+    m = quant.Int8Linear(128, 96)
+    m.weight, m.scales = quant.quantize_int8(w)
+    m = m.to("cuda", torch.bfloat16)  # the codes stay int8
+    m.pack()
+    outer = torch.compile(lambda x: m(x) + 1, fullgraph=True, dynamic=False)
+    for rows in (1, 8, 40):
+        x = torch.randn(rows, 128, device="cuda").to(torch.bfloat16)
+        ref = F.linear(x.float(), quant.dequantize_int8(m.weight, m.scales).float())
+        torch.testing.assert_close(m(x).float(), ref, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(outer(x).float(), ref + 1, rtol=2e-2, atol=2e-2)
 
 
 def test_a_wrong_kernel_layout_fails_the_check():
