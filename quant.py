@@ -10,9 +10,9 @@
 - Embeddings: the table is gathered, not streamed, but it is a fifth of a small model's bytes; it is int8 per
   row (gathered, then scaled). A tied output projection is that same int8 table (a row's scale is its output
   channel's): one tensor serves both.
+
 Kernels (torch's own, and on CUDA our int8 decode GEMM; checked at import, else a plain dequantize-then-matmul,
 slower but exact):
-Kernels (torch's own; checked at import, else a plain dequantize-then-matmul, slower but exact):
 - CPU int8: aten._weight_int8pack_mm with bf16 activations (its fp32 path measured 3x slower than an fp32
   F.linear on this machine's one core, the bf16 one 3x faster); the result is cast back to the model's dtype.
 - CPU int4: aten._weight_int4pack_mm_for_cpu, bf16 activations likewise (fp32: 25x slower than bf16).

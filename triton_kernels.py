@@ -1126,7 +1126,7 @@ def _linear_kernel(X, W, S, Y, M, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLO
 # other models' shapes were not tuned). For the wider projections cuBLAS was as fast or faster (w1 and w3
 # stacked: 54.7 us, this kernel's best 55.5), so model.Linear calls this kernel only where out_features <=
 # in_features. INT8_TUNE: int8 weights, every projection (no cuBLAS kernel takes int8 weights), from `tune_attend.py
-# linear8` (H200, 2026-12-01; BENCHMARKS.md, session 21): "wide" where N >= 4 K (w1 and w3 stacked, the output
+# linear8` (H200, 2026-12-02; BENCHMARKS.md, session 21): "wide" where N >= 4 K (w1 and w3 stacked, the output
 # projection: 33.5 and 135.8 us at batch 1, against 36.6 and 156.2 at the narrow setting), "narrow" elsewhere.
 LINEAR_TUNE = dict(block_n=32, block_k=512, warps=4, stages=3)
 INT8_TUNE = {"narrow": dict(block_n=32, block_k=512, warps=4, stages=3),

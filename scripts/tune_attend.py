@@ -256,7 +256,6 @@ def tune_linear(int8=False):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         gb = N * K * (1 if int8 else 2) / 1e9
         ref = F.linear(x, ws[0])
-        tol = dict(rtol=2e-2, atol=2e-2)
         ms = bench_ms(lambda: [F.linear(x, w) for w in ws]) / copies
         print(f"| {name} | {M} | cuBLAS, bf16 W | | | | | {1e3 * ms:.1f} | {N * K * 2 / ms / 1e6:.0f} |", flush=True)
         args = [(w,) for w in ws]
@@ -384,8 +383,6 @@ def sass():
         n, ops = loop_sass(fn, SASS_POINTERS, consts, warps, 3)
         top = ", ".join(f"{op} {c}" for op, c in ops.most_common(8))
         print(f"| {name} | {consts['BLOCK']} | {warps} | {n} | {n * warps / consts['BLOCK']:.1f} | {top} |", flush=True)
-
-
     print("\n| decode_linear, Llama-3-8B's w2 (K 14,336) | block_n x block_k | warps | loop instructions per thread | "
           "thread instructions per weight | top opcodes |\n|---|---|---|---|---|---|")
     for int8 in (False, True):
@@ -412,6 +409,7 @@ if __name__ == "__main__":
     chosen = {}
     for w in which:
         chosen |= {"dense": tune_dense, "gather": tune_gather, "quant": tune_quant, "others": time_others,
-                   "linear": tune_linear, "linear8": lambda: tune_linear(int8=True), "evict": tune_evict, "scores": tune_scores}[w]() or {}
+                   "linear": tune_linear, "linear8": lambda: tune_linear(int8=True), "evict": tune_evict,
+                   "scores": tune_scores}[w]() or {}
     if out:
         Path(out).write_text(json.dumps(chosen, indent=1))
