@@ -528,9 +528,7 @@ def tuning():
     import triton_kernels
     gemm = (f"triton_kernels.decode_linear for projections no wider than their input (wo, w2), "
             f"{triton_kernels.LINEAR_TUNE}" if model.DECODE_GEMM else "cuBLAS (--no_decode_gemm)")
-    gemm += f"; int8 weights: triton_kernels.decode_linear, {triton_kernels.INT8_TUNE}; int4 weights: " + (
-        f"triton_kernels.decode_int4_linear, {triton_kernels.INT4_TUNE}" if quant.INT4_KERNEL == "triton" else
-        "tinygemm (aten._weight_int4pack_mm)")
+    gemm += f"; int8 weights: triton_kernels.decode_linear, {triton_kernels.INT8_TUNE}"
     evict = (f"triton_kernels.evict_slot, {triton_kernels.EVICT_CHUNK} slots and {triton_kernels.EVICT_WARPS} "
              "warps a program" if kv.EVICT_KERNEL else "torch (--no_evict_kernel)")
     codes = "triton_kernels.hash_codes" if kv.HASH_KERNEL else "torch (--no_hash_kernel)"

@@ -112,9 +112,6 @@ def int8_matmul(x, q, scales):
     return F.linear(x, q.to(x.dtype)) * scales.to(x.dtype)
 
 
-INT4_KERNEL = "tinygemm"  # CUDA int4: "tinygemm" (aten._weight_int4pack_mm) or "triton" (decode steps; prefill dequantizes)
-
-
 class Int4Linear(nn.Module):
     """Groupwise int4: `weight` holds the portable codes [out, in/2] until `pack` turns them into the
     device kernel's layout; scales_and_zeros [in/g, out, 2] (bf16 once packed: what the kernels take)."""
@@ -133,14 +130,12 @@ class Int4Linear(nn.Module):
         reference = dequantize_int4(w, sz, self.groupsize) if check else None
         if w.is_cpu and HAS["_convert_weight_to_int4pack_for_cpu"] and HAS["_weight_int4pack_mm_for_cpu"]:
             self.weight, self.layout = ATEN._convert_weight_to_int4pack_for_cpu(unpack_nibbles(w).int(), 1), "cpu"
-        elif w.is_cuda and INT4_KERNEL == "triton" and self.groupsize >= 32:
-            self.weight, self.layout = w.contiguous(), "triton"  # the portable codes: decode_int4_linear reads them
         elif w.is_cuda and HAS["_convert_weight_to_int4pack"] and self.in_features % 32 == 0 and self.out_features % 8 == 0:
             tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
             self.weight, self.layout = ATEN._convert_weight_to_int4pack(w.contiguous(), tiles), "cuda"
         else:  # no kernel for this device or shape: dequantize at every call (slow, exact)
             sz, self.layout = self.scales_and_zeros, "dequantize"
-        self.scales_and_zeros = sz.contiguous()
+        self.scales_and_zeros = sz
         if check:
             verify(self, reference)
 
@@ -150,9 +145,6 @@ class Int4Linear(nn.Module):
             y = ATEN._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight, self.groupsize, self.scales_and_zeros)
         elif self.layout == "cuda":
             y = ATEN._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.groupsize, self.scales_and_zeros)
-        elif self.layout == "triton" and x2.shape[0] <= 16 and x2.dtype in (torch.bfloat16, torch.float16):
-            from triton_kernels import decode_int4_linear  # a decode step: the codes streamed once, never dequantized
-            y = decode_int4_linear(x2, self.weight, self.scales_and_zeros, self.groupsize)
         else:
             y = F.linear(x2, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize).to(x.dtype))
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)

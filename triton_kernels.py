@@ -1121,38 +1121,6 @@ def _linear_kernel(X, W, S, Y, M, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLO
              mask=(m[:, None] < M) & (cols[None, :] < N))
 
 
-@triton.jit
-def _int4_linear_kernel(X, W, SZ, Y, M, N, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                        IEEE: tl.constexpr):
-    """Program n: Y[:, n BLOCK_N ...] = X [M, K] @ dequantized(W)^T for quant.Int4Linear's portable codes, W [N, K / 2]
-    uint8 (column 2j in byte j's high nibble, 2j + 1 in its low one), SZ [K / GROUP, N, 2] (scale, zero): w = (q - 8)
-    scale + zero. A tile is one group: sum_k x_k w_k = scale sum_k x_k (q_k - 8) + zero sum_k x_k, so the codes enter
-    the MMA as small integers and the scales apply once per group, as two dots (the even columns against the high
-    nibbles, the odd ones against the low), never interleaved. bf16: q - 8 from the bits of 128 + q (_code_pieces)."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m, j = tl.arange(0, 16), tl.arange(0, GROUP // 2)
-    acc = tl.zeros([16, BLOCK_N], tl.float32)
-    for g in range(0, K // GROUP):
-        xe = tl.load(X + m[:, None] * K + (g * GROUP + 2 * j)[None, :], mask=m[:, None] < M, other=0.0)
-        xo = tl.load(X + m[:, None] * K + (g * GROUP + 2 * j + 1)[None, :], mask=m[:, None] < M, other=0.0)
-        b = tl.load(W + cols.to(tl.int64)[:, None] * (K // 2) + (g * GROUP // 2 + j)[None, :], mask=cols[:, None] < N,
-                    other=0).to(tl.int16)
-        if xe.dtype == tl.bfloat16:
-            hi = ((b >> 4) | 0x4300).to(tl.bfloat16, bitcast=True) - 136.0
-            lo = ((b & 0xF) | 0x4300).to(tl.bfloat16, bitcast=True) - 136.0
-        else:
-            hi, lo = ((b >> 4) - 8).to(xe.dtype), ((b & 0xF) - 8).to(xe.dtype)
-        part = tl.dot(xe, tl.trans(hi), input_precision="ieee" if IEEE else None)
-        part = tl.dot(xo, tl.trans(lo), part, input_precision="ieee" if IEEE else None)
-        sz = SZ + (g * N + cols) * 2
-        scale = tl.load(sz, mask=cols < N, other=0.0).to(tl.float32)
-        zero = tl.load(sz + 1, mask=cols < N, other=0.0).to(tl.float32)
-        xsum = tl.sum(xe.to(tl.float32), 1) + tl.sum(xo.to(tl.float32), 1)
-        acc += part * scale[None, :] + xsum[:, None] * zero[None, :]
-    tl.store(Y + m[:, None] * N + cols[None, :], acc.to(Y.dtype.element_ty),
-             mask=(m[:, None] < M) & (cols[None, :] < N))
-
-
 # Launch setting: `python scripts/tune_attend.py linear` on the H200 (2026-11-30; BENCHMARKS.md, session 14):
 # the fastest for Llama-3-8B's wo and w2 at batch 1 and 8 (11.1 and 30.1 us at batch 1, cuBLAS 13.5 and 31.4;
 # other models' shapes were not tuned). For the wider projections cuBLAS was as fast or faster (w1 and w3
@@ -1163,7 +1131,6 @@ def _int4_linear_kernel(X, W, SZ, Y, M, N, K: tl.constexpr, GROUP: tl.constexpr,
 LINEAR_TUNE = dict(block_n=32, block_k=512, warps=4, stages=3)
 INT8_TUNE = {"narrow": dict(block_n=32, block_k=512, warps=4, stages=3),
              "wide": dict(block_n=64, block_k=256, warps=4, stages=3)}
-INT4_TUNE = dict(block_n=32, warps=4, stages=3)  # int4 codes (decode_int4_linear): not tuned yet
 
 
 @triton_op("kvcompress::decode_linear", mutates_args={})
@@ -1182,23 +1149,6 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tenso
     wrap_triton(_linear_kernel)[(triton.cdiv(N, t["block_n"]),)](
         x2, w, scales if int8 else w, y, M, N, K=K, BLOCK_N=t["block_n"], BLOCK_K=block_k,
         IEEE=x.dtype == torch.float32, INT8=int8,
-        num_warps=t["warps"], num_stages=t["stages"])
-    return y.view(*x.shape[:-1], N)
-
-
-@triton_op("kvcompress::decode_int4_linear", mutates_args={})
-def decode_int4_linear(x: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
-    """x [..., K] (at most 16 rows) @ quant.dequantize_int4(codes, scales_and_zeros, group)^T -> [..., N] in x's dtype,
-    fp32 accumulation; codes [N, K / 2] uint8, scales_and_zeros [K / group, N, 2] (quant.Int4Linear's portable form)."""
-    K, N = x.shape[-1], codes.shape[0]
-    x2 = x.reshape(-1, K).contiguous()
-    M = x2.shape[0]
-    assert M <= 16 and group >= 32 and K % group == 0 and codes.is_contiguous() and scales_and_zeros.is_contiguous(), \
-        "decode_int4_linear: at most 16 rows, groups of 32 or more dividing K, contiguous codes and scales"
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    t = INT4_TUNE
-    wrap_triton(_int4_linear_kernel)[(triton.cdiv(N, t["block_n"]),)](
-        x2, codes, scales_and_zeros, y, M, N, K=K, GROUP=group, BLOCK_N=t["block_n"], IEEE=x.dtype == torch.float32,
         num_warps=t["warps"], num_stages=t["stages"])
     return y.view(*x.shape[:-1], N)
 

@@ -7,7 +7,6 @@
     python scripts/tune_attend.py compare REV   # quant_attend at git revision REV beside the working tree's
     python scripts/tune_attend.py linear    # the decode GEMMs (triton_kernels.decode_linear) against cuBLAS
     python scripts/tune_attend.py linear8   # the same over int8 weights (quant.Int8Linear's decode kernel)
-    python scripts/tune_attend.py linear4   # int4 weights: decode_int4_linear against tinygemm
     python scripts/tune_attend.py evict     # eviction's choice (triton_kernels.evict_slot) against its torch form
     python scripts/tune_attend.py scores    # attend_scores' launch settings (attention that stores the logits)
 
@@ -294,59 +293,6 @@ def tune_linear(int8=False):
             print(f"batch {M}: layer {1e3 * ms:.1f} us at block_n/block_k/warps/stages {setting}")
 
 
-INT4_SETTINGS = list(itertools.product([16, 32, 64], [4, 8], [3, 4]))  # block_n, warps, stages
-
-
-def tune_linear4(group=128):
-    """triton_kernels.decode_int4_linear (quant.Int4Linear's portable codes, groups of `group`) against tinygemm
-    (aten._weight_int4pack_mm on its tiled layout) at batch 1 and 8 for each weight shape but the output projection
-    (int8 in int4 mode), over copies larger than L2 as tune_linear. GB/s counts codes, scales and zeros. Returns the
-    setting of the least summed time over a layer at batch 8 as {"int4": setting}."""
-    import quant
-    print("| weight | batch | kernel | block_n | warps | stages | us | GB/s |\n|---|---|---|---|---|---|---|---|")
-    committed, best = dict(tk.INT4_TUNE), {}
-    for name, M in itertools.product(("wqkv", "wo", "w13", "w2"), (1, 8)):
-        N, K = LINEAR_SHAPES[name]
-        gb = (N * K // 2 + K // group * N * 4) / 1e9
-        copies = max(1, math.ceil(400e6 / (gb * 1e9)))
-        codes = [torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8) for _ in range(copies)]
-        sz = torch.stack([torch.rand(K // group, N, device="cuda") / 64, torch.randn(K // group, N, device="cuda") / 64],
-                         -1).to(torch.bfloat16)
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        ref = x.float() @ quant.dequantize_int4(codes[0], sz, group).float().T
-        tol = dict(rtol=2e-2, atol=2e-2 * ref.abs().max().item())
-        tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
-        packed = [torch.ops.aten._convert_weight_to_int4pack(c, tiles) for c in codes]
-        run = lambda: [torch.ops.aten._weight_int4pack_mm(x, p, group, sz) for p in packed]  # noqa: E731
-        torch.testing.assert_close(run()[0].float(), ref, **tol)
-        ms = bench_ms(run) / copies
-        print(f"| {name} | {M} | tinygemm | | | | {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
-        del packed
-        for bn, warps, stages in INT4_SETTINGS:
-            tk.INT4_TUNE = dict(block_n=bn, warps=warps, stages=stages)
-            try:
-                torch.testing.assert_close(tk.decode_int4_linear(x, codes[0], sz, group).float(), ref, **tol)
-                ms = bench_ms(lambda: [tk.decode_int4_linear(x, c, sz, group) for c in codes]) / copies
-            except Exception as e:  # out of shared memory, say: skip the setting
-                print(f"| {name} | {M} | triton | {bn} | {warps} | {stages} | failed: {type(e).__name__} | |")
-                continue
-            best.setdefault((name, M), []).append((ms, bn, warps, stages))
-            print(f"| {name} | {M} | triton | {bn} | {warps} | {stages} | {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
-        del codes
-    tk.INT4_TUNE = committed
-    chosen = {}
-    for M in (1, 8):
-        total = {}
-        for name in ("wqkv", "wo", "w13", "w2"):
-            for ms, *setting in best.get((name, M), []):
-                total[tuple(setting)] = total.get(tuple(setting), 0) + ms
-        for setting, ms in sorted(total.items(), key=lambda kv: kv[1])[:3]:
-            print(f"batch {M}: layer {1e3 * ms:.1f} us at block_n/warps/stages {setting}")
-        if total:
-            chosen = {"int4": dict(zip(("block_n", "warps", "stages"), min(total, key=total.get)))}
-    return chosen
-
-
 def tune_evict():
     """Eviction's choice at a 10% budget of 32k (3,277 slots) and batch 1 and 8: triton_kernels.evict_slot at each
     tile and warp count, against choose_slot's torch form compiled (cache.EVICT_KERNEL off), for H2O (scores, a
@@ -463,7 +409,7 @@ if __name__ == "__main__":
     chosen = {}
     for w in which:
         chosen |= {"dense": tune_dense, "gather": tune_gather, "quant": tune_quant, "others": time_others,
-                   "linear": tune_linear, "linear8": lambda: tune_linear(int8=True), "linear4": tune_linear4, "evict": tune_evict,
+                   "linear": tune_linear, "linear8": lambda: tune_linear(int8=True), "evict": tune_evict,
                    "scores": tune_scores}[w]() or {}
     if out:
         Path(out).write_text(json.dumps(chosen, indent=1))

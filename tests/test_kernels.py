@@ -125,38 +125,6 @@ def test_decode_linear_in_interpreter():
     in_triton_interpreter("test_kernels", "check_decode_linear")
 
 
-def check_decode_int4_linear(device):
-    """triton_kernels.decode_int4_linear against a float64 loop over the definition: w[n][k] = (q - 8) scale +
-    zero with (scale, zero) of k's group, q the high nibble of byte k // 2 for even k and the low one for odd k;
-    groups of 32, 64 and 128, 1 to 16 rows, N not a multiple of the tile, every code 0..15 in each case."""
-    from triton_kernels import decode_int4_linear
-    g = torch.Generator().manual_seed(1)
-    dt = torch.bfloat16 if device == "cuda" else torch.float32
-    for M, K, N, group in [(1, 128, 37, 32), (3, 256, 70, 64), (16, 384, 33, 128), (8, 576, 20, 64)]:
-        x = torch.randn(M, K, generator=g).to(dt)
-        q = torch.randint(0, 16, (N, K), generator=g)
-        q[0, :16] = torch.arange(16)
-        codes = torch.tensor([[q[n, 2 * j].item() * 16 + q[n, 2 * j + 1].item() for j in range(K // 2)] for n in range(N)],
-                             dtype=torch.uint8)
-        sz = (torch.randn(K // group, N, 2, generator=g) * torch.tensor([0.1, 1.0])).to(dt)
-        xs, qs, szs = x.double().tolist(), q.tolist(), sz.double().tolist()
-        ref = torch.tensor([[math.fsum(xs[m][k] * ((qs[n][k] - 8) * szs[k // group][n][0] + szs[k // group][n][1])
-                                       for k in range(K)) for n in range(N)] for m in range(M)])
-        got = decode_int4_linear(x.to(device)[None], codes.to(device), sz.to(device), group).cpu()
-        assert got.shape == (1, M, N) and got.dtype == dt
-        tol = dict(rtol=1e-2, atol=0.3) if device == "cuda" else dict(rtol=1e-5, atol=1e-3)  # bf16 output rounding
-        torch.testing.assert_close(got[0].double(), ref.double(), **tol, msg=lambda m: f"{(M, K, N, group)}: {m}")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA; the interpreter test below runs everywhere")
-def test_decode_int4_linear_on_cuda():
-    check_decode_int4_linear("cuda")
-
-
-def test_decode_int4_linear_in_interpreter():
-    in_triton_interpreter("test_kernels", "check_decode_int4_linear")
-
-
 def naive_evict(keep, pos, now, limit, sinks, recent, frac, reserve):
     """The slot that takes the new token, per (sequence, KV head), from the rule cache.py documents: among the
     slots below the row's limit and the new token (candidate S, at position now), an empty slot first, then the

@@ -158,26 +158,6 @@ def test_cuda_int8_decode_rows_equal_F_linear_of_the_dequantized_weight():
         torch.testing.assert_close(outer(x).float(), ref + 1, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: Int4Linear's decode kernel (decode_int4_linear)")
-def test_cuda_int4_triton_layout_equals_F_linear_of_the_dequantized_weight(monkeypatch):
-    """Int4Linear packed for decode_int4_linear (quant.INT4_KERNEL "triton"): 1 and 8 rows (the kernel, eager and
-    inside a compiled caller) and 40 rows (dequantize, then matmul) against F.linear of its dequantized weight."""
-    monkeypatch.setattr(quant, "INT4_KERNEL", "triton")
-    codes, sz = quant.quantize_int4(torch.randn(96, 128, generator=torch.Generator().manual_seed(6)), 32)
-    m = quant.Int4Linear(128, 96, False, 32)
-    m.weight, m.scales_and_zeros = codes, sz
-    m = m.to("cuda")
-    m.pack(check=True)
-    assert m.layout == "triton"
-    w = quant.dequantize_int4(m.weight, m.scales_and_zeros, 32).float()
-    outer = torch.compile(lambda x: m(x) + 1, fullgraph=True, dynamic=False)
-    for rows in (1, 8, 40):
-        x = torch.randn(rows, 128, device="cuda").to(torch.bfloat16)
-        ref = F.linear(x.float(), w)
-        torch.testing.assert_close(m(x).float(), ref, rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(outer(x).float(), ref + 1, rtol=2e-2, atol=2e-2)
-
-
 def test_a_wrong_kernel_layout_fails_the_check():
     """bench.py's quantized rows first `verify` each packed kernel: swapped nibbles must fail it."""
     m, w = quantized_linear("int4")
