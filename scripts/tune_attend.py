@@ -286,9 +286,9 @@ def tune_linear(int8=False):
         print(key, min(rows))
     for M in (1, 8):
         total = {}
-        for name, n in (("wqkv", 1), ("wo", 1), ("w13", 1), ("w2", 1)):
+        for name in ("wqkv", "wo", "w13", "w2"):
             for ms, *setting in best.get((name, M), []):
-                total[tuple(setting)] = total.get(tuple(setting), 0) + n * ms
+                total[tuple(setting)] = total.get(tuple(setting), 0) + ms
         for setting, ms in sorted(total.items(), key=lambda kv: kv[1])[:5]:
             print(f"batch {M}: layer {1e3 * ms:.1f} us at block_n/block_k/warps/stages {setting}")
 
