@@ -424,11 +424,11 @@ class QuantStore(nn.Module):
         S = self.n_slots
         if self.kernel(qg):
             from triton_kernels import quant_attend_scores  # Triton: imported only on CUDA
-            out, p_codes, p_ring, p_new = quant_attend_scores(qg, *self.triton_args(pos), k_new, v_new)
+            out, probs = quant_attend_scores(qg, *self.triton_args(pos), k_new, v_new)
         else:
             k, v, m = self.torch_inputs(pos, (pos >= 0).expand(B, H, -1), H)
             out, probs = attend_new_torch(qg, k, v, m, k_new, v_new)
-            p_codes, p_ring, p_new = probs[..., :S], probs[..., S:-1], probs[..., -1:]
+        p_codes, p_ring, p_new = probs[..., :S], probs[..., S:-1], probs[..., -1:]  # slots, residual, new token
         # a slot's probability is its code's or, for a token still in the residual, its entry's
         # into zeros, then added: p_codes.scatter_add(...) on the softmax's slice was miscompiled by inductor
         # (torch 2.13 CPU: layer 0's H2O scores lost their history; tests/test_kv_quant.py's inductor test)

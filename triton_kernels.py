@@ -140,9 +140,11 @@ def _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc, n, n_sel, scale, b, h, bh
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
-def _launch_plan(q, n, dense, scores, ragged=False, quant=False, symbolic=False, new=False):
+def _launch_plan(q, n, dense, scores, ragged=False, quant=False, symbolic=False, new=False, ring=0):
     """The grid and partial buffers of a launch of _attend_kernel (or _attend_quant_kernel) over n rows:
-    (GP, the TUNE entry, splits, chunk, (po, pm, pl, s)); _attend_partials says what each buffer holds.
+    (GP, the TUNE entry, splits, chunk, (po, pm, pl, s)); _attend_partials says what each buffer holds. ring:
+    the quantized kernel's residual entries, attended by one more program a row (its partials after the splits'
+    and its logits after the n rows', before the new token's).""
     symbolic: n is a symbol in a compile (a store of generate.SymbolicSlots says so: dynamo shows a symbolic
     size to Python as a plain int)."""
     B, H, G, D = q.shape
@@ -164,10 +166,11 @@ def _launch_plan(q, n, dense, scores, ragged=False, quant=False, symbolic=False,
     splits = most if symbolic else max(1, min(triton.cdiv(per_row, tune["block"]), most))
     chunk = triton.cdiv(triton.cdiv(n, splits), tune["block"]) * tune["block"]
     splits = splits if ragged or symbolic else triton.cdiv(n, chunk)
-    po = torch.empty(B, H, splits, G, D, device=q.device, dtype=torch.float32)
-    pm = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
-    pl = torch.empty(B, H, splits, G, device=q.device, dtype=torch.float32)
-    s = torch.empty(B, H, G, n + new, device=q.device, dtype=torch.float32) if scores else pm  # pm: never written
+    programs = splits + (ring > 0)
+    po = torch.empty(B, H, programs, G, D, device=q.device, dtype=torch.float32)
+    pm = torch.empty(B, H, programs, G, device=q.device, dtype=torch.float32)
+    pl = torch.empty(B, H, programs, G, device=q.device, dtype=torch.float32)
+    s = torch.empty(B, H, G, n + ring + new, device=q.device, dtype=torch.float32) if scores else pm  # pm: never written
     return GP, tune, splits, chunk, (po, pm, pl, s)
 
 
@@ -324,8 +327,8 @@ def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
 # ---- quantized caches (kvstore.QuantStore, KIVI): attention that reads the codes in place ----------
 # The same online softmax as _attend_kernel, but each tile of K and V rows is loaded as packed codes
 # (D bits / 8 bytes a row) with its scales and zero points and dequantized in registers: the full-precision
-# cache is never materialised. The residual's R + G full-precision rows per KV head are attended by
-# _attend_kernel's gather path beside it, and the two sets of partials merge as splits do.
+# cache is never materialised. The residual's R + G full-precision rows per KV head are attended by one more
+# program of the same launch, and its partials merge with the splits'.
 
 @triton.jit
 def _code_pieces(b, BITS: tl.constexpr, CT: tl.constexpr, ASM: tl.constexpr):
@@ -395,11 +398,12 @@ def _piece_channels(t, dp, DP: tl.constexpr, PER: tl.constexpr, PLANAR: tl.const
 
 
 @triton.jit
-def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM, PL, PS, n_sel, H, HC, SQ, SP, NGR,
-                         scale, sqb, sqh, sqg, sib, sih, CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                         D: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr, SCORES: tl.constexpr,
-                         BITS: tl.constexpr, QG: tl.constexpr, ALIGNED: tl.constexpr, NATIVE: tl.constexpr,
-                         ASM: tl.constexpr, PLANAR: tl.constexpr):
+def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, RK, RV, RING, KN, VN, PO, PM, PL, PS, n_sel,
+                         H, HC, SQ, SP, NGR, scale, sqb, sqh, sqg, sib, sih, CHUNK: tl.constexpr, G: tl.constexpr,
+                         GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr,
+                         SCORES: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, ALIGNED: tl.constexpr,
+                         NATIVE: tl.constexpr, ASM: tl.constexpr, PLANAR: tl.constexpr, RR: tl.constexpr,
+                         NEW: tl.constexpr):
     """Program (sequence x KV head, split) as _attend_kernel's, over codes: kq/vq [B, HC, SQ, D BITS / 8] uint8,
     ks/kz [B, HC, NGR, D] (key groups of QG slots), vs/vz [B, HC, SQ, D / QG] (value groups of QG channels),
     all contiguous; HC = H (a row per KV head) or 1 (a flat row every head reads). A slot counts if its token
@@ -411,7 +415,11 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
     BLOCK a multiple or a divisor of QG): a tile is whole key groups or lies in one, so each group's scale and
     zero row is loaded once and broadcast over its slots (loaded per slot, they held the 4-bit cache at 0.50x the
     bf16 one; BENCHMARKS.md). NATIVE (a bf16 model at 2 or 4 bits, an fp16 one at any): tiles are dequantized in the
-    model's own dtype (one packed fma per two elements, scales used as stored); otherwise in fp32."""
+    model's own dtype (one packed fma per two elements, scales used as stored); otherwise in fp32.
+    The last program of each row (split = num_programs(1) - 1) attends the full-precision residual instead: entries
+    rk/rv [B, H, RR, D] where RING [B, H, RR] (int8) != 0, and (NEW) first the new token KN/VN [B, H, D], so the
+    merge of one launch's partials is the whole softmax. SCORES stores the logits in PS's rows of n_sel + RR + NEW:
+    the codes' slots, the residual's entries, the new token."""
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     row = b * HC + h % HC
@@ -434,61 +442,97 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
     WHOLE: tl.constexpr = (DP % QG == 0 or QG % DP == 0) if PLANAR else QG % PER == 0
     NGP: tl.constexpr = DP // QG if DP >= QG else 1
     dgp = tl.arange(0, NGP)
-    for off in range(0, CHUNK, BLOCK):
-        n = split * CHUNK + off + tl.arange(0, BLOCK)
-        inb = n < n_sel
-        if DENSE:
-            inb = inb & (n < tl.load(IDX + bh * 2 + 1))
-            idx = tl.load(IDX + bh * 2) + n
-            p = tl.load(POS + row * SP + idx, mask=inb, other=-1)
-            ok = (p >= 0) & (p < front) & inb
-        else:
-            ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=0) != 0) & inb
-            idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
-        slot = (row * SQ + idx).to(tl.int64)
-        kp = _code_pieces(tl.load(KQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0), BITS, CT, ASM)
-        s = tl.zeros([GP, BLOCK], tl.float32)
-        gi = (split * CHUNK + off) // QG + tl.arange(0, NG)  # ALIGNED: the tile's key groups
-        for t in tl.static_range(PER):
-            ch = _piece_channels(t, dp, DP, PER, PLANAR)
-            if ALIGNED:
-                grp = (row * NGR + gi).to(tl.int64)[:, None] * D + ch[None, :]
-                ks = tl.load(KS + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
-                kz = tl.load(KZ + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
-                k = tl.reshape(tl.reshape(kp[t], (NG, BLOCK // NG, DP)) * ks[:, None, :] + kz[:, None, :], (BLOCK, DP))
+    ROW: tl.constexpr = RR + NEW  # PS's row: n_sel + ROW logits
+    if split == tl.num_programs(1) - 1:  # the residual, in its own program: its rows are bf16, not codes
+        if NEW:  # the new token first: weight 1 at max s_new
+            s_new = tl.zeros([GP], tl.float32)
+            for t in tl.static_range(PER):
+                ch = _piece_channels(t, dp, DP, PER, PLANAR)
+                s_new += tl.sum(qs[t].to(tl.float32) * tl.load(KN + bh * D + ch).to(tl.float32)[None, :], 1)
+            s_new = (s_new * scale).to(tl.float32)
+            if SCORES:
+                tl.store(PS + (bh * G + g) * (n_sel + ROW) + n_sel + RR, s_new, mask=g < G)
+            m_i, l_i = s_new, l_i + 1.0
+            new = ()
+            for t in tl.static_range(PER):
+                ch = _piece_channels(t, dp, DP, PER, PLANAR)
+                new = new + (accs[t] + tl.load(VN + bh * D + ch).to(tl.float32)[None, :],)
+            accs = new
+        for r0 in range(0, RR, BLOCK):
+            r = r0 + tl.arange(0, BLOCK)
+            inb = r < RR
+            ok = (tl.load(RING + bh * RR + r, mask=inb, other=0) != 0) & inb
+            rows = (bh * RR + r)[:, None] * D
+            s = tl.zeros([GP, BLOCK], tl.float32)
+            for t in tl.static_range(PER):
+                ch = _piece_channels(t, dp, DP, PER, PLANAR)
+                s = tl.dot(qs[t], tl.trans(tl.load(RK + rows + ch[None, :], mask=ok[:, None], other=0.0)), s)
+            m_new, alpha, p = _softmax_step((s * scale).to(tl.float32), ok, inb, n_sel + r, m_i, PS, bh, n_sel,
+                                            n_sel + ROW, G, GP, SCORES)
+            new = ()
+            for t in tl.static_range(PER):
+                ch = _piece_channels(t, dp, DP, PER, PLANAR)
+                v = tl.load(RV + rows + ch[None, :], mask=ok[:, None], other=0.0)
+                new = new + (tl.dot(p.to(v.dtype), v, accs[t] * alpha[:, None]),)
+            accs = new
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+    else:
+        for off in range(0, CHUNK, BLOCK):
+            n = split * CHUNK + off + tl.arange(0, BLOCK)
+            inb = n < n_sel
+            if DENSE:
+                inb = inb & (n < tl.load(IDX + bh * 2 + 1))
+                idx = tl.load(IDX + bh * 2) + n
+                p = tl.load(POS + row * SP + idx, mask=inb, other=-1)
+                ok = (p >= 0) & (p < front) & inb
             else:
-                grp = (row * NGR + idx // QG).to(tl.int64)[:, None] * D + ch[None, :]
-                k = kp[t] * tl.load(KS + grp, mask=ok[:, None], other=0.0).to(CT) + \
-                    tl.load(KZ + grp, mask=ok[:, None], other=0.0).to(CT)
-            s = tl.dot(qs[t], tl.trans(k.to(qs[t].dtype)), s)
-        m_new, alpha, p = _softmax_step((s * scale).to(tl.float32), ok, inb, n, m_i, PS, bh, n_sel, n_sel, G, GP,
-                                        SCORES)
-        vp = _code_pieces(tl.load(VQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0), BITS, CT, ASM)
-        pv = p.to(qs[0].dtype)
-        if WHOLE and not PLANAR:
-            vg = slot[:, None] * (D // QG) + dg[None, :]
-            vs = tl.load(VS + vg, mask=ok[:, None], other=0.0).to(CT)[:, :, None]
-            vz = tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(CT)[:, :, None]
-            vs = tl.reshape(tl.broadcast_to(vs, (BLOCK, D // QG, QG // PER)), (BLOCK, DP))
-            vz = tl.reshape(tl.broadcast_to(vz, (BLOCK, D // QG, QG // PER)), (BLOCK, DP))
-        new = ()
-        for t in tl.static_range(PER):
-            if WHOLE and PLANAR:  # this piece's groups, each over DP / NGP of its columns
-                vg = slot[:, None] * (D // QG) + ((t * DP) // QG + dgp)[None, :]
+                ok = (tl.load(OK + b * sib + h * sih + n, mask=inb, other=0) != 0) & inb
+                idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
+            slot = (row * SQ + idx).to(tl.int64)
+            kp = _code_pieces(tl.load(KQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0), BITS, CT, ASM)
+            s = tl.zeros([GP, BLOCK], tl.float32)
+            gi = (split * CHUNK + off) // QG + tl.arange(0, NG)  # ALIGNED: the tile's key groups
+            for t in tl.static_range(PER):
+                ch = _piece_channels(t, dp, DP, PER, PLANAR)
+                if ALIGNED:
+                    grp = (row * NGR + gi).to(tl.int64)[:, None] * D + ch[None, :]
+                    ks = tl.load(KS + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
+                    kz = tl.load(KZ + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
+                    k = tl.reshape(tl.reshape(kp[t], (NG, BLOCK // NG, DP)) * ks[:, None, :] + kz[:, None, :], (BLOCK, DP))
+                else:
+                    grp = (row * NGR + idx // QG).to(tl.int64)[:, None] * D + ch[None, :]
+                    k = kp[t] * tl.load(KS + grp, mask=ok[:, None], other=0.0).to(CT) + \
+                        tl.load(KZ + grp, mask=ok[:, None], other=0.0).to(CT)
+                s = tl.dot(qs[t], tl.trans(k.to(qs[t].dtype)), s)
+            m_new, alpha, p = _softmax_step((s * scale).to(tl.float32), ok, inb, n, m_i, PS, bh, n_sel, n_sel + ROW,
+                                            G, GP, SCORES)
+            vp = _code_pieces(tl.load(VQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0), BITS, CT, ASM)
+            pv = p.to(qs[0].dtype)
+            if WHOLE and not PLANAR:
+                vg = slot[:, None] * (D // QG) + dg[None, :]
                 vs = tl.load(VS + vg, mask=ok[:, None], other=0.0).to(CT)[:, :, None]
                 vz = tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(CT)[:, :, None]
-                vs = tl.reshape(tl.broadcast_to(vs, (BLOCK, NGP, DP // NGP)), (BLOCK, DP))
-                vz = tl.reshape(tl.broadcast_to(vz, (BLOCK, NGP, DP // NGP)), (BLOCK, DP))
-            if WHOLE:
-                v = vp[t] * vs + vz
-            else:
-                vg = slot[:, None] * (D // QG) + (_piece_channels(t, dp, DP, PER, PLANAR) // QG)[None, :]
-                v = vp[t] * tl.load(VS + vg, mask=ok[:, None], other=0.0).to(CT) + \
-                    tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(CT)
-            new = new + (tl.dot(pv, v.to(pv.dtype), accs[t] * alpha[:, None]),)
-        accs = new
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+                vs = tl.reshape(tl.broadcast_to(vs, (BLOCK, D // QG, QG // PER)), (BLOCK, DP))
+                vz = tl.reshape(tl.broadcast_to(vz, (BLOCK, D // QG, QG // PER)), (BLOCK, DP))
+            new = ()
+            for t in tl.static_range(PER):
+                if WHOLE and PLANAR:  # this piece's groups, each over DP / NGP of its columns
+                    vg = slot[:, None] * (D // QG) + ((t * DP) // QG + dgp)[None, :]
+                    vs = tl.load(VS + vg, mask=ok[:, None], other=0.0).to(CT)[:, :, None]
+                    vz = tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(CT)[:, :, None]
+                    vs = tl.reshape(tl.broadcast_to(vs, (BLOCK, NGP, DP // NGP)), (BLOCK, DP))
+                    vz = tl.reshape(tl.broadcast_to(vz, (BLOCK, NGP, DP // NGP)), (BLOCK, DP))
+                if WHOLE:
+                    v = vp[t] * vs + vz
+                else:
+                    vg = slot[:, None] * (D // QG) + (_piece_channels(t, dp, DP, PER, PLANAR) // QG)[None, :]
+                    v = vp[t] * tl.load(VS + vg, mask=ok[:, None], other=0.0).to(CT) + \
+                        tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(CT)
+                new = new + (tl.dot(pv, v.to(pv.dtype), accs[t] * alpha[:, None]),)
+            accs = new
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
     out = (bh * tl.num_programs(1) + split) * G + g
     for t in tl.static_range(PER):
         ch = _piece_channels(t, dp, DP, PER, PLANAR)
@@ -500,28 +544,30 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, PO, PM,
 NATIVE_DEQUANT = True  # dequantize in the model's 16-bit dtype where exact (tune_attend.py quant times both)
 
 
-def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, idx, ok, n, dense, scores, bits, group, planar):
-    """_attend_partials over the codes (same splits and tuning: a tile's bytes are fewer, its rows as many)."""
+def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring_ok, idx, ok, n, dense, scores, bits, group,
+                    planar, new=None):
+    """_attend_partials over the codes (same splits and tuning: a tile's bytes are fewer, its rows as many), and the
+    residual's entries where ring_ok [B, H, R + G] (and the new token (k, v) [B, H, 1, D]) in one more program a row:
+    -> partials po, pm, pl over splits + 1 and (scores) the logits [B, H, G, n + R + G (+ 1 with new)]."""
     B, H, G, D = q.shape
     assert D * bits // 8 >= 16, "a piece's tl.dot needs 16 bytes a row (kvstore.QuantStore.kernel)"
-    GP, tune, splits, chunk, (po, pm, pl, s) = _launch_plan(q, n, dense, scores, quant=True)
+    RR = rk.shape[2]
+    GP, tune, splits, chunk, (po, pm, pl, s) = _launch_plan(q, n, dense, scores, quant=True, new=new is not None,
+                                                            ring=RR)
     q, idx, ok = q.contiguous(), idx.contiguous(), ok.contiguous()
+    kn, vn = (x.contiguous() for x in new) if new is not None else (q, q)  # (q: a pointer never read)
     native = NATIVE_DEQUANT and (q.dtype == torch.float16 or q.dtype == torch.bfloat16 and bits <= 4)
-    wrap_triton(_attend_quant_kernel)[(B * H, splits)](
-        q, kq, ks, kz, vq, vs, vz, idx, ok, pos.contiguous(), front, po, pm, pl, s, n, H, kq.shape[1], kq.shape[2],
-        pos.shape[-1], ks.shape[2], D ** -0.5, q.stride(0), q.stride(1), q.stride(2), ok.stride(0), ok.stride(1),
+    wrap_triton(_attend_quant_kernel)[(B * H, splits + 1)](
+        q, kq, ks, kz, vq, vs, vz, idx, ok, pos.contiguous(), front, rk, rv, ring_ok.to(torch.int8).contiguous(), kn, vn,
+        po, pm, pl, s, n, H, kq.shape[1], kq.shape[2], pos.shape[-1], ks.shape[2], D ** -0.5,
+        q.stride(0), q.stride(1), q.stride(2), ok.stride(0), ok.stride(1),
         # a constant chunk (int: a symbolic size is specialised here; quantized stores compile per size)
         CHUNK=int(chunk), G=G, GP=GP, D=D, BLOCK=tune["block"], DENSE=dense, SCORES=scores, BITS=bits, QG=group,
         # per-head rows (runs start at 0) whose tiles never straddle a key group
         ALIGNED=dense and kq.shape[1] == H and (tune["block"] % group == 0 or group % tune["block"] == 0),
-        NATIVE=native, ASM=native and q.is_cuda, PLANAR=planar, num_warps=tune["warps"], num_stages=tune["stages"])
+        NATIVE=native, ASM=native and q.is_cuda, PLANAR=planar, RR=RR, NEW=new is not None,
+        num_warps=tune["warps"], num_stages=tune["stages"])
     return po, pm, pl, s
-
-
-def _ring_partials(q, rk, rv, ring_ok, scores):
-    """The residual's rows, every entry where ring_ok [B, H, R + G]."""
-    ridx = torch.arange(rk.shape[2], device=q.device).expand(ring_ok.shape).contiguous()
-    return _attend_partials(q, rk, rv, ridx, ring_ok.to(torch.int8).contiguous(), rk.shape[2], dense=False, scores=scores)
 
 
 @triton_op("kvcompress::quant_attend", mutates_args={})
@@ -531,30 +577,27 @@ def quant_attend(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch
                  ok: torch.Tensor, n: int, dense: bool) -> torch.Tensor:
     """kvstore.QuantStore's decode attention: qg [B, H_kv, G, D] over the codes (dense: each head's run
     (start, length) = idx [B, H_kv, 2] of slots in codes, ok unused; gather: the n rows idx where ok) and
-    the residual's entries where ring_ok -> [B, H_kv, G, D]."""
+    the residual's entries where ring_ok -> [B, H_kv, G, D]. One launch (the residual in a program of its own:
+    a second launch, a torch.cat of the partials and a torch merge cost 0.33 ms a step of 4-bit SnapKV at
+    32k x 8, BENCHMARKS.md) and the merge kernel."""
     okc = ok.to(torch.int8) if not dense else ring_ok  # dense: OK is never read
-    pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, idx, okc, n, dense, False, bits, group, planar)
-    pr = _ring_partials(qg, rk, rv, ring_ok, False)
-    return _merge(*(torch.cat([a, b], 2) for a, b in zip(pc[:3], pr[:3])))[0].to(qg.dtype)
+    pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring_ok, idx, okc, n, dense, False, bits,
+                         group, planar)
+    return _merge_out(*pc[:3], qg.dtype)
 
 
 @triton_op("kvcompress::quant_attend_scores", mutates_args={})
 def quant_attend_scores(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vq: torch.Tensor,
                         vs: torch.Tensor, vz: torch.Tensor, pos: torch.Tensor, front: torch.Tensor, rk: torch.Tensor,
                         rv: torch.Tensor, ring_ok: torch.Tensor, bits: int, group: int, planar: bool,
-                        k_new: torch.Tensor,
-                        v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """attend_scores over a QuantStore: out [B, H_kv, G, D] and the group-mean probabilities of the codes'
-    slots [B, H_kv, S], of the residual's entries [B, H_kv, R + G] and of the new token [B, H_kv, 1]."""
-    B, H = qg.shape[:2]
-    S = pos.shape[-1]
-    runs = _every_slot(pos, H)
-    pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, runs, ring_ok, S, True, True, bits, group, planar)
-    pr = _ring_partials(qg, rk, rv, ring_ok, True)
-    s_new = (qg.float() * k_new.float()).sum(-1) * qg.shape[-1] ** -0.5
-    out, m, z = _merge(*(torch.cat([a, b], 2) for a, b in zip(pc[:3], pr[:3])), s_new, v_new)
-    probs = [(torch.exp(x - m[..., None]) / z[..., None]).mean(2) for x in (pc[3], pr[3])]
-    return out.to(qg.dtype), probs[0], probs[1], (torch.exp(s_new - m) / z).mean(2)[..., None]
+                        k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """attend_scores over a QuantStore: out [B, H_kv, G, D] and the group-mean probabilities [B, H_kv, S + R + G + 1]
+    of the codes' slots, then of the residual's entries, then of the new token k/v_new [B, H_kv, 1, D]."""
+    runs = _every_slot(pos, qg.shape[1])
+    po, pm, pl, s = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring_ok, runs, ring_ok,
+                                    pos.shape[-1], True, True, bits, group, planar, new=(k_new, v_new))
+    out, m, z = _merge_out(po, pm, pl, qg.dtype, stats=True)
+    return out, (torch.exp(s - m[..., None]) / z[..., None]).mean(2)
 
 
 # ---- Spotlight's hash codes: the hash and the sign bits packed, one launch ---------------------------

@@ -325,7 +325,7 @@ def tune_evict():
 SASS_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KQ": "*u8", "VQ": "*u8", "KS": "*bf16", "KZ": "*bf16",
                  "VS": "*bf16", "VZ": "*bf16", "IDX": "*i64", "OK": "*i64", "POS": "*i64", "FRONT": "*i64",
                  "PO": "*fp32", "PM": "*fp32", "PL": "*fp32", "PS": "*fp32",
-                 "KN": "*bf16", "VN": "*bf16"}
+                 "KN": "*bf16", "VN": "*bf16", "RK": "*bf16", "RV": "*bf16", "RING": "*i8"}
 
 
 def loop_sass(fn, pointers: dict, consts: dict, warps: int, stages: int):
@@ -378,7 +378,7 @@ def sass():
         for b, w in ((quant["block"], quant["warps"]), (128, 4)):
             cases.append((f"quant_attend, {bits}-bit, {'bf16' if native else 'fp32'} dequantization", tk._attend_quant_kernel,
                           dict(base, BLOCK=b, BITS=bits, QG=32, ALIGNED=True, NATIVE=native, ASM=native,
-                               PLANAR=bits in kvstore.PLANAR_BITS), w))
+                               PLANAR=bits in kvstore.PLANAR_BITS, RR=160, NEW=False), w))
     for name, fn, consts, warps in cases:
         n, ops = loop_sass(fn, SASS_POINTERS, consts, warps, 3)
         top = ", ".join(f"{op} {c}" for op, c in ops.most_common(8))

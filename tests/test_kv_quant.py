@@ -364,18 +364,20 @@ def check_kernel(device):
         runs = torch.tensor([0, c.n_slots]).expand(2, 2, 2)
         got = quant_attend(qg, *args, runs, runs, c.n_slots, True)
         torch.testing.assert_close(got.double(), naive_attention(qg, slots, 2, 2), rtol=1e-4, atol=1e-4)
-        zeros = torch.zeros(2, 2, 1, D)
-        out, p_codes, p_ring, p_new = quant_attend_scores(qg, *args, zeros, zeros)
+        k_new, v_new = (torch.randn(2, 2, 1, D, generator=torch.Generator().manual_seed(i)) for i in (6, 7))
+        out, p = quant_attend_scores(qg, *args, k_new, v_new)
+        with_new = dict(slots) | {(b, h, -1): (-1, k_new[b, h, 0], v_new[b, h, 0]) for b in range(2) for h in range(2)}
+        torch.testing.assert_close(out.double(), naive_attention(qg, with_new, 2, 2), rtol=1e-4, atol=1e-4)
+        S = c.n_slots
         # each slot's probability (its code's, or its residual entry's), group mean, against naive softmax weights
-        probs = torch.cat([p_codes.scatter_add(-1, st.rslot.clamp(min=0), p_ring), p_new], -1)
-        for (b, h, s), _ in list(slots.items())[::7]:
+        probs = torch.cat([p[..., :S].scatter_add(-1, st.rslot.clamp(min=0), p[..., S:-1]), p[..., -1:]], -1)
+        for (b, h, s), _ in list(with_new.items())[::7] + [((0, 1, -1), None)]:  # s = -1: the new token (last)
             mean = 0.0
             for g in range(4):
                 lg = {ss: sum(x * y for x, y in zip(qg[b, h, g].tolist(), kk.tolist())) / math.sqrt(D)
-                      for (bb, hh, ss), (_, kk, _) in slots.items() if (bb, hh) == (b, h)}
-                top = max(max(lg.values()), 0.0)  # the new token's logit is 0
-                z = sum(math.exp(x - top) for x in lg.values()) + math.exp(-top)
-                mean += math.exp(lg[s] - top) / z / 4
+                      for (bb, hh, ss), (_, kk, _) in with_new.items() if (bb, hh) == (b, h)}
+                top = max(lg.values())
+                mean += math.exp(lg[s] - top) / sum(math.exp(x - top) for x in lg.values()) / 4
             assert abs(float(probs[b, h, s]) - mean) < 1e-4
         # gather: every third filled slot
         sel = torch.arange(0, c.n_slots, 3).expand(2, 2, -1).contiguous()
