@@ -184,6 +184,7 @@ class QuantStore(nn.Module):
     frontier. S' = S rounded up to whole groups, plus one spare group that absorbs the writes a step does
     not make (index_put_ with duplicate indices is unordered, so a skipped write must go elsewhere)."""
     quantized = True
+    flush_kernel = None  # None: advance's unaligned flush in Triton on CUDA (flush_in_kernel)
 
     def __init__(self, batch, n_kv, rows, slots, head_dim, dtype, bits, group, residual, aligned):
         super().__init__()
@@ -299,6 +300,10 @@ class QuantStore(nn.Module):
         go = front > self.front
         old_front = self.front.clone()
         self.front.copy_(front)
+        if self.flush_in_kernel(now):
+            from triton_kernels import quant_flush  # Triton: imported only on CUDA
+            return quant_flush(self.kq, self.ks, self.kz, self.vq, self.vs, self.vz, self.rk, self.rv, self.rslot,
+                               self.rpos, pos, old_front, front, self.bits, self.G, self.bits in PLANAR_BITS)
         B, H, G = self.rk.shape[0], self.n_kv, self.G
         E = G if self.aligned else 1  # entries leaving the residual
         ppos = front[:, None] - E + torch.arange(E, device=now.device)  # [B, E]: the positions leaving
@@ -319,6 +324,13 @@ class QuantStore(nn.Module):
             self.ks[b[..., 0], hc[..., 0], g[..., 0]], self.kz[b[..., 0], hc[..., 0], g[..., 0]] = scale, zero
         else:
             self.requantize_groups(pos, old_front, ek, es, alive)
+
+    def flush_in_kernel(self, now) -> bool:
+        """Whether advance runs triton_kernels.quant_flush: the unaligned flush of per-head rows (a flat row's heads
+        share key groups: torch), power-of-two tiles, on CUDA (flush_kernel True: anywhere, as the tests run it in
+        Triton's interpreter; False: never)."""
+        fits = not self.aligned and self.rows > 1 and all(x & (x - 1) == 0 for x in (self.head_dim, self.G))
+        return fits and (now.is_cuda if self.flush_kernel is None else self.flush_kernel)
 
     def requantize_groups(self, pos, old_front, ek, es, alive):
         """Evicting and appending policies write slots out of position order, so a key group holds tokens

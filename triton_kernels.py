@@ -622,6 +622,110 @@ def quant_attend_scores(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz
     return out, (torch.exp(s - m[..., None]) / z[..., None]).mean(2)
 
 
+# ---- a quantized cache's flush (kvstore.QuantStore.advance where slots are not positions) -------------
+# An evicting or appending policy on a QuantStore flushes one residual entry a step per (sequence, KV head): its
+# value quantized into its slot, and its key group re-quantized with the members already in codes. In torch that
+# was about 12 inductor kernels a layer (gathers of the group, dequantize, the range, the codes, the index_puts
+# into a spare group for the entries that are not flushed): ~0.5 ms of a 4-bit SnapKV step at 32k x 8
+# (BENCHMARKS.md). Here it is one program per (sequence, KV head) that skips the entries it does not flush.
+
+@triton.jit
+def _round_half_even(x):
+    """torch.round (half to even) without libdevice, which Triton's interpreter lacks."""
+    r = tl.floor(x + 0.5)
+    return tl.where((r - x == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
+
+
+@triton.jit
+def _minmax_codes(x, mn, mx, QMAX: tl.constexpr, DT: tl.constexpr):
+    """kvstore.minmax_quantize: x fp32 on the grid [mn, mx] (broadcast) -> (codes int32, scale, zero in DT);
+    correctly rounded divisions, as torch's."""
+    zero = mn.to(DT)
+    scale = tl.math.div_rn(mx - zero.to(tl.float32), tl.full(mx.shape, QMAX, tl.float32)).to(DT)
+    sf = scale.to(tl.float32)
+    c = tl.math.div_rn(x - zero.to(tl.float32), tl.broadcast_to(tl.where(sf > 0, sf, 1.0), x.shape))
+    c = tl.minimum(tl.maximum(_round_half_even(c), 0.0), QMAX)
+    return tl.where(sf > 0, c, 0.0).to(tl.int32), scale, zero
+
+
+@triton.jit
+def _pack_rows(c, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, PLANAR: tl.constexpr):
+    """Codes c [R, D] int32 in channel order -> bytes [R, D BITS / 8] (kvstore.pack_codes' layouts)."""
+    PER: tl.constexpr = 8 // BITS
+    t = tl.arange(0, PER) * BITS
+    if PLANAR:
+        out = tl.sum(tl.reshape(c, (R, PER, D // PER)) << t[None, :, None], 1)
+    else:
+        out = tl.sum(tl.reshape(c, (R, D // PER, PER)) << t[None, None, :], 2)
+    return out.to(tl.uint8)
+
+
+@triton.jit
+def _flush_kernel(KQ, KS, KZ, VQ, VS, VZ, RK, RV, RSLOT, RPOS, POS, OLD, FRONT, H, S, SQ, NGR, RR,
+                  D: tl.constexpr, QG: tl.constexpr, BITS: tl.constexpr, PLANAR: tl.constexpr):
+    """Program (sequence x KV head): position FRONT[b] - 1 leaves the residual (OLD[b] < FRONT[b]); if its entry
+    still holds a cached token (rpos, and POS at its slot rslot, say so), its value is quantized into the slot (per
+    token, groups of QG channels) and its slot's key group is re-quantized from the members in codes (positions below
+    OLD) and the new key, over a range that only widens (kvstore.QuantStore.requantize_groups). Buffers as in
+    QuantStore, rows = KV heads, contiguous."""
+    bh = tl.program_id(0)
+    b = bh // H
+    front, old = tl.load(FRONT + b), tl.load(OLD + b)
+    r = tl.maximum(front - 1, 0) % RR
+    es, ep = tl.load(RSLOT + bh * RR + r), tl.load(RPOS + bh * RR + r)
+    alive = (front > old) & (ep == front - 1) & (es >= 0)
+    alive = alive & (tl.load(POS + bh * S + tl.maximum(es, 0)) == ep)
+    if alive:
+        QMAX: tl.constexpr = (1 << BITS) - 1
+        PER: tl.constexpr = 8 // BITS
+        DP: tl.constexpr = D // PER
+        DT: tl.constexpr = KS.dtype.element_ty
+        d, dp = tl.arange(0, D), tl.arange(0, DP)
+        # the value, per token
+        v = tl.reshape(tl.load(RV + (bh * RR + r) * D + d).to(tl.float32), (D // QG, QG))
+        c, scale, zero = _minmax_codes(v, tl.min(v, 1)[:, None], tl.max(v, 1)[:, None], QMAX, DT)
+        tl.store(VQ + (bh * SQ + es) * DP + dp[None, :], _pack_rows(tl.reshape(c, (1, D)), 1, D, BITS, PLANAR))
+        tl.store(VS + (bh * SQ + es) * (D // QG) + tl.arange(0, D // QG)[:, None], scale)
+        tl.store(VZ + (bh * SQ + es) * (D // QG) + tl.arange(0, D // QG)[:, None], zero)
+        # the key group: members' codes in channel order (channel d's byte and bit offset in the packed row)
+        gi = es // QG
+        m = gi * QG + tl.arange(0, QG)
+        byte = d % DP if PLANAR else d // PER
+        shift = (d // DP) * BITS if PLANAR else (d % PER) * BITS
+        codes = (tl.load(KQ + (bh * SQ + m)[:, None] * DP + byte[None, :]).to(tl.int32) >> shift[None, :]) & QMAX
+        ks = tl.load(KS + (bh * NGR + gi) * D + d).to(tl.float32)
+        kz = tl.load(KZ + (bh * NGR + gi) * D + d).to(tl.float32)
+        pm = tl.load(POS + bh * S + tl.minimum(m, S - 1), mask=m < S, other=-1)
+        had = (pm >= 0) & (pm < old)
+        fresh = m == es
+        x = tl.where(fresh[:, None], tl.load(RK + (bh * RR + r) * D + d).to(tl.float32)[None, :],
+                     codes.to(tl.float32) * ks[None, :] + kz[None, :])
+        inc = had | fresh
+        mn = tl.min(tl.where(inc[:, None], x, float("inf")), 0)
+        mx = tl.max(tl.where(inc[:, None], x, float("-inf")), 0)
+        any_old = tl.max(had.to(tl.int32), 0) > 0  # the group held codes: its old range is kept
+        mn = tl.where(any_old, tl.minimum(mn, kz), mn)
+        mx = tl.where(any_old, tl.maximum(mx, kz + ks * QMAX), mx)
+        c, scale, zero = _minmax_codes(x, mn[None, :], mx[None, :], QMAX, DT)
+        tl.store(KQ + (bh * SQ + m)[:, None] * DP + dp[None, :], _pack_rows(c, QG, D, BITS, PLANAR))
+        tl.store(KS + (bh * NGR + gi) * D + d[None, :], scale)
+        tl.store(KZ + (bh * NGR + gi) * D + d[None, :], zero)
+
+
+@triton_op("kvcompress::quant_flush", mutates_args={"kq", "ks", "kz", "vq", "vs", "vz"})
+def quant_flush(kq: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vq: torch.Tensor, vs: torch.Tensor,
+                vz: torch.Tensor, rk: torch.Tensor, rv: torch.Tensor, rslot: torch.Tensor, rpos: torch.Tensor,
+                pos: torch.Tensor, old_front: torch.Tensor, front: torch.Tensor, bits: int, group: int,
+                planar: bool) -> None:
+    """kvstore.QuantStore.advance's unaligned flush, per-head code rows (kq ... vz [B, H_kv, ...]), in place:
+    position front - 1 of each sequence leaves the residual (rk, rv, rslot, rpos [B, H_kv, R + G, ...]) when
+    front > old_front [B]; pos [B, H_kv, S] the cache's positions."""
+    B, H, S = pos.shape
+    wrap_triton(_flush_kernel)[(B * H,)](
+        kq, ks, kz, vq, vs, vz, rk, rv, rslot, rpos, pos.contiguous(), old_front, front, H, S, kq.shape[2],
+        ks.shape[2], rk.shape[2], D=rk.shape[3], QG=group, BITS=bits, PLANAR=planar, num_warps=4)
+
+
 # ---- Spotlight's hash codes: the hash and the sign bits packed, one launch ---------------------------
 # The torch path (cache.Spotlight.hash, then pack_bits) is a dtype copy, two cuBLAS bmm calls and two fused
 # pointwise kernels per hash: 15 us of bmm a layer at batch 1 on the H200, besides the pointwise ones
