@@ -143,8 +143,8 @@ def _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc, n, n_sel, scale, b, h, bh
 def _launch_plan(q, n, dense, scores, ragged=False, quant=False, symbolic=False, new=False, ring=0):
     """The grid and partial buffers of a launch of _attend_kernel (or _attend_quant_kernel) over n rows:
     (GP, the TUNE entry, splits, chunk, (po, pm, pl, s)); _attend_partials says what each buffer holds. ring:
-    the quantized kernel's residual entries, attended by one more program a row (its partials after the splits'
-    and its logits after the n rows', before the new token's).""
+    the quantized kernel's residual entries, attended by programs of their own, a tile each (their partials after the
+    splits', their logits after the n rows' and before the new token's).
     symbolic: n is a symbol in a compile (a store of generate.SymbolicSlots says so: dynamo shows a symbolic
     size to Python as a plain int)."""
     B, H, G, D = q.shape
@@ -166,7 +166,7 @@ def _launch_plan(q, n, dense, scores, ragged=False, quant=False, symbolic=False,
     splits = most if symbolic else max(1, min(triton.cdiv(per_row, tune["block"]), most))
     chunk = triton.cdiv(triton.cdiv(n, splits), tune["block"]) * tune["block"]
     splits = splits if ragged or symbolic else triton.cdiv(n, chunk)
-    programs = splits + (ring > 0)
+    programs = splits + triton.cdiv(ring, tune["block"])
     po = torch.empty(B, H, programs, G, D, device=q.device, dtype=torch.float32)
     pm = torch.empty(B, H, programs, G, device=q.device, dtype=torch.float32)
     pl = torch.empty(B, H, programs, G, device=q.device, dtype=torch.float32)
@@ -439,9 +439,10 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, RK, RV,
     zero row is loaded once and broadcast over its slots (loaded per slot, they held the 4-bit cache at 0.50x the
     bf16 one; BENCHMARKS.md). NATIVE (a bf16 model at 2 or 4 bits, an fp16 one at any): tiles are dequantized in the
     model's own dtype (one packed fma per two elements, scales used as stored); otherwise in fp32.
-    The last program of each row (split = num_programs(1) - 1) attends the full-precision residual instead: entries
-    rk/rv [B, H, RR, D] where RING [B, H, RR] (int8) != 0, and (NEW) first the new token KN/VN [B, H, D], so the
-    merge of one launch's partials is the whole softmax. SCORES stores the logits in PS's rows of n_sel + RR + NEW:
+    The last RP = cdiv(RR, BLOCK) programs of each row attend the full-precision residual instead, a tile each: entries
+    rk/rv [B, H, RR, D] where RING [B, H, RR] (int8) != 0, and (NEW) the first of them the new token KN/VN [B, H, D],
+    so the merge of one launch's partials is the whole softmax (one program looping over the residual's tiles, at
+    3.3k slots, was the launch's longest: 0.2 ms a step of 4-bit SnapKV at 32k x 8). SCORES stores the logits in PS's rows of n_sel + RR + NEW:
     the codes' slots, the residual's entries, the new token."""
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -466,39 +467,41 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, RK, RV,
     NGP: tl.constexpr = DP // QG if DP >= QG else 1
     dgp = tl.arange(0, NGP)
     ROW: tl.constexpr = RR + NEW  # PS's row: n_sel + ROW logits
-    if split == tl.num_programs(1) - 1:  # the residual, in its own program: its rows are bf16, not codes
-        if NEW:  # the new token first: weight 1 at max s_new
+    RP: tl.constexpr = (RR + BLOCK - 1) // BLOCK  # the residual's programs, a tile each
+    tile = split - (tl.num_programs(1) - RP)
+    if tile >= 0:  # the residual, in programs of their own (its rows are bf16, not codes): as short as a code tile
+        if NEW:  # the first starts from the new token: its weight 1 at max s_new
+            first = tile == 0
             s_new = tl.zeros([GP], tl.float32)
             for t in tl.static_range(PER):
                 ch = _piece_channels(t, dp, DP, PER, PLANAR)
                 s_new += tl.sum(qs[t].to(tl.float32) * tl.load(KN + bh * D + ch).to(tl.float32)[None, :], 1)
             s_new = (s_new * scale).to(tl.float32)
             if SCORES:
-                tl.store(PS + (bh * G + g) * (n_sel + ROW) + n_sel + RR, s_new, mask=g < G)
-            m_i, l_i = s_new, l_i + 1.0
+                tl.store(PS + (bh * G + g) * (n_sel + ROW) + n_sel + RR, s_new, mask=(g < G) & first)
+            m_i, l_i = tl.where(first, s_new, m_i), tl.where(first, 1.0, l_i)
             new = ()
             for t in tl.static_range(PER):
                 ch = _piece_channels(t, dp, DP, PER, PLANAR)
-                new = new + (accs[t] + tl.load(VN + bh * D + ch).to(tl.float32)[None, :],)
+                new = new + (tl.where(first, tl.load(VN + bh * D + ch).to(tl.float32)[None, :] + accs[t], accs[t]),)
             accs = new
-        for r0 in tl.range(0, RR, BLOCK, num_stages=1):  # not pipelined: its buffers would cut occupancy
-            r = r0 + tl.arange(0, BLOCK)
-            inb = r < RR
-            ok = (tl.load(RING + bh * RR + r, mask=inb, other=0) != 0) & inb
-            rows = (bh * RR + r)[:, None] * D
-            kp = _row_pieces(RK + rows, ok, DP, PER, PLANAR)
-            s = tl.zeros([GP, BLOCK], tl.float32)
-            for t in tl.static_range(PER):
-                s = tl.dot(qs[t], tl.trans(kp[t]), s)
-            m_new, alpha, p = _softmax_step((s * scale).to(tl.float32), ok, inb, n_sel + r, m_i, PS, bh, n_sel,
-                                            n_sel + ROW, G, GP, SCORES)
-            vp = _row_pieces(RV + rows, ok, DP, PER, PLANAR)
-            new = ()
-            for t in tl.static_range(PER):
-                new = new + (tl.dot(p.to(vp[t].dtype), vp[t], accs[t] * alpha[:, None]),)
-            accs = new
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+        r = tile * BLOCK + tl.arange(0, BLOCK)
+        inb = r < RR
+        ok = (tl.load(RING + bh * RR + r, mask=inb, other=0) != 0) & inb
+        rows = (bh * RR + r)[:, None] * D
+        kp = _row_pieces(RK + rows, ok, DP, PER, PLANAR)
+        s = tl.zeros([GP, BLOCK], tl.float32)
+        for t in tl.static_range(PER):
+            s = tl.dot(qs[t], tl.trans(kp[t]), s)
+        m_new, alpha, p = _softmax_step((s * scale).to(tl.float32), ok, inb, n_sel + r, m_i, PS, bh, n_sel,
+                                        n_sel + ROW, G, GP, SCORES)
+        vp = _row_pieces(RV + rows, ok, DP, PER, PLANAR)
+        new = ()
+        for t in tl.static_range(PER):
+            new = new + (tl.dot(p.to(vp[t].dtype), vp[t], accs[t] * alpha[:, None]),)
+        accs = new
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
     else:
         for off in range(0, CHUNK, BLOCK):
             n = split * CHUNK + off + tl.arange(0, BLOCK)
@@ -569,8 +572,8 @@ NATIVE_DEQUANT = True  # dequantize in the model's 16-bit dtype where exact (tun
 def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring_ok, idx, ok, n, dense, scores, bits, group,
                     planar, new=None):
     """_attend_partials over the codes (same splits and tuning: a tile's bytes are fewer, its rows as many), and the
-    residual's entries where ring_ok [B, H, R + G] (and the new token (k, v) [B, H, 1, D]) in one more program a row:
-    -> partials po, pm, pl over splits + 1 and (scores) the logits [B, H, G, n + R + G (+ 1 with new)]."""
+    residual's entries where ring_ok [B, H, R + G] (and the new token (k, v) [B, H, 1, D]) in programs of their own:
+    -> partials po, pm, pl over every program and (scores) the logits [B, H, G, n + R + G (+ 1 with new)]."""
     B, H, G, D = q.shape
     assert D * bits // 8 >= 16, "a piece's tl.dot needs 16 bytes a row (kvstore.QuantStore.kernel)"
     RR = rk.shape[2]
@@ -579,7 +582,7 @@ def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring_ok, idx,
     q, idx, ok = q.contiguous(), idx.contiguous(), ok.contiguous()
     kn, vn = (x.contiguous() for x in new) if new is not None else (q, q)  # (q: a pointer never read)
     native = NATIVE_DEQUANT and (q.dtype == torch.float16 or q.dtype == torch.bfloat16 and bits <= 4)
-    wrap_triton(_attend_quant_kernel)[(B * H, splits + 1)](
+    wrap_triton(_attend_quant_kernel)[(B * H, po.shape[2])](
         q, kq, ks, kz, vq, vs, vz, idx, ok, pos.contiguous(), front, rk, rv, ring_ok.to(torch.int8).contiguous(), kn, vn,
         po, pm, pl, s, n, H, kq.shape[1], kq.shape[2], pos.shape[-1], ks.shape[2], D ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), ok.stride(0), ok.stride(1),
@@ -588,7 +591,7 @@ def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring_ok, idx,
         # per-head rows (runs start at 0) whose tiles never straddle a key group
         ALIGNED=dense and kq.shape[1] == H and (tune["block"] % group == 0 or group % tune["block"] == 0),
         NATIVE=native, ASM=native and q.is_cuda, PLANAR=planar, RR=RR, NEW=new is not None,
-        num_warps=tune["warps"], num_stages=tune["stages"])
+        num_warps=tune["warps"], num_stages=tune["stages"], **({"maxnreg": tune["maxnreg"]} if "maxnreg" in tune else {}))
     return po, pm, pl, s
 
 
@@ -674,42 +677,44 @@ def _flush_kernel(KQ, KS, KZ, VQ, VS, VZ, RK, RV, RSLOT, RPOS, POS, OLD, FRONT, 
     r = tl.maximum(front - 1, 0) % RR
     es, ep = tl.load(RSLOT + bh * RR + r), tl.load(RPOS + bh * RR + r)
     alive = (front > old) & (ep == front - 1) & (es >= 0)
-    alive = alive & (tl.load(POS + bh * S + tl.maximum(es, 0)) == ep)
-    if alive:
-        QMAX: tl.constexpr = (1 << BITS) - 1
-        PER: tl.constexpr = 8 // BITS
-        DP: tl.constexpr = D // PER
-        DT: tl.constexpr = KS.dtype.element_ty
-        d, dp = tl.arange(0, D), tl.arange(0, DP)
-        # the value, per token
-        v = tl.reshape(tl.load(RV + (bh * RR + r) * D + d).to(tl.float32), (D // QG, QG))
-        c, scale, zero = _minmax_codes(v, tl.min(v, 1)[:, None], tl.max(v, 1)[:, None], QMAX, DT)
-        tl.store(VQ + (bh * SQ + es) * DP + dp[None, :], _pack_rows(tl.reshape(c, (1, D)), 1, D, BITS, PLANAR))
-        tl.store(VS + (bh * SQ + es) * (D // QG) + tl.arange(0, D // QG)[:, None], scale)
-        tl.store(VZ + (bh * SQ + es) * (D // QG) + tl.arange(0, D // QG)[:, None], zero)
-        # the key group: members' codes in channel order (channel d's byte and bit offset in the packed row)
-        gi = es // QG
-        m = gi * QG + tl.arange(0, QG)
-        byte = d % DP if PLANAR else d // PER
-        shift = (d // DP) * BITS if PLANAR else (d % PER) * BITS
-        codes = (tl.load(KQ + (bh * SQ + m)[:, None] * DP + byte[None, :]).to(tl.int32) >> shift[None, :]) & QMAX
-        ks = tl.load(KS + (bh * NGR + gi) * D + d).to(tl.float32)
-        kz = tl.load(KZ + (bh * NGR + gi) * D + d).to(tl.float32)
-        pm = tl.load(POS + bh * S + tl.minimum(m, S - 1), mask=m < S, other=-1)
-        had = (pm >= 0) & (pm < old)
-        fresh = m == es
-        x = tl.where(fresh[:, None], tl.load(RK + (bh * RR + r) * D + d).to(tl.float32)[None, :],
-                     codes.to(tl.float32) * ks[None, :] + kz[None, :])
-        inc = had | fresh
-        mn = tl.min(tl.where(inc[:, None], x, float("inf")), 0)
-        mx = tl.max(tl.where(inc[:, None], x, float("-inf")), 0)
-        any_old = tl.max(had.to(tl.int32), 0) > 0  # the group held codes: its old range is kept
-        mn = tl.where(any_old, tl.minimum(mn, kz), mn)
-        mx = tl.where(any_old, tl.maximum(mx, kz + ks * QMAX), mx)
-        c, scale, zero = _minmax_codes(x, mn[None, :], mx[None, :], QMAX, DT)
-        tl.store(KQ + (bh * SQ + m)[:, None] * DP + dp[None, :], _pack_rows(c, QG, D, BITS, PLANAR))
-        tl.store(KS + (bh * NGR + gi) * D + d[None, :], scale)
-        tl.store(KZ + (bh * NGR + gi) * D + d[None, :], zero)
+    es = tl.maximum(es, 0)
+    # every load below depends on es only, not on alive: the stores are masked instead, so the loads overlap the
+    # check (a program is a chain of dependent loads; a branch on alive added one more round trip)
+    alive = alive & (tl.load(POS + bh * S + es) == ep)
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    PER: tl.constexpr = 8 // BITS
+    DP: tl.constexpr = D // PER
+    DT: tl.constexpr = KS.dtype.element_ty
+    d, dp = tl.arange(0, D), tl.arange(0, DP)
+    # the value, per token
+    v = tl.reshape(tl.load(RV + (bh * RR + r) * D + d).to(tl.float32), (D // QG, QG))
+    c, scale, zero = _minmax_codes(v, tl.min(v, 1)[:, None], tl.max(v, 1)[:, None], QMAX, DT)
+    tl.store(VQ + (bh * SQ + es) * DP + dp[None, :], _pack_rows(tl.reshape(c, (1, D)), 1, D, BITS, PLANAR), mask=alive)
+    tl.store(VS + (bh * SQ + es) * (D // QG) + tl.arange(0, D // QG)[:, None], scale, mask=alive)
+    tl.store(VZ + (bh * SQ + es) * (D // QG) + tl.arange(0, D // QG)[:, None], zero, mask=alive)
+    # the key group: members' codes in channel order (channel d's byte and bit offset in the packed row)
+    gi = es // QG
+    m = gi * QG + tl.arange(0, QG)
+    byte = d % DP if PLANAR else d // PER
+    shift = (d // DP) * BITS if PLANAR else (d % PER) * BITS
+    codes = (tl.load(KQ + (bh * SQ + m)[:, None] * DP + byte[None, :]).to(tl.int32) >> shift[None, :]) & QMAX
+    ks = tl.load(KS + (bh * NGR + gi) * D + d).to(tl.float32)
+    kz = tl.load(KZ + (bh * NGR + gi) * D + d).to(tl.float32)
+    pm = tl.load(POS + bh * S + tl.minimum(m, S - 1), mask=m < S, other=-1)
+    had = (pm >= 0) & (pm < old)
+    fresh = m == es
+    x = tl.where(fresh[:, None], tl.load(RK + (bh * RR + r) * D + d).to(tl.float32)[None, :],
+                 codes.to(tl.float32) * ks[None, :] + kz[None, :])
+    inc = had | fresh
+    mn = tl.min(tl.where(inc[:, None], x, float("inf")), 0)
+    mx = tl.max(tl.where(inc[:, None], x, float("-inf")), 0)
+    any_old = tl.max(had.to(tl.int32), 0) > 0  # the group held codes: its old range is kept
+    mn = tl.where(any_old, tl.minimum(mn, kz), mn)
+    mx = tl.where(any_old, tl.maximum(mx, kz + ks * QMAX), mx)
+    c, scale, zero = _minmax_codes(x, mn[None, :], mx[None, :], QMAX, DT)
+    tl.store(KQ + (bh * SQ + m)[:, None] * DP + dp[None, :], _pack_rows(c, QG, D, BITS, PLANAR), mask=alive)
+    tl.store(KS + (bh * NGR + gi) * D + d[None, :], scale, mask=alive)
+    tl.store(KZ + (bh * NGR + gi) * D + d[None, :], zero, mask=alive)
 
 
 @triton_op("kvcompress::quant_flush", mutates_args={"kq", "ks", "kz", "vq", "vs", "vz"})
