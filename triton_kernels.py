@@ -665,13 +665,15 @@ def _pack_rows(c, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, PLANAR: 
 
 @triton.jit
 def _flush_kernel(KQ, KS, KZ, VQ, VS, VZ, RK, RV, RSLOT, RPOS, POS, OLD, FRONT, H, S, SQ, NGR, RR,
-                  D: tl.constexpr, QG: tl.constexpr, BITS: tl.constexpr, PLANAR: tl.constexpr):
-    """Program (sequence x KV head): position FRONT[b] - 1 leaves the residual (OLD[b] < FRONT[b]); if its entry
-    still holds a cached token (rpos, and POS at its slot rslot, say so), its value is quantized into the slot (per
-    token, groups of QG channels) and its slot's key group is re-quantized from the members in codes (positions below
-    OLD) and the new key, over a range that only widens (kvstore.QuantStore.requantize_groups). Buffers as in
-    QuantStore, rows = KV heads, contiguous."""
-    bh = tl.program_id(0)
+                  D: tl.constexpr, QG: tl.constexpr, BITS: tl.constexpr, PLANAR: tl.constexpr, CH: tl.constexpr):
+    """Program (sequence x KV head, part): position FRONT[b] - 1 leaves the residual (OLD[b] < FRONT[b]); if its
+    entry still holds a cached token (rpos, and POS at its slot rslot, say so), its value is quantized into the slot
+    (per token, groups of QG channels; part 0) and its slot's key group is re-quantized from the members in codes
+    (positions below OLD) and the new key, over a range that only widens (kvstore.QuantStore.requantize_groups):
+    each part CH channels of it, the channels of a run of whole bytes of the packed rows (keys are quantized per
+    channel: the parts share nothing; one program for all D channels took ~12 us a layer, a chain of dependent
+    loads and then D x QG elements on one SM). Buffers as in QuantStore, rows = KV heads, contiguous."""
+    bh, part = tl.program_id(0), tl.program_id(1)
     b = bh // H
     front, old = tl.load(FRONT + b), tl.load(OLD + b)
     r = tl.maximum(front - 1, 0) % RR
@@ -684,26 +686,29 @@ def _flush_kernel(KQ, KS, KZ, VQ, VS, VZ, RK, RV, RSLOT, RPOS, POS, OLD, FRONT, 
     QMAX: tl.constexpr = (1 << BITS) - 1
     PER: tl.constexpr = 8 // BITS
     DP: tl.constexpr = D // PER
+    BP: tl.constexpr = CH // PER  # this part's bytes of a packed row
     DT: tl.constexpr = KS.dtype.element_ty
+    # the value, per token (part 0: a value group spans the channels of several parts in the planar layout)
     d, dp = tl.arange(0, D), tl.arange(0, DP)
-    # the value, per token
     v = tl.reshape(tl.load(RV + (bh * RR + r) * D + d).to(tl.float32), (D // QG, QG))
     c, scale, zero = _minmax_codes(v, tl.min(v, 1)[:, None], tl.max(v, 1)[:, None], QMAX, DT)
-    tl.store(VQ + (bh * SQ + es) * DP + dp[None, :], _pack_rows(tl.reshape(c, (1, D)), 1, D, BITS, PLANAR), mask=alive)
-    tl.store(VS + (bh * SQ + es) * (D // QG) + tl.arange(0, D // QG)[:, None], scale, mask=alive)
-    tl.store(VZ + (bh * SQ + es) * (D // QG) + tl.arange(0, D // QG)[:, None], zero, mask=alive)
-    # the key group: members' codes in channel order (channel d's byte and bit offset in the packed row)
+    first = alive & (part == 0)
+    tl.store(VQ + (bh * SQ + es) * DP + dp[None, :], _pack_rows(tl.reshape(c, (1, D)), 1, D, BITS, PLANAR), mask=first)
+    tl.store(VS + (bh * SQ + es) * (D // QG) + tl.arange(0, D // QG)[:, None], scale, mask=first)
+    tl.store(VZ + (bh * SQ + es) * (D // QG) + tl.arange(0, D // QG)[:, None], zero, mask=first)
+    # the key group: this part's channels, byte j's piece t in (j, t) order (kvstore.pack_codes' layouts)
+    i = tl.arange(0, CH)
+    j, t = part * BP + i // PER, i % PER
+    ch = t * DP + j if PLANAR else j * PER + t
     gi = es // QG
     m = gi * QG + tl.arange(0, QG)
-    byte = d % DP if PLANAR else d // PER
-    shift = (d // DP) * BITS if PLANAR else (d % PER) * BITS
-    codes = (tl.load(KQ + (bh * SQ + m)[:, None] * DP + byte[None, :]).to(tl.int32) >> shift[None, :]) & QMAX
-    ks = tl.load(KS + (bh * NGR + gi) * D + d).to(tl.float32)
-    kz = tl.load(KZ + (bh * NGR + gi) * D + d).to(tl.float32)
+    codes = (tl.load(KQ + (bh * SQ + m)[:, None] * DP + j[None, :]).to(tl.int32) >> (t * BITS)[None, :]) & QMAX
+    ks = tl.load(KS + (bh * NGR + gi) * D + ch).to(tl.float32)
+    kz = tl.load(KZ + (bh * NGR + gi) * D + ch).to(tl.float32)
     pm = tl.load(POS + bh * S + tl.minimum(m, S - 1), mask=m < S, other=-1)
     had = (pm >= 0) & (pm < old)
     fresh = m == es
-    x = tl.where(fresh[:, None], tl.load(RK + (bh * RR + r) * D + d).to(tl.float32)[None, :],
+    x = tl.where(fresh[:, None], tl.load(RK + (bh * RR + r) * D + ch).to(tl.float32)[None, :],
                  codes.to(tl.float32) * ks[None, :] + kz[None, :])
     inc = had | fresh
     mn = tl.min(tl.where(inc[:, None], x, float("inf")), 0)
@@ -712,9 +717,13 @@ def _flush_kernel(KQ, KS, KZ, VQ, VS, VZ, RK, RV, RSLOT, RPOS, POS, OLD, FRONT, 
     mn = tl.where(any_old, tl.minimum(mn, kz), mn)
     mx = tl.where(any_old, tl.maximum(mx, kz + ks * QMAX), mx)
     c, scale, zero = _minmax_codes(x, mn[None, :], mx[None, :], QMAX, DT)
-    tl.store(KQ + (bh * SQ + m)[:, None] * DP + dp[None, :], _pack_rows(c, QG, D, BITS, PLANAR), mask=alive)
-    tl.store(KS + (bh * NGR + gi) * D + d[None, :], scale, mask=alive)
-    tl.store(KZ + (bh * NGR + gi) * D + d[None, :], zero, mask=alive)
+    packed = tl.sum(tl.reshape(c, (QG, BP, PER)) << (tl.arange(0, PER) * BITS)[None, None, :], 2).to(tl.uint8)
+    tl.store(KQ + (bh * SQ + m)[:, None] * DP + part * BP + tl.arange(0, BP)[None, :], packed, mask=alive)
+    tl.store(KS + (bh * NGR + gi) * D + ch[None, :], scale, mask=alive)
+    tl.store(KZ + (bh * NGR + gi) * D + ch[None, :], zero, mask=alive)
+
+
+FLUSH_CHANNELS, FLUSH_WARPS = 32, 1  # quant_flush's key channels and warps a program
 
 
 @triton_op("kvcompress::quant_flush", mutates_args={"kq", "ks", "kz", "vq", "vs", "vz"})
@@ -726,9 +735,11 @@ def quant_flush(kq: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vq: torch.
     position front - 1 of each sequence leaves the residual (rk, rv, rslot, rpos [B, H_kv, R + G, ...]) when
     front > old_front [B]; pos [B, H_kv, S] the cache's positions."""
     B, H, S = pos.shape
-    wrap_triton(_flush_kernel)[(B * H,)](
+    D = rk.shape[3]
+    CH = min(D, FLUSH_CHANNELS)
+    wrap_triton(_flush_kernel)[(B * H, D // CH)](
         kq, ks, kz, vq, vs, vz, rk, rv, rslot, rpos, pos.contiguous(), old_front, front, H, S, kq.shape[2],
-        ks.shape[2], rk.shape[2], D=rk.shape[3], QG=group, BITS=bits, PLANAR=planar, num_warps=4)
+        ks.shape[2], rk.shape[2], D=D, QG=group, BITS=bits, PLANAR=planar, CH=CH, num_warps=FLUSH_WARPS)
 
 
 # ---- Spotlight's hash codes: the hash and the sign bits packed, one launch ---------------------------

@@ -411,9 +411,10 @@ def check_flush(device):
     spare group (where the torch path parks the writes it does not make) is equal bit for bit after every step; on
     CUDA (whose compiler fuses the dequantization's multiply-add) every code is within one of the torch path's and
     every scale and zero within a 16-bit rounding, for the policies whose choice does not read attention."""
+    import triton_kernels as tk
+    tk.FLUSH_CHANNELS = 16  # a key group's 32 channels in two programs
     exact = device == "cpu"
-    cases = (("l2", 2, torch.float32), ("h2o", 4, torch.float16), ("snapkv", 8, torch.float32),
-             ("scissorhands", 4, torch.float32)) if exact else (("l2", 4, torch.float32), ("snapkv", 2, torch.float16))
+    cases = (("l2", 2, torch.float32), ("h2o", 4, torch.float16), ("snapkv", 8, torch.float32)) if exact else (("l2", 4, torch.float32), ("snapkv", 2, torch.float16))
     for name, bits, dtype in cases:
         a, b = make(name, bits, S=40, D=32, group=8, dtype=dtype), make(name, bits, S=40, D=32, group=8, dtype=dtype).to(device)
         a.store.flush_kernel, b.store.flush_kernel = False, True
@@ -425,7 +426,7 @@ def check_flush(device):
         b.prefill(*(t.to(device) for t in x), torch.arange(T, device=device).expand(B, T))
         spare = a.store.spare
         flushed = 0
-        for i in range(70):
+        for i in range(32):
             step = [torch.randn(*shape[:2], 1, D, generator=g).to(dtype) for shape in shapes]
             fronts = a.store.front.clone()
             a.decode(*step, torch.full((B,), T + i))
@@ -442,7 +443,7 @@ def check_flush(device):
                     assert diff.max() <= 1 and diff.float().mean() < 0.01, (name, bits, i, key)
                 else:
                     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
-        assert flushed > 100 and int(a.store.front.min()) > 40  # every step flushed, slots were reused
+        assert flushed == 64 and int(a.store.front.min()) > 40  # every step flushed, slots were reused
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel runs on CUDA only")
