@@ -155,7 +155,8 @@ def _launch_plan(q, n, dense, scores, ragged=False, quant=False, symbolic=False,
     # Llama-3-8B at B = 8, S = 3.3k slots (10% of 32k): per layer 108 MB of K/V, then 3.4 MB of logits
     # written and read, 0.8 of probs, 1.7 of positions: ~8% on top of K/V.
     kind = "quant" if quant and dense else ("scores" if scores else "dense") if dense else "gather"
-    tune = TUNE[kind + ("_few" if B * H <= 16 else "")]
+    short = kind == "quant" and n <= QUANT_SHORT  # an evicting cache's few slots: fewer, longer programs
+    tune = TUNE[kind + ("_few" if B * H <= 16 else "_short" if short else "")]
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     # a ragged run (per-head budgets in one flat buffer of n slots) is split by its own length, so the
     # splits are sized for the average run; sized for n, most programs would find their chunk empty
@@ -210,10 +211,14 @@ def _attend_partials(q, k, v, idx, ok, n, dense, scores, ragged=False, symbolic=
 # warps not yet tried). quant (codes read by a bf16 model; 2026-11-30, the pieces kernel): the best at 4 and
 # 2 bits, one warp per program and 16 programs per SM at batch 8. scores (attend_scores: the dense kernel that also
 # stores the logits; `tune_attend.py scores`, 2026-11-30): 114.0 against 121.4 us for the op at batch 8 and 3.3k
-# slots with dense's setting, 66.3 against 67.5 at batch 1.
+# slots with dense's setting, 66.3 against 67.5 at batch 1. quant_short (more than 16 rows of at most QUANT_SHORT
+# slots: eviction stacked on the codes; 2026-12-02, 4-bit at 3,328 slots x 8): 31.6 against 34.2 us for quant's
+# setting, whose 26 splits a row (and the residual's 5 programs) made 1.9 waves at 8 programs an SM (248 registers).
+QUANT_SHORT = 8192
 TUNE = {"dense": dict(block=64, per_sm=2, warps=2, stages=3), "dense_few": dict(block=64, per_sm=2, warps=2, stages=3),
         "gather": dict(block=32, per_sm=4, warps=4, stages=2), "gather_few": dict(block=32, per_sm=2, warps=4, stages=2),
         "quant": dict(block=32, per_sm=16, warps=1, stages=3), "quant_few": dict(block=64, per_sm=4, warps=2, stages=3),
+        "quant_short": dict(block=32, per_sm=8, warps=1, stages=3),
         "scores": dict(block=32, per_sm=8, warps=1, stages=3),
         "scores_few": dict(block=128, per_sm=4, warps=4, stages=3)}
 
@@ -591,7 +596,7 @@ def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring_ok, idx,
         # per-head rows (runs start at 0) whose tiles never straddle a key group
         ALIGNED=dense and kq.shape[1] == H and (tune["block"] % group == 0 or group % tune["block"] == 0),
         NATIVE=native, ASM=native and q.is_cuda, PLANAR=planar, RR=RR, NEW=new is not None,
-        num_warps=tune["warps"], num_stages=tune["stages"], **({"maxnreg": tune["maxnreg"]} if "maxnreg" in tune else {}))
+        num_warps=tune["warps"], num_stages=tune["stages"])
     return po, pm, pl, s
 
 

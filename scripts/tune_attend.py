@@ -155,7 +155,7 @@ def tune_quant():
     for (B, S, filled), bits in itertools.product([(b, s, f) for b in (1, 8) for s, f in ((33792, 32769), (3328, 3300))],
                                                   (4, 2)):
         args, gb = quant_case(B, S, filled, bits)
-        key = "quant_few" if B * H <= 16 else "quant"
+        key = "quant_few" if B * H <= 16 else "quant_short" if S <= tk.QUANT_SHORT else "quant"
         committed = dict(tk.TUNE[key])
         settings = [("fp32", tuple(committed.values()))] + [
             ("bf16", (block, per_sm, warps, 3)) for (block, warps), per_sm in itertools.product(QUANT_SHAPES, [4, 8, 16, 32])]
@@ -172,7 +172,8 @@ def tune_quant():
                 best.setdefault((B, S, bits), []).append((ms, block, per_sm, warps, stages))
             print(f"{cells} {1e3 * ms:.1f} | {gb / ms * 1e3:.0f} |", flush=True)
         tk.TUNE[key], tk.NATIVE_DEQUANT = committed, True
-    return {"quant": pick({k: v for k, v in best.items() if k[0] * H > 16}),
+    return {"quant": pick({k: v for k, v in best.items() if k[0] * H > 16 and k[1] > tk.QUANT_SHORT}),
+            "quant_short": pick({k: v for k, v in best.items() if k[0] * H > 16 and k[1] <= tk.QUANT_SHORT}),
             "quant_few": pick({k: v for k, v in best.items() if k[0] * H <= 16})}
 
 
