@@ -425,11 +425,11 @@ class QuantStore(nn.Module):
         return quant_attend(qg, *args, idx, ok & self.row_gather(self.codes_ok(pos), idx), idx.shape[-1], False)
 
     def triton_args(self, pos, sel=None):
-        ring = self.ring_ok(pos)
-        if sel is not None:
-            ring = ring & sel.gather(2, self.rslot.clamp(min=0))
-        return (self.kq, self.ks, self.kz, self.vq, self.vs, self.vz, pos, self.front, self.rk, self.rv, ring,
-                self.bits, self.G, self.bits in PLANAR_BITS)
+        """quant_attend's store arguments; the kernel tells the residual's live entries itself (ring_ok), sel [B, H,
+        S] (a selection) narrows them to the selected slots."""
+        rsel = None if sel is None else sel.gather(2, self.rslot.clamp(min=0))
+        return (self.kq, self.ks, self.kz, self.vq, self.vs, self.vz, pos, self.front, self.rk, self.rv, self.rslot,
+                self.rpos, rsel, self.bits, self.G, self.bits in PLANAR_BITS)
 
     def attend_with_new(self, qg, pos, now, k_new, v_new):
         B, H = qg.shape[:2]

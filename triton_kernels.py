@@ -426,12 +426,13 @@ def _row_pieces(rows, ok, DP: tl.constexpr, PER: tl.constexpr, PLANAR: tl.conste
 
 
 @triton.jit
-def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, RK, RV, RING, KN, VN, PO, PM, PL, PS, n_sel,
+def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, RK, RV, RSLOT, RPOS, RSEL, KN, VN, PO, PM, PL,
+                         PS, n_sel,
                          H, HC, SQ, SP, NGR, scale, sqb, sqh, sqg, sib, sih, CHUNK: tl.constexpr, G: tl.constexpr,
                          GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr,
                          SCORES: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, ALIGNED: tl.constexpr,
                          NATIVE: tl.constexpr, ASM: tl.constexpr, PLANAR: tl.constexpr, RR: tl.constexpr,
-                         NEW: tl.constexpr):
+                         SEL: tl.constexpr, NEW: tl.constexpr):
     """Program (sequence x KV head, split) as _attend_kernel's, over codes: kq/vq [B, HC, SQ, D BITS / 8] uint8,
     ks/kz [B, HC, NGR, D] (key groups of QG slots), vs/vz [B, HC, SQ, D / QG] (value groups of QG channels),
     all contiguous; HC = H (a row per KV head) or 1 (a flat row every head reads). A slot counts if its token
@@ -445,7 +446,8 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, RK, RV,
     bf16 one; BENCHMARKS.md). NATIVE (a bf16 model at 2 or 4 bits, an fp16 one at any): tiles are dequantized in the
     model's own dtype (one packed fma per two elements, scales used as stored); otherwise in fp32.
     The last RP = cdiv(RR, BLOCK) programs of each row attend the full-precision residual instead, a tile each: entries
-    rk/rv [B, H, RR, D] where RING [B, H, RR] (int8) != 0, and (NEW) the first of them the new token KN/VN [B, H, D],
+    rk/rv [B, H, RR, D] that hold a token not yet in codes (position RPOS >= FRONT[b], still at its slot RSLOT: POS
+    says so; SEL: and RSEL [B, H, RR] int8 != 0, a selection's), and (NEW) the first of them the new token KN/VN,
     so the merge of one launch's partials is the whole softmax (one program looping over the residual's tiles, at
     3.3k slots, was the launch's longest: 0.2 ms a step of 4-bit SnapKV at 32k x 8). SCORES stores the logits in PS's rows of n_sel + RR + NEW:
     the codes' slots, the residual's entries, the new token."""
@@ -492,7 +494,12 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, RK, RV,
             accs = new
         r = tile * BLOCK + tl.arange(0, BLOCK)
         inb = r < RR
-        ok = (tl.load(RING + bh * RR + r, mask=inb, other=0) != 0) & inb
+        rpos = tl.load(RPOS + bh * RR + r, mask=inb, other=-1)
+        rslot = tl.load(RSLOT + bh * RR + r, mask=inb, other=-1)
+        ok = (rpos >= front) & (rslot >= 0) & inb  # kvstore.QuantStore.ring_ok, here: no launch of its own
+        ok = ok & (tl.load(POS + row * SP + rslot, mask=ok, other=-1) == rpos)
+        if SEL:
+            ok = ok & (tl.load(RSEL + bh * RR + r, mask=inb, other=0) != 0)
         rows = (bh * RR + r)[:, None] * D
         kp = _row_pieces(RK + rows, ok, DP, PER, PLANAR)
         s = tl.zeros([GP, BLOCK], tl.float32)
@@ -574,10 +581,12 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, RK, RV,
 NATIVE_DEQUANT = True  # dequantize in the model's 16-bit dtype where exact (tune_attend.py quant times both)
 
 
-def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring_ok, idx, ok, n, dense, scores, bits, group,
+def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, rslot, rpos, rsel, idx, ok, n, dense, scores, bits,
+                    group,
                     planar, new=None):
     """_attend_partials over the codes (same splits and tuning: a tile's bytes are fewer, its rows as many), and the
-    residual's entries where ring_ok [B, H, R + G] (and the new token (k, v) [B, H, 1, D]) in programs of their own:
+    residual's entries that hold a token not in codes (and in rsel [B, H, R + G], if given; and the new token (k, v)
+    [B, H, 1, D]) in programs of their own:
     -> partials po, pm, pl over every program and (scores) the logits [B, H, G, n + R + G (+ 1 with new)]."""
     B, H, G, D = q.shape
     assert D * bits // 8 >= 16, "a piece's tl.dot needs 16 bytes a row (kvstore.QuantStore.kernel)"
@@ -588,14 +597,15 @@ def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring_ok, idx,
     kn, vn = (x.contiguous() for x in new) if new is not None else (q, q)  # (q: a pointer never read)
     native = NATIVE_DEQUANT and (q.dtype == torch.float16 or q.dtype == torch.bfloat16 and bits <= 4)
     wrap_triton(_attend_quant_kernel)[(B * H, po.shape[2])](
-        q, kq, ks, kz, vq, vs, vz, idx, ok, pos.contiguous(), front, rk, rv, ring_ok.to(torch.int8).contiguous(), kn, vn,
+        q, kq, ks, kz, vq, vs, vz, idx, ok, pos.contiguous(), front, rk, rv, rslot, rpos,
+        rslot if rsel is None else rsel.to(torch.int8).contiguous(), kn, vn,
         po, pm, pl, s, n, H, kq.shape[1], kq.shape[2], pos.shape[-1], ks.shape[2], D ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), ok.stride(0), ok.stride(1),
         # a constant chunk (int: a symbolic size is specialised here; quantized stores compile per size)
         CHUNK=int(chunk), G=G, GP=GP, D=D, BLOCK=tune["block"], DENSE=dense, SCORES=scores, BITS=bits, QG=group,
         # per-head rows (runs start at 0) whose tiles never straddle a key group
         ALIGNED=dense and kq.shape[1] == H and (tune["block"] % group == 0 or group % tune["block"] == 0),
-        NATIVE=native, ASM=native and q.is_cuda, PLANAR=planar, RR=RR, NEW=new is not None,
+        NATIVE=native, ASM=native and q.is_cuda, PLANAR=planar, RR=RR, SEL=rsel is not None, NEW=new is not None,
         num_warps=tune["warps"], num_stages=tune["stages"])
     return po, pm, pl, s
 
@@ -603,15 +613,17 @@ def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring_ok, idx,
 @triton_op("kvcompress::quant_attend", mutates_args={})
 def quant_attend(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vq: torch.Tensor,
                  vs: torch.Tensor, vz: torch.Tensor, pos: torch.Tensor, front: torch.Tensor, rk: torch.Tensor,
-                 rv: torch.Tensor, ring_ok: torch.Tensor, bits: int, group: int, planar: bool, idx: torch.Tensor,
+                 rv: torch.Tensor, rslot: torch.Tensor, rpos: torch.Tensor, rsel: Optional[torch.Tensor], bits: int,
+                 group: int, planar: bool, idx: torch.Tensor,
                  ok: torch.Tensor, n: int, dense: bool) -> torch.Tensor:
     """kvstore.QuantStore's decode attention: qg [B, H_kv, G, D] over the codes (dense: each head's run
     (start, length) = idx [B, H_kv, 2] of slots in codes, ok unused; gather: the n rows idx where ok) and
-    the residual's entries where ring_ok -> [B, H_kv, G, D]. One launch (the residual in a program of its own:
+    the residual's entries that hold a token not in codes (rslot, rpos [B, H_kv, R + G]; and in rsel, if given)
+    -> [B, H_kv, G, D]. One launch (the residual in a program of its own:
     a second launch, a torch.cat of the partials and a torch merge cost 0.33 ms a step of 4-bit SnapKV at
     32k x 8, BENCHMARKS.md) and the merge kernel."""
-    okc = ok.to(torch.int8) if not dense else ring_ok  # dense: OK is never read
-    pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring_ok, idx, okc, n, dense, False, bits,
+    okc = ok.to(torch.int8) if not dense else ok  # dense: OK is never read
+    pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, rslot, rpos, rsel, idx, okc, n, dense, False, bits,
                          group, planar)
     return _merge_out(*pc[:3], qg.dtype)
 
@@ -619,12 +631,13 @@ def quant_attend(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch
 @triton_op("kvcompress::quant_attend_scores", mutates_args={})
 def quant_attend_scores(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vq: torch.Tensor,
                         vs: torch.Tensor, vz: torch.Tensor, pos: torch.Tensor, front: torch.Tensor, rk: torch.Tensor,
-                        rv: torch.Tensor, ring_ok: torch.Tensor, bits: int, group: int, planar: bool,
+                        rv: torch.Tensor, rslot: torch.Tensor, rpos: torch.Tensor, rsel: Optional[torch.Tensor],
+                        bits: int, group: int, planar: bool,
                         k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """attend_scores over a QuantStore: out [B, H_kv, G, D] and the group-mean probabilities [B, H_kv, S + R + G + 1]
     of the codes' slots, then of the residual's entries, then of the new token k/v_new [B, H_kv, 1, D]."""
     runs = _every_slot(pos, qg.shape[1])
-    po, pm, pl, s = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring_ok, runs, ring_ok,
+    po, pm, pl, s = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, rslot, rpos, rsel, runs, runs,
                                     pos.shape[-1], True, True, bits, group, planar, new=(k_new, v_new))
     out, m, z = _merge_out(po, pm, pl, qg.dtype, stats=True)
     return out, (torch.exp(s - m[..., None]) / z[..., None]).mean(2)
@@ -676,8 +689,8 @@ def _flush_kernel(KQ, KS, KZ, VQ, VS, VZ, RK, RV, RSLOT, RPOS, POS, OLD, FRONT, 
     (per token, groups of QG channels; part 0) and its slot's key group is re-quantized from the members in codes
     (positions below OLD) and the new key, over a range that only widens (kvstore.QuantStore.requantize_groups):
     each part CH channels of it, the channels of a run of whole bytes of the packed rows (keys are quantized per
-    channel: the parts share nothing; one program for all D channels took ~12 us a layer, a chain of dependent
-    loads and then D x QG elements on one SM). Buffers as in QuantStore, rows = KV heads, contiguous."""
+    channel: the parts share nothing; FLUSH_CHANNELS says why the parts are small). Buffers as in QuantStore, rows =
+    KV heads, contiguous."""
     bh, part = tl.program_id(0), tl.program_id(1)
     b = bh // H
     front, old = tl.load(FRONT + b), tl.load(OLD + b)
@@ -728,7 +741,10 @@ def _flush_kernel(KQ, KS, KZ, VQ, VS, VZ, RK, RV, RSLOT, RPOS, POS, OLD, FRONT, 
     tl.store(KZ + (bh * NGR + gi) * D + ch[None, :], zero, mask=alive)
 
 
-FLUSH_CHANNELS, FLUSH_WARPS = 32, 1  # quant_flush's key channels and warps a program
+# quant_flush's key channels and warps a program: a program is bound by its threads' instruction latency, not by
+# bytes (~13 us a layer for 32 x 128 elements on 4 warps and for 32 x 32 on 1, 32 elements a thread either way), so
+# each thread takes 4 elements of a key group's 32 x 16
+FLUSH_CHANNELS, FLUSH_WARPS = 16, 4
 
 
 @triton_op("kvcompress::quant_flush", mutates_args={"kq", "ks", "kz", "vq", "vs", "vz"})

@@ -137,11 +137,11 @@ def quant_case(B, S, filled, bits, group=32, residual=128):
     pos[pos >= filled] = -1
     front = torch.full((B,), (filled - residual) // group * group, **gen)
     rk, rv = (torch.randn(B, H, Rr, D, dtype=torch.bfloat16, **gen) for _ in range(2))
-    ring = torch.ones(B, H, Rr, dtype=torch.bool, **gen)
+    rpos = (filled - Rr + torch.arange(Rr, **gen)).expand(B, H, Rr).contiguous()  # the newest R + G positions
     qg = torch.randn(B, H, G, D, dtype=torch.bfloat16, **gen)
     runs = torch.tensor([0, S], **gen).expand(B, H, 2)
-    args = (qg, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, ring, bits, group, bits in kvstore.PLANAR_BITS, runs, runs, S,
-            True)
+    args = (qg, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, rpos, rpos, None, bits, group, bits in kvstore.PLANAR_BITS,
+            runs, runs, S, True)
     return args, B * H * filled * (2 * Dp + 2 * 2 * 2 * D / group + 8) / 1e9  # codes, scales and zeros, positions
 
 
@@ -201,7 +201,10 @@ def compare(rev):
         for name, m in kernels.items():
             for setting in settings.values():
                 m.TUNE[key] = setting
-                a = args[:14] + args[15:] if m is old and before_planar else args
+                a = args
+                if m is old and "rsel" not in src:  # before the kernel found the residual's live entries: a mask
+                    a = a[:11] + (a[12] >= 0,) + a[14:]
+                a = a[:14] + a[15:] if m is old and before_planar else a
                 ms = bench_ms(lambda: m.quant_attend(*a))
                 print(f"| {B} | {bits} | {name} | {'/'.join(map(str, setting.values()))} | {1e3 * ms:.1f} |", flush=True)
             m.TUNE[key] = settings[name]
@@ -329,7 +332,7 @@ def tune_evict():
 SASS_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KQ": "*u8", "VQ": "*u8", "KS": "*bf16", "KZ": "*bf16",
                  "VS": "*bf16", "VZ": "*bf16", "IDX": "*i64", "OK": "*i64", "POS": "*i64", "FRONT": "*i64",
                  "PO": "*fp32", "PM": "*fp32", "PL": "*fp32", "PS": "*fp32",
-                 "KN": "*bf16", "VN": "*bf16", "RK": "*bf16", "RV": "*bf16", "RING": "*i8"}
+                 "KN": "*bf16", "VN": "*bf16", "RK": "*bf16", "RV": "*bf16", "RSLOT": "*i64", "RPOS": "*i64", "RSEL": "*i8"}
 
 
 def loop_sass(fn, pointers: dict, consts: dict, warps: int, stages: int):
@@ -382,7 +385,7 @@ def sass():
         for b, w in ((quant["block"], quant["warps"]), (128, 4)):
             cases.append((f"quant_attend, {bits}-bit, {'bf16' if native else 'fp32'} dequantization", tk._attend_quant_kernel,
                           dict(base, BLOCK=b, BITS=bits, QG=32, ALIGNED=True, NATIVE=native, ASM=native,
-                               PLANAR=bits in kvstore.PLANAR_BITS, RR=160, NEW=False), w))
+                               PLANAR=bits in kvstore.PLANAR_BITS, RR=160, SEL=False, NEW=False), w))
     for name, fn, consts, warps in cases:
         n, ops = loop_sass(fn, SASS_POINTERS, consts, warps, 3)
         top = ", ".join(f"{op} {c}" for op, c in ops.most_common(8))

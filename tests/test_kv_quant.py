@@ -338,7 +338,7 @@ def check_native(device, dtype):
         torch.testing.assert_close(got.double().cpu(), want, rtol=1e-2, atol=1e-2)
         zeros = torch.zeros(2, 2, 1, D, device=device, dtype=dtype)
         probs = tk.quant_attend_scores(qg, *args, zeros, zeros)[1:]
-        f32 = [x.float() if x.is_floating_point() else x for x in args[:11]] + list(args[11:])  # the fp32 kernel
+        f32 = [x.float() if x.is_floating_point() else x for x in args[:12]] + list(args[12:])  # the fp32 kernel
         want_p = tk.quant_attend_scores(qg.float(), *f32, zeros.float(), zeros.float())[1:]
         for x, y in zip(probs, want_p):
             torch.testing.assert_close(x.cpu(), y.cpu(), rtol=0, atol=2e-3)
