@@ -19,7 +19,7 @@ model dtype; the newest tokens stay in a full-precision ring of R + G entries pe
 flushed into codes a whole key group of G positions at a time, as KIVI does. An evicting or appending policy
 writes slots out of position order, so a key group collects tokens over time: there the ring holds the newest R
 and one token is flushed a step, re-quantizing its slot's group with a range that only widens (a departure from
-KIVI, whose groups are never revisited).
+KIVI, whose groups are never revisited); on CUDA one Triton launch does it (triton_kernels.quant_flush).
 """
 import math
 
@@ -302,8 +302,9 @@ class QuantStore(nn.Module):
         self.front.copy_(front)
         if self.flush_in_kernel(now):
             from triton_kernels import quant_flush  # Triton: imported only on CUDA
-            return quant_flush(self.kq, self.ks, self.kz, self.vq, self.vs, self.vz, self.rk, self.rv, self.rslot,
-                               self.rpos, pos, old_front, front, self.bits, self.G, self.bits in PLANAR_BITS)
+            quant_flush(self.kq, self.ks, self.kz, self.vq, self.vs, self.vz, self.rk, self.rv, self.rslot, self.rpos,
+                        pos, old_front, front, self.bits, self.G, self.bits in PLANAR_BITS)
+            return
         B, H, G = self.rk.shape[0], self.n_kv, self.G
         E = G if self.aligned else 1  # entries leaving the residual
         ppos = front[:, None] - E + torch.arange(E, device=now.device)  # [B, E]: the positions leaving

@@ -412,38 +412,46 @@ def check_flush(device):
     CUDA (whose compiler fuses the dequantization's multiply-add) every code is within one of the torch path's and
     every scale and zero within a 16-bit rounding, for the policies whose choice does not read attention."""
     import triton_kernels as tk
-    tk.FLUSH_CHANNELS = 16  # a key group's 32 channels in two programs
     exact = device == "cpu"
-    cases = (("l2", 2, torch.float32), ("h2o", 4, torch.float16), ("snapkv", 8, torch.float32)) if exact else (("l2", 4, torch.float32), ("snapkv", 2, torch.float16))
-    for name, bits, dtype in cases:
-        a, b = make(name, bits, S=40, D=32, group=8, dtype=dtype), make(name, bits, S=40, D=32, group=8, dtype=dtype).to(device)
-        a.store.flush_kernel, b.store.flush_kernel = False, True
-        g = torch.Generator().manual_seed(1)
-        B, H, T, D, G = 2, 2, 30, 32, 2
-        shapes = [(B, H * G, T, D), (B, H, T, D), (B, H, T, D)]
-        x = [torch.randn(*shape, generator=g).to(dtype) for shape in shapes]
-        a.prefill(*x, torch.arange(T).expand(B, T))
-        b.prefill(*(t.to(device) for t in x), torch.arange(T, device=device).expand(B, T))
-        spare = a.store.spare
-        flushed = 0
-        for i in range(32):
-            step = [torch.randn(*shape[:2], 1, D, generator=g).to(dtype) for shape in shapes]
-            fronts = a.store.front.clone()
-            a.decode(*step, torch.full((B,), T + i))
-            b.decode(*(t.to(device) for t in step), torch.full((B,), T + i, device=device))
-            flushed += int((a.store.front > fronts).sum())
-            assert torch.equal(a.pos, b.pos.cpu()), (name, i)
-            for key, n in (("kq", spare * 8), ("vq", spare * 8), ("vs", spare * 8), ("vz", spare * 8), ("ks", spare),
-                           ("kz", spare)):
-                want, got = getattr(a.store, key)[:, :, :n], getattr(b.store, key)[:, :, :n].cpu()
-                if exact:
-                    assert torch.equal(want, got), (name, bits, i, key)
-                elif key.endswith("q"):
-                    diff = (kvstore.unpack_codes(want, bits).int() - kvstore.unpack_codes(got, bits).int()).abs()
-                    assert diff.max() <= 1 and diff.float().mean() < 0.01, (name, bits, i, key)
-                else:
-                    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
-        assert flushed == 64 and int(a.store.front.min()) > 40  # every step flushed, slots were reused
+    cases = (("l2", 2, torch.float32), ("h2o", 4, torch.float16), ("snapkv", 8, torch.float32)) if exact else \
+        (("l2", 4, torch.float32), ("snapkv", 2, torch.float16))
+    channels, tk.FLUSH_CHANNELS = tk.FLUSH_CHANNELS, 16  # a key group's 32 channels in two programs
+    try:
+        for name, bits, dtype in cases:
+            flush_alike(name, bits, dtype, device, exact)
+    finally:
+        tk.FLUSH_CHANNELS = channels
+
+
+def flush_alike(name, bits, dtype, device, exact):
+    a, b = make(name, bits, S=40, D=32, group=8, dtype=dtype), make(name, bits, S=40, D=32, group=8, dtype=dtype).to(device)
+    a.store.flush_kernel, b.store.flush_kernel = False, True
+    g = torch.Generator().manual_seed(1)
+    B, H, T, D, G = 2, 2, 30, 32, 2
+    shapes = [(B, H * G, T, D), (B, H, T, D), (B, H, T, D)]
+    x = [torch.randn(*shape, generator=g).to(dtype) for shape in shapes]
+    a.prefill(*x, torch.arange(T).expand(B, T))
+    b.prefill(*(t.to(device) for t in x), torch.arange(T, device=device).expand(B, T))
+    spare = a.store.spare
+    flushed = 0
+    for i in range(32):
+        step = [torch.randn(*shape[:2], 1, D, generator=g).to(dtype) for shape in shapes]
+        fronts = a.store.front.clone()
+        a.decode(*step, torch.full((B,), T + i))
+        b.decode(*(t.to(device) for t in step), torch.full((B,), T + i, device=device))
+        flushed += int((a.store.front > fronts).sum())
+        assert torch.equal(a.pos, b.pos.cpu()), (name, i)
+        for key, n in (("kq", spare * 8), ("vq", spare * 8), ("vs", spare * 8), ("vz", spare * 8), ("ks", spare),
+                       ("kz", spare)):
+            want, got = getattr(a.store, key)[:, :, :n], getattr(b.store, key)[:, :, :n].cpu()
+            if exact:
+                assert torch.equal(want, got), (name, bits, i, key)
+            elif key.endswith("q"):
+                diff = (kvstore.unpack_codes(want, bits).int() - kvstore.unpack_codes(got, bits).int()).abs()
+                assert diff.max() <= 1 and diff.float().mean() < 0.01, (name, bits, i, key)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
+    assert flushed == 64 and int(a.store.front.min()) > 40  # every step flushed, slots were reused
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel runs on CUDA only")
