@@ -332,8 +332,8 @@ def dense_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
 # ---- quantized caches (kvstore.QuantStore, KIVI): attention that reads the codes in place ----------
 # The same online softmax as _attend_kernel, but each tile of K and V rows is loaded as packed codes
 # (D bits / 8 bytes a row) with its scales and zero points and dequantized in registers: the full-precision
-# cache is never materialised. The residual's R + G full-precision rows per KV head are attended by one more
-# program of the same launch, and its partials merge with the splits'.
+# cache is never materialised. The residual's R + G full-precision rows per KV head are attended by programs of
+# their own in the same launch, and their partials merge with the splits'.
 
 @triton.jit
 def _code_pieces(b, BITS: tl.constexpr, CT: tl.constexpr, ASM: tl.constexpr):
@@ -427,9 +427,8 @@ def _row_pieces(rows, ok, DP: tl.constexpr, PER: tl.constexpr, PLANAR: tl.conste
 
 @triton.jit
 def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, RK, RV, RSLOT, RPOS, RSEL, KN, VN, PO, PM, PL,
-                         PS, n_sel,
-                         H, HC, SQ, SP, NGR, scale, sqb, sqh, sqg, sib, sih, CHUNK: tl.constexpr, G: tl.constexpr,
-                         GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr,
+                         PS, n_sel, H, HC, SQ, SP, NGR, scale, sqb, sqh, sqg, sib, sih, CHUNK: tl.constexpr,
+                         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr,
                          SCORES: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, ALIGNED: tl.constexpr,
                          NATIVE: tl.constexpr, ASM: tl.constexpr, PLANAR: tl.constexpr, RR: tl.constexpr,
                          SEL: tl.constexpr, NEW: tl.constexpr):
@@ -449,8 +448,8 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, RK, RV,
     rk/rv [B, H, RR, D] that hold a token not yet in codes (position RPOS >= FRONT[b], still at its slot RSLOT: POS
     says so; SEL: and RSEL [B, H, RR] int8 != 0, a selection's), and (NEW) the first of them the new token KN/VN,
     so the merge of one launch's partials is the whole softmax (one program looping over the residual's tiles, at
-    3.3k slots, was the launch's longest: 0.2 ms a step of 4-bit SnapKV at 32k x 8). SCORES stores the logits in PS's rows of n_sel + RR + NEW:
-    the codes' slots, the residual's entries, the new token."""
+    3.3k slots, was the launch's longest: 0.2 ms a step of 4-bit SnapKV at 32k x 8). SCORES stores the logits in
+    PS's rows of n_sel + RR + NEW: the codes' slots, the residual's entries, the new token."""
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     row = b * HC + h % HC
@@ -536,7 +535,8 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, RK, RV,
                     grp = (row * NGR + gi).to(tl.int64)[:, None] * D + ch[None, :]
                     ks = tl.load(KS + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
                     kz = tl.load(KZ + grp, mask=gi[:, None] < NGR, other=0.0).to(CT)
-                    k = tl.reshape(tl.reshape(kp[t], (NG, BLOCK // NG, DP)) * ks[:, None, :] + kz[:, None, :], (BLOCK, DP))
+                    k = tl.reshape(tl.reshape(kp[t], (NG, BLOCK // NG, DP)) * ks[:, None, :] + kz[:, None, :],
+                                   (BLOCK, DP))
                 else:
                     grp = (row * NGR + idx // QG).to(tl.int64)[:, None] * D + ch[None, :]
                     k = kp[t] * tl.load(KS + grp, mask=ok[:, None], other=0.0).to(CT) + \
@@ -582,8 +582,7 @@ NATIVE_DEQUANT = True  # dequantize in the model's 16-bit dtype where exact (tun
 
 
 def _quant_partials(q, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, rslot, rpos, rsel, idx, ok, n, dense, scores, bits,
-                    group,
-                    planar, new=None):
+                    group, planar, new=None):
     """_attend_partials over the codes (same splits and tuning: a tile's bytes are fewer, its rows as many), and the
     residual's entries that hold a token not in codes (and in rsel [B, H, R + G], if given; and the new token (k, v)
     [B, H, 1, D]) in programs of their own:
@@ -619,12 +618,11 @@ def quant_attend(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz: torch
     """kvstore.QuantStore's decode attention: qg [B, H_kv, G, D] over the codes (dense: each head's run
     (start, length) = idx [B, H_kv, 2] of slots in codes, ok unused; gather: the n rows idx where ok) and
     the residual's entries that hold a token not in codes (rslot, rpos [B, H_kv, R + G]; and in rsel, if given)
-    -> [B, H_kv, G, D]. One launch (the residual in a program of its own:
-    a second launch, a torch.cat of the partials and a torch merge cost 0.33 ms a step of 4-bit SnapKV at
-    32k x 8, BENCHMARKS.md) and the merge kernel."""
+    -> [B, H_kv, G, D]. One launch (the residual in programs of their own: a second launch, a torch.cat of the
+    partials and a torch merge cost 0.33 ms a step of 4-bit SnapKV at 32k x 8, BENCHMARKS.md) and the merge kernel."""
     okc = ok.to(torch.int8) if not dense else ok  # dense: OK is never read
-    pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, rslot, rpos, rsel, idx, okc, n, dense, False, bits,
-                         group, planar)
+    pc = _quant_partials(qg, kq, ks, kz, vq, vs, vz, pos, front, rk, rv, rslot, rpos, rsel, idx, okc, n, dense, False,
+                         bits, group, planar)
     return _merge_out(*pc[:3], qg.dtype)
 
 
@@ -648,7 +646,8 @@ def quant_attend_scores(qg: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, kz
 # value quantized into its slot, and its key group re-quantized with the members already in codes. In torch that
 # was about 12 inductor kernels a layer (gathers of the group, dequantize, the range, the codes, the index_puts
 # into a spare group for the entries that are not flushed): ~0.5 ms of a 4-bit SnapKV step at 32k x 8
-# (BENCHMARKS.md). Here it is one program per (sequence, KV head) that skips the entries it does not flush.
+# (BENCHMARKS.md). Here it is one launch of programs of a few key channels each, their stores masked where nothing
+# is flushed.
 
 @triton.jit
 def _round_half_even(x):
