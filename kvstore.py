@@ -297,7 +297,6 @@ class QuantStore(nn.Module):
         flush their surviving residual entries into codes: values token by token; keys by (re-)quantizing each
         touched key group (aligned: the one group they fill). A step moves a sequence one position."""
         front = self.frontier(now)
-        go = front > self.front
         old_front = self.front.clone()
         self.front.copy_(front)
         if self.flush_in_kernel(now):
@@ -305,6 +304,7 @@ class QuantStore(nn.Module):
             quant_flush(self.kq, self.ks, self.kz, self.vq, self.vs, self.vz, self.rk, self.rv, self.rslot, self.rpos,
                         pos, old_front, front, self.bits, self.G, self.bits in PLANAR_BITS)
             return
+        go = front > old_front
         B, H, G = self.rk.shape[0], self.n_kv, self.G
         E = G if self.aligned else 1  # entries leaving the residual
         ppos = front[:, None] - E + torch.arange(E, device=now.device)  # [B, E]: the positions leaving

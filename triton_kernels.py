@@ -223,26 +223,12 @@ TUNE = {"dense": dict(block=64, per_sm=2, warps=2, stages=3), "dense_few": dict(
         "scores_few": dict(block=128, per_sm=4, warps=4, stages=3)}
 
 
-def _merge(po, pm, pl, s_new=None, v_new=None):
-    """Merge the splits' partials, and the new token (logit s_new [B, H, G], value v_new [B, H, 1, D])
-    if given: -> out [B, H, G, D] fp32, the softmax's max and normaliser [B, H, G]."""
-    m = pm.amax(2)
-    if s_new is not None:
-        m = torch.maximum(m, s_new)
-    w = torch.exp(pm - m[:, :, None])  # chunk weights; an empty chunk weighs 0
-    acc, z = (po * w[..., None]).sum(2), (pl * w).sum(2)
-    if s_new is not None:
-        w_new = torch.exp(s_new - m)
-        acc, z = acc + w_new[..., None] * v_new.float(), z + w_new
-    return acc / z[..., None], m, z
-
-
 @triton.jit
 def _merge_kernel(PO, PM, PL, OUT, MZ, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,
                   SB: tl.constexpr, STATS: tl.constexpr):
-    """Program (sequence x KV head x query row): _merge without a new token, in one launch (inductor made two of
-    the torch merge, a reduction for the max and normaliser, then the weighted sum; each is a few microseconds
-    a layer). SP: SPLITS rounded up to a power of two; SB splits are summed at a time (a [SB, D] tile). Merging
+    """Program (sequence x KV head x query row): the splits' partials merged (each weighted by exp(its max - the
+    max of all), an empty split weighing 0), in one launch (inductor made two of a torch merge, a reduction for the
+    max and normaliser, then the weighted sum; each is a few microseconds a layer). SP: SPLITS rounded up to a power of two; SB splits are summed at a time (a [SB, D] tile). Merging
     in the attention kernel instead (a row's last program, by an atomic ticket) made that kernel 5 us a layer
     slower at batch 1 (BENCHMARKS.md): the merge then runs serially at the end of the longest program.
     STATS also stores the row's max and normaliser, MZ [2, rows]."""
@@ -266,8 +252,8 @@ def _merge_kernel(PO, PM, PL, OUT, MZ, G: tl.constexpr, D: tl.constexpr, SPLITS:
 
 
 def _merge_out(po, pm, pl, dtype, stats=False):
-    """_merge(po, pm, pl)[0] as dtype, by _merge_kernel: -> [B, H, G, D]; stats: also the softmax's max and
-    normaliser, each [B, H, G] fp32."""
+    """The partials po [B, H, splits, G, D], pm, pl [B, H, splits, G] merged by _merge_kernel: -> [B, H, G, D] in
+    dtype; stats: also the softmax's max and normaliser, each [B, H, G] fp32."""
     B, H, splits, G, D = po.shape
     out = torch.empty(B, H, G, D, device=po.device, dtype=dtype)
     mz = torch.empty(2, B, H, G, device=po.device, dtype=torch.float32) if stats else pm  # pm: never written
@@ -412,7 +398,8 @@ def _row_pieces(rows, ok, DP: tl.constexpr, PER: tl.constexpr, PLANAR: tl.conste
         dp = tl.arange(0, DP)
         out = ()
         for t in tl.static_range(PER):
-            out = out + (tl.load(rows + (t * DP + dp)[None, :], mask=ok[:, None], other=0.0),)
+            ch = _piece_channels(t, dp, DP, PER, PLANAR)
+            out = out + (tl.load(rows + ch[None, :], mask=ok[:, None], other=0.0),)
     else:
         x = tl.load(rows + tl.arange(0, DP * PER)[None, :], mask=ok[:, None], other=0.0)
         if PER == 2:  # channel 2 j + t
@@ -716,7 +703,7 @@ def _flush_kernel(KQ, KS, KZ, VQ, VS, VZ, RK, RV, RSLOT, RPOS, POS, OLD, FRONT, 
     # the key group: this part's channels, byte j's piece t in (j, t) order (kvstore.pack_codes' layouts)
     i = tl.arange(0, CH)
     j, t = part * BP + i // PER, i % PER
-    ch = t * DP + j if PLANAR else j * PER + t
+    ch = _piece_channels(t, j, DP, PER, PLANAR)
     gi = es // QG
     m = gi * QG + tl.arange(0, QG)
     codes = (tl.load(KQ + (bh * SQ + m)[:, None] * DP + j[None, :]).to(tl.int32) >> (t * BITS)[None, :]) & QMAX
@@ -734,7 +721,7 @@ def _flush_kernel(KQ, KS, KZ, VQ, VS, VZ, RK, RV, RSLOT, RPOS, POS, OLD, FRONT, 
     mn = tl.where(any_old, tl.minimum(mn, kz), mn)
     mx = tl.where(any_old, tl.maximum(mx, kz + ks * QMAX), mx)
     c, scale, zero = _minmax_codes(x, mn[None, :], mx[None, :], QMAX, DT)
-    packed = tl.sum(tl.reshape(c, (QG, BP, PER)) << (tl.arange(0, PER) * BITS)[None, None, :], 2).to(tl.uint8)
+    packed = _pack_rows(c, QG, CH, BITS, False)  # (j, t) order: byte j's pieces side by side, whatever the layout
     tl.store(KQ + (bh * SQ + m)[:, None] * DP + part * BP + tl.arange(0, BP)[None, :], packed, mask=alive)
     tl.store(KS + (bh * NGR + gi) * D + ch[None, :], scale, mask=alive)
     tl.store(KZ + (bh * NGR + gi) * D + ch[None, :], zero, mask=alive)
