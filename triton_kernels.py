@@ -106,16 +106,32 @@ def _attend_kernel(Q, K, V, IDX, OK, PO, PM, PL, PS, KN, VN, n_sel, H, scale, ch
 
 
 @triton.jit
-def _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, row, G: tl.constexpr, GP: tl.constexpr, SCORES: tl.constexpr):
-    """One tile's logits s [GP, BLOCK] (valid where ok) into the online softmax: -> (the new max m_new, the
-    old accumulators' factor alpha, the tile's weights p); SCORES stores the masked logits first (PS's rows
-    `row` long)."""
+def _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, row, G: tl.constexpr, GP: tl.constexpr, SCORES: tl.constexpr,
+                  LAZY: tl.constexpr):
+    """One tile's logits s [GP, BLOCK] (valid where ok) into the online softmax: -> (the new max m_new, grow: whether
+    it moved, the tile's weights p); SCORES stores the masked logits first (PS's rows `row` long). LAZY (the quantized
+    kernel): FlashAttention-3's lazy rescaling, the max moves only where some row's grows by more than 8, so the
+    caller rescales its accumulators (_rescaled: 72 of the 4-bit kernel's 1,479 instructions a tile) on few tiles;
+    otherwise the weights stay below e^8, which fp32 sums and bf16 dot inputs hold as well as weights below 1. The
+    bf16 kernel rescales every tile: lazily it ran 1.4-1.8% slower (BENCHMARKS.md, session 24)."""
     g = tl.arange(0, GP)
     s = tl.where(ok[None, :], s, -1.0e30)
     if SCORES:
         tl.store(PS + (bh * G + g[:, None]) * row + n[None, :], s, mask=(g[:, None] < G) & inb[None, :])
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    return m_new, tl.exp(m_i - m_new), tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+    grow = tl.max(m_new - m_i, 0) > 8.0
+    if LAZY:
+        m_new = tl.where(grow, m_new, m_i)
+    return m_new, grow, tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+
+
+@triton.jit
+def _rescaled(accs, l_i, alpha):
+    """The online softmax's accumulators (a tuple) and normaliser times alpha (exp(old max - new max))."""
+    out = ()
+    for t in tl.static_range(len(accs)):
+        out = out + (accs[t] * alpha[:, None],)
+    return out, l_i * alpha
 
 
 @triton.jit
@@ -135,8 +151,9 @@ def _attend_block(K, V, IDX, OK, PS, q, m_i, l_i, acc, n, n_sel, scale, b, h, bh
         idx = tl.load(IDX + b * sib + h * sih + n, mask=inb, other=0)
     k = tl.load(K + b * skb + h * skh + idx[:, None] * sks + d[None, :], mask=ok[:, None], other=0.0)
     s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # [GP, BLOCK]; inductor passes scale as fp64
-    m_new, alpha, p = _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, n_sel + NEW, G, GP, SCORES)
+    m_new, _, p = _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, n_sel + NEW, G, GP, SCORES, False)
     v = tl.load(V + b * svb + h * svh + idx[:, None] * svs + d[None, :], mask=ok[:, None], other=0.0)
+    alpha = tl.exp(m_i - m_new)
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
@@ -491,14 +508,16 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, RK, RV,
         s = tl.zeros([GP, BLOCK], tl.float32)
         for t in tl.static_range(PER):
             s = tl.dot(qs[t], tl.trans(kp[t]), s)
-        m_new, alpha, p = _softmax_step((s * scale).to(tl.float32), ok, inb, n_sel + r, m_i, PS, bh, n_sel,
-                                        n_sel + ROW, G, GP, SCORES)
+        m_new, grow, p = _softmax_step((s * scale).to(tl.float32), ok, inb, n_sel + r, m_i, PS, bh, n_sel,
+                                       n_sel + ROW, G, GP, SCORES, True)
         vp = _row_pieces(RV + rows, ok, DP, PER, PLANAR)
+        if grow:
+            accs, l_i = _rescaled(accs, l_i, tl.exp(m_i - m_new))
         new = ()
         for t in tl.static_range(PER):
-            new = new + (tl.dot(p.to(vp[t].dtype), vp[t], accs[t] * alpha[:, None]),)
+            new = new + (tl.dot(p.to(vp[t].dtype), vp[t], accs[t]),)
         accs = new
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i + tl.sum(p, 1)
         m_i = m_new
     else:
         for off in range(0, CHUNK, BLOCK):
@@ -529,8 +548,10 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, RK, RV,
                     k = kp[t] * tl.load(KS + grp, mask=ok[:, None], other=0.0).to(CT) + \
                         tl.load(KZ + grp, mask=ok[:, None], other=0.0).to(CT)
                 s = tl.dot(qs[t], tl.trans(k.to(qs[t].dtype)), s)
-            m_new, alpha, p = _softmax_step((s * scale).to(tl.float32), ok, inb, n, m_i, PS, bh, n_sel, n_sel + ROW,
-                                            G, GP, SCORES)
+            m_new, grow, p = _softmax_step((s * scale).to(tl.float32), ok, inb, n, m_i, PS, bh, n_sel, n_sel + ROW,
+                                           G, GP, SCORES, True)
+            if grow:
+                accs, l_i = _rescaled(accs, l_i, tl.exp(m_i - m_new))
             vp = _code_pieces(tl.load(VQ + slot[:, None] * DP + dp[None, :], mask=ok[:, None], other=0), BITS, CT, ASM)
             pv = p.to(qs[0].dtype)
             if WHOLE and not PLANAR:
@@ -553,9 +574,9 @@ def _attend_quant_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, IDX, OK, POS, FRONT, RK, RV,
                     vg = slot[:, None] * (D // QG) + (_piece_channels(t, dp, DP, PER, PLANAR) // QG)[None, :]
                     v = vp[t] * tl.load(VS + vg, mask=ok[:, None], other=0.0).to(CT) + \
                         tl.load(VZ + vg, mask=ok[:, None], other=0.0).to(CT)
-                new = new + (tl.dot(pv, v.to(pv.dtype), accs[t] * alpha[:, None]),)
+                new = new + (tl.dot(pv, v.to(pv.dtype), accs[t]),)
             accs = new
-            l_i = l_i * alpha + tl.sum(p, 1)
+            l_i = l_i + tl.sum(p, 1)
             m_i = m_new
     out = (bh * tl.num_programs(1) + split) * G + g
     for t in tl.static_range(PER):

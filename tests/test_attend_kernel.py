@@ -39,11 +39,15 @@ def naive_attend(q, k, v, filled, k_new=None, v_new=None):
 def cases(g):
     """(q, k, v, pos, k_new, v_new) at small GQA shapes: SmolLM2's (H_kv 3, G 3, D 64), Llama-3's
     group (G 4) with D 32 and 128; S not a multiple of the block; empty slots in the middle and at the
-    end; one (sequence, head) with every cached slot empty (only the new token is attended)."""
-    for H, G, D, S in [(3, 3, 64, 37), (3, 3, 64, 300), (2, 4, 32, 300), (2, 4, 128, 130)]:
+    end; one (sequence, head) with every cached slot empty (only the new token is attended). The last case's
+    keys ramp towards the group's mean query, so its logits climb ~50 over the slots: the running max grows
+    tile after tile, and what was summed must be rescaled each time."""
+    for H, G, D, S, ramp in [(3, 3, 64, 37, 0), (3, 3, 64, 300, 0), (2, 4, 32, 300, 0), (2, 4, 128, 130, 0),
+                             (2, 4, 64, 300, 6)]:
         B = 2
         q = 2 * torch.randn(B, H, G, D, generator=g)  # x2: peakier softmaxes than randn's
         k, v = torch.randn(B, H, S, D, generator=g), torch.randn(B, H, S, D, generator=g)
+        k += ramp * torch.linspace(0, 1, S)[:, None] * q.mean(2, keepdim=True)
         k_new, v_new = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
         filled = torch.rand(B, H, S, generator=g) > 0.2
         filled[0, :, S // 3:S // 3 + 20] = False  # a run of empty slots in the middle
