@@ -111,7 +111,7 @@ def _softmax_step(s, ok, inb, n, m_i, PS, bh, n_sel, row, G: tl.constexpr, GP: t
     """One tile's logits s [GP, BLOCK] (valid where ok) into the online softmax: -> (the new max m_new, grow: whether
     it moved, the tile's weights p); SCORES stores the masked logits first (PS's rows `row` long). LAZY (the quantized
     kernel): FlashAttention-3's lazy rescaling, the max moves only where some row's grows by more than 8, so the
-    caller rescales its accumulators (_rescaled: 72 of the 4-bit kernel's 1,479 instructions a tile) on few tiles;
+    caller rescales its accumulators (_rescaled: 78 of the 4-bit kernel's 1,479 loop instructions a tile) on few tiles;
     otherwise the weights stay below e^8, which fp32 sums and bf16 dot inputs hold as well as weights below 1. The
     bf16 kernel rescales every tile: lazily it ran 1.4-1.8% slower (BENCHMARKS.md, session 24)."""
     g = tl.arange(0, GP)

@@ -335,10 +335,12 @@ SASS_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KQ": "*u8", "VQ": "*
                  "KN": "*bf16", "VN": "*bf16", "RK": "*bf16", "RV": "*bf16", "RSLOT": "*i64", "RPOS": "*i64", "RSEL": "*i8"}
 
 
-def loop_sass(fn, pointers: dict, consts: dict, warps: int, stages: int):
+def loop_sass(fn, pointers: dict, consts: dict, warps: int, stages: int, skips=False):
     """fn compiled for sm_90 (H100/H200) on this machine, no GPU needed: the SASS of its main loop (the longest
-    backward branch) -> (instructions in the loop, {opcode: count}). Integer arguments get the divisibility
-    by 16 that a launch gives aligned tensors, so loads vectorise as on the GPU."""
+    backward branch) -> (instructions in the loop, {opcode: count}); skips: and the instructions inside the loop's
+    forward branches (a conditional block, e.g. the quantized kernel's lazy rescale, that most tiles jump over).
+    Integer arguments get the divisibility by 16 that a launch gives aligned tensors, so loads vectorise as on
+    the GPU."""
     import collections
     import re
     import subprocess
@@ -365,9 +367,14 @@ def loop_sass(fn, pointers: dict, consts: dict, warps: int, stages: int):
                 at[label], label = addr, None
             code.append((addr, m.group(2), m.group(3)))
     spans = [(at[t], a) for a, op, t in code if op == "BRA" and t in at and at[t] < a]
+    if not spans:
+        raise ValueError(f"{fn.__name__}: no loop in its SASS")
     lo, hi = max(spans, key=lambda s: s[1] - s[0])
     ops = collections.Counter(op for a, op, _ in code if lo <= a <= hi)
-    return sum(ops.values()), ops
+    if not skips:
+        return sum(ops.values()), ops
+    inside = [(a, at[t]) for a, op, t in code if op == "BRA" and t in at and lo <= a < at[t] <= hi]
+    return sum(ops.values()), ops, sum(1 for a, _, _ in code if any(x < a < y for x, y in inside))
 
 
 def sass():
@@ -375,8 +382,8 @@ def sass():
     settings of triton_kernels.TUNE and at the 4-warp tiles they replaced: where a quantized tile's
     instructions go against a dense one's. Per token: warp instructions (each thread's count x warps / tokens),
     what the SM's schedulers issue. BENCHMARKS.md says where these counts tracked the times and where not."""
-    print("| kernel | tokens per tile | warps | loop instructions per thread | warp instructions per token | top opcodes |\n"
-          "|---|---|---|---|---|---|")
+    print("| kernel | tokens per tile | warps | loop instructions per thread | of which branches skip | "
+          "warp instructions per token (none skipped) | top opcodes |\n|---|---|---|---|---|---|---|")
     base = dict(G=G, GP=16, D=D, DENSE=True, SCORES=False, CHUNK=4096)
     dense, quant = tk.TUNE["dense"], tk.TUNE["quant"]
     cases = [("dense_attend, bf16", tk._attend_kernel, dict(base, BLOCK=b, RAGGED=False, NEW=False), w)
@@ -387,9 +394,14 @@ def sass():
                           dict(base, BLOCK=b, BITS=bits, QG=32, ALIGNED=True, NATIVE=native, ASM=native,
                                PLANAR=bits in kvstore.PLANAR_BITS, RR=160, SEL=False, NEW=False), w))
     for name, fn, consts, warps in cases:
-        n, ops = loop_sass(fn, SASS_POINTERS, consts, warps, 3)
+        try:
+            n, ops, skip = loop_sass(fn, SASS_POINTERS, consts, warps, 3, skips=True)
+        except ValueError as e:  # the fp32 4-bit kernel in 4-warp tiles compiles without a loop branch to count
+            print(f"| {name} | {consts['BLOCK']} | {warps} | {e} | | | |", flush=True)
+            continue
         top = ", ".join(f"{op} {c}" for op, c in ops.most_common(8))
-        print(f"| {name} | {consts['BLOCK']} | {warps} | {n} | {n * warps / consts['BLOCK']:.1f} | {top} |", flush=True)
+        print(f"| {name} | {consts['BLOCK']} | {warps} | {n} | {skip} | {(n - skip) * warps / consts['BLOCK']:.1f} | "
+              f"{top} |", flush=True)
     print("\n| decode_linear, Llama-3-8B's w2 (K 14,336) | block_n x block_k | warps | loop instructions per thread | "
           "thread instructions per weight | top opcodes |\n|---|---|---|---|---|---|")
     for int8 in (False, True):
