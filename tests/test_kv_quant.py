@@ -363,8 +363,8 @@ def check_kernel(device):
         drive(c, 50, 30)
         st = c.store
         slots = naive_slots(c)
-        # x8 for the 2-bit cache: logits spread by ~8 a slot, so a later tile's max passes the first's by more than the
-        # kernel's lazy threshold and it rescales its sums (the others: the max moves less, no rescale)
+        # x8 for the 2-bit cache: logits 8 times as spread, so a later tile's max passes the first's by more than the
+        # kernel's lazy threshold (8) and it rescales its sums (with x1 a no-op _rescaled passed this test)
         qg = torch.randn(2, 2, 4, D, generator=torch.Generator().manual_seed(2)) * (8 if bits == 2 else 1)
         args = st.triton_args(c.pos)
         runs = torch.tensor([0, c.n_slots]).expand(2, 2, 2)
