@@ -1658,7 +1658,8 @@ class Spotlight(KVCache):
         K, k = min(S, self.n_select(S) + sinks + recent + 1), self.n_select(input_pos + 1)
         if qg.is_cuda and self.gh == 1:  # the same selection in Triton (per-query-head codes: torch path)
             from triton_kernels import spotlight_select
-            return spotlight_select(q, self.codes[:, :, 0], self.pos, input_pos, k, K, self.d, sinks, recent)
+            return spotlight_select(q, self.codes[:, :, 0], self.pos, input_pos, k, K, self.d, sinks, recent,
+                                    self.slot_is_position)
         return hamming_select(q, self.codes, self.pos, input_pos, k, K, self.d, sinks, recent)
 
 

@@ -880,16 +880,21 @@ def _popcount(x, POPC: tl.constexpr):
 @triton.jit
 def _spotlight_keys_kernel(Q, C, P, IP, KEYS, HC, S, H, n_chunk, sinks, recent, CHUNK: tl.constexpr,
                            G: tl.constexpr, W: tl.constexpr, BEST: tl.constexpr, FORCED: tl.constexpr,
-                           LO: tl.constexpr, NBH: tl.constexpr, BLOCK: tl.constexpr, POPC: tl.constexpr):
+                           LO: tl.constexpr, NBH: tl.constexpr, BLOCK: tl.constexpr, POPC: tl.constexpr,
+                           SLOT_IS_POS: tl.constexpr):
     """Program (row = sequence x KV head, chunk): each slot's key, and the chunk's histogram of the
-    keys' coarse digits."""
+    keys' coarse digits. SLOT_IS_POS (a retrieval cache: slot s holds position s up to the sequence's newest,
+    nothing after): the positions are not read (their int64 was 8 of the 16 bytes a slot read, with 64-bit codes)."""
     r, c = tl.program_id(0), tl.program_id(1)
     now = tl.load(IP + r // H)
     hist = tl.zeros([NBH], tl.int32)
     for off in range(0, CHUNK, BLOCK):
         s = c * CHUNK + off + tl.arange(0, BLOCK)
         inb = s < S
-        pos = tl.load(P + r * S + s, mask=inb, other=-1)
+        if SLOT_IS_POS:
+            pos = tl.where(inb & (s <= now), s, -1)
+        else:
+            pos = tl.load(P + r * S + s, mask=inb, other=-1)
         ham = tl.zeros([BLOCK], tl.int32)
         for w in tl.static_range(W):
             code = tl.load(C + (r * S + s) * W + w, mask=inb, other=0)
@@ -997,9 +1002,11 @@ def _spotlight_digits(gd):
 
 @triton_op("kvcompress::spotlight_select", mutates_args={})
 def spotlight_select(q_codes: torch.Tensor, codes: torch.Tensor, pos: torch.Tensor, input_pos: torch.Tensor,
-                     k: torch.Tensor, K: int, d: int, sinks: int, recent: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     k: torch.Tensor, K: int, d: int, sinks: int, recent: int,
+                     slot_is_pos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cache.hamming_select, exactly (same slots, same order): q_codes [B, H, G, W]
-    and codes [B, H, S, W] (packed int64), pos [B, H, S], input_pos and k [B] -> (idx, ok) [B, H, K]."""
+    and codes [B, H, S, W] (packed int64), pos [B, H, S], input_pos and k [B] -> (idx, ok) [B, H, K].
+    slot_is_pos: pos is known to be s where s <= input_pos, -1 after (KVCache.slot_is_position), and is not read."""
     B, H, G, W = q_codes.shape
     S = codes.shape[2]
     LO, FORCED, NBH = _spotlight_digits(G * d)
@@ -1018,7 +1025,8 @@ def spotlight_select(q_codes: torch.Tensor, codes: torch.Tensor, pos: torch.Tens
     q_codes, codes, pos, input_pos, k = (x.contiguous() for x in (q_codes, codes, pos, input_pos, k))  # flat indexing
     wrap_triton(_spotlight_keys_kernel)[(B * H, n_chunk)](  # BLOCK 1024, 4 warps: fastest of 5 (1024 bins)
         q_codes, codes, pos, input_pos, keys, hc, S, H, n_chunk, sinks, recent, CHUNK=chunk,
-        G=G, W=W, BEST=G * d + 1, FORCED=FORCED, LO=LO, NBH=NBH, BLOCK=1024, POPC=dev.type == "cuda")
+        G=G, W=W, BEST=G * d + 1, FORCED=FORCED, LO=LO, NBH=NBH, BLOCK=1024, POPC=dev.type == "cuda",
+        SLOT_IS_POS=slot_is_pos)
     wrap_triton(_spotlight_fine_kernel)[(B * H, n_chunk)](
         keys, hc, k, hf, S, H, n_chunk, CHUNK=chunk, LO=LO, FORCED=FORCED, NBH=NBH, NBL=2 ** LO, NCP=NCP, BLOCK=1024)
     wrap_triton(_spotlight_threshold_kernel)[(B * H,)](

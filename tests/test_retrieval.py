@@ -314,8 +314,10 @@ def check_triton_kernels(device):
         pos = torch.arange(S).expand(B, H, S).clone()
         ip = torch.tensor([ctx - 1, ctx - 9][:B])
         pos[pos > ip[:, None, None]] = -1
-        pos[-1, :, :40] = -1  # left padding
         k = ((ip + 1) * 0.1).long() + 1
+        # a retrieval cache's rows (slot s holds position s up to the newest): the kernel derives them, unread
+        check_spotlight_select(device, qbits, kbits, pos, ip, k, sinks, recent, slot_is_pos=True)
+        pos[-1, :, :40] = -1  # left padding
         check_spotlight_select(device, qbits, kbits, pos, ip, k, sinks, recent)
     check_spotlight_edges(device, g, sinks, recent)
 
@@ -353,14 +355,15 @@ def naive_code_scores(qbits, kbits):
     return [sum(d - 2 * bin(qi ^ ki).count("1") for qi in q) for ki in k]
 
 
-def check_spotlight_select(device, qbits, kbits, pos, ip, k, sinks, recent, scores=None):
+def check_spotlight_select(device, qbits, kbits, pos, ip, k, sinks, recent, scores=None, slot_is_pos=False):
     """spotlight_select against naive_count_selection over naive_code_scores, every row; -> the slots
-    each row reads, [b][h]."""
+    each row reads, [b][h]. slot_is_pos: the kernel is told pos = slot (up to ip) and gets a pos it must not read."""
     from triton_kernels import spotlight_select
     B, H, _, d = qbits.shape
     K = int(k.max()) + sinks + recent + 1
-    got = spotlight_select(*(x.to(device) for x in (kv.pack_bits(qbits), kv.pack_bits(kbits), pos, ip, k)),
-                           K, d, sinks, recent)
+    given = torch.full_like(pos, -1) if slot_is_pos else pos
+    got = spotlight_select(*(x.to(device) for x in (kv.pack_bits(qbits), kv.pack_bits(kbits), given, ip, k)),
+                           K, d, sinks, recent, slot_is_pos)
     wants = [[] for _ in range(B)]
     for b in range(B):
         for h in range(H):
