@@ -335,10 +335,10 @@ SASS_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KQ": "*u8", "VQ": "*
                  "KN": "*bf16", "VN": "*bf16", "RK": "*bf16", "RV": "*bf16", "RSLOT": "*i64", "RPOS": "*i64", "RSEL": "*i8"}
 
 
-def loop_sass(fn, pointers: dict, consts: dict, warps: int, stages: int, skips=False):
+def loop_sass(fn, pointers: dict, consts: dict, warps: int, stages: int):
     """fn compiled for sm_90 (H100/H200) on this machine, no GPU needed: the SASS of its main loop (the longest
-    backward branch) -> (instructions in the loop, {opcode: count}); skips: and the instructions inside the loop's
-    forward branches (a conditional block, e.g. the quantized kernel's lazy rescale, that most tiles jump over).
+    backward branch) -> (instructions in the loop, {opcode: count}, the instructions inside the loop's forward
+    branches: a conditional block, e.g. the quantized kernel's lazy rescale, that most tiles jump over).
     Integer arguments get the divisibility by 16 that a launch gives aligned tensors, so loads vectorise as on
     the GPU."""
     import collections
@@ -371,8 +371,6 @@ def loop_sass(fn, pointers: dict, consts: dict, warps: int, stages: int, skips=F
         raise ValueError(f"{fn.__name__}: no loop in its SASS")
     lo, hi = max(spans, key=lambda s: s[1] - s[0])
     ops = collections.Counter(op for a, op, _ in code if lo <= a <= hi)
-    if not skips:
-        return sum(ops.values()), ops
     inside = [(a, at[t]) for a, op, t in code if op == "BRA" and t in at and lo <= a < at[t] <= hi]
     return sum(ops.values()), ops, sum(1 for a, _, _ in code if any(x < a < y for x, y in inside))
 
@@ -395,7 +393,7 @@ def sass():
                                PLANAR=bits in kvstore.PLANAR_BITS, RR=160, SEL=False, NEW=False), w))
     for name, fn, consts, warps in cases:
         try:
-            n, ops, skip = loop_sass(fn, SASS_POINTERS, consts, warps, 3, skips=True)
+            n, ops, skip = loop_sass(fn, SASS_POINTERS, consts, warps, 3)
         except ValueError as e:  # the fp32 4-bit kernel in 4-warp tiles compiles without a loop branch to count
             print(f"| {name} | {consts['BLOCK']} | {warps} | {e} | | | |", flush=True)
             continue
@@ -408,7 +406,7 @@ def sass():
         t = tk.INT8_TUNE["narrow"] if int8 else tk.LINEAR_TUNE
         consts = dict(K=14336, BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], IEEE=False, INT8=int8)
         pointers = {"X": "*bf16", "W": "*i8" if int8 else "*bf16", "S": "*bf16", "Y": "*bf16"}
-        n, ops = loop_sass(tk._linear_kernel, pointers, consts, t["warps"], t["stages"])
+        n, ops, _ = loop_sass(tk._linear_kernel, pointers, consts, t["warps"], t["stages"])
         top = ", ".join(f"{op} {c}" for op, c in ops.most_common(8))
         print(f"| {'int8' if int8 else 'bf16'} W | {t['block_n']} x {t['block_k']} | {t['warps']} | {n} | "
               f"{n * t['warps'] * 32 / (t['block_n'] * t['block_k']):.2f} | {top} |", flush=True)

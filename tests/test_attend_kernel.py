@@ -165,6 +165,6 @@ def test_tune_attend_sass_finds_the_main_loop():
     for fn, consts in ((tk._attend_kernel, dict(base, BLOCK=64, RAGGED=False)),
                        (tk._attend_quant_kernel, dict(base, BLOCK=128, BITS=4, QG=32, ALIGNED=True, NATIVE=True,
                                                           ASM=True, PLANAR=True))):
-        n, ops = TA.loop_sass(fn, TA.SASS_POINTERS, consts, 4, 3)
+        n, ops, _ = TA.loop_sass(fn, TA.SASS_POINTERS, consts, 4, 3)
         assert ops["HMMA"] == 2 * (consts["BLOCK"] // 8) * (128 // 16) // 4 and n > 10 * ops["HMMA"]
         assert ops["STG"] == 0 and ops["EXIT"] == 0, ops
